@@ -1,0 +1,427 @@
+//! [`PoolBuilder`]: every setting of a pool, with its default, validated by `build()`.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{HeaderValue, Uri};
+
+use crate::backoff::BackoffConfig;
+use crate::connector::{Connect, TcpConnector};
+use crate::error::Error;
+use crate::pool::Pool;
+use crate::resolve::{Resolve, SystemResolver};
+use crate::target::Target;
+
+/// The largest connection count accepted for one endpoint.
+pub(crate) const MAX_CONNECTIONS_PER_ENDPOINT: usize = 1024;
+
+/// Builds a [`Pool`]. Made by [`Pool::builder`].
+///
+/// Connection settings mirror `tonic::transport::Endpoint`'s and apply to every connection;
+/// the pool's own settings (connections per endpoint, backoff, wait-for-ready, shutdown) follow.
+#[must_use = "a builder does nothing until build() is called"]
+pub struct PoolBuilder {
+    target: String,
+    pub(crate) config: Config,
+    connector: Option<Arc<dyn Connect>>,
+    resolver: Option<Arc<dyn Resolve>>,
+    runtime: Option<tokio::runtime::Handle>,
+}
+
+/// The validated settings a pool runs with.
+#[derive(Clone, Debug)]
+pub(crate) struct Config {
+    pub(crate) connections_per_endpoint: usize,
+    pub(crate) connections_override: HashMap<SocketAddr, usize>,
+    pub(crate) backoff: BackoffConfig,
+    pub(crate) connect_timeout: Option<Duration>,
+    pub(crate) timeout: Option<Duration>,
+    pub(crate) tcp_nodelay: bool,
+    pub(crate) tcp_keepalive: Option<Duration>,
+    pub(crate) keep_alive_interval: Option<Duration>,
+    pub(crate) keep_alive_timeout: Duration,
+    pub(crate) keep_alive_while_idle: bool,
+    pub(crate) initial_stream_window_size: Option<u32>,
+    pub(crate) initial_connection_window_size: Option<u32>,
+    pub(crate) adaptive_window: bool,
+    pub(crate) user_agent: Option<HeaderValue>,
+    pub(crate) origin: Option<Uri>,
+    pub(crate) wait_for_ready: bool,
+    pub(crate) close_timeout: Duration,
+    pub(crate) drain_timeout: Duration,
+    pub(crate) connect_lazily: bool,
+    pub(crate) resolve_ttl_floor: Duration,
+    pub(crate) resolve_ttl_ceiling: Duration,
+    pub(crate) min_reresolve_interval: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            connections_per_endpoint: 1,
+            connections_override: HashMap::new(),
+            backoff: BackoffConfig::default(),
+            connect_timeout: None,
+            timeout: None,
+            tcp_nodelay: true,
+            tcp_keepalive: None,
+            keep_alive_interval: None,
+            keep_alive_timeout: Duration::from_secs(20),
+            keep_alive_while_idle: false,
+            initial_stream_window_size: None,
+            initial_connection_window_size: None,
+            adaptive_window: false,
+            user_agent: None,
+            origin: None,
+            wait_for_ready: false,
+            close_timeout: Duration::from_secs(30),
+            drain_timeout: Duration::from_secs(30),
+            connect_lazily: false,
+            resolve_ttl_floor: Duration::from_secs(5),
+            resolve_ttl_ceiling: Duration::from_secs(30),
+            min_reresolve_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+impl Config {
+    /// How many connections `addr` gets.
+    pub(crate) fn connections_for(&self, addr: SocketAddr) -> usize {
+        self.connections_override
+            .get(&addr)
+            .copied()
+            .unwrap_or(self.connections_per_endpoint)
+    }
+}
+
+impl PoolBuilder {
+    pub(crate) fn new(target: impl Into<String>) -> Self {
+        Self {
+            target: target.into(),
+            config: Config::default(),
+            connector: None,
+            resolver: None,
+            runtime: None,
+        }
+    }
+
+    /// How many HTTP/2 connections to keep to each resolved address. Raise it for an address
+    /// that is a load balancer (one IP, many backends: it spreads connections, not calls) or to
+    /// go past a server's `MAX_CONCURRENT_STREAMS`. Must be 1..=1024.
+    ///
+    /// Defaults to 1, like gRPC's `round_robin`.
+    pub fn connections_per_endpoint(mut self, n: usize) -> Self {
+        self.config.connections_per_endpoint = n;
+        self
+    }
+
+    /// Overrides the connection count for one address (e.g. the one address of an external
+    /// load balancer among pod addresses). It applies whenever that address is in the set,
+    /// including when it appears later. Must be 1..=1024.
+    ///
+    /// Defaults to no overrides.
+    pub fn connections_for(mut self, addr: SocketAddr, n: usize) -> Self {
+        self.config.connections_override.insert(addr, n);
+        self
+    }
+
+    /// The connection backoff of every connection.
+    ///
+    /// Defaults to gRPC's: 1 s initial, ×1.6, ±20 % jitter, 120 s max, 20 s minimum connect
+    /// timeout.
+    pub fn backoff(mut self, backoff: BackoffConfig) -> Self {
+        self.config.backoff = backoff;
+        self
+    }
+
+    /// Bounds each connection attempt (TCP connect, HTTP/2 handshake, server SETTINGS).
+    ///
+    /// Defaults to gRPC's rule: the larger of the current backoff delay and the backoff's
+    /// `min_connect_timeout` (20 s).
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.config.connect_timeout = Some(timeout);
+        self
+    }
+
+    /// Bounds every call, from the moment it is made until its response headers arrive,
+    /// waiting for a connection included. A shorter `grpc-timeout` on the call wins. An expired
+    /// call fails with `DEADLINE_EXCEEDED`.
+    ///
+    /// Defaults to no timeout (only the call's own deadline).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.config.timeout = Some(timeout);
+        self
+    }
+
+    /// Sets `TCP_NODELAY` on every connection.
+    ///
+    /// Defaults to `true`.
+    pub fn tcp_nodelay(mut self, enabled: bool) -> Self {
+        self.config.tcp_nodelay = enabled;
+        self
+    }
+
+    /// Sends TCP keepalive probes after this much silence.
+    ///
+    /// Defaults to off.
+    pub fn tcp_keepalive(mut self, time: Option<Duration>) -> Self {
+        self.config.tcp_keepalive = time;
+        self
+    }
+
+    /// Sends an HTTP/2 PING this often (gRFC A8 `keepalive_time`); a connection whose PING
+    /// is not acked within [`keep_alive_timeout`](Self::keep_alive_timeout) is closed and
+    /// replaced. gRPC recommends at least 10 s; servers may answer eager pings with GOAWAY.
+    ///
+    /// Defaults to off.
+    pub fn http2_keep_alive_interval(mut self, interval: Duration) -> Self {
+        self.config.keep_alive_interval = Some(interval);
+        self
+    }
+
+    /// How long to wait for a PING ack before the connection is declared dead.
+    ///
+    /// Defaults to 20 s.
+    pub fn keep_alive_timeout(mut self, timeout: Duration) -> Self {
+        self.config.keep_alive_timeout = timeout;
+        self
+    }
+
+    /// Whether to send keepalive PINGs on connections without calls.
+    ///
+    /// Defaults to `false`.
+    pub fn keep_alive_while_idle(mut self, enabled: bool) -> Self {
+        self.config.keep_alive_while_idle = enabled;
+        self
+    }
+
+    /// HTTP/2 initial stream window size, in bytes.
+    ///
+    /// Defaults to hyper's (64 KiB - 1, or adaptive).
+    pub fn initial_stream_window_size(mut self, size: impl Into<Option<u32>>) -> Self {
+        self.config.initial_stream_window_size = size.into();
+        self
+    }
+
+    /// HTTP/2 initial connection window size, in bytes.
+    ///
+    /// Defaults to hyper's (64 KiB - 1, or adaptive).
+    pub fn initial_connection_window_size(mut self, size: impl Into<Option<u32>>) -> Self {
+        self.config.initial_connection_window_size = size.into();
+        self
+    }
+
+    /// Lets hyper size the HTTP/2 windows from measured bandwidth-delay (overrides the window
+    /// sizes).
+    ///
+    /// Defaults to `false`.
+    pub fn http2_adaptive_window(mut self, enabled: bool) -> Self {
+        self.config.adaptive_window = enabled;
+        self
+    }
+
+    /// The `user-agent` of every call (followed by `tonic-pool/VERSION`).
+    ///
+    /// Defaults to `tonic-pool/VERSION` alone.
+    pub fn user_agent(mut self, user_agent: impl Into<String>) -> Self {
+        // Validated in build(): an invalid header value becomes an error, not a panic.
+        self.config.user_agent = Some(
+            HeaderValue::from_str(&user_agent.into()).unwrap_or(HeaderValue::from_static("\0")),
+        );
+        self
+    }
+
+    /// The scheme and authority every request carries (`:scheme`, `:authority`), instead of
+    /// the target's `host:port`. Use it when the servers route by a virtual host name.
+    ///
+    /// Defaults to the target's `http(s)://host:port`.
+    pub fn origin(mut self, origin: Uri) -> Self {
+        self.config.origin = Some(origin);
+        self
+    }
+
+    /// Whether calls wait for a Ready connection when every connection is in
+    /// TransientFailure (gRPC's wait-for-ready), instead of failing fast with `UNAVAILABLE`.
+    /// A call can choose for itself with the [`WaitForReady`](crate::WaitForReady) extension.
+    ///
+    /// Defaults to `false` (fail fast), as in gRPC.
+    pub fn wait_for_ready(mut self, enabled: bool) -> Self {
+        self.config.wait_for_ready = enabled;
+        self
+    }
+
+    /// How long [`Pool::close`] lets calls in flight finish before it closes the connections.
+    ///
+    /// Defaults to 30 s.
+    pub fn close_timeout(mut self, timeout: Duration) -> Self {
+        self.config.close_timeout = timeout;
+        self
+    }
+
+    /// How long a connection to an address that left the address set may keep serving its
+    /// calls in flight before it is closed.
+    ///
+    /// Defaults to 30 s.
+    pub fn drain_timeout(mut self, timeout: Duration) -> Self {
+        self.config.drain_timeout = timeout;
+        self
+    }
+
+    /// Whether the pool stays Idle until the first call or [`Pool::connect`], as a gRPC
+    /// channel does, instead of connecting as soon as it is built.
+    ///
+    /// Defaults to `false` (connect at once).
+    pub fn connect_lazily(mut self, lazily: bool) -> Self {
+        self.config.connect_lazily = lazily;
+        self
+    }
+
+    /// Bounds on how long a DNS answer is trusted: the answer's TTL, clamped to
+    /// `floor..=ceiling`, sets when the pool resolves again. The floor keeps a TTL of 0 from
+    /// turning into a query storm; the ceiling makes sure pods that appear behind a long TTL
+    /// are found within it. CoreDNS serves headless Services with a 5 s TTL, hence the floor.
+    /// Answers without a TTL are trusted for `ceiling`.
+    ///
+    /// Defaults to 5 s and 30 s.
+    pub fn resolve_ttl_bounds(mut self, floor: Duration, ceiling: Duration) -> Self {
+        self.config.resolve_ttl_floor = floor;
+        self.config.resolve_ttl_ceiling = ceiling;
+        self
+    }
+
+    /// The least time between two resolutions when connections ask for one early (a
+    /// connection was lost or failed). gRPC uses 30 s; pods recycle faster than that.
+    ///
+    /// Defaults to 5 s.
+    pub fn min_reresolve_interval(mut self, interval: Duration) -> Self {
+        self.config.min_reresolve_interval = interval;
+        self
+    }
+
+    /// The connector that opens each connection's byte stream (TLS plugs in here).
+    ///
+    /// Defaults to [`TcpConnector`] with the TCP settings above.
+    pub fn connector(mut self, connector: impl Connect) -> Self {
+        self.connector = Some(Arc::new(connector));
+        self
+    }
+
+    /// The resolver that turns the target into addresses.
+    ///
+    /// Defaults to [`SystemResolver`] (which answers IP literals and static lists itself).
+    pub fn resolver(mut self, resolver: impl Resolve) -> Self {
+        self.resolver = Some(Arc::new(resolver));
+        self
+    }
+
+    /// The tokio runtime the pool's background tasks run on.
+    ///
+    /// Defaults to the runtime `build()` is called in.
+    pub fn runtime(mut self, handle: tokio::runtime::Handle) -> Self {
+        self.runtime = Some(handle);
+        self
+    }
+
+    /// Validates the settings, starts the pool's worker and returns the pool.
+    ///
+    /// It does not wait for connections: use [`Pool::wait_ready`] for that. Errors (never
+    /// panics) on a malformed target, an out-of-range setting, or when there is no runtime.
+    pub fn build(self) -> Result<Pool, Error> {
+        let target = Target::parse(&self.target).map_err(Error::invalid_target)?;
+        validate(&self.config)?;
+        let connector: Arc<dyn Connect> = match self.connector {
+            Some(c) => c,
+            None => Arc::new(TcpConnector::new(
+                self.config.tcp_nodelay,
+                self.config.tcp_keepalive,
+            )),
+        };
+        if target.is_tls() && !connector.supports_tls() {
+            return Err(Error::invalid_config(format!(
+                "target {target} asks for TLS, but the connector does not speak TLS \
+                 (give the builder a TLS connector)"
+            )));
+        }
+        let resolver: Arc<dyn Resolve> = match self.resolver {
+            Some(r) => r,
+            None => Arc::new(SystemResolver::new()),
+        };
+        let runtime = match self.runtime {
+            Some(handle) => handle,
+            None => tokio::runtime::Handle::try_current().map_err(|_| Error::no_runtime())?,
+        };
+        Ok(Pool::start(
+            target,
+            self.config,
+            connector,
+            resolver,
+            runtime,
+        ))
+    }
+}
+
+fn validate(config: &Config) -> Result<(), Error> {
+    let range = 1..=MAX_CONNECTIONS_PER_ENDPOINT;
+    if !range.contains(&config.connections_per_endpoint) {
+        return Err(Error::invalid_config(format!(
+            "connections_per_endpoint must be 1..={MAX_CONNECTIONS_PER_ENDPOINT}, got {}",
+            config.connections_per_endpoint
+        )));
+    }
+    for (addr, n) in &config.connections_override {
+        if !range.contains(n) {
+            return Err(Error::invalid_config(format!(
+                "connections_for({addr}) must be 1..={MAX_CONNECTIONS_PER_ENDPOINT}, got {n}"
+            )));
+        }
+    }
+    config.backoff.validate().map_err(Error::invalid_config)?;
+    let non_zero = [
+        ("connect_timeout", config.connect_timeout),
+        ("timeout", config.timeout),
+        ("http2_keep_alive_interval", config.keep_alive_interval),
+        ("keep_alive_timeout", Some(config.keep_alive_timeout)),
+    ];
+    for (name, value) in non_zero {
+        if value == Some(Duration::ZERO) {
+            return Err(Error::invalid_config(format!(
+                "{name} must be greater than zero"
+            )));
+        }
+    }
+    if config.resolve_ttl_floor.is_zero() || config.resolve_ttl_floor > config.resolve_ttl_ceiling {
+        return Err(Error::invalid_config(format!(
+            "resolve_ttl_bounds: need 0 < floor <= ceiling, got {:?}..={:?}",
+            config.resolve_ttl_floor, config.resolve_ttl_ceiling
+        )));
+    }
+    if let Some(ua) = &config.user_agent {
+        if ua.as_bytes() == b"\0" {
+            return Err(Error::invalid_config(
+                "user_agent is not a valid header value",
+            ));
+        }
+    }
+    if let Some(origin) = &config.origin {
+        if origin.scheme().is_none() || origin.authority().is_none() {
+            return Err(Error::invalid_config(format!(
+                "origin {origin} needs a scheme and an authority"
+            )));
+        }
+    }
+    Ok(())
+}
+
+impl fmt::Debug for PoolBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PoolBuilder")
+            .field("target", &self.target)
+            .field("config", &self.config)
+            .field("connector", &self.connector)
+            .field("resolver", &self.resolver)
+            .finish()
+    }
+}

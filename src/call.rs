@@ -1,0 +1,204 @@
+//! The life of one call: pick a connection (or wait for one), send, retry what never left.
+//!
+//! `Pool::poll_ready` is always ready: a call's deadline is only known from the request, and
+//! tonic's generated clients turn a `poll_ready` error into UNKNOWN. So all waiting happens
+//! here, in the response future, bounded by the call's deadline:
+//!
+//! | pool state | a call without wait-for-ready | with wait-for-ready |
+//! |---|---|---|
+//! | Ready | sent at once on the next Ready connection | same |
+//! | Idle, Connecting | waits for a Ready connection | waits |
+//! | TransientFailure | fails fast with UNAVAILABLE | waits |
+//! | Shutdown | fails at once (shutdown error, UNAVAILABLE) | same |
+//!
+//! A deadline that passes while waiting (or before the response headers) fails the call with
+//! DEADLINE_EXCEEDED. A request that hyper hands back unsent (its connection closed between
+//! the pick and the send) is sent again on another connection; it never reached a server.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{HeaderMap, Request, Response};
+use tokio::time::Instant;
+
+use crate::body::{transport_error, ResponseBody};
+use crate::error::Error;
+use crate::registry::Shared;
+use crate::state::ConnectivityState;
+use crate::subchannel::ReadyConn;
+
+/// How many times a request that never left is re-sent on another connection.
+const MAX_UNSENT_RETRIES: usize = 8;
+
+/// A per-call extension: wait for a Ready connection even when every connection is in
+/// TransientFailure (gRPC's wait-for-ready), or not, overriding the pool's default.
+///
+/// ```
+/// let mut request = tonic::Request::new(());
+/// request.extensions_mut().insert(tonic_pool::WaitForReady(true));
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WaitForReady(pub bool);
+
+/// The options of one call, read from the request.
+#[derive(Debug)]
+pub(crate) struct CallOptions {
+    pub(crate) deadline: Option<Instant>,
+    pub(crate) wait_for_ready: bool,
+}
+
+impl CallOptions {
+    pub(crate) fn from_request<B>(req: &Request<B>, shared: &Shared) -> Self {
+        let header = grpc_timeout(req.headers());
+        let timeout = match (header, shared.config.timeout) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        Self {
+            deadline: timeout.map(|t| Instant::now() + t),
+            wait_for_ready: req
+                .extensions()
+                .get::<WaitForReady>()
+                .map_or(shared.config.wait_for_ready, |w| w.0),
+        }
+    }
+}
+
+/// Parses gRPC's `grpc-timeout` header: at most 8 digits and a unit (H, M, S, m, u, n).
+pub(crate) fn grpc_timeout(headers: &HeaderMap) -> Option<Duration> {
+    let value = headers.get("grpc-timeout")?.to_str().ok()?;
+    if value.len() < 2 || value.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = value.split_at(value.len() - 1);
+    if !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.checked_mul(3600)?),
+        "M" => Duration::from_secs(n.checked_mul(60)?),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// Runs a call to its response headers.
+pub(crate) async fn run(
+    shared: Arc<Shared>,
+    first: Option<Arc<ReadyConn>>,
+    req: Request<tonic::body::Body>,
+    options: CallOptions,
+) -> Result<Response<ResponseBody>, Error> {
+    let send = send(&shared, first, req, options.wait_for_ready);
+    match options.deadline {
+        None => send.await,
+        Some(deadline) => match tokio::time::timeout_at(deadline, send).await {
+            Ok(result) => result,
+            Err(_) => Err(Error::deadline_exceeded(match shared.state() {
+                ConnectivityState::Ready => "deadline exceeded".to_owned(),
+                state => format!("deadline exceeded while waiting for a connection (pool {state})"),
+            })),
+        },
+    }
+}
+
+async fn send(
+    shared: &Shared,
+    mut conn: Option<Arc<ReadyConn>>,
+    mut req: Request<tonic::body::Body>,
+    wait_for_ready: bool,
+) -> Result<Response<ResponseBody>, Error> {
+    let mut retries = 0;
+    loop {
+        let ready = match conn.take() {
+            Some(c) => c,
+            None => wait_for_connection(shared, wait_for_ready).await?,
+        };
+        let guard = ready.stats.start_call();
+        let mut sender = ready.send.clone();
+        match sender.try_send_request(req).await {
+            Ok(response) => return Ok(response.map(|body| ResponseBody::new(body, guard))),
+            Err(mut err) => {
+                drop(guard);
+                match err.take_message() {
+                    Some(unsent) if retries < MAX_UNSENT_RETRIES => {
+                        // The connection closed before hyper took the request: nothing was
+                        // sent, so it is safe to send it elsewhere.
+                        ready.mark_closing();
+                        tracing::debug!(addr = %ready.addr, conn = ready.id, "request came back unsent; retrying on another connection");
+                        req = unsent;
+                        retries += 1;
+                    }
+                    _ => return Err(transport_error(err.into_error())),
+                }
+            }
+        }
+    }
+}
+
+/// Waits until a connection can take the call, per the table in the module docs.
+async fn wait_for_connection(
+    shared: &Shared,
+    wait_for_ready: bool,
+) -> Result<Arc<ReadyConn>, Error> {
+    let mut version = shared.subscribe_version();
+    loop {
+        // Mark the current version seen *before* looking, so that a change between the look
+        // and the wait wakes the wait.
+        version.borrow_and_update();
+        if shared.is_shut_down() {
+            return Err(Error::shutdown());
+        }
+        let (_, picker) = shared.load_picker();
+        if let Some(conn) = picker.pick(&shared.cursor) {
+            return Ok(conn.clone());
+        }
+        match shared.state() {
+            ConnectivityState::Shutdown => return Err(Error::shutdown()),
+            ConnectivityState::TransientFailure if !wait_for_ready => {
+                let last = shared
+                    .last_error()
+                    .unwrap_or_else(|| "no connection".to_owned());
+                return Err(Error::unavailable(format!(
+                    "no ready connection (every connection in TRANSIENT_FAILURE); last error: {last}"
+                )));
+            }
+            ConnectivityState::Idle => shared.request_connect(),
+            _ => {}
+        }
+        if version.changed().await.is_err() {
+            return Err(Error::shutdown());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn parse(v: &'static str) -> Option<Duration> {
+        let mut h = HeaderMap::new();
+        h.insert("grpc-timeout", HeaderValue::from_static(v));
+        grpc_timeout(&h)
+    }
+
+    #[test]
+    fn grpc_timeout_units() {
+        assert_eq!(parse("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse("2M"), Some(Duration::from_secs(120)));
+        assert_eq!(parse("3S"), Some(Duration::from_secs(3)));
+        assert_eq!(parse("400m"), Some(Duration::from_millis(400)));
+        assert_eq!(parse("5u"), Some(Duration::from_micros(5)));
+        assert_eq!(parse("99999999n"), Some(Duration::from_nanos(99_999_999)));
+        for bad in ["", "S", "1", "1x", "-1S", "123456789S", "1.5S"] {
+            let mut h = HeaderMap::new();
+            h.insert("grpc-timeout", HeaderValue::from_str(bad).unwrap());
+            assert_eq!(grpc_timeout(&h), None, "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,71 @@
+//! # tonic-pool
+//!
+//! A connection pool for [tonic] clients: one handle, many HTTP/2 connections, always routed
+//! to a live one.
+//!
+//! A tonic `Channel` holds one HTTP/2 connection. Behind a Kubernetes Service or an L4 load
+//! balancer that pins every call to one backend and caps calls in flight at the server's
+//! `MAX_CONCURRENT_STREAMS`. A [`Pool`] resolves its target, keeps N connections to every
+//! resolved address, picks among the Ready ones with an atomic round-robin, replaces dead
+//! connections in the background with gRPC connection backoff, and reports gRPC connectivity
+//! states for the pool, each endpoint and each connection.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use tonic_pool::{ConnectivityState, Pool};
+//!
+//! # async fn run() -> Result<(), tonic_pool::Error> {
+//! let pool = Pool::builder("static:///127.0.0.2:50051,127.0.0.3:50051")
+//!     .connections_per_endpoint(4)
+//!     .build()?; // validates; starts connecting in the background
+//! pool.wait_ready(Duration::from_secs(5)).await?;
+//! // Any generated client takes the pool in place of a Channel:
+//! // let mut client = EchoClient::new(pool.clone());
+//! assert_eq!(pool.state(), ConnectivityState::Ready);
+//! pool.close().await?;
+//! # Ok(()) }
+//! ```
+//!
+//! ## Design
+//!
+//! ```text
+//! target ──parse──▶ Target ──▶ Resolve ──addresses──▶ worker ──▶ connection slots (N per address)
+//!                                                        │        state machine, backoff, HTTP/2
+//!                                                        ▼
+//!       generated client ──▶ Pool (Clone, tower::Service) ──pick──▶ picker (Ready only) + cursor
+//! ```
+//!
+//! - [`target`]: the target grammar; [`resolve`]: the resolver trait and its implementations.
+//! - The worker (one task per pool) owns resolution and the connection slots; each slot owns
+//!   one hyper HTTP/2 connection and runs gRPC's state machine with its own backoff.
+//! - The registry keeps every state under one lock and republishes an immutable picker when
+//!   the Ready set changes; a call's pick is one atomic `fetch_add`, lock- and allocation-free.
+//! - [`ConnectivityState`] mirrors gRPC's; see the [`state`] module for the diagram and the
+//!   aggregation rules.
+//!
+//! [tonic]: https://docs.rs/tonic
+
+mod backoff;
+mod body;
+mod builder;
+mod call;
+pub mod connector;
+mod error;
+mod frames;
+mod picker;
+mod pool;
+mod registry;
+pub mod resolve;
+pub mod state;
+mod subchannel;
+pub mod target;
+mod worker;
+
+pub use backoff::BackoffConfig;
+pub use body::ResponseBody;
+pub use builder::PoolBuilder;
+pub use call::WaitForReady;
+pub use error::Error;
+pub use pool::{Pool, ResponseFuture};
+pub use state::{ConnectivityState, PoolSnapshot, StateEvent, StateWatch};
+pub use target::{Target, TargetError};

@@ -1,0 +1,362 @@
+//! [`Pool`]: the cheap, cloneable handle users give to generated clients.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{HeaderValue, Request, Response, Uri};
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::time::Instant;
+use tracing::Instrument;
+
+use crate::body::ResponseBody;
+use crate::builder::{Config, PoolBuilder};
+use crate::call::{self, CallOptions};
+use crate::connector::Connect;
+use crate::error::Error;
+use crate::registry::{ReadyPicker, Shared};
+use crate::resolve::Resolve;
+use crate::state::{ConnectivityState, PoolSnapshot, StateEvent, StateWatch};
+use crate::target::Target;
+use crate::worker::{Command, Worker};
+
+/// A pool of HTTP/2 connections behind one `tower::Service`, for tonic clients.
+///
+/// `Pool` is what a generated client takes in place of a `tonic::transport::Channel`:
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+/// use std::time::Duration;
+/// let pool = tonic_pool::Pool::builder("static:///127.0.0.2:50051,127.0.0.3:50051")
+///     .connections_per_endpoint(4)
+///     .build()?;
+/// pool.wait_ready(Duration::from_secs(5)).await?;
+/// // let mut client = EchoClient::new(pool.clone());
+/// assert_eq!(pool.state(), tonic_pool::ConnectivityState::Ready);
+/// pool.close().await?;
+/// # Ok(()) }
+/// ```
+///
+/// Clones are cheap and share everything. The pool's worker runs until [`Pool::close`] is
+/// called or the last clone is dropped.
+pub struct Pool {
+    inner: Arc<Inner>,
+    /// This handle's copy of the picker; reloaded only when the generation moves.
+    cached: Arc<ReadyPicker>,
+    cached_generation: u64,
+}
+
+struct Inner {
+    shared: Arc<Shared>,
+    /// Dropping the last `Inner` closes this, which ends the worker.
+    commands: mpsc::UnboundedSender<Command>,
+    scheme: Scheme,
+    authority: Authority,
+    user_agent: HeaderValue,
+}
+
+impl Pool {
+    /// Starts building a pool for `target` (see [`Target`] for the grammar), e.g.
+    /// `"static:///127.0.0.2:50051,127.0.0.3:50051"` or `"dns:///svc.ns.svc.cluster.local:50051"`.
+    pub fn builder(target: impl Into<String>) -> PoolBuilder {
+        PoolBuilder::new(target)
+    }
+
+    pub(crate) fn start(
+        target: Target,
+        config: Config,
+        connector: Arc<dyn Connect>,
+        resolver: Arc<dyn Resolve>,
+        runtime: tokio::runtime::Handle,
+    ) -> Self {
+        let (scheme, authority) = origin(&target, &config);
+        let user_agent = user_agent(&config);
+        let shared = Arc::new(Shared::new(config, target));
+        let (commands, commands_rx) = mpsc::unbounded_channel();
+        let worker = Worker::new(shared.clone(), connector, resolver, commands_rx);
+        let span = tracing::info_span!("tonic_pool", target = %shared.target);
+        runtime.spawn(worker.run().instrument(span));
+        let (cached_generation, cached) = shared.load_picker();
+        Self {
+            inner: Arc::new(Inner {
+                shared,
+                commands,
+                scheme,
+                authority,
+                user_agent,
+            }),
+            cached,
+            cached_generation,
+        }
+    }
+
+    fn shared(&self) -> &Arc<Shared> {
+        &self.inner.shared
+    }
+
+    /// The pool's aggregate connectivity state.
+    pub fn state(&self) -> ConnectivityState {
+        self.shared().state()
+    }
+
+    /// A handle that watches the aggregate state.
+    pub fn watch(&self) -> StateWatch {
+        StateWatch::new(self.shared().subscribe_state())
+    }
+
+    /// Every state transition of the pool, its endpoints and its connections, in order, from
+    /// now on. A receiver that falls more than 4096 events behind gets `Lagged`.
+    pub fn events(&self) -> broadcast::Receiver<StateEvent> {
+        self.shared().subscribe_events()
+    }
+
+    /// Waits until the state differs from `from`, or `deadline` passes. Returns whether it
+    /// changed (gRPC's `WaitForStateChange`). Returns at once if the state is already not `from`.
+    pub async fn wait_for_state_change(&self, from: ConnectivityState, deadline: Instant) -> bool {
+        let mut rx = self.shared().subscribe_state();
+        let changed = crate::state::wait_until(&mut rx, |s| *s != from);
+        matches!(
+            tokio::time::timeout_at(deadline, changed).await,
+            Ok(Some(_))
+        )
+    }
+
+    /// Leaves Idle: starts resolving and connecting if the pool was built with
+    /// [`connect_lazily`](PoolBuilder::connect_lazily). Does nothing otherwise.
+    pub fn connect(&self) {
+        self.shared().request_connect();
+    }
+
+    /// Waits until the pool is Ready, for at most `timeout`, starting to connect if Idle.
+    ///
+    /// Fails with a deadline error (carrying the last connection error) on timeout, and with
+    /// a shutdown error if the pool is closed meanwhile.
+    pub async fn wait_ready(&self, timeout: Duration) -> Result<(), Error> {
+        self.connect();
+        let mut rx = self.shared().subscribe_state();
+        let wait = crate::state::wait_until(&mut rx, |s| {
+            matches!(s, ConnectivityState::Ready | ConnectivityState::Shutdown)
+        });
+        match tokio::time::timeout(timeout, wait).await {
+            Ok(Some(ConnectivityState::Ready)) => Ok(()),
+            Ok(_) => Err(Error::shutdown()),
+            Err(_) => {
+                let last = self.shared().last_error().unwrap_or_else(|| "none".into());
+                Err(Error::deadline_exceeded(format!(
+                    "pool not ready after {timeout:?} (state {}); last error: {last}",
+                    self.state()
+                )))
+            }
+        }
+    }
+
+    /// Waits until `condition` holds for the pool's snapshot, for at most `timeout`; returns
+    /// whether it did. It re-checks on every state change, never by polling a clock.
+    pub async fn wait_until<F>(&self, timeout: Duration, mut condition: F) -> bool
+    where
+        F: FnMut(&PoolSnapshot) -> bool,
+    {
+        let mut version = self.shared().subscribe_version();
+        let wait = async {
+            loop {
+                version.borrow_and_update();
+                if condition(&self.snapshot()) {
+                    return true;
+                }
+                if version.changed().await.is_err() {
+                    return condition(&self.snapshot());
+                }
+            }
+        };
+        tokio::time::timeout(timeout, wait).await.unwrap_or(false)
+    }
+
+    /// A point-in-time view of every endpoint and connection: address, state, calls in flight.
+    pub fn snapshot(&self) -> PoolSnapshot {
+        self.shared().snapshot()
+    }
+
+    /// The target this pool serves.
+    pub fn target(&self) -> &Target {
+        &self.shared().target
+    }
+
+    /// Closes the pool: new calls fail at once with a shutdown error (UNAVAILABLE), calls in
+    /// flight may finish for up to the [close timeout](PoolBuilder::close_timeout), then
+    /// every connection is closed and the worker ends.
+    ///
+    /// Returns an error listing every failure (calls cut by the timeout, connection tasks
+    /// that failed), not only the first or the last. Closing twice is fine; the second call
+    /// returns `Ok(())` once the pool is closed.
+    pub async fn close(&self) -> Result<(), Error> {
+        let shared = self.shared();
+        shared.shut_down("close() called");
+        let mut failures = Vec::new();
+        let timeout = shared.config.close_timeout;
+        if tokio::time::timeout(timeout, shared.in_flight.wait_zero())
+            .await
+            .is_err()
+        {
+            failures.push(Error::close_failure(format!(
+                "{} call(s) still in flight after the close timeout of {timeout:?}; they were cut",
+                shared.in_flight.get()
+            )));
+        }
+        let (reply, answer) = oneshot::channel();
+        if self.inner.commands.send(Command::Close(reply)).is_ok() {
+            // An error means another close() got there first and the worker is gone.
+            if let Ok(worker_failures) = answer.await {
+                failures.extend(worker_failures);
+            }
+        }
+        if failures.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::close(failures))
+        }
+    }
+
+    /// Picks a Ready connection without waiting, refreshing this handle's picker if needed.
+    fn pick(&mut self) -> Option<Arc<crate::subchannel::ReadyConn>> {
+        let shared = &self.inner.shared;
+        if shared.generation() != self.cached_generation {
+            let (generation, picker) = shared.load_picker();
+            self.cached = picker;
+            self.cached_generation = generation;
+        }
+        self.cached.pick(&shared.cursor).cloned()
+    }
+
+    /// Gives the request the pool's scheme, authority and user agent.
+    fn prepare(&self, req: &mut Request<tonic::body::Body>) -> Result<(), Error> {
+        let mut parts = std::mem::take(req.uri_mut()).into_parts();
+        parts.scheme = Some(self.inner.scheme.clone());
+        parts.authority = Some(self.inner.authority.clone());
+        if parts.path_and_query.is_none() {
+            parts.path_and_query = Some(PathAndQuery::from_static("/"));
+        }
+        *req.uri_mut() = Uri::from_parts(parts)
+            .map_err(|e| Error::invalid_config(format!("cannot build request URI: {e}")))?;
+        req.headers_mut()
+            .entry(http::header::USER_AGENT)
+            .or_insert_with(|| self.inner.user_agent.clone());
+        Ok(())
+    }
+}
+
+fn origin(target: &Target, config: &Config) -> (Scheme, Authority) {
+    if let Some(origin) = &config.origin {
+        // Validated by the builder: both are present.
+        if let (Some(scheme), Some(authority)) = (origin.scheme(), origin.authority()) {
+            return (scheme.clone(), authority.clone());
+        }
+    }
+    let scheme = if target.is_tls() {
+        Scheme::HTTPS
+    } else {
+        Scheme::HTTP
+    };
+    // The target parser only accepts hosts and ports that make a valid authority.
+    let authority = Authority::try_from(target.authority())
+        .unwrap_or_else(|_| Authority::from_static("localhost"));
+    (scheme, authority)
+}
+
+fn user_agent(config: &Config) -> HeaderValue {
+    const OURS: &str = concat!("tonic-pool/", env!("CARGO_PKG_VERSION"));
+    match &config.user_agent {
+        Some(ua) => {
+            let mut bytes = ua.as_bytes().to_vec();
+            bytes.push(b' ');
+            bytes.extend_from_slice(OURS.as_bytes());
+            HeaderValue::from_bytes(&bytes).unwrap_or(HeaderValue::from_static(OURS))
+        }
+        None => HeaderValue::from_static(OURS),
+    }
+}
+
+impl Clone for Pool {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            cached: self.cached.clone(),
+            cached_generation: self.cached_generation,
+        }
+    }
+}
+
+impl fmt::Debug for Pool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Pool")
+            .field("target", &self.shared().target.as_str())
+            .field("state", &self.state())
+            .field("ready_connections", &self.cached.len())
+            .finish()
+    }
+}
+
+impl tower_service::Service<Request<tonic::body::Body>> for Pool {
+    type Response = Response<ResponseBody>;
+    type Error = Error;
+    type Future = ResponseFuture;
+
+    /// Always ready: waiting for a connection happens in the response future, where the
+    /// call's deadline is known (see [`crate::WaitForReady`]).
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, mut req: Request<tonic::body::Body>) -> ResponseFuture {
+        let shared = self.inner.shared.clone();
+        if shared.is_shut_down() {
+            return ResponseFuture::ready(Err(Error::shutdown()));
+        }
+        if let Err(e) = self.prepare(&mut req) {
+            return ResponseFuture::ready(Err(e));
+        }
+        let options = CallOptions::from_request(&req, &shared);
+        let first = self.pick();
+        ResponseFuture {
+            inner: Box::pin(call::run(shared, first, req, options)),
+        }
+    }
+}
+
+/// The future of a call through the pool.
+pub struct ResponseFuture {
+    inner: Pin<Box<dyn Future<Output = Result<Response<ResponseBody>, Error>> + Send>>,
+}
+
+impl ResponseFuture {
+    fn ready(result: Result<Response<ResponseBody>, Error>) -> Self {
+        Self {
+            inner: Box::pin(std::future::ready(result)),
+        }
+    }
+}
+
+impl Future for ResponseFuture {
+    type Output = Result<Response<ResponseBody>, Error>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.inner.as_mut().poll(cx)
+    }
+}
+
+impl fmt::Debug for ResponseFuture {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}
+
+// A pool is handed across tasks and threads by every user; keep it so.
+const _: () = {
+    const fn assert_traits<T: Clone + Send + Sync + 'static>() {}
+    assert_traits::<Pool>();
+    const fn assert_send<T: Send + 'static>() {}
+    assert_send::<ResponseFuture>();
+};

@@ -1,0 +1,463 @@
+//! The registry: every endpoint and connection of a pool, their states, and the picker.
+//!
+//! All state changes go through here, under one mutex, so that a change of a connection's
+//! state, the aggregate states above it, the published picker and the notifications to
+//! watchers are one consistent step. Changes are rare (connects, failures, resolutions); the
+//! call path never takes this lock — it reads the picker through a generation number (see
+//! [`crate::picker`]).
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, RwLock};
+use tokio::sync::{broadcast, watch, Notify};
+
+use crate::builder::Config;
+use crate::picker::Picker;
+use crate::state::{
+    aggregate, ConnectionSnapshot, ConnectivityState, EndpointSnapshot, PoolSnapshot, Scope,
+    StateEvent,
+};
+use crate::subchannel::{ConnStats, ReadyConn};
+use crate::target::Target;
+
+/// How many state events a slow [`Pool::events`](crate::Pool::events) receiver may lag.
+const EVENT_CAPACITY: usize = 4096;
+
+pub(crate) type ReadyPicker = Picker<Arc<ReadyConn>>;
+
+/// The state every pool handle, call, connection task and the worker share.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) config: Config,
+    pub(crate) target: Target,
+    registry: Mutex<Registry>,
+    picker: RwLock<Arc<ReadyPicker>>,
+    /// Bumped after each picker publication; handles compare it to their cached copy.
+    generation: AtomicU64,
+    /// The round-robin cursor, shared by every pick.
+    pub(crate) cursor: AtomicUsize,
+    state_tx: watch::Sender<ConnectivityState>,
+    /// Bumped on every change of any state; for waiters on snapshots.
+    version_tx: watch::Sender<u64>,
+    events_tx: broadcast::Sender<StateEvent>,
+    /// Set by `close()` and by the worker's end: no new calls.
+    shut_down: AtomicBool,
+    /// Set when the pool should leave Idle (at build, or on the first call when lazy).
+    connect_tx: watch::Sender<bool>,
+    /// Calls in flight over the whole pool.
+    pub(crate) in_flight: Arc<InFlight>,
+    /// Connections ask the worker for an early re-resolution through this.
+    reresolve: Notify,
+    /// Failed resolutions so far.
+    resolve_errors: AtomicU64,
+}
+
+/// A counter of calls in flight with a wake-up when it reaches zero.
+#[derive(Debug, Default)]
+pub(crate) struct InFlight {
+    count: AtomicUsize,
+    zero: Notify,
+}
+
+impl InFlight {
+    pub(crate) fn inc(&self) {
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn dec(&self) {
+        if self.count.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.zero.notify_waiters();
+        }
+    }
+
+    pub(crate) fn get(&self) -> usize {
+        self.count.load(Ordering::Acquire)
+    }
+
+    /// Waits until no call is in flight.
+    pub(crate) async fn wait_zero(&self) {
+        loop {
+            let notified = self.zero.notified();
+            tokio::pin!(notified);
+            // Register before checking, so a decrement between the check and the await is seen.
+            notified.as_mut().enable();
+            if self.get() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Registry {
+    endpoints: Vec<EndpointEntry>,
+    pool_state: ConnectivityState,
+    /// The pool's state while it has no endpoint (before the first resolution, or after an
+    /// address set emptied): set by the worker.
+    no_endpoints_state: ConnectivityState,
+    next_id: u64,
+    version: u64,
+    last_error: Option<String>,
+    last_resolve_error: Option<String>,
+}
+
+#[derive(Debug)]
+struct EndpointEntry {
+    addr: SocketAddr,
+    draining: bool,
+    state: ConnectivityState,
+    conns: Vec<ConnEntry>,
+}
+
+#[derive(Debug)]
+struct ConnEntry {
+    id: u64,
+    state: ConnectivityState,
+    /// Failed since it was last Ready: counts as TransientFailure in aggregates.
+    failed: bool,
+    ready: Option<Arc<ReadyConn>>,
+    stats: Arc<ConnStats>,
+    last_error: Option<String>,
+}
+
+impl ConnEntry {
+    fn effective(&self) -> ConnectivityState {
+        match self.state {
+            ConnectivityState::Ready | ConnectivityState::Shutdown => self.state,
+            _ if self.failed => ConnectivityState::TransientFailure,
+            s => s,
+        }
+    }
+}
+
+impl EndpointEntry {
+    fn aggregate(&self) -> ConnectivityState {
+        aggregate(self.conns.iter().map(ConnEntry::effective))
+    }
+}
+
+impl Shared {
+    pub(crate) fn new(config: Config, target: Target) -> Self {
+        let initial = ConnectivityState::Idle;
+        let (state_tx, _) = watch::channel(initial);
+        let (version_tx, _) = watch::channel(0);
+        let (events_tx, _) = broadcast::channel(EVENT_CAPACITY);
+        let (connect_tx, _) = watch::channel(false);
+        let seed = crate::backoff::FastRng::random_seed();
+        Self {
+            config,
+            target,
+            registry: Mutex::new(Registry {
+                endpoints: Vec::new(),
+                pool_state: initial,
+                no_endpoints_state: initial,
+                next_id: 0,
+                version: 0,
+                last_error: None,
+                last_resolve_error: None,
+            }),
+            picker: RwLock::new(Arc::new(Picker::default())),
+            generation: AtomicU64::new(0),
+            // gRPC's round_robin starts at a random index, so that many clients built at
+            // the same moment do not all hit the first address first.
+            cursor: AtomicUsize::new(seed as usize),
+            state_tx,
+            version_tx,
+            events_tx,
+            shut_down: AtomicBool::new(false),
+            connect_tx,
+            in_flight: Arc::new(InFlight::default()),
+            reresolve: Notify::new(),
+            resolve_errors: AtomicU64::new(0),
+        }
+    }
+
+    // === picker ===
+
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// The current picker and its generation.
+    pub(crate) fn load_picker(&self) -> (u64, Arc<ReadyPicker>) {
+        let picker = self.picker.read();
+        // Read under the lock: the generation is bumped while the write lock is held, so the
+        // pair is consistent.
+        (self.generation.load(Ordering::Acquire), picker.clone())
+    }
+
+    fn publish_picker(&self, registry: &Registry) {
+        let ready: Vec<Arc<ReadyConn>> = registry
+            .endpoints
+            .iter()
+            .filter(|e| !e.draining)
+            .flat_map(|e| &e.conns)
+            .filter_map(|c| c.ready.clone())
+            .collect();
+        let mut picker = self.picker.write();
+        *picker = Arc::new(Picker::new(ready));
+        self.generation.fetch_add(1, Ordering::Release);
+    }
+
+    // === states ===
+
+    pub(crate) fn state(&self) -> ConnectivityState {
+        *self.state_tx.borrow()
+    }
+
+    pub(crate) fn subscribe_state(&self) -> watch::Receiver<ConnectivityState> {
+        self.state_tx.subscribe()
+    }
+
+    pub(crate) fn subscribe_version(&self) -> watch::Receiver<u64> {
+        self.version_tx.subscribe()
+    }
+
+    pub(crate) fn subscribe_events(&self) -> broadcast::Receiver<StateEvent> {
+        self.events_tx.subscribe()
+    }
+
+    pub(crate) fn is_shut_down(&self) -> bool {
+        self.shut_down.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn last_error(&self) -> Option<String> {
+        self.registry.lock().last_error.clone()
+    }
+
+    /// Asks the pool to leave Idle.
+    pub(crate) fn request_connect(&self) {
+        self.connect_tx
+            .send_if_modified(|requested| !std::mem::replace(requested, true));
+    }
+
+    pub(crate) fn subscribe_connect(&self) -> watch::Receiver<bool> {
+        self.connect_tx.subscribe()
+    }
+
+    /// Asks the worker to resolve again soon (rate-limited there).
+    pub(crate) fn request_reresolve(&self) {
+        self.reresolve.notify_one();
+    }
+
+    pub(crate) async fn reresolve_requested(&self) {
+        self.reresolve.notified().await;
+    }
+
+    /// Records a failed resolution (the last good addresses stay in use).
+    pub(crate) fn record_resolve_error(&self, reason: &str) {
+        self.resolve_errors.fetch_add(1, Ordering::Relaxed);
+        let mut reg = self.registry.lock();
+        reg.last_resolve_error = Some(reason.to_owned());
+    }
+
+    pub(crate) fn resolve_errors(&self) -> u64 {
+        self.resolve_errors.load(Ordering::Relaxed)
+    }
+
+    /// Registers a new connection slot for `addr` (creating the endpoint if needed).
+    pub(crate) fn add_connection(&self, addr: SocketAddr) -> (u64, Arc<ConnStats>) {
+        let mut reg = self.registry.lock();
+        let id = reg.next_id;
+        reg.next_id += 1;
+        let stats = Arc::new(ConnStats::new(self.in_flight.clone()));
+        let conn = ConnEntry {
+            id,
+            state: ConnectivityState::Idle,
+            failed: false,
+            ready: None,
+            stats: stats.clone(),
+            last_error: None,
+        };
+        match reg
+            .endpoints
+            .iter_mut()
+            .find(|e| e.addr == addr && !e.draining)
+        {
+            Some(endpoint) => endpoint.conns.push(conn),
+            None => reg.endpoints.push(EndpointEntry {
+                addr,
+                draining: false,
+                state: ConnectivityState::Idle,
+                conns: vec![conn],
+            }),
+        }
+        self.recompute(&mut reg, "connection added");
+        (id, stats)
+    }
+
+    /// Marks an endpoint as leaving the address set: it is no longer picked.
+    pub(crate) fn set_draining(&self, addr: SocketAddr) {
+        let mut reg = self.registry.lock();
+        if let Some(endpoint) = reg
+            .endpoints
+            .iter_mut()
+            .find(|e| e.addr == addr && !e.draining)
+        {
+            endpoint.draining = true;
+            tracing::debug!(target = %self.target, %addr, "endpoint draining");
+            self.publish_picker(&reg);
+            self.recompute(&mut reg, "endpoint removed from the address set");
+        }
+    }
+
+    /// Forgets a connection whose task ended.
+    pub(crate) fn remove_connection(&self, id: u64) {
+        let mut reg = self.registry.lock();
+        let mut was_ready = false;
+        for endpoint in &mut reg.endpoints {
+            if let Some(i) = endpoint.conns.iter().position(|c| c.id == id) {
+                was_ready = endpoint.conns[i].ready.is_some();
+                endpoint.conns.remove(i);
+            }
+        }
+        reg.endpoints.retain(|e| !e.conns.is_empty());
+        if was_ready {
+            self.publish_picker(&reg);
+        }
+        self.recompute(&mut reg, "connection removed");
+    }
+
+    /// Records a state change of one connection, with its new sender when Ready.
+    pub(crate) fn transition(
+        &self,
+        id: u64,
+        to: ConnectivityState,
+        reason: &str,
+        ready: Option<Arc<ReadyConn>>,
+    ) {
+        let mut reg = self.registry.lock();
+        let Some((addr, conn)) = reg.endpoints.iter_mut().find_map(|e| {
+            let addr = e.addr;
+            e.conns.iter_mut().find(|c| c.id == id).map(|c| (addr, c))
+        }) else {
+            return;
+        };
+        let from = conn.state;
+        let had_ready = conn.ready.is_some();
+        conn.state = to;
+        match to {
+            ConnectivityState::Ready => {
+                conn.failed = false;
+                conn.ready = ready;
+            }
+            ConnectivityState::TransientFailure => {
+                conn.failed = true;
+                conn.ready = None;
+                conn.last_error = Some(reason.to_owned());
+            }
+            _ => conn.ready = None,
+        }
+        let changed_ready = had_ready || conn.ready.is_some();
+        if to == ConnectivityState::TransientFailure {
+            reg.last_error = Some(format!("{addr}: {reason}"));
+        }
+        if from != to {
+            tracing::debug!(target = %self.target, %addr, conn = id, %from, %to, reason, "connection state");
+            let _ = self.events_tx.send(StateEvent {
+                scope: Scope::Connection { addr, id },
+                from,
+                to,
+                reason: reason.to_owned(),
+            });
+        }
+        if changed_ready {
+            self.publish_picker(&reg);
+        }
+        self.recompute(&mut reg, reason);
+    }
+
+    /// Sets the pool's state for when it has no endpoint (resolution pending or failed).
+    pub(crate) fn set_no_endpoints_state(&self, state: ConnectivityState, reason: &str) {
+        let mut reg = self.registry.lock();
+        reg.no_endpoints_state = state;
+        if state == ConnectivityState::TransientFailure {
+            reg.last_error = Some(reason.to_owned());
+        }
+        self.recompute(&mut reg, reason);
+    }
+
+    /// The pool is closed: no new calls, state Shutdown for good.
+    pub(crate) fn shut_down(&self, reason: &str) {
+        self.shut_down.store(true, Ordering::Release);
+        let mut reg = self.registry.lock();
+        self.recompute(&mut reg, reason);
+    }
+
+    /// Recomputes endpoint and pool aggregates, notifying what changed.
+    fn recompute(&self, reg: &mut Registry, reason: &str) {
+        for endpoint in &mut reg.endpoints {
+            let new = endpoint.aggregate();
+            if new != endpoint.state {
+                let from = std::mem::replace(&mut endpoint.state, new);
+                tracing::debug!(target = %self.target, addr = %endpoint.addr, %from, to = %new, reason, "endpoint state");
+                let _ = self.events_tx.send(StateEvent {
+                    scope: Scope::Endpoint(endpoint.addr),
+                    from,
+                    to: new,
+                    reason: reason.to_owned(),
+                });
+            }
+        }
+        let active: Vec<ConnectivityState> = reg
+            .endpoints
+            .iter()
+            .filter(|e| !e.draining)
+            .map(|e| e.state)
+            .collect();
+        let new = if self.is_shut_down() {
+            ConnectivityState::Shutdown
+        } else if active.is_empty() {
+            reg.no_endpoints_state
+        } else {
+            aggregate(active)
+        };
+        if new != reg.pool_state {
+            let from = std::mem::replace(&mut reg.pool_state, new);
+            tracing::info!(target = %self.target, %from, to = %new, reason, "pool state");
+            let _ = self.events_tx.send(StateEvent {
+                scope: Scope::Pool,
+                from,
+                to: new,
+                reason: reason.to_owned(),
+            });
+            self.state_tx.send_replace(new);
+        }
+        reg.version += 1;
+        self.version_tx.send_replace(reg.version);
+    }
+
+    pub(crate) fn snapshot(&self) -> PoolSnapshot {
+        let reg = self.registry.lock();
+        PoolSnapshot {
+            state: reg.pool_state,
+            last_error: reg.last_error.clone(),
+            last_resolve_error: reg.last_resolve_error.clone(),
+            resolve_errors: self.resolve_errors(),
+            endpoints: reg
+                .endpoints
+                .iter()
+                .map(|e| EndpointSnapshot {
+                    addr: e.addr,
+                    state: e.state,
+                    draining: e.draining,
+                    connections: e
+                        .conns
+                        .iter()
+                        .map(|c| ConnectionSnapshot {
+                            id: c.id,
+                            state: c.state,
+                            in_flight: c.stats.in_flight(),
+                            calls: c.stats.calls(),
+                            connects: c.stats.connects(),
+                            last_error: c.last_error.clone(),
+                        })
+                        .collect(),
+                })
+                .collect(),
+        }
+    }
+}

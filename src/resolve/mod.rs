@@ -1,0 +1,105 @@
+//! Resolution: turning a [`Target`] into the set of addresses the pool connects to.
+//!
+//! The pool only knows the small [`Resolve`] trait: one call returns the current addresses and
+//! how long they may be trusted. The worker decides *when* to ask (at start, on connection loss,
+//! periodically); resolvers never cache. Two implementations ship here:
+//! [`StaticResolver`] for address lists and IP literals, and [`SystemResolver`], the operating
+//! system's resolver (`getaddrinfo` through tokio), used for host names.
+
+mod fixed;
+mod system;
+
+use std::fmt;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::time::Duration;
+
+pub use fixed::StaticResolver;
+pub use system::SystemResolver;
+
+use crate::target::Target;
+
+/// A boxed, sendable future, as resolvers and connectors return.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// The answer of one resolution.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Resolution {
+    /// The addresses, in the resolver's order, without duplicates.
+    pub addresses: Vec<SocketAddr>,
+    /// How long the answer may be trusted (a DNS TTL), if the resolver knows.
+    pub ttl: Option<Duration>,
+}
+
+impl Resolution {
+    /// An answer with these addresses (duplicates dropped) and an optional TTL.
+    pub fn new(addresses: impl IntoIterator<Item = SocketAddr>, ttl: Option<Duration>) -> Self {
+        let mut unique = Vec::new();
+        for addr in addresses {
+            if !unique.contains(&addr) {
+                unique.push(addr);
+            }
+        }
+        Self {
+            addresses: unique,
+            ttl,
+        }
+    }
+}
+
+/// Why a resolution failed.
+#[derive(Debug)]
+pub struct ResolveError {
+    message: String,
+    source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
+}
+
+impl ResolveError {
+    /// An error with a message.
+    pub fn new(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    /// An error with a message and its cause.
+    pub fn with_source(
+        message: impl Into<String>,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync + 'static>>,
+    ) -> Self {
+        Self {
+            message: message.into(),
+            source: Some(source.into()),
+        }
+    }
+}
+
+impl fmt::Display for ResolveError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)?;
+        if let Some(source) = &self.source {
+            write!(f, ": {source}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ResolveError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source
+            .as_ref()
+            .map(|s| &**s as &(dyn std::error::Error + 'static))
+    }
+}
+
+/// Finds the addresses of a target.
+///
+/// Implementations must not cache: the pool calls `resolve` when it wants a fresh answer. An
+/// empty answer is treated by the pool as an error (it keeps the last good set).
+pub trait Resolve: fmt::Debug + Send + Sync + 'static {
+    /// Resolves `target` once.
+    fn resolve(&self, target: &Target) -> BoxFuture<'static, Result<Resolution, ResolveError>>;
+}

@@ -1,0 +1,298 @@
+//! Connectivity states, their aggregation, and the handles to watch them.
+//!
+//! The states and their meaning are gRPC's (`connectivity-semantics-and-api.md`):
+//!
+//! ```text
+//!            connect()/first call         SETTINGS received
+//!   Idle ───────────────────────▶ Connecting ─────────────────▶ Ready
+//!    ▲                                │  ▲                        │
+//!    │ GOAWAY (graceful)              │  │ backoff elapsed        │ connection lost,
+//!    │                                ▼  │                        │ keepalive timeout
+//!    └────────────────────────── TransientFailure ◀───────────────┘
+//!
+//!   any state ── close() / last handle dropped ──▶ Shutdown (terminal)
+//! ```
+//!
+//! An endpoint (one address) and the pool aggregate the states below them with gRPC's rule:
+//! any Ready → Ready; else any Connecting → Connecting; else any Idle → Idle; else
+//! TransientFailure. A pool without endpoints is TransientFailure. A connection that failed
+//! counts as TransientFailure until it is Ready again, so that its reconnect attempts do not make
+//! the aggregate flap back to Connecting (and calls keep failing fast while a server is down).
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+/// The connectivity state of a connection, an endpoint or a whole pool, as gRPC defines it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ConnectivityState {
+    /// Not connected and not trying to; a call or [`Pool::connect`](crate::Pool::connect)
+    /// starts connecting.
+    Idle,
+    /// A connection attempt is under way.
+    Connecting,
+    /// Connected: the server's HTTP/2 SETTINGS arrived, calls can be sent.
+    Ready,
+    /// The connection failed or was lost; it is retried after a backoff.
+    TransientFailure,
+    /// Closed for good.
+    Shutdown,
+}
+
+impl ConnectivityState {
+    /// The gRPC name of the state, e.g. `TRANSIENT_FAILURE`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Idle => "IDLE",
+            Self::Connecting => "CONNECTING",
+            Self::Ready => "READY",
+            Self::TransientFailure => "TRANSIENT_FAILURE",
+            Self::Shutdown => "SHUTDOWN",
+        }
+    }
+}
+
+impl fmt::Display for ConnectivityState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Aggregates states with gRPC's rule. An empty set is `TransientFailure`.
+///
+/// `Shutdown` members are ignored (a closing connection says nothing about the others); a set
+/// made only of `Shutdown` members is `Shutdown`.
+pub(crate) fn aggregate<I>(states: I) -> ConnectivityState
+where
+    I: IntoIterator<Item = ConnectivityState>,
+{
+    let (mut connecting, mut idle, mut failure, mut shutdown) = (false, false, false, false);
+    for state in states {
+        match state {
+            ConnectivityState::Ready => return ConnectivityState::Ready,
+            ConnectivityState::Connecting => connecting = true,
+            ConnectivityState::Idle => idle = true,
+            ConnectivityState::TransientFailure => failure = true,
+            ConnectivityState::Shutdown => shutdown = true,
+        }
+    }
+    if connecting {
+        ConnectivityState::Connecting
+    } else if idle {
+        ConnectivityState::Idle
+    } else if failure || !shutdown {
+        ConnectivityState::TransientFailure
+    } else {
+        ConnectivityState::Shutdown
+    }
+}
+
+/// Waits until the watched value satisfies `condition` and returns a copy of it, or `None`
+/// when the sender is gone. Unlike `watch::Receiver::wait_for` it holds no borrow across the
+/// caller's next await.
+pub(crate) async fn wait_until<T: Clone>(
+    rx: &mut watch::Receiver<T>,
+    condition: impl FnMut(&T) -> bool,
+) -> Option<T> {
+    rx.wait_for(condition).await.ok().map(|v| v.clone())
+}
+
+/// What a state change happened to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Scope {
+    /// The pool as a whole.
+    Pool,
+    /// The endpoint (resolved address).
+    Endpoint(SocketAddr),
+    /// One connection of an endpoint, by its pool-unique id.
+    Connection {
+        /// The address the connection goes to.
+        addr: SocketAddr,
+        /// The connection's id, unique within the pool.
+        id: u64,
+    },
+}
+
+/// One state transition, as delivered by [`Pool::events`](crate::Pool::events).
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct StateEvent {
+    /// What changed.
+    pub scope: Scope,
+    /// The state before.
+    pub from: ConnectivityState,
+    /// The state after.
+    pub to: ConnectivityState,
+    /// Why, in words (e.g. `connect error: connection refused`).
+    pub reason: String,
+}
+
+/// A handle to watch the pool's aggregate state.
+///
+/// It is a thin wrapper over a [`tokio::sync::watch::Receiver`]: it always sees the latest state
+/// and may skip intermediate ones that passed quickly. For every transition, in order, use
+/// [`Pool::events`](crate::Pool::events).
+#[derive(Clone, Debug)]
+pub struct StateWatch {
+    rx: watch::Receiver<ConnectivityState>,
+}
+
+impl StateWatch {
+    pub(crate) fn new(rx: watch::Receiver<ConnectivityState>) -> Self {
+        Self { rx }
+    }
+
+    /// The current state.
+    pub fn current(&self) -> ConnectivityState {
+        *self.rx.borrow()
+    }
+
+    /// Waits until the state differs from the last one this handle saw, and returns it.
+    ///
+    /// Returns `Shutdown` once the pool is gone.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: dropping the future loses nothing; the next call sees the change.
+    pub async fn changed(&mut self) -> ConnectivityState {
+        match self.rx.changed().await {
+            Ok(()) => *self.rx.borrow_and_update(),
+            Err(_) => ConnectivityState::Shutdown,
+        }
+    }
+
+    /// Waits until the state is `state`, for at most `timeout`. Returns whether it got there.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe.
+    pub async fn wait_for(&mut self, state: ConnectivityState, timeout: Duration) -> bool {
+        let wait = wait_until(&mut self.rx, |s| *s == state);
+        matches!(tokio::time::timeout(timeout, wait).await, Ok(Some(_)))
+    }
+}
+
+/// A point-in-time view of one connection.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct ConnectionSnapshot {
+    /// Pool-unique id of the connection.
+    pub id: u64,
+    /// Its state.
+    pub state: ConnectivityState,
+    /// Calls sent on it whose responses have not finished.
+    pub in_flight: usize,
+    /// Calls sent on it since the pool started (across reconnects of this slot).
+    pub calls: u64,
+    /// How many times this slot connected successfully.
+    pub connects: u64,
+    /// The last error seen on it, if any.
+    pub last_error: Option<String>,
+}
+
+/// A point-in-time view of one endpoint (resolved address).
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct EndpointSnapshot {
+    /// The address.
+    pub addr: SocketAddr,
+    /// Its aggregate state.
+    pub state: ConnectivityState,
+    /// Whether it left the address set and is only finishing its calls.
+    pub draining: bool,
+    /// Its connections.
+    pub connections: Vec<ConnectionSnapshot>,
+}
+
+/// A point-in-time view of the whole pool, from [`Pool::snapshot`](crate::Pool::snapshot).
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct PoolSnapshot {
+    /// The pool's aggregate state.
+    pub state: ConnectivityState,
+    /// Every endpoint, draining ones included.
+    pub endpoints: Vec<EndpointSnapshot>,
+    /// The last connection failure, with its address.
+    pub last_error: Option<String>,
+    /// The last failed resolution, if any (the pool kept its last good addresses).
+    pub last_resolve_error: Option<String>,
+    /// How many resolutions failed so far.
+    pub resolve_errors: u64,
+}
+
+impl PoolSnapshot {
+    /// How many connections (of endpoints that are not draining) are Ready.
+    pub fn ready_connections(&self) -> usize {
+        self.endpoints
+            .iter()
+            .filter(|e| !e.draining)
+            .flat_map(|e| &e.connections)
+            .filter(|c| c.state == ConnectivityState::Ready)
+            .count()
+    }
+
+    /// Calls in flight over every connection.
+    pub fn in_flight(&self) -> usize {
+        self.endpoints
+            .iter()
+            .flat_map(|e| &e.connections)
+            .map(|c| c.in_flight)
+            .sum()
+    }
+
+    /// The snapshot of the endpoint at `addr`, if there is one.
+    pub fn endpoint(&self, addr: SocketAddr) -> Option<&EndpointSnapshot> {
+        self.endpoints.iter().find(|e| e.addr == addr)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ConnectivityState::*;
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn aggregation_follows_grpc() {
+        assert_eq!(aggregate([]), TransientFailure);
+        assert_eq!(aggregate([TransientFailure, Ready, Idle]), Ready);
+        assert_eq!(aggregate([TransientFailure, Connecting, Idle]), Connecting);
+        assert_eq!(aggregate([TransientFailure, Idle]), Idle);
+        assert_eq!(
+            aggregate([TransientFailure, TransientFailure]),
+            TransientFailure
+        );
+        assert_eq!(aggregate([Shutdown, Shutdown]), Shutdown);
+        assert_eq!(aggregate([Shutdown, TransientFailure]), TransientFailure);
+        assert_eq!(aggregate([Shutdown, Connecting]), Connecting);
+    }
+
+    fn any_state() -> impl Strategy<Value = ConnectivityState> {
+        prop_oneof![
+            Just(Idle),
+            Just(Connecting),
+            Just(Ready),
+            Just(TransientFailure),
+            Just(Shutdown)
+        ]
+    }
+
+    proptest! {
+        /// The aggregate is order-independent, and Ready wins whenever present.
+        #[test]
+        fn aggregation_is_a_priority(mut states in proptest::collection::vec(any_state(), 0..20)) {
+            let a = aggregate(states.iter().copied());
+            states.reverse();
+            prop_assert_eq!(a, aggregate(states.iter().copied()));
+            let expected = if states.contains(&Ready) { Ready }
+                else if states.contains(&Connecting) { Connecting }
+                else if states.contains(&Idle) { Idle }
+                else if !states.is_empty() && states.iter().all(|s| *s == Shutdown) { Shutdown }
+                else { TransientFailure };
+            prop_assert_eq!(a, expected);
+        }
+    }
+}

@@ -1,0 +1,398 @@
+//! One connection slot: its state machine, its backoff and its HTTP/2 connection.
+//!
+//! Each slot runs as its own task, owned by the worker. It drives hyper's
+//! `client::conn::http2` directly rather than a tonic `Channel`: a `Channel` hides its
+//! connection behind a `Buffer` and a `Reconnect` with no backoff that reports a failed
+//! connection as ready, which would fight this state machine. Owning the connection gives the
+//! pool exact facts: when the server's SETTINGS arrived, when a GOAWAY came, when the
+//! connection is gone.
+//!
+//! ```text
+//! loop:
+//!   Connecting ── TCP + handshake + server SETTINGS (bounded by the connect timeout)
+//!     ├─ ok  → Ready (published to the picker); backoff reset
+//!     │        wait: connection ends │ GOAWAY │ drain │ shutdown
+//!     │        GOAWAY(NO_ERROR) → Idle, reconnect at once
+//!     │        lost             → TransientFailure, reconnect at once (first attempt is free)
+//!     └─ err → TransientFailure; sleep backoff; retry
+//! ```
+//!
+//! When a connection leaves the picker, calls already on it keep running: hyper's connection
+//! task lives on until its last stream ends, even after the slot drops its handles.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use hyper::client::conn::http2;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::sync::{watch, Notify};
+
+use crate::backoff::Backoff;
+use crate::connector::{BoxedIo, Connect, Destination};
+use crate::error::BoxError;
+use crate::frames::{FrameSignals, FrameWatch};
+use crate::picker::Pickable;
+use crate::registry::{InFlight, Shared};
+use crate::state::{wait_until, ConnectivityState};
+use crate::target::TargetKind;
+
+type Driver = http2::Connection<TokioIo<FrameWatch<BoxedIo>>, tonic::body::Body, TokioExecutor>;
+
+/// Counters of one connection slot, kept across its reconnects.
+#[derive(Debug)]
+pub(crate) struct ConnStats {
+    in_flight: AtomicUsize,
+    calls: AtomicU64,
+    connects: AtomicU64,
+    /// Woken when `in_flight` drops to zero (draining waits on it).
+    idle: Notify,
+    pool: Arc<InFlight>,
+}
+
+impl ConnStats {
+    pub(crate) fn new(pool: Arc<InFlight>) -> Self {
+        Self {
+            in_flight: AtomicUsize::new(0),
+            calls: AtomicU64::new(0),
+            connects: AtomicU64::new(0),
+            idle: Notify::new(),
+            pool,
+        }
+    }
+
+    pub(crate) fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn calls(&self) -> u64 {
+        self.calls.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn connects(&self) -> u64 {
+        self.connects.load(Ordering::Relaxed)
+    }
+
+    /// A call starts on this connection.
+    pub(crate) fn start_call(self: &Arc<Self>) -> InFlightGuard {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        self.pool.inc();
+        InFlightGuard {
+            stats: Arc::clone(self),
+        }
+    }
+
+    async fn wait_idle(&self) {
+        loop {
+            let notified = self.idle.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.in_flight() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// Held by a call from the moment it is sent until its response body ends or is dropped.
+#[derive(Debug)]
+pub(crate) struct InFlightGuard {
+    stats: Arc<ConnStats>,
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        if self.stats.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.stats.idle.notify_waiters();
+        }
+        self.stats.pool.dec();
+    }
+}
+
+/// A Ready connection as the picker holds it.
+#[derive(Debug)]
+pub(crate) struct ReadyConn {
+    pub(crate) id: u64,
+    pub(crate) addr: SocketAddr,
+    pub(crate) send: http2::SendRequest<tonic::body::Body>,
+    pub(crate) stats: Arc<ConnStats>,
+    /// Set the moment the connection must take no new call (GOAWAY seen, draining, lost),
+    /// before the registry republishes the picker.
+    closing: AtomicBool,
+}
+
+impl ReadyConn {
+    pub(crate) fn mark_closing(&self) {
+        self.closing.store(true, Ordering::Release);
+    }
+}
+
+impl Pickable for Arc<ReadyConn> {
+    #[inline]
+    fn is_available(&self) -> bool {
+        !self.closing.load(Ordering::Acquire) && !self.send.is_closed()
+    }
+}
+
+/// What the worker asks of a slot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Control {
+    Run,
+    /// The address left the set: finish calls in flight (bounded), then end.
+    Drain,
+    /// The pool is closing: end now.
+    Shutdown,
+}
+
+/// Why a Ready connection stopped serving.
+enum ServeEnd {
+    /// GOAWAY with NO_ERROR (max connection age, graceful server shutdown).
+    GracefulGoAway,
+    /// GOAWAY `ENHANCE_YOUR_CALM` / `too_many_pings`.
+    TooManyPings,
+    /// The connection failed or closed without a graceful GOAWAY.
+    Lost(String),
+    Drain,
+    Shutdown,
+}
+
+/// The slot's task. Ends on `Drain` (after its calls finish) or `Shutdown`.
+pub(crate) async fn run(
+    shared: Arc<Shared>,
+    id: u64,
+    addr: SocketAddr,
+    stats: Arc<ConnStats>,
+    connector: Arc<dyn Connect>,
+    mut control: watch::Receiver<Control>,
+    seed: u64,
+) {
+    let mut backoff = Backoff::new(shared.config.backoff.clone(), seed);
+    let mut connect_rx = shared.subscribe_connect();
+    // Stay Idle until the pool is asked to connect (at once unless it is lazy).
+    tokio::select! {
+        biased;
+        _ = wait_until(&mut control, |c| *c != Control::Run) => return finish(&shared, id, "closed while idle"),
+        _ = wait_until(&mut connect_rx, |requested| *requested) => {}
+    }
+    let host = match shared.target.kind() {
+        TargetKind::Dns { host, .. } => host.clone(),
+        TargetKind::Static(_) => addr.ip().to_string(),
+    };
+    let dst = Destination {
+        addr,
+        host,
+        tls: shared.target.is_tls(),
+    };
+    loop {
+        if *control.borrow() != Control::Run {
+            return finish(&shared, id, "closed");
+        }
+        shared.transition(id, ConnectivityState::Connecting, "connecting", None);
+        let timeout = shared
+            .config
+            .connect_timeout
+            .unwrap_or_else(|| backoff.connect_timeout());
+        let attempt = tokio::time::timeout(timeout, connect(&shared, &*connector, &dst));
+        let result = tokio::select! {
+            biased;
+            _ = wait_until(&mut control, |c| *c != Control::Run) => return finish(&shared, id, "closed while connecting"),
+            r = attempt => r,
+        };
+        let (send, mut driver, signals) = match result {
+            Ok(Ok(connected)) => connected,
+            Ok(Err(e)) => {
+                let reason = format!("connect error: {}", error_chain(&*e));
+                fail_and_wait(&shared, id, &reason, &mut backoff, &mut control).await;
+                continue;
+            }
+            Err(_) => {
+                let reason = format!("connect timeout after {timeout:?}");
+                fail_and_wait(&shared, id, &reason, &mut backoff, &mut control).await;
+                continue;
+            }
+        };
+        backoff.reset();
+        stats.connects.fetch_add(1, Ordering::Relaxed);
+        let ready = Arc::new(ReadyConn {
+            id,
+            addr,
+            send,
+            stats: stats.clone(),
+            closing: AtomicBool::new(false),
+        });
+        shared.transition(
+            id,
+            ConnectivityState::Ready,
+            "server settings received",
+            Some(ready.clone()),
+        );
+
+        let mut goaway_rx = signals.clone();
+        let end = tokio::select! {
+            biased;
+            c = wait_until(&mut control, |c| *c != Control::Run) => match c {
+                Some(Control::Drain) => ServeEnd::Drain,
+                _ => ServeEnd::Shutdown,
+            },
+            res = &mut driver => {
+                let goaway = signals.borrow().goaway.clone();
+                match goaway {
+                    Some(g) if g.is_graceful() => ServeEnd::GracefulGoAway,
+                    Some(g) if g.is_too_many_pings() => ServeEnd::TooManyPings,
+                    Some(g) => ServeEnd::Lost(format!("GOAWAY with error code {:#x}", g.error_code)),
+                    None => ServeEnd::Lost(match res {
+                        Ok(()) => "connection closed".to_owned(),
+                        Err(e) => format!("connection error: {}", error_chain(&e)),
+                    }),
+                }
+            }
+            g = wait_until(&mut goaway_rx, |s| s.goaway.is_some()) => {
+                match g.and_then(|s| s.goaway) {
+                    Some(g) if g.is_graceful() => ServeEnd::GracefulGoAway,
+                    Some(g) if g.is_too_many_pings() => ServeEnd::TooManyPings,
+                    Some(g) => ServeEnd::Lost(format!("GOAWAY with error code {:#x}", g.error_code)),
+                    None => ServeEnd::Lost("connection closed".to_owned()),
+                }
+            }
+        };
+        // No new call goes to this connection from here on, even through stale pickers.
+        ready.mark_closing();
+        match end {
+            ServeEnd::GracefulGoAway => {
+                shared.transition(id, ConnectivityState::Idle, "GOAWAY from server", None);
+                shared.request_reresolve();
+                // The driver ends by itself once hyper has read the GOAWAY; calls in flight
+                // finish on hyper's connection task. Reconnect at once.
+                drop(driver);
+            }
+            ServeEnd::TooManyPings => {
+                tracing::warn!(target = %shared.target, %addr, "server sent GOAWAY too_many_pings; keepalive interval too short");
+                shared.transition(
+                    id,
+                    ConnectivityState::TransientFailure,
+                    "GOAWAY ENHANCE_YOUR_CALM too_many_pings",
+                    None,
+                );
+                shared.request_reresolve();
+                drop(driver);
+            }
+            ServeEnd::Lost(reason) => {
+                shared.transition(id, ConnectivityState::TransientFailure, &reason, None);
+                shared.request_reresolve();
+                drop(driver);
+            }
+            ServeEnd::Drain => {
+                // Out of the picker already (the endpoint is draining); let calls finish.
+                let drained = tokio::select! {
+                    biased;
+                    _ = wait_until(&mut control, |c| *c == Control::Shutdown) => false,
+                    _ = stats.wait_idle() => true,
+                    _ = tokio::time::sleep(shared.config.drain_timeout) => false,
+                    _ = &mut driver => true,
+                };
+                drop(ready);
+                drop(driver);
+                return finish(
+                    &shared,
+                    id,
+                    if drained {
+                        "drained"
+                    } else {
+                        "drain cut short"
+                    },
+                );
+            }
+            ServeEnd::Shutdown => {
+                drop(ready);
+                drop(driver);
+                return finish(&shared, id, "pool closed");
+            }
+        }
+    }
+}
+
+fn finish(shared: &Shared, id: u64, reason: &str) {
+    shared.transition(id, ConnectivityState::Shutdown, reason, None);
+    shared.remove_connection(id);
+}
+
+async fn fail_and_wait(
+    shared: &Shared,
+    id: u64,
+    reason: &str,
+    backoff: &mut Backoff,
+    control: &mut watch::Receiver<Control>,
+) {
+    shared.transition(id, ConnectivityState::TransientFailure, reason, None);
+    shared.request_reresolve();
+    let delay = backoff.next_delay();
+    tracing::debug!(target = %shared.target, conn = id, ?delay, "backing off");
+    tokio::select! {
+        biased;
+        _ = wait_until(control, |c| *c != Control::Run) => {}
+        _ = tokio::time::sleep(delay) => {}
+    }
+}
+
+/// Opens one connection: byte stream, HTTP/2 handshake, then waits for the server's SETTINGS
+/// while driving the connection.
+async fn connect(
+    shared: &Shared,
+    connector: &dyn Connect,
+    dst: &Destination,
+) -> Result<
+    (
+        http2::SendRequest<tonic::body::Body>,
+        Driver,
+        watch::Receiver<FrameSignals>,
+    ),
+    BoxError,
+> {
+    let io = connector.connect(dst).await?;
+    let (io, signals) = FrameWatch::new(io);
+    let config = &shared.config;
+    let mut builder = http2::Builder::new(TokioExecutor::new());
+    builder
+        .timer(TokioTimer::new())
+        .initial_stream_window_size(config.initial_stream_window_size)
+        .initial_connection_window_size(config.initial_connection_window_size)
+        .adaptive_window(config.adaptive_window)
+        .keep_alive_interval(config.keep_alive_interval)
+        .keep_alive_timeout(config.keep_alive_timeout)
+        .keep_alive_while_idle(config.keep_alive_while_idle);
+    let (send, mut driver) = builder.handshake(TokioIo::new(io)).await?;
+    let mut settings_rx = signals.clone();
+    let settings = tokio::select! {
+        res = &mut driver => match res {
+            Ok(()) => None,
+            Err(e) => return Err(e.into()),
+        },
+        seen = wait_until(&mut settings_rx, |s| s.settings) => seen,
+    };
+    match settings {
+        Some(_) => Ok((send, driver, signals)),
+        None => Err("connection closed before the server's SETTINGS".into()),
+    }
+}
+
+/// Renders an error with its sources: `a: b: c`.
+pub(crate) fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    let mut depth = 0;
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+        depth += 1;
+        if depth > 8 {
+            break;
+        }
+    }
+    out
+}

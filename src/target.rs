@@ -1,0 +1,585 @@
+//! Parsing of target strings into a [`Target`].
+//!
+//! The grammar is gRPC's naming scheme (`doc/naming.md`), plus the `http(s)://` form tonic
+//! users already write, and a `static:///` list for fixed address sets:
+//!
+//! | target | meaning |
+//! |---|---|
+//! | `dns:///host:port`, `dns:host:port` | resolve `host` with DNS; port 443 when omitted |
+//! | `dns://10.0.0.53[:53]/host:port` | the same, asking that DNS server (port 53 by default) |
+//! | `host:port`, `host` | shorthand for `dns:///host:port` (port 443 when omitted) |
+//! | `http://host:port`, `https://host:port` | DNS as above; the scheme sets plaintext or TLS; default ports 80 and 443 |
+//! | `static:///1.2.3.4:50051,[::1]:50051` | exactly these addresses, never resolved; ports required |
+//! | `ipv4:1.2.3.4[:port],…`, `ipv6:[::1][:port],…` | gRPC's literal lists; port 443 when omitted |
+//!
+//! A host that is an IP literal is used as is, without a DNS query. IPv6 literals go in
+//! brackets. Every malformed target is a [`TargetError`] that names the problem.
+
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::str::FromStr;
+
+/// The default port of DNS targets without one (gRPC's rule).
+const DEFAULT_GRPC_PORT: u16 = 443;
+/// The default port of a DNS server named in a target's authority.
+const DEFAULT_DNS_SERVER_PORT: u16 = 53;
+
+/// A parsed target: what to resolve, how, and what to put in each request's `:authority`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Target {
+    source: String,
+    kind: TargetKind,
+    tls: bool,
+}
+
+/// How a target's addresses are found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum TargetKind {
+    /// A fixed list of addresses, never resolved.
+    Static(Vec<SocketAddr>),
+    /// A name to look up in DNS.
+    Dns {
+        /// The DNS server to ask, when the target names one (`dns://server/host:port`).
+        server: Option<SocketAddr>,
+        /// The host name to resolve.
+        host: String,
+        /// The port every resolved address gets.
+        port: u16,
+    },
+}
+
+/// Why a target string could not be parsed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum TargetError {
+    /// The target is empty or only white space.
+    Empty,
+    /// The scheme is not one of `dns`, `static`, `ipv4`, `ipv6`, `http`, `https`.
+    UnknownScheme(String),
+    /// A host is missing (e.g. `dns:///:50051`).
+    MissingHost,
+    /// The host is not a valid DNS name or IP literal.
+    InvalidHost(String),
+    /// An IPv6 literal is not in brackets, or the brackets are unbalanced.
+    InvalidIpv6(String),
+    /// The port is not a number in 1..=65535.
+    InvalidPort(String),
+    /// A port is required here (static lists) but missing.
+    MissingPort(String),
+    /// An address list (`static:`, `ipv4:`, `ipv6:`) is empty or has an empty element.
+    EmptyAddressList,
+    /// An element of an address list is not an address of the list's kind.
+    InvalidAddress(String),
+    /// The DNS server in `dns://server/…` is not an IP address with an optional port.
+    InvalidDnsServer(String),
+    /// Something follows the host and port that the target form does not allow (a path,
+    /// a query, user info).
+    UnexpectedPart(String),
+}
+
+impl fmt::Display for TargetError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Empty => f.write_str("target is empty"),
+            Self::UnknownScheme(s) => write!(
+                f,
+                "unknown target scheme {s:?} (expected dns, static, ipv4, ipv6, http or https)"
+            ),
+            Self::MissingHost => f.write_str("target has no host"),
+            Self::InvalidHost(h) => write!(f, "invalid host {h:?}"),
+            Self::InvalidIpv6(h) => {
+                write!(f, "invalid IPv6 literal {h:?} (use brackets: [::1]:50051)")
+            }
+            Self::InvalidPort(p) => write!(f, "invalid port {p:?} (expected 1..=65535)"),
+            Self::MissingPort(a) => write!(f, "address {a:?} needs a port"),
+            Self::EmptyAddressList => f.write_str("address list is empty or has an empty element"),
+            Self::InvalidAddress(a) => write!(f, "invalid address {a:?}"),
+            Self::InvalidDnsServer(s) => write!(f, "invalid DNS server {s:?} (expected ip[:port])"),
+            Self::UnexpectedPart(p) => write!(f, "unexpected {p:?} in target"),
+        }
+    }
+}
+
+impl std::error::Error for TargetError {}
+
+impl Target {
+    /// Parses a target string; see the [module docs](self) for the grammar.
+    pub fn parse(target: &str) -> Result<Self, TargetError> {
+        let source = target.trim();
+        if source.is_empty() {
+            return Err(TargetError::Empty);
+        }
+        let (kind, tls) = parse_kind(source)?;
+        Ok(Self {
+            source: source.to_owned(),
+            kind,
+            tls,
+        })
+    }
+
+    /// How the addresses are found.
+    pub fn kind(&self) -> &TargetKind {
+        &self.kind
+    }
+
+    /// The target as written.
+    pub fn as_str(&self) -> &str {
+        &self.source
+    }
+
+    /// Whether the target asked for TLS (`https://`).
+    pub fn is_tls(&self) -> bool {
+        self.tls
+    }
+
+    /// The `:authority` requests carry by default: `host:port` for DNS targets, the first
+    /// address for static lists.
+    pub fn authority(&self) -> String {
+        match &self.kind {
+            TargetKind::Dns { host, port, .. } => {
+                if host.contains(':') {
+                    format!("[{host}]:{port}")
+                } else {
+                    format!("{host}:{port}")
+                }
+            }
+            TargetKind::Static(addrs) => addrs[0].to_string(),
+        }
+    }
+}
+
+impl FromStr for Target {
+    type Err = TargetError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::parse(s)
+    }
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.source)
+    }
+}
+
+fn parse_kind(s: &str) -> Result<(TargetKind, bool), TargetError> {
+    let Some((scheme, rest)) = split_scheme(s) else {
+        // No scheme: `host:port` or `host` means DNS.
+        return Ok((parse_dns_host_port(None, s, DEFAULT_GRPC_PORT)?, false));
+    };
+    match scheme.to_ascii_lowercase().as_str() {
+        "dns" => {
+            // dns:[//authority/]host[:port]
+            let (server, host_port) = match rest.strip_prefix("//") {
+                Some(after) => {
+                    let (authority, path) =
+                        after.split_once('/').ok_or(TargetError::MissingHost)?;
+                    let server = if authority.is_empty() {
+                        None
+                    } else {
+                        Some(parse_dns_server(authority)?)
+                    };
+                    (server, path)
+                }
+                None => (None, rest),
+            };
+            Ok((
+                parse_dns_host_port(server, host_port, DEFAULT_GRPC_PORT)?,
+                false,
+            ))
+        }
+        "http" | "https" => {
+            let tls = scheme.eq_ignore_ascii_case("https");
+            let after = rest
+                .strip_prefix("//")
+                .ok_or_else(|| TargetError::UnexpectedPart(rest.to_owned()))?;
+            let (authority, path) = match after.find(['/', '?', '#']) {
+                Some(i) => after.split_at(i),
+                None => (after, ""),
+            };
+            if !(path.is_empty() || path == "/") {
+                return Err(TargetError::UnexpectedPart(path.to_owned()));
+            }
+            let default_port = if tls { 443 } else { 80 };
+            Ok((parse_dns_host_port(None, authority, default_port)?, tls))
+        }
+        "static" => {
+            let list = rest
+                .strip_prefix("///")
+                .or_else(|| rest.strip_prefix("//"))
+                .unwrap_or(rest);
+            let addrs = parse_list(list, None, parse_ip_host)?;
+            Ok((TargetKind::Static(addrs), false))
+        }
+        "ipv4" => {
+            let addrs = parse_list(rest, Some(DEFAULT_GRPC_PORT), |host| {
+                host.parse::<Ipv4Addr>()
+                    .map(IpAddr::V4)
+                    .map_err(|_| TargetError::InvalidAddress(host.to_owned()))
+            })?;
+            Ok((TargetKind::Static(addrs), false))
+        }
+        "ipv6" => {
+            let addrs = parse_list(rest, Some(DEFAULT_GRPC_PORT), |host| {
+                let inner = host
+                    .strip_prefix('[')
+                    .and_then(|h| h.strip_suffix(']'))
+                    .unwrap_or(host);
+                inner
+                    .parse::<Ipv6Addr>()
+                    .map(IpAddr::V6)
+                    .map_err(|_| TargetError::InvalidAddress(host.to_owned()))
+            })?;
+            Ok((TargetKind::Static(addrs), false))
+        }
+        other => Err(TargetError::UnknownScheme(other.to_owned())),
+    }
+}
+
+/// Splits `scheme:rest` when `s` starts with a URI scheme. `host:port` is not a scheme: a
+/// scheme is followed by `//`, or is one of gRPC's schemes that take an opaque part.
+fn split_scheme(s: &str) -> Option<(&str, &str)> {
+    let (scheme, rest) = s.split_once(':')?;
+    let valid = !scheme.is_empty()
+        && scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+        && scheme
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'));
+    if !valid {
+        return None;
+    }
+    let opaque = matches!(
+        scheme.to_ascii_lowercase().as_str(),
+        "dns" | "ipv4" | "ipv6" | "static" | "http" | "https"
+    );
+    if rest.starts_with("//") || opaque {
+        Some((scheme, rest))
+    } else {
+        None
+    }
+}
+
+/// Splits `host[:port]` (with `[v6]:port`), returning the host without brackets.
+fn split_host_port(s: &str) -> Result<(&str, Option<&str>), TargetError> {
+    if let Some(after) = s.strip_prefix('[') {
+        let (host, rest) = after
+            .split_once(']')
+            .ok_or_else(|| TargetError::InvalidIpv6(s.to_owned()))?;
+        if host.parse::<Ipv6Addr>().is_err() {
+            return Err(TargetError::InvalidIpv6(s.to_owned()));
+        }
+        return match rest {
+            "" => Ok((host, None)),
+            _ => match rest.strip_prefix(':') {
+                Some(port) => Ok((host, Some(port))),
+                None => Err(TargetError::UnexpectedPart(rest.to_owned())),
+            },
+        };
+    }
+    match s.matches(':').count() {
+        0 => Ok((s, None)),
+        1 => {
+            let (host, port) = s.split_once(':').expect("one colon");
+            Ok((host, Some(port)))
+        }
+        _ => Err(TargetError::InvalidIpv6(s.to_owned())),
+    }
+}
+
+fn parse_port(port: &str) -> Result<u16, TargetError> {
+    match port.parse::<u16>() {
+        Ok(p) if p != 0 && port.bytes().all(|b| b.is_ascii_digit()) => Ok(p),
+        _ => Err(TargetError::InvalidPort(port.to_owned())),
+    }
+}
+
+fn parse_dns_server(authority: &str) -> Result<SocketAddr, TargetError> {
+    let bad = || TargetError::InvalidDnsServer(authority.to_owned());
+    let (host, port) = split_host_port(authority).map_err(|_| bad())?;
+    let ip: IpAddr = host.parse().map_err(|_| bad())?;
+    let port = match port {
+        Some(p) => parse_port(p).map_err(|_| bad())?,
+        None => DEFAULT_DNS_SERVER_PORT,
+    };
+    Ok(SocketAddr::new(ip, port))
+}
+
+fn parse_dns_host_port(
+    server: Option<SocketAddr>,
+    s: &str,
+    default_port: u16,
+) -> Result<TargetKind, TargetError> {
+    if s.is_empty() {
+        return Err(TargetError::MissingHost);
+    }
+    if let Some(i) = s.find(['/', '?', '#', '@']) {
+        return Err(TargetError::UnexpectedPart(s[i..].to_owned()));
+    }
+    let (host, port) = split_host_port(s)?;
+    if host.is_empty() {
+        return Err(TargetError::MissingHost);
+    }
+    let port = match port {
+        Some(p) => parse_port(p)?,
+        None => default_port,
+    };
+    if host.parse::<IpAddr>().is_err() {
+        validate_dns_name(host)?;
+    }
+    Ok(TargetKind::Dns {
+        server,
+        host: host.to_owned(),
+        port,
+    })
+}
+
+fn validate_dns_name(host: &str) -> Result<(), TargetError> {
+    let name = host.strip_suffix('.').unwrap_or(host);
+    let bad = || TargetError::InvalidHost(host.to_owned());
+    if name.is_empty() || name.len() > 253 {
+        return Err(bad());
+    }
+    for label in name.split('.') {
+        let ok = !label.is_empty()
+            && label.len() <= 63
+            && !label.starts_with('-')
+            && !label.ends_with('-')
+            && label
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        if !ok {
+            return Err(bad());
+        }
+    }
+    Ok(())
+}
+
+fn parse_ip_host(host: &str) -> Result<IpAddr, TargetError> {
+    host.parse::<IpAddr>()
+        .map_err(|_| TargetError::InvalidAddress(host.to_owned()))
+}
+
+fn parse_list(
+    list: &str,
+    default_port: Option<u16>,
+    parse_host: impl Fn(&str) -> Result<IpAddr, TargetError>,
+) -> Result<Vec<SocketAddr>, TargetError> {
+    if list.trim().is_empty() {
+        return Err(TargetError::EmptyAddressList);
+    }
+    let mut addrs = Vec::new();
+    for item in list.split(',') {
+        let item = item.trim();
+        if item.is_empty() {
+            return Err(TargetError::EmptyAddressList);
+        }
+        let (host, port) = split_host_port(item)?;
+        let ip = parse_host(host)?;
+        let port = match (port, default_port) {
+            (Some(p), _) => parse_port(p)?,
+            (None, Some(d)) => d,
+            (None, None) => return Err(TargetError::MissingPort(item.to_owned())),
+        };
+        let addr = SocketAddr::new(ip, port);
+        // A duplicate would be one endpoint; keep the first.
+        if !addrs.contains(&addr) {
+            addrs.push(addr);
+        }
+    }
+    Ok(addrs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sa(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn valid_targets() {
+        let cases: Vec<(&str, TargetKind, bool)> = vec![
+            (
+                "static:///127.0.0.2:50051,127.0.0.3:50051",
+                TargetKind::Static(vec![sa("127.0.0.2:50051"), sa("127.0.0.3:50051")]),
+                false,
+            ),
+            (
+                "static:///[::1]:50051,127.0.0.1:1",
+                TargetKind::Static(vec![sa("[::1]:50051"), sa("127.0.0.1:1")]),
+                false,
+            ),
+            (
+                "ipv4:127.0.0.1,127.0.0.2:9",
+                TargetKind::Static(vec![sa("127.0.0.1:443"), sa("127.0.0.2:9")]),
+                false,
+            ),
+            (
+                "ipv6:[::1]:7",
+                TargetKind::Static(vec![sa("[::1]:7")]),
+                false,
+            ),
+            (
+                "localhost:50051",
+                TargetKind::Dns {
+                    server: None,
+                    host: "localhost".into(),
+                    port: 50051,
+                },
+                false,
+            ),
+            (
+                "svc.ns.svc.cluster.local",
+                TargetKind::Dns {
+                    server: None,
+                    host: "svc.ns.svc.cluster.local".into(),
+                    port: 443,
+                },
+                false,
+            ),
+            (
+                "dns:///svc.ns.svc.cluster.local:50051",
+                TargetKind::Dns {
+                    server: None,
+                    host: "svc.ns.svc.cluster.local".into(),
+                    port: 50051,
+                },
+                false,
+            ),
+            (
+                "dns:svc:1",
+                TargetKind::Dns {
+                    server: None,
+                    host: "svc".into(),
+                    port: 1,
+                },
+                false,
+            ),
+            (
+                "dns://127.0.0.1:5353/svc:1",
+                TargetKind::Dns {
+                    server: Some(sa("127.0.0.1:5353")),
+                    host: "svc".into(),
+                    port: 1,
+                },
+                false,
+            ),
+            (
+                "dns://127.0.0.1/svc:1",
+                TargetKind::Dns {
+                    server: Some(sa("127.0.0.1:53")),
+                    host: "svc".into(),
+                    port: 1,
+                },
+                false,
+            ),
+            (
+                "http://127.0.0.1:8080",
+                TargetKind::Dns {
+                    server: None,
+                    host: "127.0.0.1".into(),
+                    port: 8080,
+                },
+                false,
+            ),
+            (
+                "https://example.test/",
+                TargetKind::Dns {
+                    server: None,
+                    host: "example.test".into(),
+                    port: 443,
+                },
+                true,
+            ),
+            (
+                "http://[::1]",
+                TargetKind::Dns {
+                    server: None,
+                    host: "::1".into(),
+                    port: 80,
+                },
+                false,
+            ),
+        ];
+        for (input, kind, tls) in cases {
+            let t = Target::parse(input).unwrap_or_else(|e| panic!("{input}: {e}"));
+            assert_eq!(t.kind(), &kind, "{input}");
+            assert_eq!(t.is_tls(), tls, "{input}");
+        }
+    }
+
+    /// Every malformed target maps to the error that names its problem.
+    #[test]
+    fn malformed_targets() {
+        use TargetError::*;
+        let cases: Vec<(&str, TargetError)> = vec![
+            ("", Empty),
+            ("   ", Empty),
+            ("ftp://host:1", UnknownScheme("ftp".into())),
+            ("unix:///tmp/sock", UnknownScheme("unix".into())),
+            ("dns:///:50051", MissingHost),
+            ("dns://", MissingHost),
+            ("dns:///", MissingHost),
+            ("host:0", InvalidPort("0".into())),
+            ("host:65536", InvalidPort("65536".into())),
+            ("host:http", InvalidPort("http".into())),
+            ("host:", InvalidPort("".into())),
+            ("host:+1", InvalidPort("+1".into())),
+            ("bad_host!:1", InvalidHost("bad_host!".into())),
+            ("-bad.example:1", InvalidHost("-bad.example".into())),
+            ("a..b:1", InvalidHost("a..b".into())),
+            ("::1:50051", InvalidIpv6("::1:50051".into())),
+            ("[::1:50051", InvalidIpv6("[::1:50051".into())),
+            ("[zz::1]:1", InvalidIpv6("[zz::1]:1".into())),
+            ("[::1]x", UnexpectedPart("x".into())),
+            ("static:///", EmptyAddressList),
+            ("static:///127.0.0.1:1,", EmptyAddressList),
+            ("static:///127.0.0.1", MissingPort("127.0.0.1".into())),
+            ("static:///localhost:1", InvalidAddress("localhost".into())),
+            ("ipv4:[::1]:1", InvalidAddress("::1".into())),
+            ("ipv6:127.0.0.1:1", InvalidAddress("127.0.0.1".into())),
+            ("ipv4:", EmptyAddressList),
+            (
+                "dns://not-an-ip/svc:1",
+                InvalidDnsServer("not-an-ip".into()),
+            ),
+            (
+                "dns://127.0.0.1:0/svc:1",
+                InvalidDnsServer("127.0.0.1:0".into()),
+            ),
+            ("http://host:1/path", UnexpectedPart("/path".into())),
+            ("http:host:1", UnexpectedPart("host:1".into())),
+            ("http://user@host:1", UnexpectedPart("@host:1".into())),
+            ("http://", MissingHost),
+        ];
+        for (input, expected) in cases {
+            assert_eq!(Target::parse(input), Err(expected.clone()), "{input:?}");
+            // Every error renders to a message that names the offending part.
+            let msg = expected.to_string();
+            assert!(!msg.is_empty());
+        }
+    }
+
+    #[test]
+    fn authority_is_host_and_port() {
+        assert_eq!(Target::parse("svc:1").unwrap().authority(), "svc:1");
+        assert_eq!(
+            Target::parse("http://[::1]:5").unwrap().authority(),
+            "[::1]:5"
+        );
+        assert_eq!(
+            Target::parse("static:///127.0.0.2:9,127.0.0.3:9")
+                .unwrap()
+                .authority(),
+            "127.0.0.2:9"
+        );
+    }
+
+    #[test]
+    fn duplicates_in_a_list_collapse() {
+        let t = Target::parse("static:///127.0.0.1:1,127.0.0.1:1").unwrap();
+        assert_eq!(t.kind(), &TargetKind::Static(vec![sa("127.0.0.1:1")]));
+    }
+}

@@ -1,0 +1,278 @@
+//! The worker: the one background task of a pool.
+//!
+//! It owns resolution, the map from addresses to connection slots, and the slots' tasks:
+//!
+//! - it resolves the target when the pool leaves Idle, then again when the answer's TTL
+//!   (clamped to the configured floor and ceiling) runs out, and early when a connection is
+//!   lost — but never more often than the minimum re-resolution interval;
+//! - it applies each new address set: slots for new addresses start connecting, addresses
+//!   still listed keep their connections, removed ones drain (no new calls; calls in flight
+//!   finish, bounded by the drain timeout);
+//! - a failed or empty answer keeps the last good set and is retried with backoff; the pool
+//!   is TransientFailure only if no good answer ever came.
+//!
+//! It ends as soon as the last [`Pool`](crate::Pool) handle is dropped (its command channel
+//! closes) or [`Pool::close`](crate::Pool::close) asks — checked first in every turn, not at
+//! the next timer — and takes every slot task with it.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use crate::backoff::{Backoff, FastRng};
+use crate::connector::Connect;
+use crate::error::Error;
+use crate::registry::Shared;
+use crate::resolve::{Resolution, Resolve, ResolveError};
+use crate::state::{wait_until, ConnectivityState};
+use crate::subchannel::{self, Control};
+
+/// What pool handles ask of the worker.
+#[derive(Debug)]
+pub(crate) enum Command {
+    /// Stop every connection and end; answer with every failure seen.
+    Close(oneshot::Sender<Vec<Error>>),
+}
+
+/// One connection slot as the worker tracks it.
+#[derive(Debug)]
+struct Slot {
+    control: watch::Sender<Control>,
+}
+
+#[derive(Debug)]
+pub(crate) struct Worker {
+    shared: Arc<Shared>,
+    connector: Arc<dyn Connect>,
+    resolver: Arc<dyn Resolve>,
+    commands: mpsc::UnboundedReceiver<Command>,
+    /// Active addresses and their slots.
+    endpoints: HashMap<SocketAddr, Vec<Slot>>,
+    /// Slots of removed addresses, still finishing their calls.
+    draining: Vec<Slot>,
+    tasks: JoinSet<()>,
+    rng: FastRng,
+    failures: Vec<Error>,
+    ever_resolved: bool,
+    last_resolution: Option<Instant>,
+}
+
+impl Worker {
+    pub(crate) fn new(
+        shared: Arc<Shared>,
+        connector: Arc<dyn Connect>,
+        resolver: Arc<dyn Resolve>,
+        commands: mpsc::UnboundedReceiver<Command>,
+    ) -> Self {
+        Self {
+            shared,
+            connector,
+            resolver,
+            commands,
+            endpoints: HashMap::new(),
+            draining: Vec::new(),
+            tasks: JoinSet::new(),
+            rng: FastRng::new(FastRng::random_seed()),
+            failures: Vec::new(),
+            ever_resolved: false,
+            last_resolution: None,
+        }
+    }
+
+    pub(crate) async fn run(mut self) {
+        let shared = self.shared.clone();
+        let config = &shared.config;
+        if !config.connect_lazily {
+            shared.request_connect();
+        }
+        let mut connect_rx = shared.subscribe_connect();
+        // Idle until asked to connect.
+        tokio::select! {
+            biased;
+            cmd = self.commands.recv() => {
+                return self.shutdown(cmd.map(|Command::Close(r)| r)).await;
+            }
+            _ = wait_until(&mut connect_rx, |requested| *requested) => {}
+        }
+        let reply;
+        shared.set_no_endpoints_state(ConnectivityState::Connecting, "resolving");
+
+        let mut resolve_backoff = Backoff::new(config.backoff.clone(), self.rng.next_u64());
+        // Resolve at once; afterwards this holds when to resolve next.
+        let mut next_resolution = Some(Instant::now());
+        loop {
+            let sleep = async {
+                match next_resolution {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                biased;
+                cmd = self.commands.recv() => {
+                    // `None`: the last pool handle is gone.
+                    reply = cmd.map(|Command::Close(r)| r);
+                    break;
+                }
+                Some(joined) = self.tasks.join_next(), if !self.tasks.is_empty() => {
+                    if let Err(e) = joined {
+                        if e.is_panic() {
+                            tracing::error!(target = %shared.target, "connection task panicked");
+                            self.failures.push(Error::close_failure(format!("connection task panicked: {e}")));
+                        }
+                    }
+                    self.draining.retain(|s| !s.control.is_closed());
+                }
+                _ = shared.reresolve_requested() => {
+                    if self.is_dynamic() {
+                        let earliest = self.last_resolution.map_or_else(Instant::now, |t| t + config.min_reresolve_interval);
+                        let at = earliest.max(Instant::now());
+                        if next_resolution.is_none_or(|n| at < n) {
+                            tracing::debug!(target = %shared.target, "re-resolution requested");
+                            next_resolution = Some(at);
+                        }
+                    }
+                }
+                _ = sleep => {
+                    self.last_resolution = Some(Instant::now());
+                    let answer = self.resolver.resolve(&shared.target).await;
+                    next_resolution = self.on_resolution(answer, &mut resolve_backoff);
+                }
+            }
+        }
+        self.shutdown(reply).await
+    }
+
+    /// Whether the target can change over time (literal addresses cannot).
+    fn is_dynamic(&self) -> bool {
+        crate::resolve::StaticResolver::literal(&self.shared.target).is_none()
+    }
+
+    /// Applies a resolution; returns when to resolve next.
+    fn on_resolution(
+        &mut self,
+        answer: Result<Resolution, ResolveError>,
+        backoff: &mut Backoff,
+    ) -> Option<Instant> {
+        let shared = self.shared.clone();
+        let config = &shared.config;
+        let answer = answer.and_then(|r| {
+            if r.addresses.is_empty() {
+                Err(ResolveError::new("resolver returned no addresses"))
+            } else {
+                Ok(r)
+            }
+        });
+        match answer {
+            Ok(resolution) => {
+                backoff.reset();
+                self.ever_resolved = true;
+                self.apply(&resolution.addresses);
+                if !self.is_dynamic() {
+                    return None;
+                }
+                let ttl = resolution
+                    .ttl
+                    .unwrap_or(config.resolve_ttl_ceiling)
+                    .clamp(config.resolve_ttl_floor, config.resolve_ttl_ceiling);
+                Some(Instant::now() + ttl)
+            }
+            Err(e) => {
+                let reason = format!("resolution of {} failed: {e}", shared.target);
+                shared.record_resolve_error(&reason);
+                if self.ever_resolved {
+                    tracing::warn!(target = %shared.target, error = %e, "resolution failed; keeping the last good addresses");
+                } else {
+                    tracing::warn!(target = %shared.target, error = %e, "resolution failed; no addresses yet");
+                    shared.set_no_endpoints_state(ConnectivityState::TransientFailure, &reason);
+                }
+                Some(Instant::now() + backoff.next_delay())
+            }
+        }
+    }
+
+    /// Makes the slots match the address set.
+    fn apply(&mut self, addresses: &[SocketAddr]) {
+        let shared = self.shared.clone();
+        let removed: Vec<SocketAddr> = self
+            .endpoints
+            .keys()
+            .filter(|a| !addresses.contains(a))
+            .copied()
+            .collect();
+        for addr in removed {
+            tracing::info!(target = %shared.target, %addr, "address removed; draining");
+            shared.set_draining(addr);
+            for slot in self.endpoints.remove(&addr).unwrap_or_default() {
+                slot.control.send_replace(Control::Drain);
+                self.draining.push(slot);
+            }
+        }
+        for &addr in addresses {
+            if self.endpoints.contains_key(&addr) {
+                continue;
+            }
+            let n = shared.config.connections_for(addr);
+            tracing::info!(target = %shared.target, %addr, connections = n, "address added");
+            let slots = (0..n).map(|_| self.spawn_slot(addr)).collect();
+            self.endpoints.insert(addr, slots);
+        }
+    }
+
+    fn spawn_slot(&mut self, addr: SocketAddr) -> Slot {
+        let (id, stats) = self.shared.add_connection(addr);
+        let (control, control_rx) = watch::channel(Control::Run);
+        self.tasks.spawn(subchannel::run(
+            self.shared.clone(),
+            id,
+            addr,
+            stats,
+            self.connector.clone(),
+            control_rx,
+            self.rng.next_u64(),
+        ));
+        Slot { control }
+    }
+
+    /// Stops every slot, waits for their tasks, marks the pool Shutdown and answers `close()`.
+    async fn shutdown(mut self, reply: Option<oneshot::Sender<Vec<Error>>>) {
+        let shared = self.shared.clone();
+        shared.shut_down(if reply.is_some() {
+            "pool closed"
+        } else {
+            "last pool handle dropped"
+        });
+        for slot in self.endpoints.values().flatten().chain(&self.draining) {
+            slot.control.send_replace(Control::Shutdown);
+        }
+        // Slot tasks end at their next poll once told; bound the wait all the same.
+        let joined = tokio::time::timeout(Duration::from_secs(10), async {
+            while let Some(joined) = self.tasks.join_next().await {
+                if let Err(e) = joined {
+                    if e.is_panic() {
+                        self.failures.push(Error::close_failure(format!(
+                            "connection task panicked: {e}"
+                        )));
+                    }
+                }
+            }
+        })
+        .await;
+        if joined.is_err() {
+            self.failures.push(Error::close_failure(format!(
+                "{} connection task(s) did not stop within 10s and were aborted",
+                self.tasks.len()
+            )));
+            self.tasks.abort_all();
+        }
+        tracing::debug!(target = %shared.target, "worker stopped");
+        if let Some(reply) = reply {
+            let _ = reply.send(std::mem::take(&mut self.failures));
+        }
+    }
+}

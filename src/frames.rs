@@ -11,7 +11,11 @@
 
 use std::io;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+
+use parking_lot::Mutex;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::watch;
@@ -135,24 +139,61 @@ impl FrameParser {
     }
 }
 
-/// The I/O wrapper: reads pass through the [`FrameParser`], signals go out through a watch.
+/// Closes a connection from outside, even while hyper's connection task still serves calls.
+///
+/// hyper keeps an HTTP/2 connection alive until its last stream ends, which is what lets calls
+/// finish after a GOAWAY. When the pool must cut calls (close timeout, drain timeout, pool
+/// dropped), it kills the byte stream instead: every read and write fails from then on, h2
+/// fails the connection, and each call on it ends with an error.
+#[derive(Debug, Default)]
+pub(crate) struct KillSwitch {
+    killed: AtomicBool,
+    reader: Mutex<Option<Waker>>,
+}
+
+impl KillSwitch {
+    pub(crate) fn kill(&self) {
+        self.killed.store(true, Ordering::Release);
+        if let Some(waker) = self.reader.lock().take() {
+            waker.wake();
+        }
+    }
+
+    fn check(&self) -> io::Result<()> {
+        if self.killed.load(Ordering::Acquire) {
+            Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "connection closed by the pool",
+            ))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// The I/O wrapper: reads pass through the [`FrameParser`], signals go out through a watch,
+/// and a [`KillSwitch`] can end it.
 #[derive(Debug)]
 pub(crate) struct FrameWatch<T> {
     io: T,
     parser: FrameParser,
     signals: watch::Sender<FrameSignals>,
+    kill: Arc<KillSwitch>,
 }
 
 impl<T> FrameWatch<T> {
-    pub(crate) fn new(io: T) -> (Self, watch::Receiver<FrameSignals>) {
+    pub(crate) fn new(io: T) -> (Self, watch::Receiver<FrameSignals>, Arc<KillSwitch>) {
         let (tx, rx) = watch::channel(FrameSignals::default());
+        let kill = Arc::new(KillSwitch::default());
         (
             Self {
                 io,
                 parser: FrameParser::default(),
                 signals: tx,
+                kill: kill.clone(),
             },
             rx,
+            kill,
         )
     }
 }
@@ -164,6 +205,14 @@ impl<T: AsyncRead + Unpin> AsyncRead for FrameWatch<T> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        this.kill.check()?;
+        {
+            // Remember who reads, so that kill() can wake a read parked on the socket.
+            let mut reader = this.kill.reader.lock();
+            if !reader.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                *reader = Some(cx.waker().clone());
+            }
+        }
         let before = buf.filled().len();
         let res = Pin::new(&mut this.io).poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = res {
@@ -183,6 +232,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for FrameWatch<T> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        self.kill.check()?;
         Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
     }
 
@@ -199,6 +249,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for FrameWatch<T> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        self.kill.check()?;
         Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
     }
 

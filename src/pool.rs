@@ -155,7 +155,8 @@ impl Pool {
     }
 
     /// Waits until `condition` holds for the pool's snapshot, for at most `timeout`; returns
-    /// whether it did. It re-checks on every state change, never by polling a clock.
+    /// whether it did. It re-checks on every change of a state, an endpoint or a connection,
+    /// never by polling a clock (counters such as calls in flight do not wake it on their own).
     pub async fn wait_until<F>(&self, timeout: Duration, mut condition: F) -> bool
     where
         F: FnMut(&PoolSnapshot) -> bool,

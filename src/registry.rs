@@ -264,9 +264,16 @@ impl Shared {
         let id = reg.next_id;
         reg.next_id += 1;
         let stats = Arc::new(ConnStats::new(self.in_flight.clone()));
+        // Slots are only added once the pool was asked to connect; starting them as
+        // Connecting keeps the aggregate from flapping back to Idle.
+        let initial = if *self.connect_tx.borrow() {
+            ConnectivityState::Connecting
+        } else {
+            ConnectivityState::Idle
+        };
         let conn = ConnEntry {
             id,
-            state: ConnectivityState::Idle,
+            state: initial,
             failed: false,
             ready: None,
             stats: stats.clone(),
@@ -281,7 +288,7 @@ impl Shared {
             None => reg.endpoints.push(EndpointEntry {
                 addr,
                 draining: false,
-                state: ConnectivityState::Idle,
+                state: initial,
                 conns: vec![conn],
             }),
         }

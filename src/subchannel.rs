@@ -31,7 +31,7 @@ use tokio::sync::{watch, Notify};
 use crate::backoff::Backoff;
 use crate::connector::{BoxedIo, Connect, Destination};
 use crate::error::BoxError;
-use crate::frames::{FrameSignals, FrameWatch};
+use crate::frames::{FrameSignals, FrameWatch, KillSwitch};
 use crate::picker::Pickable;
 use crate::registry::{InFlight, Shared};
 use crate::state::{wait_until, ConnectivityState};
@@ -200,7 +200,7 @@ pub(crate) async fn run(
             _ = wait_until(&mut control, |c| *c != Control::Run) => return finish(&shared, id, "closed while connecting"),
             r = attempt => r,
         };
-        let (send, mut driver, signals) = match result {
+        let (send, mut driver, signals, kill) = match result {
             Ok(Ok(connected)) => connected,
             Ok(Err(e)) => {
                 let reason = format!("connect error: {}", error_chain(&*e));
@@ -305,6 +305,9 @@ pub(crate) async fn run(
                 );
             }
             ServeEnd::Shutdown => {
+                // close() already gave calls in flight their time (or the last handle was
+                // dropped): whatever still runs is cut, so that no connection outlives the pool.
+                kill.kill();
                 drop(ready);
                 drop(driver);
                 return finish(&shared, id, "pool closed");
@@ -347,11 +350,12 @@ async fn connect(
         http2::SendRequest<tonic::body::Body>,
         Driver,
         watch::Receiver<FrameSignals>,
+        Arc<KillSwitch>,
     ),
     BoxError,
 > {
     let io = connector.connect(dst).await?;
-    let (io, signals) = FrameWatch::new(io);
+    let (io, signals, kill) = FrameWatch::new(io);
     let config = &shared.config;
     let mut builder = http2::Builder::new(TokioExecutor::new());
     builder
@@ -372,7 +376,7 @@ async fn connect(
         seen = wait_until(&mut settings_rx, |s| s.settings) => seen,
     };
     match settings {
-        Some(_) => Ok((send, driver, signals)),
+        Some(_) => Ok((send, driver, signals, kill)),
         None => Err("connection closed before the server's SETTINGS".into()),
     }
 }

@@ -6,6 +6,7 @@
 //! [`StaticResolver`] for address lists and IP literals, and [`SystemResolver`], the operating
 //! system's resolver (`getaddrinfo` through tokio), used for host names.
 
+mod dns;
 mod fixed;
 mod system;
 
@@ -15,6 +16,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::time::Duration;
 
+pub use dns::DnsResolver;
 pub use fixed::StaticResolver;
 pub use system::SystemResolver;
 

@@ -20,6 +20,8 @@ pub mod echo {
     include!("proto/echo.rs");
 }
 
+pub mod proxy;
 pub mod server;
 
 pub use server::{loopback, ServerOptions, TestServer};
+pub mod common;

@@ -1,0 +1,388 @@
+//! A DNS resolver that reports record TTLs, built on [hickory-resolver](hickory_resolver).
+//!
+//! [`DnsResolver`] asks DNS servers directly (UDP, with TCP when an answer is truncated) for
+//! the A and AAAA records of a target's host, and returns the addresses together with the
+//! records' TTL, so the pool can re-resolve when the answer expires.
+//!
+//! # Choices
+//!
+//! - **No cache.** Every [`resolve`](Resolve::resolve) sends fresh queries: hickory's response
+//!   cache is sized 0, which turns it off entirely. The pool decides *when* to ask (at start, on
+//!   connection loss, when the TTL runs out, periodically); a cache below it would hand back
+//!   the answer the pool is trying to replace. Positive and negative answers alike are never
+//!   remembered, so a record that changes or reappears is seen on the next call.
+//! - **TTL reporting.** [`Resolution::ttl`] is the smallest TTL among the answer records (A,
+//!   AAAA and any CNAME on the way), exactly as the server sent it: with the cache off the
+//!   records are fresh, and the value is read from the records rather than from hickory's
+//!   `valid_until` instant, which would lose a fraction of a second to the clock.
+//! - **A and AAAA.** Both are asked in parallel; IPv4 addresses come first. A name with only
+//!   one family resolves to that family; an answer with no address at all is an error.
+//! - **One try, bounded time.** Each query is sent once (hickory's `attempts`, which counts
+//!   *retries*, is 0): the pool has its own backoff. The whole `resolve`, including both
+//!   queries and any search-list names, is bounded by [`DnsResolver::timeout`] (5 s by
+//!   default), which is also hickory's per-query timeout.
+//! - **Names.** A host written with a final dot (`svc.example.test.`) is looked up exactly as
+//!   written. Other names follow the system configuration's `search` list and `ndots`, as the
+//!   C library does, with [`DnsResolver::system`]; resolvers pointed at an explicit server
+//!   ([`DnsResolver::with_server`], `dns://server/…` targets) have no search list, so every name
+//!   is looked up as written. The hosts file is not consulted (hickory would read it once and
+//!   never again); use [`SystemResolver`](super::SystemResolver) for names that live there.
+//!   `localhost` is answered locally by hickory (RFC 6761), without a query.
+//! - **Per-authority resolvers.** A target that names its DNS server (`dns://10.0.0.53/svc:443`)
+//!   is resolved by a resolver pointed at exactly that server, built at its first use and kept
+//!   for the next calls (one per distinct server), with the same settings.
+//! - **Literals.** IP-literal hosts and static lists are answered without a query, with no TTL.
+//!
+//! # Errors
+//!
+//! Every failure is a [`ResolveError`] whose message names the host (and the server, when
+//! known) and the kind of failure: `no such host` (NXDOMAIN), `resolver returned no addresses
+//! for host` (NOERROR with no A/AAAA records), `DNS server answered SERVFAIL` (or another
+//! response code), `timed out`, or an I/O error (with the cause as the error's source).
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hickory_resolver::config::{
+    LookupIpStrategy, NameServerConfig, ResolveHosts, ResolverConfig, ResolverOpts,
+};
+use hickory_resolver::net::runtime::TokioRuntimeProvider;
+use hickory_resolver::net::{DnsError, NetError};
+use hickory_resolver::proto::op::ResponseCode;
+use hickory_resolver::proto::rr::RecordType;
+use hickory_resolver::TokioResolver;
+use parking_lot::Mutex;
+
+use super::{BoxFuture, Resolution, Resolve, ResolveError};
+use crate::resolve::StaticResolver;
+use crate::target::{Target, TargetKind};
+
+/// The default bound on one resolution.
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Resolves host names with DNS, reporting the answer's TTL; see the [module docs](self).
+///
+/// Cloning is cheap; clones share the resolvers built for `dns://server/…` targets.
+#[derive(Clone)]
+pub struct DnsResolver {
+    /// Where the default resolver's configuration came from.
+    source: Source,
+    /// The resolver for targets that name no DNS server (or why it could not be built).
+    resolver: Result<TokioResolver, Arc<str>>,
+    /// Bound on one `resolve`; also hickory's per-query timeout for the resolvers built here.
+    timeout: Duration,
+    /// Resolvers for targets that name their DNS server, built at first use.
+    authorities: Arc<Mutex<HashMap<SocketAddr, TokioResolver>>>,
+}
+
+/// Where a [`DnsResolver`]'s default resolver comes from.
+#[derive(Clone)]
+enum Source {
+    /// The system configuration (`/etc/resolv.conf`), as read at construction.
+    System(ResolverConfig, ResolverOpts),
+    /// One server.
+    Server(SocketAddr),
+    /// A resolver configured by the caller.
+    Custom,
+}
+
+impl DnsResolver {
+    /// A resolver that asks the system's DNS servers (`/etc/resolv.conf` on Unix, with its
+    /// `search`, `domain` and `ndots` settings).
+    ///
+    /// Fails, without panicking, if the system configuration cannot be read or names no
+    /// server.
+    pub fn system() -> Result<Self, ResolveError> {
+        let (config, opts) = hickory_resolver::system_conf::read_system_conf().map_err(|e| {
+            ResolveError::with_source("cannot read the system DNS configuration", e)
+        })?;
+        Ok(Self::build(Source::System(config, opts), DEFAULT_TIMEOUT))
+    }
+
+    /// A resolver that asks exactly the DNS server at `addr`, over UDP (TCP when an answer is
+    /// truncated), with no search list.
+    pub fn with_server(addr: SocketAddr) -> Self {
+        Self::build(Source::Server(addr), DEFAULT_TIMEOUT)
+    }
+
+    /// A resolver that uses `resolver`, configured by the caller, for targets that name no DNS
+    /// server.
+    ///
+    /// Its settings are used as they are, cache included: give it `cache_size = 0` so that
+    /// every `resolve` reaches the server. Each `resolve` is still bounded by
+    /// [`timeout`](Self::timeout). Targets that name their server (`dns://server/…`) get a
+    /// resolver built here, with this type's defaults.
+    pub fn from_resolver(resolver: TokioResolver) -> Self {
+        Self {
+            source: Source::Custom,
+            resolver: Ok(resolver),
+            timeout: DEFAULT_TIMEOUT,
+            authorities: Arc::default(),
+        }
+    }
+
+    /// Sets the bound on one resolution (5 s by default): past it, `resolve` fails with a
+    /// timeout error. For the resolvers built here it is also the per-query timeout.
+    ///
+    /// Resolvers already built for `dns://server/…` targets are dropped and built again with
+    /// the new timeout.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self.authorities = Arc::default();
+        if let Some(resolver) = self.source.build(timeout) {
+            self.resolver = resolver;
+        }
+        self
+    }
+
+    /// The bound on one resolution.
+    pub fn lookup_timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    fn build(source: Source, timeout: Duration) -> Self {
+        let resolver = match source.build(timeout) {
+            Some(resolver) => resolver,
+            None => Err(Arc::from("no DNS configuration")),
+        };
+        Self {
+            source,
+            resolver,
+            timeout,
+            authorities: Arc::default(),
+        }
+    }
+
+    /// The resolver for the DNS server a target names, built at first use.
+    fn authority(&self, server: SocketAddr) -> Result<TokioResolver, Arc<str>> {
+        let mut authorities = self.authorities.lock();
+        if let Some(resolver) = authorities.get(&server) {
+            return Ok(resolver.clone());
+        }
+        let resolver = build_resolver(server_config(server), ResolverOpts::default(), self.timeout)?;
+        authorities.insert(server, resolver.clone());
+        Ok(resolver)
+    }
+}
+
+impl Source {
+    /// The default resolver for this source, or `None` for a caller's resolver.
+    fn build(&self, timeout: Duration) -> Option<Result<TokioResolver, Arc<str>>> {
+        match self {
+            Self::System(config, opts) => {
+                Some(build_resolver(config.clone(), opts.clone(), timeout))
+            }
+            Self::Server(addr) => Some(build_resolver(
+                server_config(*addr),
+                ResolverOpts::default(),
+                timeout,
+            )),
+            Self::Custom => None,
+        }
+    }
+}
+
+/// A configuration with one server at `addr` (UDP, and TCP for truncated answers), no search
+/// list.
+fn server_config(addr: SocketAddr) -> ResolverConfig {
+    let mut server = NameServerConfig::udp_and_tcp(addr.ip());
+    for connection in &mut server.connections {
+        connection.port = addr.port();
+    }
+    ResolverConfig::from_parts(None, Vec::new(), vec![server])
+}
+
+/// `opts` with this module's settings applied.
+fn apply_settings(mut opts: ResolverOpts, timeout: Duration) -> ResolverOpts {
+    opts.timeout = timeout;
+    // Never remember an answer: the pool decides when to ask.
+    opts.cache_size = 0;
+    opts.ip_strategy = LookupIpStrategy::Ipv4AndIpv6;
+    // hickory counts retries: 0 means each query is sent once.
+    opts.attempts = 0;
+    // hickory reads the hosts file once, at construction; a long-lived pool would never see
+    // it change.
+    opts.use_hosts_file = ResolveHosts::Never;
+    opts
+}
+
+fn build_resolver(
+    config: ResolverConfig,
+    opts: ResolverOpts,
+    timeout: Duration,
+) -> Result<TokioResolver, Arc<str>> {
+    TokioResolver::builder_with_config(config, TokioRuntimeProvider::default())
+        .with_options(apply_settings(opts, timeout))
+        .build()
+        .map_err(|e| Arc::from(format!("cannot build the DNS resolver: {e}")))
+}
+
+impl fmt::Debug for DnsResolver {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let source = match &self.source {
+            Source::System(config, _) => format!("system {:?}", config.name_servers()),
+            Source::Server(addr) => format!("server {addr}"),
+            Source::Custom => "custom resolver".to_owned(),
+        };
+        let mut authorities: Vec<SocketAddr> = self.authorities.lock().keys().copied().collect();
+        authorities.sort();
+        f.debug_struct("DnsResolver")
+            .field("source", &source)
+            .field("timeout", &self.timeout)
+            .field("authorities", &authorities)
+            .finish()
+    }
+}
+
+impl Resolve for DnsResolver {
+    fn resolve(&self, target: &Target) -> BoxFuture<'static, Result<Resolution, ResolveError>> {
+        if let Some(addrs) = StaticResolver::literal(target) {
+            return Box::pin(std::future::ready(Ok(Resolution::new(addrs, None))));
+        }
+        let TargetKind::Dns { server, host, port } = target.kind().clone() else {
+            let err = ResolveError::new(format!("target {target} has no host name to resolve"));
+            return Box::pin(std::future::ready(Err(err)));
+        };
+        let (resolver, via) = match server {
+            Some(server) => (self.authority(server), format!(" (DNS server {server})")),
+            None => {
+                let via = match &self.source {
+                    Source::Server(addr) => format!(" (DNS server {addr})"),
+                    _ => String::new(),
+                };
+                (self.resolver.clone(), via)
+            }
+        };
+        let timeout = self.timeout;
+        Box::pin(async move {
+            let resolver = resolver.map_err(|e| {
+                ResolveError::new(format!("DNS lookup of host {host}{via} failed: {e}"))
+            })?;
+            let lookup = match tokio::time::timeout(timeout, resolver.lookup_ip(host.as_str()))
+                .await
+            {
+                Ok(Ok(lookup)) => lookup,
+                Ok(Err(err)) => return Err(lookup_error(&host, &via, timeout, err)),
+                Err(_) => return Err(timed_out(&host, &via, timeout)),
+            };
+            let addrs: Vec<SocketAddr> = lookup
+                .iter()
+                .map(|ip: IpAddr| SocketAddr::new(ip, port))
+                .collect();
+            if addrs.is_empty() {
+                return Err(no_addresses(&host, &via));
+            }
+            let ttl = lookup
+                .as_lookup()
+                .answers()
+                .iter()
+                .filter(|r| {
+                    matches!(
+                        r.record_type(),
+                        RecordType::A | RecordType::AAAA | RecordType::CNAME
+                    )
+                })
+                .map(|r| r.ttl)
+                .min()
+                .map(|secs| Duration::from_secs(u64::from(secs)));
+            Ok(Resolution::new(addrs, ttl))
+        })
+    }
+}
+
+fn timed_out(host: &str, via: &str, timeout: Duration) -> ResolveError {
+    ResolveError::new(format!(
+        "DNS lookup of host {host}{via} timed out after {timeout:?}"
+    ))
+}
+
+fn no_addresses(host: &str, via: &str) -> ResolveError {
+    ResolveError::new(format!(
+        "resolver returned no addresses for host {host}{via}: no A or AAAA records"
+    ))
+}
+
+/// Turns hickory's error into a message that names the host and the kind of failure.
+fn lookup_error(host: &str, via: &str, timeout: Duration, err: NetError) -> ResolveError {
+    match &err {
+        NetError::Dns(DnsError::NoRecordsFound(no_records)) => match no_records.response_code {
+            ResponseCode::NXDomain => ResolveError::new(format!(
+                "no such host {host}{via}: the DNS server answered NXDOMAIN"
+            )),
+            ResponseCode::NoError => no_addresses(host, via),
+            code => rcode_error(host, via, code),
+        },
+        NetError::Dns(DnsError::ResponseCode(code)) => rcode_error(host, via, *code),
+        NetError::Timeout => timed_out(host, via, timeout),
+        NetError::Io(_) => ResolveError::with_source(
+            format!("DNS lookup of host {host}{via} failed with an I/O error"),
+            err,
+        ),
+        NetError::NoConnections => ResolveError::with_source(
+            format!("DNS lookup of host {host}{via} failed: no DNS server could be reached"),
+            err,
+        ),
+        _ => ResolveError::with_source(format!("DNS lookup of host {host}{via} failed"), err),
+    }
+}
+
+fn rcode_error(host: &str, via: &str, code: ResponseCode) -> ResolveError {
+    ResolveError::new(format!(
+        "DNS server answered {} ({code}) for host {host}{via}",
+        rcode_name(code)
+    ))
+}
+
+/// The mnemonic of a DNS response code, as `dig` prints it.
+fn rcode_name(code: ResponseCode) -> String {
+    let name = match code {
+        ResponseCode::NoError => "NOERROR",
+        ResponseCode::FormErr => "FORMERR",
+        ResponseCode::ServFail => "SERVFAIL",
+        ResponseCode::NXDomain => "NXDOMAIN",
+        ResponseCode::NotImp => "NOTIMP",
+        ResponseCode::Refused => "REFUSED",
+        ResponseCode::YXDomain => "YXDOMAIN",
+        ResponseCode::YXRRSet => "YXRRSET",
+        ResponseCode::NXRRSet => "NXRRSET",
+        ResponseCode::NotAuth => "NOTAUTH",
+        ResponseCode::NotZone => "NOTZONE",
+        other => return format!("RCODE {}", u16::from(other)),
+    };
+    name.to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rcode_names() {
+        assert_eq!(rcode_name(ResponseCode::ServFail), "SERVFAIL");
+        assert_eq!(rcode_name(ResponseCode::Refused), "REFUSED");
+        assert_eq!(rcode_name(ResponseCode::BADCOOKIE), "RCODE 23");
+    }
+
+    #[test]
+    fn server_config_uses_the_port() {
+        let config = server_config("127.0.0.1:5353".parse().unwrap());
+        assert!(config.search().is_empty());
+        assert!(config.domain().is_none());
+        let servers = config.name_servers();
+        assert_eq!(servers.len(), 1);
+        assert!(servers[0].connections.iter().all(|c| c.port == 5353));
+    }
+
+    #[test]
+    fn opts_turn_the_cache_off() {
+        let opts = apply_settings(ResolverOpts::default(), Duration::from_millis(300));
+        assert_eq!(opts.timeout, Duration::from_millis(300));
+        assert_eq!(opts.cache_size, 0);
+        assert_eq!(opts.attempts, 0);
+        assert_eq!(opts.ip_strategy, LookupIpStrategy::Ipv4AndIpv6);
+        assert_eq!(opts.use_hosts_file, ResolveHosts::Never);
+    }
+}

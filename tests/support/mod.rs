@@ -21,6 +21,7 @@ pub mod echo {
 }
 
 pub mod proxy;
+pub mod dns;
 pub mod server;
 
 pub use server::{loopback, ServerOptions, TestServer};

@@ -90,7 +90,10 @@ pub enum Mode {
     /// them. Leaving this mode listens again on the same address.
     Refuse,
     /// Reset (RST) every open connection when set, and every new connection
-    /// right after accepting it, until the mode changes.
+    /// right after accepting it, until the mode changes. New connections are
+    /// accepted (and counted), but on loopback the RST often arrives before
+    /// the client's `connect` has finished, so the connect itself may fail
+    /// with `ECONNRESET` instead of a later read or write.
     ResetAll,
 }
 

@@ -99,7 +99,7 @@ pub(crate) fn status_from_hyper(err: &hyper::Error) -> Status {
     Status::new(code, message)
 }
 
-fn find_h2(err: &hyper::Error) -> Option<&h2::Error> {
+pub(crate) fn find_h2(err: &hyper::Error) -> Option<&h2::Error> {
     let mut source = std::error::Error::source(err);
     let mut depth = 0;
     while let Some(s) = source {

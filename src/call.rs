@@ -24,11 +24,12 @@ use tokio::time::Instant;
 use crate::body::{transport_error, ResponseBody};
 use crate::error::Error;
 use crate::registry::Shared;
+use crate::replay::Replay;
 use crate::state::ConnectivityState;
 use crate::subchannel::ReadyConn;
 
-/// How many times a request that never left is re-sent on another connection.
-const MAX_UNSENT_RETRIES: usize = 8;
+/// How many times a call that provably never reached a server is sent again.
+const MAX_TRANSPARENT_RETRIES: usize = 5;
 
 /// A per-call extension: wait for a Ready connection even when every connection is in
 /// TransientFailure (gRPC's wait-for-ready), or not, overriding the pool's default.
@@ -109,9 +110,11 @@ pub(crate) async fn run(
 async fn send(
     shared: &Shared,
     mut conn: Option<Arc<ReadyConn>>,
-    mut req: Request<tonic::body::Body>,
+    req: Request<tonic::body::Body>,
     wait_for_ready: bool,
 ) -> Result<Response<ResponseBody>, Error> {
+    let (parts, body) = req.into_parts();
+    let replay = Replay::new(body);
     let mut retries = 0;
     loop {
         let ready = match conn.take() {
@@ -120,23 +123,67 @@ async fn send(
         };
         let guard = ready.stats.start_call();
         let mut sender = ready.send.clone();
-        match sender.try_send_request(req).await {
-            Ok(response) => return Ok(response.map(|body| ResponseBody::new(body, guard))),
+        let attempt = Request::from_parts(parts.clone(), replay.body());
+        let (retry, error) = match sender.try_send_request(attempt).await {
+            Ok(response) => {
+                replay.commit();
+                return Ok(response.map(|body| ResponseBody::new(body, guard)));
+            }
             Err(mut err) => {
                 drop(guard);
-                match err.take_message() {
-                    Some(unsent) if retries < MAX_UNSENT_RETRIES => {
-                        // The connection closed before hyper took the request: nothing was
-                        // sent, so it is safe to send it elsewhere.
-                        ready.mark_closing();
-                        tracing::debug!(addr = %ready.addr, conn = ready.id, "request came back unsent; retrying on another connection");
-                        req = unsent;
-                        retries += 1;
+                if err.take_message().is_some() {
+                    // hyper handed the request back: it never left this process.
+                    ready.mark_closing();
+                    (Retry::Unsent, None)
+                } else {
+                    let error = err.into_error();
+                    match never_processed(&error) {
+                        Some(retry) if replay.can_replay() => {
+                            if retry == Retry::GoAway {
+                                // Do not wait for the slot to notice the GOAWAY.
+                                ready.mark_closing();
+                            }
+                            (retry, Some(error))
+                        }
+                        _ => return Err(transport_error(error)),
                     }
-                    _ => return Err(transport_error(err.into_error())),
                 }
             }
+        };
+        if retries >= MAX_TRANSPARENT_RETRIES {
+            return Err(match error {
+                Some(err) => transport_error(err),
+                None => Error::unavailable("request could not be sent after transparent retries"),
+            });
         }
+        retries += 1;
+        tracing::debug!(addr = %ready.addr, conn = ready.id, ?retry, retries, "transparent retry");
+    }
+}
+
+/// Why a call may be sent again: it provably never reached the server's application.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Retry {
+    /// hyper gave the request back before sending it (its connection was closing).
+    Unsent,
+    /// The stream was above the last stream id of the server's GOAWAY.
+    GoAway,
+    /// The server refused the stream (`REFUSED_STREAM`), e.g. past `MAX_CONCURRENT_STREAMS`.
+    Refused,
+}
+
+/// Classifies a send error from the HTTP/2 error, never from the gRPC status (tonic maps
+/// these to CANCELLED, INTERNAL or UNKNOWN). h2 reports a *remote* GOAWAY error on a stream
+/// only for streams above the GOAWAY's last stream id; streams the server may have processed
+/// fail with an I/O error instead when the connection closes.
+fn never_processed(err: &hyper::Error) -> Option<Retry> {
+    let h2 = crate::body::find_h2(err)?;
+    if h2.is_go_away() && h2.is_remote() {
+        Some(Retry::GoAway)
+    } else if h2.is_reset() && h2.is_remote() && h2.reason() == Some(h2::Reason::REFUSED_STREAM) {
+        Some(Retry::Refused)
+    } else {
+        None
     }
 }
 

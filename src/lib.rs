@@ -55,11 +55,20 @@ mod frames;
 mod picker;
 mod pool;
 mod registry;
+mod replay;
 pub mod resolve;
 pub mod state;
 mod subchannel;
 pub mod target;
 mod worker;
+
+/// Internals exposed for the criterion benches only (`--features bench-internals`); not a
+/// stable API.
+#[cfg(feature = "bench-internals")]
+#[doc(hidden)]
+pub mod __bench {
+    pub use crate::picker::{Pickable, Picker};
+}
 
 pub use backoff::BackoffConfig;
 pub use body::ResponseBody;

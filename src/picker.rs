@@ -11,17 +11,20 @@
 //! over dead entries, so a connection that failed is never handed out even before the
 //! registry has republished.
 
+// `pub` (not `pub(crate)`) so that the benches can reach it through `__bench`.
+#![allow(unreachable_pub)]
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// An entry of a picker.
-pub(crate) trait Pickable {
+pub trait Pickable {
     /// Whether the entry can take a call right now.
     fn is_available(&self) -> bool;
 }
 
 /// An immutable snapshot of the Ready connections.
 #[derive(Debug)]
-pub(crate) struct Picker<T> {
+pub struct Picker<T> {
     entries: Box<[T]>,
 }
 
@@ -34,13 +37,15 @@ impl<T> Default for Picker<T> {
 }
 
 impl<T: Pickable> Picker<T> {
-    pub(crate) fn new(entries: Vec<T>) -> Self {
+    /// A picker over these entries.
+    pub fn new(entries: Vec<T>) -> Self {
         Self {
             entries: entries.into_boxed_slice(),
         }
     }
 
-    pub(crate) fn len(&self) -> usize {
+    /// How many entries it holds.
+    pub fn len(&self) -> usize {
         self.entries.len()
     }
 
@@ -50,7 +55,7 @@ impl<T: Pickable> Picker<T> {
     /// every connection gets its turn. `Relaxed` is enough: the cursor orders nothing else, it
     /// only has to hand out distinct numbers.
     #[inline]
-    pub(crate) fn pick(&self, cursor: &AtomicUsize) -> Option<&T> {
+    pub fn pick(&self, cursor: &AtomicUsize) -> Option<&T> {
         let n = self.entries.len();
         if n == 0 {
             return None;

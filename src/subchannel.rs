@@ -34,10 +34,11 @@ use crate::error::BoxError;
 use crate::frames::{FrameSignals, FrameWatch, KillSwitch};
 use crate::picker::Pickable;
 use crate::registry::{InFlight, Shared};
+use crate::replay::ReplayBody;
 use crate::state::{wait_until, ConnectivityState};
 use crate::target::TargetKind;
 
-type Driver = http2::Connection<TokioIo<FrameWatch<BoxedIo>>, tonic::body::Body, TokioExecutor>;
+type Driver = http2::Connection<TokioIo<FrameWatch<BoxedIo>>, ReplayBody, TokioExecutor>;
 
 /// Counters of one connection slot, kept across its reconnects.
 #[derive(Debug)]
@@ -116,7 +117,7 @@ impl Drop for InFlightGuard {
 pub(crate) struct ReadyConn {
     pub(crate) id: u64,
     pub(crate) addr: SocketAddr,
-    pub(crate) send: http2::SendRequest<tonic::body::Body>,
+    pub(crate) send: http2::SendRequest<ReplayBody>,
     pub(crate) stats: Arc<ConnStats>,
     /// Set the moment the connection must take no new call (GOAWAY seen, draining, lost),
     /// before the registry republishes the picker.
@@ -347,7 +348,7 @@ async fn connect(
     dst: &Destination,
 ) -> Result<
     (
-        http2::SendRequest<tonic::body::Body>,
+        http2::SendRequest<ReplayBody>,
         Driver,
         watch::Receiver<FrameSignals>,
         Arc<KillSwitch>,

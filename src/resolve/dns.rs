@@ -18,9 +18,13 @@
 //! - **A and AAAA.** Both are asked in parallel; IPv4 addresses come first. A name with only
 //!   one family resolves to that family; an answer with no address at all is an error.
 //! - **One try, bounded time.** Each query is sent once (hickory's `attempts`, which counts
-//!   *retries*, is 0): the pool has its own backoff. The whole `resolve`, including both
-//!   queries and any search-list names, is bounded by [`DnsResolver::timeout`] (5 s by
-//!   default), which is also hickory's per-query timeout.
+//!   *retries*, is 0): the pool has its own backoff. [`DnsResolver::timeout`] (5 s by default)
+//!   is hickory's per-query timeout, so a server that never answers fails the `resolve` after
+//!   that long; the A and AAAA queries run in parallel, and when only one of them goes
+//!   unanswered the other's addresses are returned. The whole `resolve` (search-list names
+//!   included, and whatever a caller's resolver is set to) is cut at 1.25 × the timeout; the
+//!   extra quarter lets a late-failing query report its sibling's answer instead of losing
+//!   it to the cut.
 //! - **Names.** A host written with a final dot (`svc.example.test.`) is looked up exactly as
 //!   written. Other names follow the system configuration's `search` list and `ndots`, as the
 //!   C library does, with [`DnsResolver::system`]; resolvers pointed at an explicit server
@@ -37,8 +41,8 @@
 //!
 //! Every failure is a [`ResolveError`] whose message names the host (and the server, when
 //! known) and the kind of failure: `no such host` (NXDOMAIN), `resolver returned no addresses
-//! for host` (NOERROR with no A/AAAA records), `DNS server answered SERVFAIL` (or another
-//! response code), `timed out`, or an I/O error (with the cause as the error's source).
+//! for host` (NOERROR with no A/AAAA records), `answered SERVFAIL` (or another response
+//! code), `timed out`, or an I/O error (with the cause as the error's source).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -72,7 +76,7 @@ pub struct DnsResolver {
     source: Source,
     /// The resolver for targets that name no DNS server (or why it could not be built).
     resolver: Result<TokioResolver, Arc<str>>,
-    /// Bound on one `resolve`; also hickory's per-query timeout for the resolvers built here.
+    /// hickory's per-query timeout for the resolvers built here; 1.25 × bounds one `resolve`.
     timeout: Duration,
     /// Resolvers for targets that name their DNS server, built at first use.
     authorities: Arc<Mutex<HashMap<SocketAddr, TokioResolver>>>,
@@ -112,7 +116,7 @@ impl DnsResolver {
     /// server.
     ///
     /// Its settings are used as they are, cache included: give it `cache_size = 0` so that
-    /// every `resolve` reaches the server. Each `resolve` is still bounded by
+    /// every `resolve` reaches the server. Each `resolve` is still cut at 1.25 ×
     /// [`timeout`](Self::timeout). Targets that name their server (`dns://server/…`) get a
     /// resolver built here, with this type's defaults.
     pub fn from_resolver(resolver: TokioResolver) -> Self {
@@ -124,8 +128,9 @@ impl DnsResolver {
         }
     }
 
-    /// Sets the bound on one resolution (5 s by default): past it, `resolve` fails with a
-    /// timeout error. For the resolvers built here it is also the per-query timeout.
+    /// Sets the lookup timeout (5 s by default): how long each query waits for its answer
+    /// (for the resolvers built here) before `resolve` fails with a timeout error. A whole
+    /// `resolve` never takes longer than 1.25 × this.
     ///
     /// Resolvers already built for `dns://server/…` targets are dropped and built again with
     /// the new timeout.
@@ -138,7 +143,7 @@ impl DnsResolver {
         self
     }
 
-    /// The bound on one resolution.
+    /// The lookup timeout; see [`timeout`](Self::timeout).
     pub fn lookup_timeout(&self) -> Duration {
         self.timeout
     }
@@ -162,7 +167,8 @@ impl DnsResolver {
         if let Some(resolver) = authorities.get(&server) {
             return Ok(resolver.clone());
         }
-        let resolver = build_resolver(server_config(server), ResolverOpts::default(), self.timeout)?;
+        let resolver =
+            build_resolver(server_config(server), ResolverOpts::default(), self.timeout)?;
         authorities.insert(server, resolver.clone());
         Ok(resolver)
     }
@@ -246,36 +252,38 @@ impl Resolve for DnsResolver {
             let err = ResolveError::new(format!("target {target} has no host name to resolve"));
             return Box::pin(std::future::ready(Err(err)));
         };
-        let (resolver, via) = match server {
-            Some(server) => (self.authority(server), format!(" (DNS server {server})")),
-            None => {
-                let via = match &self.source {
-                    Source::Server(addr) => format!(" (DNS server {addr})"),
-                    _ => String::new(),
-                };
-                (self.resolver.clone(), via)
-            }
+        let (resolver, server) = match (server, &self.source) {
+            (Some(server), _) => (self.authority(server), Some(server)),
+            (None, Source::Server(addr)) => (self.resolver.clone(), Some(*addr)),
+            (None, _) => (self.resolver.clone(), None),
         };
-        let timeout = self.timeout;
+        let lookup = Lookup {
+            host,
+            server: match server {
+                Some(addr) => format!("DNS server {addr}"),
+                None => "the DNS server".to_owned(),
+            },
+            timeout: self.timeout,
+        };
         Box::pin(async move {
-            let resolver = resolver.map_err(|e| {
-                ResolveError::new(format!("DNS lookup of host {host}{via} failed: {e}"))
-            })?;
-            let lookup = match tokio::time::timeout(timeout, resolver.lookup_ip(host.as_str()))
-                .await
-            {
-                Ok(Ok(lookup)) => lookup,
-                Ok(Err(err)) => return Err(lookup_error(&host, &via, timeout, err)),
-                Err(_) => return Err(timed_out(&host, &via, timeout)),
+            let resolver = resolver.map_err(|e| lookup.failed(e))?;
+            let deadline = lookup.timeout + lookup.timeout / 4;
+            let answer = tokio::time::timeout(deadline, resolver.lookup_ip(&*lookup.host));
+            let answer = match answer.await {
+                Ok(Ok(answer)) => answer,
+                Ok(Err(err)) => return Err(lookup.error(err)),
+                Err(_) => return Err(lookup.timed_out()),
             };
-            let addrs: Vec<SocketAddr> = lookup
+            let addrs: Vec<SocketAddr> = answer
                 .iter()
                 .map(|ip: IpAddr| SocketAddr::new(ip, port))
                 .collect();
             if addrs.is_empty() {
-                return Err(no_addresses(&host, &via));
+                return Err(lookup.no_addresses());
             }
-            let ttl = lookup
+            // The records' own TTLs: with the cache off they are exactly as the server sent
+            // them. CNAMEs count, since the answer holds only while its chain does.
+            let ttl = answer
                 .as_lookup()
                 .answers()
                 .iter()
@@ -293,47 +301,68 @@ impl Resolve for DnsResolver {
     }
 }
 
-fn timed_out(host: &str, via: &str, timeout: Duration) -> ResolveError {
-    ResolveError::new(format!(
-        "DNS lookup of host {host}{via} timed out after {timeout:?}"
-    ))
+/// One lookup, for its error messages.
+struct Lookup {
+    host: String,
+    /// The server asked, as the messages name it.
+    server: String,
+    timeout: Duration,
 }
 
-fn no_addresses(host: &str, via: &str) -> ResolveError {
-    ResolveError::new(format!(
-        "resolver returned no addresses for host {host}{via}: no A or AAAA records"
-    ))
-}
-
-/// Turns hickory's error into a message that names the host and the kind of failure.
-fn lookup_error(host: &str, via: &str, timeout: Duration, err: NetError) -> ResolveError {
-    match &err {
-        NetError::Dns(DnsError::NoRecordsFound(no_records)) => match no_records.response_code {
-            ResponseCode::NXDomain => ResolveError::new(format!(
-                "no such host {host}{via}: the DNS server answered NXDOMAIN"
-            )),
-            ResponseCode::NoError => no_addresses(host, via),
-            code => rcode_error(host, via, code),
-        },
-        NetError::Dns(DnsError::ResponseCode(code)) => rcode_error(host, via, *code),
-        NetError::Timeout => timed_out(host, via, timeout),
-        NetError::Io(_) => ResolveError::with_source(
-            format!("DNS lookup of host {host}{via} failed with an I/O error"),
-            err,
-        ),
-        NetError::NoConnections => ResolveError::with_source(
-            format!("DNS lookup of host {host}{via} failed: no DNS server could be reached"),
-            err,
-        ),
-        _ => ResolveError::with_source(format!("DNS lookup of host {host}{via} failed"), err),
+impl Lookup {
+    fn failed(&self, cause: impl fmt::Display) -> ResolveError {
+        ResolveError::new(format!("DNS lookup of host {} failed: {cause}", self.host))
     }
-}
 
-fn rcode_error(host: &str, via: &str, code: ResponseCode) -> ResolveError {
-    ResolveError::new(format!(
-        "DNS server answered {} ({code}) for host {host}{via}",
-        rcode_name(code)
-    ))
+    fn timed_out(&self) -> ResolveError {
+        ResolveError::new(format!(
+            "DNS lookup of host {} timed out: no answer from {} within {:?}",
+            self.host, self.server, self.timeout
+        ))
+    }
+
+    fn no_addresses(&self) -> ResolveError {
+        ResolveError::new(format!(
+            "resolver returned no addresses for host {}: {} answered no A or AAAA records",
+            self.host, self.server
+        ))
+    }
+
+    fn response_code(&self, code: ResponseCode) -> ResolveError {
+        self.failed(format_args!(
+            "{} answered {} ({code})",
+            self.server,
+            rcode_name(code)
+        ))
+    }
+
+    /// Turns hickory's error into a message that names the host and the kind of failure.
+    fn error(&self, err: NetError) -> ResolveError {
+        let (host, server) = (&self.host, &self.server);
+        match &err {
+            NetError::Dns(DnsError::NoRecordsFound(no_records)) => match no_records.response_code {
+                ResponseCode::NXDomain => {
+                    ResolveError::new(format!("no such host {host}: {server} answered NXDOMAIN"))
+                }
+                ResponseCode::NoError => self.no_addresses(),
+                code => self.response_code(code),
+            },
+            NetError::Dns(DnsError::ResponseCode(code)) => self.response_code(*code),
+            NetError::Timeout => self.timed_out(),
+            NetError::Io(_) => ResolveError::with_source(
+                format!("DNS lookup of host {host} failed: I/O error talking to {server}"),
+                err,
+            ),
+            NetError::NoConnections => ResolveError::with_source(
+                format!("DNS lookup of host {host} failed: {server} could not be reached"),
+                err,
+            ),
+            _ => ResolveError::with_source(
+                format!("DNS lookup of host {host} failed asking {server}"),
+                err,
+            ),
+        }
+    }
 }
 
 /// The mnemonic of a DNS response code, as `dig` prints it.

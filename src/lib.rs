@@ -58,6 +58,7 @@ mod registry;
 mod replay;
 pub mod resolve;
 pub mod state;
+pub mod stream;
 mod subchannel;
 pub mod target;
 mod worker;

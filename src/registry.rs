@@ -19,7 +19,7 @@ use crate::state::{
     aggregate, ConnectionSnapshot, ConnectivityState, EndpointSnapshot, PoolSnapshot, Scope,
     StateEvent,
 };
-use crate::subchannel::{ConnStats, ReadyConn};
+use crate::subchannel::{ConnStats, KeepAlive, ReadyConn};
 use crate::target::Target;
 
 /// How many state events a slow [`Pool::events`](crate::Pool::events) receiver may lag.
@@ -110,6 +110,7 @@ struct EndpointEntry {
     draining: bool,
     state: ConnectivityState,
     conns: Vec<ConnEntry>,
+    keepalive: Arc<KeepAlive>,
 }
 
 #[derive(Debug)]
@@ -259,7 +260,11 @@ impl Shared {
     }
 
     /// Registers a new connection slot for `addr` (creating the endpoint if needed).
-    pub(crate) fn add_connection(&self, addr: SocketAddr) -> (u64, Arc<ConnStats>) {
+    pub(crate) fn add_connection(
+        &self,
+        addr: SocketAddr,
+        keepalive: &Arc<KeepAlive>,
+    ) -> (u64, Arc<ConnStats>) {
         let mut reg = self.registry.lock();
         let id = reg.next_id;
         reg.next_id += 1;
@@ -290,6 +295,7 @@ impl Shared {
                 draining: false,
                 state: initial,
                 conns: vec![conn],
+                keepalive: keepalive.clone(),
             }),
         }
         self.recompute(&mut reg, "connection added");
@@ -451,6 +457,7 @@ impl Shared {
                     addr: e.addr,
                     state: e.state,
                     draining: e.draining,
+                    keepalive_interval: e.keepalive.interval(),
                     connections: e
                         .conns
                         .iter()

@@ -203,6 +203,9 @@ pub struct EndpointSnapshot {
     pub state: ConnectivityState,
     /// Whether it left the address set and is only finishing its calls.
     pub draining: bool,
+    /// The HTTP/2 keepalive interval its new connections use (doubled after each GOAWAY
+    /// `too_many_pings`), or `None` when keepalive is off.
+    pub keepalive_interval: Option<std::time::Duration>,
     /// Its connections.
     pub connections: Vec<ConnectionSnapshot>,
 }

@@ -23,6 +23,7 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -137,6 +138,43 @@ impl Pickable for Arc<ReadyConn> {
     }
 }
 
+/// The HTTP/2 keepalive interval shared by the connections of one endpoint.
+///
+/// gRFC A8: a server that finds our PINGs too frequent answers with GOAWAY
+/// `ENHANCE_YOUR_CALM` / `too_many_pings`; the client must then double its interval (for that
+/// endpoint's new connections) instead of being disconnected again and again.
+#[derive(Debug)]
+pub(crate) struct KeepAlive {
+    /// The interval in milliseconds; 0 when keepalive is off.
+    millis: AtomicU64,
+}
+
+impl KeepAlive {
+    pub(crate) fn new(interval: Option<Duration>) -> Self {
+        let millis = interval.map_or(0, |d| (d.as_millis() as u64).max(1));
+        Self {
+            millis: AtomicU64::new(millis),
+        }
+    }
+
+    pub(crate) fn interval(&self) -> Option<Duration> {
+        match self.millis.load(Ordering::Relaxed) {
+            0 => None,
+            ms => Some(Duration::from_millis(ms)),
+        }
+    }
+
+    /// Doubles the interval (if keepalive is on); returns the new one.
+    fn double(&self) -> Option<Duration> {
+        let doubled = self
+            .millis
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |ms| {
+                (ms != 0).then(|| ms.saturating_mul(2))
+            });
+        doubled.ok().map(|ms| Duration::from_millis(ms.saturating_mul(2)))
+    }
+}
+
 /// What the worker asks of a slot.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Control {
@@ -166,6 +204,7 @@ pub(crate) async fn run(
     addr: SocketAddr,
     stats: Arc<ConnStats>,
     connector: Arc<dyn Connect>,
+    keepalive: Arc<KeepAlive>,
     mut control: watch::Receiver<Control>,
     seed: u64,
 ) {
@@ -195,7 +234,10 @@ pub(crate) async fn run(
             .config
             .connect_timeout
             .unwrap_or_else(|| backoff.connect_timeout());
-        let attempt = tokio::time::timeout(timeout, connect(&shared, &*connector, &dst));
+        let attempt = tokio::time::timeout(
+            timeout,
+            connect(&shared, &*connector, &dst, keepalive.interval()),
+        );
         let result = tokio::select! {
             biased;
             _ = wait_until(&mut control, |c| *c != Control::Run) => return finish(&shared, id, "closed while connecting"),
@@ -269,7 +311,8 @@ pub(crate) async fn run(
                 drop(driver);
             }
             ServeEnd::TooManyPings => {
-                tracing::warn!(target = %shared.target, %addr, "server sent GOAWAY too_many_pings; keepalive interval too short");
+                let interval = keepalive.double();
+                tracing::warn!(target = %shared.target, %addr, ?interval, "server sent GOAWAY too_many_pings; keepalive interval doubled for this endpoint");
                 shared.transition(
                     id,
                     ConnectivityState::TransientFailure,
@@ -346,6 +389,7 @@ async fn connect(
     shared: &Shared,
     connector: &dyn Connect,
     dst: &Destination,
+    keepalive: Option<Duration>,
 ) -> Result<
     (
         http2::SendRequest<ReplayBody>,
@@ -364,7 +408,7 @@ async fn connect(
         .initial_stream_window_size(config.initial_stream_window_size)
         .initial_connection_window_size(config.initial_connection_window_size)
         .adaptive_window(config.adaptive_window)
-        .keep_alive_interval(config.keep_alive_interval)
+        .keep_alive_interval(keepalive)
         .keep_alive_timeout(config.keep_alive_timeout)
         .keep_alive_while_idle(config.keep_alive_while_idle);
     let (send, mut driver) = builder.handshake(TokioIo::new(io)).await?;

@@ -30,7 +30,7 @@ use crate::error::Error;
 use crate::registry::Shared;
 use crate::resolve::{Resolution, Resolve, ResolveError};
 use crate::state::{wait_until, ConnectivityState};
-use crate::subchannel::{self, Control};
+use crate::subchannel::{self, Control, KeepAlive};
 
 /// What pool handles ask of the worker.
 #[derive(Debug)]
@@ -219,13 +219,16 @@ impl Worker {
             }
             let n = shared.config.connections_for(addr);
             tracing::info!(target = %shared.target, %addr, connections = n, "address added");
-            let slots = (0..n).map(|_| self.spawn_slot(addr)).collect();
+            let keepalive = Arc::new(KeepAlive::new(shared.config.keep_alive_interval));
+            let slots = (0..n)
+                .map(|_| self.spawn_slot(addr, keepalive.clone()))
+                .collect();
             self.endpoints.insert(addr, slots);
         }
     }
 
-    fn spawn_slot(&mut self, addr: SocketAddr) -> Slot {
-        let (id, stats) = self.shared.add_connection(addr);
+    fn spawn_slot(&mut self, addr: SocketAddr, keepalive: Arc<KeepAlive>) -> Slot {
+        let (id, stats) = self.shared.add_connection(addr, &keepalive);
         let (control, control_rx) = watch::channel(Control::Run);
         self.tasks.spawn(subchannel::run(
             self.shared.clone(),
@@ -233,6 +236,7 @@ impl Worker {
             addr,
             stats,
             self.connector.clone(),
+            keepalive,
             control_rx,
             self.rng.next_u64(),
         ));

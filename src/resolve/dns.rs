@@ -1,48 +1,4 @@
-//! A DNS resolver that reports record TTLs, built on [hickory-resolver](hickory_resolver).
-//!
-//! [`DnsResolver`] asks DNS servers directly (UDP, with TCP when an answer is truncated) for
-//! the A and AAAA records of a target's host, and returns the addresses together with the
-//! records' TTL, so the pool can re-resolve when the answer expires.
-//!
-//! # Choices
-//!
-//! - **No cache.** Every [`resolve`](Resolve::resolve) sends fresh queries: hickory's response
-//!   cache is sized 0, which turns it off entirely. The pool decides *when* to ask (at start, on
-//!   connection loss, when the TTL runs out, periodically); a cache below it would hand back
-//!   the answer the pool is trying to replace. Positive and negative answers alike are never
-//!   remembered, so a record that changes or reappears is seen on the next call.
-//! - **TTL reporting.** [`Resolution::ttl`] is the smallest TTL among the answer records (A,
-//!   AAAA and any CNAME on the way), exactly as the server sent it: with the cache off the
-//!   records are fresh, and the value is read from the records rather than from hickory's
-//!   `valid_until` instant, which would lose a fraction of a second to the clock.
-//! - **A and AAAA.** Both are asked in parallel; IPv4 addresses come first. A name with only
-//!   one family resolves to that family; an answer with no address at all is an error.
-//! - **One try, bounded time.** Each query is sent once (hickory's `attempts`, which counts
-//!   *retries*, is 0): the pool has its own backoff. [`DnsResolver::timeout`] (5 s by default)
-//!   is hickory's per-query timeout, so a server that never answers fails the `resolve` after
-//!   that long; the A and AAAA queries run in parallel, and when only one of them goes
-//!   unanswered the other's addresses are returned. The whole `resolve` (search-list names
-//!   included, and whatever a caller's resolver is set to) is cut at 1.25 × the timeout; the
-//!   extra quarter lets a late-failing query report its sibling's answer instead of losing
-//!   it to the cut.
-//! - **Names.** A host written with a final dot (`svc.example.test.`) is looked up exactly as
-//!   written. Other names follow the system configuration's `search` list and `ndots`, as the
-//!   C library does, with [`DnsResolver::system`]; resolvers pointed at an explicit server
-//!   ([`DnsResolver::with_server`], `dns://server/…` targets) have no search list, so every name
-//!   is looked up as written. The hosts file is not consulted (hickory would read it once and
-//!   never again); use [`SystemResolver`](super::SystemResolver) for names that live there.
-//!   `localhost` is answered locally by hickory (RFC 6761), without a query.
-//! - **Per-authority resolvers.** A target that names its DNS server (`dns://10.0.0.53/svc:443`)
-//!   is resolved by a resolver pointed at exactly that server, built at its first use and kept
-//!   for the next calls (one per distinct server), with the same settings.
-//! - **Literals.** IP-literal hosts and static lists are answered without a query, with no TTL.
-//!
-//! # Errors
-//!
-//! Every failure is a [`ResolveError`] whose message names the host (and the server, when
-//! known) and the kind of failure: `no such host` (NXDOMAIN), `resolver returned no addresses
-//! for host` (NOERROR with no A/AAAA records), `answered SERVFAIL` (or another response
-//! code), `timed out`, or an I/O error (with the cause as the error's source).
+//! [`DnsResolver`]: DNS resolution with TTLs, built on hickory-resolver.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -67,9 +23,54 @@ use crate::target::{Target, TargetKind};
 /// The default bound on one resolution.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Resolves host names with DNS, reporting the answer's TTL; see the [module docs](self).
+/// Resolves host names with DNS, reporting the answer's TTL; built on
+/// [hickory-resolver](hickory_resolver).
+///
+/// It asks DNS servers directly (UDP, with TCP when an answer is truncated) for the A and
+/// AAAA records of a target's host, and returns the addresses together with the records' TTL,
+/// so the pool can re-resolve when the answer expires.
 ///
 /// Cloning is cheap; clones share the resolvers built for `dns://server/…` targets.
+///
+/// # Choices
+///
+/// - **No cache.** Every [`resolve`](Resolve::resolve) sends fresh queries: hickory's response
+///   cache is sized 0, which turns it off entirely. The pool decides *when* to ask (at start, on
+///   connection loss, when the TTL runs out, periodically); a cache below it would hand back
+///   the answer the pool is trying to replace. Positive and negative answers alike are never
+///   remembered, so a record that changes or reappears is seen on the next call.
+/// - **TTL reporting.** [`Resolution::ttl`] is the smallest TTL among the answer records (A,
+///   AAAA and any CNAME on the way), exactly as the server sent it: with the cache off the
+///   records are fresh, and the value is read from the records rather than from hickory's
+///   `valid_until` instant, which would lose a fraction of a second to the clock.
+/// - **A and AAAA.** Both are asked in parallel; IPv4 addresses come first. A name with only
+///   one family resolves to that family; an answer with no address at all is an error.
+/// - **One try, bounded time.** Each query is sent once (hickory's `attempts`, which counts
+///   *retries*, is 0): the pool has its own backoff. [`DnsResolver::timeout`] (5 s by default)
+///   is hickory's per-query timeout, so a server that never answers fails the `resolve` after
+///   that long; the A and AAAA queries run in parallel, and when only one of them goes
+///   unanswered the other's addresses are returned. The whole `resolve` (search-list names
+///   included, and whatever a caller's resolver is set to) is cut at 1.25 × the timeout; the
+///   extra quarter lets a late-failing query report its sibling's answer instead of losing
+///   it to the cut.
+/// - **Names.** A host written with a final dot (`svc.example.test.`) is looked up exactly as
+///   written. Other names follow the system configuration's `search` list and `ndots`, as the
+///   C library does, with [`DnsResolver::system`]; resolvers pointed at an explicit server
+///   ([`DnsResolver::with_server`], `dns://server/…` targets) have no search list, so every name
+///   is looked up as written. The hosts file is not consulted (hickory would read it once and
+///   never again); use [`SystemResolver`](crate::resolve::SystemResolver) for names that live
+///   there. `localhost` is answered locally by hickory (RFC 6761), without a query.
+/// - **Per-authority resolvers.** A target that names its DNS server (`dns://10.0.0.53/svc:443`)
+///   is resolved by a resolver pointed at exactly that server, built at its first use and kept
+///   for the next calls (one per distinct server), with the same settings.
+/// - **Literals.** IP-literal hosts and static lists are answered without a query, with no TTL.
+///
+/// # Errors
+///
+/// Every failure is a [`ResolveError`] whose message names the host (and the server, when
+/// known) and the kind of failure: `no such host` (NXDOMAIN), `resolver returned no addresses
+/// for host` (NOERROR with no A/AAAA records), `answered SERVFAIL` (or another response
+/// code), `timed out`, or an I/O error (with the cause as the error's source).
 #[derive(Clone)]
 pub struct DnsResolver {
     /// Where the default resolver's configuration came from.
@@ -86,7 +87,7 @@ pub struct DnsResolver {
 #[derive(Clone)]
 enum Source {
     /// The system configuration (`/etc/resolv.conf`), as read at construction.
-    System(ResolverConfig, ResolverOpts),
+    System(Arc<(ResolverConfig, ResolverOpts)>),
     /// One server.
     Server(SocketAddr),
     /// A resolver configured by the caller.
@@ -103,7 +104,10 @@ impl DnsResolver {
         let (config, opts) = hickory_resolver::system_conf::read_system_conf().map_err(|e| {
             ResolveError::with_source("cannot read the system DNS configuration", e)
         })?;
-        Ok(Self::build(Source::System(config, opts), DEFAULT_TIMEOUT))
+        Ok(Self::build(
+            Source::System(Arc::new((config, opts))),
+            DEFAULT_TIMEOUT,
+        ))
     }
 
     /// A resolver that asks exactly the DNS server at `addr`, over UDP (TCP when an answer is
@@ -178,7 +182,8 @@ impl Source {
     /// The default resolver for this source, or `None` for a caller's resolver.
     fn build(&self, timeout: Duration) -> Option<Result<TokioResolver, Arc<str>>> {
         match self {
-            Self::System(config, opts) => {
+            Self::System(system) => {
+                let (config, opts) = &**system;
                 Some(build_resolver(config.clone(), opts.clone(), timeout))
             }
             Self::Server(addr) => Some(build_resolver(
@@ -229,7 +234,7 @@ fn build_resolver(
 impl fmt::Debug for DnsResolver {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let source = match &self.source {
-            Source::System(config, _) => format!("system {:?}", config.name_servers()),
+            Source::System(system) => format!("system {:?}", system.0.name_servers()),
             Source::Server(addr) => format!("server {addr}"),
             Source::Custom => "custom resolver".to_owned(),
         };

@@ -93,3 +93,48 @@ pub fn unused_addr(last: u8) -> SocketAddr {
     let listener = std::net::TcpListener::bind(super::loopback(last)).expect("bind");
     listener.local_addr().expect("local addr")
 }
+
+/// What a load run saw.
+#[derive(Debug, Default)]
+pub struct LoadReport {
+    /// Calls that succeeded.
+    pub ok: u64,
+    /// Every failed call's status.
+    pub failed: Vec<tonic::Status>,
+}
+
+/// Runs `workers` closed-loop callers against the pool until `stop` resolves (and at most
+/// `max` in time), each call asking the server to sleep `sleep_ms`.
+pub async fn drive_load<F>(pool: &Pool, workers: usize, sleep_ms: u32, max: Duration, stop: F) -> LoadReport
+where
+    F: std::future::Future<Output = ()> + Send,
+{
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for w in 0..workers {
+        let mut client = client(pool);
+        let done = done.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut report = LoadReport::default();
+            let deadline = tokio::time::Instant::now() + max;
+            let mut i = 0u64;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) && tokio::time::Instant::now() < deadline {
+                match client.unary(slow_echo(&format!("{w}-{i}"), sleep_ms)).await {
+                    Ok(_) => report.ok += 1,
+                    Err(status) => report.failed.push(status),
+                }
+                i += 1;
+            }
+            report
+        }));
+    }
+    let _ = tokio::time::timeout(max, stop).await;
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut total = LoadReport::default();
+    for task in tasks {
+        let report = task.await.expect("load task");
+        total.ok += report.ok;
+        total.failed.extend(report.failed);
+    }
+    total
+}

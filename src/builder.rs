@@ -12,7 +12,7 @@ use crate::backoff::BackoffConfig;
 use crate::connector::{Connect, TcpConnector};
 use crate::error::Error;
 use crate::pool::Pool;
-use crate::resolve::{Resolve, SystemResolver};
+use crate::resolve::{DnsResolver, Resolve, SystemResolver};
 use crate::target::Target;
 
 /// The largest connection count accepted for one endpoint.
@@ -311,7 +311,9 @@ impl PoolBuilder {
 
     /// The resolver that turns the target into addresses.
     ///
-    /// Defaults to [`SystemResolver`] (which answers IP literals and static lists itself).
+    /// Defaults to none for literal addresses, and for names to [`DnsResolver`] (hickory,
+    /// the system's DNS configuration, or the server named in `dns://server/host:port`),
+    /// falling back to [`SystemResolver`] if the system configuration cannot be read.
     pub fn resolver(mut self, resolver: impl Resolve) -> Self {
         self.resolver = Some(Arc::new(resolver));
         self
@@ -347,7 +349,7 @@ impl PoolBuilder {
         }
         let resolver: Arc<dyn Resolve> = match self.resolver {
             Some(r) => r,
-            None => Arc::new(SystemResolver::new()),
+            None => default_resolver(&target),
         };
         let runtime = match self.runtime {
             Some(handle) => handle,
@@ -360,6 +362,29 @@ impl PoolBuilder {
             resolver,
             runtime,
         ))
+    }
+}
+
+/// Literal addresses need no resolver; names go to DNS through hickory (its cache off, the
+/// pool decides when to ask). If the system's DNS configuration cannot be read, the operating
+/// system's resolver (`getaddrinfo`) is used instead, without TTLs.
+fn default_resolver(target: &Target) -> Arc<dyn Resolve> {
+    if crate::resolve::StaticResolver::literal(target).is_some() {
+        return Arc::new(crate::resolve::StaticResolver::new());
+    }
+    if let crate::target::TargetKind::Dns {
+        server: Some(server),
+        ..
+    } = target.kind()
+    {
+        return Arc::new(DnsResolver::with_server(*server));
+    }
+    match DnsResolver::system() {
+        Ok(dns) => Arc::new(dns),
+        Err(e) => {
+            tracing::warn!(%target, error = %e, "system DNS configuration unreadable; using getaddrinfo");
+            Arc::new(SystemResolver::new())
+        }
     }
 }
 

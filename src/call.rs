@@ -137,15 +137,22 @@ async fn send(
                     (Retry::Unsent, None)
                 } else {
                     let error = err.into_error();
-                    match never_processed(&error) {
+                    let never = never_processed(&error).or_else(|| {
+                        (is_broken_pipe(&error) && ready.fate.broken_streams_unprocessed())
+                            .then_some(Retry::NotOpened)
+                    });
+                    match never {
                         Some(retry) if replay.can_replay() => {
-                            if retry == Retry::GoAway {
+                            if retry != Retry::Refused {
                                 // Do not wait for the slot to notice the GOAWAY.
                                 ready.mark_closing();
                             }
                             (retry, Some(error))
                         }
-                        _ => return Err(transport_error(error)),
+                        _ => {
+                            tracing::debug!(addr = %ready.addr, conn = ready.id, %error, fate = ready.fate.bits(), "call failed on its connection");
+                            return Err(transport_error(error));
+                        }
                     }
                 }
             }
@@ -170,6 +177,31 @@ enum Retry {
     GoAway,
     /// The server refused the stream (`REFUSED_STREAM`), e.g. past `MAX_CONCURRENT_STREAMS`.
     Refused,
+    /// The connection ended after a GOAWAY leaving only streams the server never processed
+    /// (see `ConnFate` in `frames.rs`).
+    NotOpened,
+}
+
+/// The error h2 gives streams whose connection went away under them.
+fn is_broken_pipe(err: &hyper::Error) -> bool {
+    let mut source = std::error::Error::source(err);
+    let mut depth = 0;
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            return io.kind() == std::io::ErrorKind::BrokenPipe;
+        }
+        if let Some(h2) = s.downcast_ref::<h2::Error>() {
+            return h2
+                .get_io()
+                .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe);
+        }
+        source = s.source();
+        depth += 1;
+        if depth > 8 {
+            break;
+        }
+    }
+    false
 }
 
 /// Classifies a send error from the HTTP/2 error, never from the gRPC status (tonic maps

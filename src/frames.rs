@@ -61,34 +61,70 @@ pub(crate) struct FrameSignals {
     pub(crate) goaway: Option<GoAway>,
 }
 
-/// The frame-header walker, separate from the I/O so it can be tested on plain bytes.
-#[derive(Debug, Default)]
-pub(crate) struct FrameParser {
-    header: [u8; FRAME_HEADER_LEN],
-    header_len: usize,
-    /// Payload bytes of the current frame still to skip.
-    remaining: usize,
-    /// Collecting a GOAWAY payload.
-    goaway: Option<Vec<u8>>,
-    /// Stop looking once both facts are known.
-    done: bool,
+/// The head of one HTTP/2 frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct FrameHead {
+    pub(crate) kind: u8,
+    pub(crate) flags: u8,
+    pub(crate) stream_id: u32,
 }
 
-impl FrameParser {
-    /// Feeds bytes read from the server; updates `signals`, returning whether they changed.
-    pub(crate) fn feed(&mut self, mut bytes: &[u8], signals: &mut FrameSignals) -> bool {
-        let mut changed = false;
-        while !bytes.is_empty() && !self.done {
-            if self.remaining > 0 {
+const TYPE_DATA: u8 = 0x0;
+const TYPE_HEADERS: u8 = 0x1;
+const TYPE_RST_STREAM: u8 = 0x3;
+const TYPE_PING: u8 = 0x6;
+/// The last-stream-id of the first, announcing GOAWAY of a graceful shutdown.
+const MAX_STREAM_ID: u32 = 0x7fff_ffff;
+const FLAG_END_STREAM: u8 = 0x1;
+/// The client connection preface, which precedes the client's first frame.
+const CLIENT_PREFACE_LEN: usize = 24;
+
+/// Walks frame headers in a byte stream split arbitrarily into reads or writes, skipping
+/// payloads by length (only GOAWAY payloads are kept, capped). Separate from the I/O so it can
+/// be tested on plain bytes.
+#[derive(Debug, Default)]
+pub(crate) struct FrameWalker {
+    /// Bytes still to skip before the first frame (the client preface, outbound).
+    skip: usize,
+    header: [u8; FRAME_HEADER_LEN],
+    header_len: usize,
+    /// Payload bytes of the current frame still to pass.
+    remaining: usize,
+    current: Option<FrameHead>,
+    /// The payload being kept (GOAWAY only).
+    payload: Option<Vec<u8>>,
+}
+
+impl FrameWalker {
+    /// A walker for what the client writes: the preface first, then frames.
+    pub(crate) fn outbound() -> Self {
+        Self {
+            skip: CLIENT_PREFACE_LEN,
+            ..Self::default()
+        }
+    }
+
+    /// Feeds bytes; calls `on_frame` once per complete frame with its head and kept payload
+    /// (empty unless GOAWAY or PING).
+    pub(crate) fn feed(&mut self, mut bytes: &[u8], mut on_frame: impl FnMut(FrameHead, &[u8])) {
+        if self.skip > 0 {
+            let take = self.skip.min(bytes.len());
+            self.skip -= take;
+            bytes = &bytes[take..];
+        }
+        while !bytes.is_empty() {
+            if let Some(head) = self.current {
                 let take = self.remaining.min(bytes.len());
-                if let Some(payload) = &mut self.goaway {
+                if let Some(payload) = &mut self.payload {
                     let room = (8 + GOAWAY_DEBUG_CAP).saturating_sub(payload.len());
                     payload.extend_from_slice(&bytes[..take.min(room)]);
                 }
                 self.remaining -= take;
                 bytes = &bytes[take..];
                 if self.remaining == 0 {
-                    changed |= self.finish_frame(signals);
+                    self.current = None;
+                    let payload = self.payload.take().unwrap_or_default();
+                    on_frame(head, &payload);
                 }
                 continue;
             }
@@ -100,43 +136,145 @@ impl FrameParser {
                 break;
             }
             self.header_len = 0;
-            let len = u32::from_be_bytes([0, self.header[0], self.header[1], self.header[2]]);
-            let kind = self.header[3];
-            let flags = self.header[4];
-            self.remaining = len as usize;
-            if kind == TYPE_SETTINGS && flags & FLAG_ACK == 0 && !signals.settings {
-                signals.settings = true;
-                changed = true;
+            let h = &self.header;
+            let len = u32::from_be_bytes([0, h[0], h[1], h[2]]) as usize;
+            let head = FrameHead {
+                kind: h[3],
+                flags: h[4],
+                stream_id: u32::from_be_bytes([h[5], h[6], h[7], h[8]]) & 0x7fff_ffff,
+            };
+            if len == 0 {
+                on_frame(head, &[]);
+                continue;
             }
-            if kind == TYPE_GOAWAY && signals.goaway.is_none() {
-                self.goaway = Some(Vec::with_capacity(8));
-            }
-            if self.remaining == 0 {
-                changed |= self.finish_frame(signals);
-            }
+            self.remaining = len;
+            self.current = Some(head);
+            self.payload =
+                (head.kind == TYPE_GOAWAY || head.kind == TYPE_PING).then(|| Vec::with_capacity(8));
         }
-        changed
+    }
+}
+
+/// Parses a GOAWAY payload.
+fn parse_goaway(payload: &[u8]) -> Option<GoAway> {
+    if payload.len() < 8 {
+        // Malformed; h2 fails the connection itself.
+        return None;
+    }
+    Some(GoAway {
+        last_stream_id: u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]])
+            & 0x7fff_ffff,
+        error_code: u32::from_be_bytes([payload[4], payload[5], payload[6], payload[7]]),
+        debug_data: payload[8..].to_vec(),
+    })
+}
+
+/// The streams of one connection as seen on the wire, to tell after a GOAWAY whether the
+/// streams it broke can have been processed.
+///
+/// A server shuts down gracefully in two steps: GOAWAY with the largest stream id, a PING,
+/// and — once our ack of that PING arrives — a final GOAWAY naming the last stream it took.
+/// So a stream is provably unprocessed if its id is above a GOAWAY's last stream id, or if
+/// its HEADERS went out after our ack of the shutdown PING (stream ids go out in increasing
+/// order, so that is "its id is above the highest id written before the ack").
+#[derive(Debug, Default)]
+pub(crate) struct StreamLedger {
+    /// Client streams whose HEADERS went out and that the server has not ended or reset.
+    open: std::collections::BTreeSet<u32>,
+    /// The highest client stream id written so far.
+    max_written: u32,
+    /// The lowest last-stream-id of the server's GOAWAYs.
+    goaway_last: Option<u32>,
+    /// The payload of the server's PING that followed its announcing GOAWAY.
+    shutdown_ping: Option<Vec<u8>>,
+    /// The highest stream id written before we acked the shutdown PING.
+    cutoff: Option<u32>,
+}
+
+impl StreamLedger {
+    fn on_inbound(&mut self, head: FrameHead, payload: &[u8], goaway: Option<&GoAway>) {
+        match head.kind {
+            TYPE_DATA | TYPE_HEADERS if head.flags & FLAG_END_STREAM != 0 => {
+                self.open.remove(&head.stream_id);
+            }
+            TYPE_RST_STREAM => {
+                self.open.remove(&head.stream_id);
+            }
+            TYPE_GOAWAY => {
+                if let Some(g) = goaway {
+                    let last = self
+                        .goaway_last
+                        .map_or(g.last_stream_id, |l| l.min(g.last_stream_id));
+                    self.goaway_last = Some(last);
+                }
+            }
+            TYPE_PING
+                if head.flags & FLAG_ACK == 0
+                    && self.goaway_last == Some(MAX_STREAM_ID)
+                    && self.shutdown_ping.is_none() =>
+            {
+                self.shutdown_ping = Some(payload.to_vec());
+            }
+            _ => {}
+        }
     }
 
-    fn finish_frame(&mut self, signals: &mut FrameSignals) -> bool {
-        let Some(payload) = self.goaway.take() else {
+    fn on_outbound(&mut self, head: FrameHead, payload: &[u8]) {
+        match head.kind {
+            TYPE_HEADERS if head.stream_id % 2 == 1 => {
+                if self.open.insert(head.stream_id) {
+                    self.max_written = self.max_written.max(head.stream_id);
+                }
+            }
+            TYPE_RST_STREAM => {
+                self.open.remove(&head.stream_id);
+            }
+            TYPE_PING
+                if head.flags & FLAG_ACK != 0
+                    && self.cutoff.is_none()
+                    && self.shutdown_ping.as_deref() == Some(payload) =>
+            {
+                self.cutoff = Some(self.max_written);
+            }
+            _ => {}
+        }
+    }
+
+    /// After a GOAWAY, no stream still open can have been processed by the server (gRFC A6's
+    /// condition for a transparent retry).
+    pub(crate) fn only_unprocessed_open(&self) -> bool {
+        let Some(last) = self.goaway_last else {
             return false;
         };
-        if payload.len() < 8 {
-            // A malformed GOAWAY; h2 will fail the connection itself.
-            return false;
-        }
-        let last_stream_id =
-            u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]) & 0x7fff_ffff;
-        let error_code = u32::from_be_bytes([payload[4], payload[5], payload[6], payload[7]]);
-        signals.goaway = Some(GoAway {
-            last_stream_id,
-            error_code,
-            debug_data: payload[8..].to_vec(),
-        });
-        self.done = signals.settings;
-        true
+        self.open
+            .iter()
+            .all(|id| *id > last || self.cutoff.is_some_and(|cutoff| *id > cutoff))
     }
+}
+
+/// What the inbound side has seen, applied to the watch signals.
+fn apply_inbound(
+    head: FrameHead,
+    payload: &[u8],
+    signals: &mut FrameSignals,
+) -> (bool, Option<GoAway>) {
+    let mut changed = false;
+    if head.kind == TYPE_SETTINGS && head.flags & FLAG_ACK == 0 && !signals.settings {
+        signals.settings = true;
+        changed = true;
+    }
+    let goaway = if head.kind == TYPE_GOAWAY {
+        parse_goaway(payload)
+    } else {
+        None
+    };
+    if let Some(g) = &goaway {
+        if signals.goaway.is_none() {
+            signals.goaway = Some(g.clone());
+            changed = true;
+        }
+    }
+    (changed, goaway)
 }
 
 /// Closes a connection from outside, even while hyper's connection task still serves calls.
@@ -171,29 +309,104 @@ impl KillSwitch {
     }
 }
 
+/// What happened to a connection's byte stream, for classifying the calls it broke.
+///
+/// h2 closes a connection by itself once it received a GOAWAY and has no *active* stream —
+/// but streams still waiting to open (their HEADERS not yet written) are not counted as
+/// active, and they fail with the same `BrokenPipe` error as streams cut by a dying server.
+/// They never reached the server: the server's last GOAWAY named a stream id below theirs
+/// (their HEADERS, if written at all, went out after our ack of the server's GOAWAY PING).
+/// So a call that failed on a connection that *we* shut down cleanly after a graceful GOAWAY,
+/// before the server closed it or failed, is safe to send again; one cut by the server's
+/// close is not (the server may have processed it).
+#[derive(Debug, Default)]
+pub(crate) struct ConnFate {
+    flags: std::sync::atomic::AtomicU8,
+}
+
+const FATE_GRACEFUL_GOAWAY: u8 = 1;
+const FATE_READ_ENDED: u8 = 2;
+const FATE_LOCAL_SHUTDOWN: u8 = 4;
+/// When the byte stream ended, every stream still open was above a GOAWAY's last stream id.
+const FATE_ONLY_UNPROCESSED_OPEN: u8 = 8;
+/// A write or flush failed (the peer is gone).
+const FATE_WRITE_FAILED: u8 = 16;
+
+impl ConnFate {
+    fn set(&self, flag: u8) {
+        self.flags.fetch_or(flag, Ordering::AcqRel);
+    }
+
+    /// The byte stream ended (EOF, error, or our shutdown): record what the ledger says,
+    /// before h2 fails the streams that remain.
+    fn ended(&self, flag: u8, ledger: &StreamLedger) {
+        let mut flags = flag;
+        if ledger.only_unprocessed_open() {
+            flags |= FATE_ONLY_UNPROCESSED_OPEN;
+        }
+        self.flags.fetch_or(flags, Ordering::AcqRel);
+    }
+
+    /// The raw flags, for logs.
+    pub(crate) fn bits(&self) -> u8 {
+        self.flags.load(Ordering::Acquire)
+    }
+
+    /// Whether the streams this connection broke provably never reached the server's
+    /// application: either we closed the connection cleanly after the server's graceful
+    /// GOAWAY before the server closed or broke it (h2 only does that with no active stream,
+    /// so what broke was still waiting to open), or when it ended every stream still open on
+    /// the wire was above the GOAWAY's last stream id.
+    pub(crate) fn broken_streams_unprocessed(&self) -> bool {
+        let flags = self.flags.load(Ordering::Acquire);
+        let closed_by_us = flags & FATE_GRACEFUL_GOAWAY != 0
+            && flags & FATE_LOCAL_SHUTDOWN != 0
+            && flags & FATE_READ_ENDED == 0;
+        closed_by_us || flags & FATE_ONLY_UNPROCESSED_OPEN != 0
+    }
+}
+
 /// The I/O wrapper: reads pass through the [`FrameParser`], signals go out through a watch,
 /// and a [`KillSwitch`] can end it.
 #[derive(Debug)]
 pub(crate) struct FrameWatch<T> {
     io: T,
-    parser: FrameParser,
+    inbound: FrameWalker,
+    outbound: FrameWalker,
+    ledger: StreamLedger,
     signals: watch::Sender<FrameSignals>,
     kill: Arc<KillSwitch>,
+    fate: Arc<ConnFate>,
+}
+
+/// The handles the pool keeps on a [`FrameWatch`]ed stream.
+#[derive(Debug)]
+pub(crate) struct Watched {
+    pub(crate) signals: watch::Receiver<FrameSignals>,
+    pub(crate) kill: Arc<KillSwitch>,
+    pub(crate) fate: Arc<ConnFate>,
 }
 
 impl<T> FrameWatch<T> {
-    pub(crate) fn new(io: T) -> (Self, watch::Receiver<FrameSignals>, Arc<KillSwitch>) {
+    pub(crate) fn new(io: T) -> (Self, Watched) {
         let (tx, rx) = watch::channel(FrameSignals::default());
         let kill = Arc::new(KillSwitch::default());
+        let fate = Arc::new(ConnFate::default());
         (
             Self {
                 io,
-                parser: FrameParser::default(),
+                inbound: FrameWalker::default(),
+                outbound: FrameWalker::outbound(),
+                ledger: StreamLedger::default(),
                 signals: tx,
                 kill: kill.clone(),
+                fate: fate.clone(),
             },
-            rx,
-            kill,
+            Watched {
+                signals: rx,
+                kill,
+                fate,
+            },
         )
     }
 }
@@ -215,12 +428,29 @@ impl<T: AsyncRead + Unpin> AsyncRead for FrameWatch<T> {
         }
         let before = buf.filled().len();
         let res = Pin::new(&mut this.io).poll_read(cx, buf);
-        if let Poll::Ready(Ok(())) = res {
-            let new = &buf.filled()[before..];
-            if !new.is_empty() && !this.parser.done {
-                let parser = &mut this.parser;
-                this.signals.send_if_modified(|s| parser.feed(new, s));
+        match &res {
+            Poll::Ready(Ok(())) => {
+                let new = &buf.filled()[before..];
+                if new.is_empty() {
+                    this.fate.ended(FATE_READ_ENDED, &this.ledger);
+                } else {
+                    let (walker, ledger, fate) = (&mut this.inbound, &mut this.ledger, &this.fate);
+                    this.signals.send_if_modified(|signals| {
+                        let mut changed = false;
+                        walker.feed(new, |head, payload| {
+                            let (c, goaway) = apply_inbound(head, payload, signals);
+                            changed |= c;
+                            if goaway.as_ref().is_some_and(GoAway::is_graceful) {
+                                fate.set(FATE_GRACEFUL_GOAWAY);
+                            }
+                            ledger.on_inbound(head, payload, goaway.as_ref());
+                        });
+                        changed
+                    });
+                }
             }
+            Poll::Ready(Err(_)) => this.fate.ended(FATE_READ_ENDED, &this.ledger),
+            Poll::Pending => {}
         }
         res
     }
@@ -233,15 +463,34 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for FrameWatch<T> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         self.kill.check()?;
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+        let this = self.get_mut();
+        let res = Pin::new(&mut this.io).poll_write(cx, buf);
+        match &res {
+            Poll::Ready(Ok(n)) => {
+                let ledger = &mut this.ledger;
+                this.outbound.feed(&buf[..*n], |head, payload| {
+                    ledger.on_outbound(head, payload)
+                });
+            }
+            Poll::Ready(Err(_)) => this.fate.ended(FATE_WRITE_FAILED, &this.ledger),
+            Poll::Pending => {}
+        }
+        res
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+        let this = self.get_mut();
+        let res = Pin::new(&mut this.io).poll_flush(cx);
+        if let Poll::Ready(Err(_)) = res {
+            this.fate.ended(FATE_WRITE_FAILED, &this.ledger);
+        }
+        res
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+        let this = self.get_mut();
+        this.fate.ended(FATE_LOCAL_SHUTDOWN, &this.ledger);
+        Pin::new(&mut this.io).poll_shutdown(cx)
     }
 
     fn poll_write_vectored(
@@ -250,7 +499,25 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for FrameWatch<T> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         self.kill.check()?;
-        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        let res = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Err(_)) = res {
+            this.fate.ended(FATE_WRITE_FAILED, &this.ledger);
+        }
+        if let Poll::Ready(Ok(mut n)) = res {
+            let ledger = &mut this.ledger;
+            for buf in bufs {
+                if n == 0 {
+                    break;
+                }
+                let take = n.min(buf.len());
+                this.outbound.feed(&buf[..take], |head, payload| {
+                    ledger.on_outbound(head, payload)
+                });
+                n -= take;
+            }
+        }
+        res
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -300,11 +567,26 @@ mod tests {
         bytes
     }
 
+    /// Runs the inbound side over bytes split at `cuts`.
+    fn inbound(bytes: &[u8], cuts: &[usize]) -> (FrameSignals, StreamLedger) {
+        let mut walker = FrameWalker::default();
+        let mut signals = FrameSignals::default();
+        let mut ledger = StreamLedger::default();
+        let mut start = 0;
+        for &cut in cuts.iter().chain([bytes.len()].iter()) {
+            let cut = cut.clamp(start, bytes.len());
+            walker.feed(&bytes[start..cut], |head, payload| {
+                let (_, goaway) = apply_inbound(head, payload, &mut signals);
+                ledger.on_inbound(head, payload, goaway.as_ref());
+            });
+            start = cut;
+        }
+        (signals, ledger)
+    }
+
     #[test]
     fn sees_settings_and_goaway() {
-        let mut parser = FrameParser::default();
-        let mut signals = FrameSignals::default();
-        assert!(parser.feed(&stream(), &mut signals));
+        let (signals, _) = inbound(&stream(), &[]);
         assert!(signals.settings);
         let goaway = signals.goaway.unwrap();
         assert_eq!(goaway.last_stream_id, 5);
@@ -314,10 +596,84 @@ mod tests {
 
     #[test]
     fn silence_is_not_settings() {
-        let mut parser = FrameParser::default();
-        let mut signals = FrameSignals::default();
-        assert!(!parser.feed(&[0, 0], &mut signals));
+        let (signals, _) = inbound(&[0, 0], &[]);
         assert!(!signals.settings);
+    }
+
+    fn headers(stream: u32, flags: u8) -> Vec<u8> {
+        let mut f = frame(TYPE_HEADERS, flags, &[0; 3]);
+        f[5..9].copy_from_slice(&stream.to_be_bytes());
+        f
+    }
+
+    /// The ledger: streams opened by the client, ended by the server; after a GOAWAY, only
+    /// streams above its last stream id may remain for a retry to be safe.
+    #[test]
+    fn ledger_tells_unprocessed_streams() {
+        let mut ledger = StreamLedger::default();
+        let mut out = FrameWalker::outbound();
+        let mut bytes = vec![0u8; CLIENT_PREFACE_LEN];
+        for id in [1, 3, 5] {
+            bytes.extend(headers(id, 0x4));
+        }
+        out.feed(&bytes, |head, payload| ledger.on_outbound(head, payload));
+        assert!(!ledger.only_unprocessed_open(), "no GOAWAY yet");
+        let mut reply = headers(1, 0x5);
+        reply.extend(frame(TYPE_GOAWAY, 0, &goaway_payload(3, NO_ERROR, b"")));
+        let mut walker = FrameWalker::default();
+        let mut signals = FrameSignals::default();
+        walker.feed(&reply, |head, payload| {
+            let (_, goaway) = apply_inbound(head, payload, &mut signals);
+            ledger.on_inbound(head, payload, goaway.as_ref());
+        });
+        assert!(
+            !ledger.only_unprocessed_open(),
+            "stream 3 may have been processed"
+        );
+        walker.feed(&headers(3, 0x5), |head, payload| {
+            let (_, goaway) = apply_inbound(head, payload, &mut signals);
+            ledger.on_inbound(head, payload, goaway.as_ref());
+        });
+        assert!(
+            ledger.only_unprocessed_open(),
+            "only stream 5 (> 3) is left"
+        );
+    }
+
+    /// Graceful shutdown in two steps: streams written after our ack of the shutdown PING
+    /// are unprocessed even before the final GOAWAY arrives.
+    #[test]
+    fn ledger_uses_the_shutdown_ping() {
+        let mut ledger = StreamLedger::default();
+        let mut out = FrameWalker::outbound();
+        let mut bytes = vec![0u8; CLIENT_PREFACE_LEN];
+        bytes.extend(headers(1, 0x4));
+        out.feed(&bytes, |h, p| ledger.on_outbound(h, p));
+        let mut inbound = frame(
+            TYPE_GOAWAY,
+            0,
+            &goaway_payload(MAX_STREAM_ID, NO_ERROR, b""),
+        );
+        inbound.extend(frame(TYPE_PING, 0, &[9; 8]));
+        let mut walker = FrameWalker::default();
+        let mut signals = FrameSignals::default();
+        walker.feed(&inbound, |head, payload| {
+            let (_, goaway) = apply_inbound(head, payload, &mut signals);
+            ledger.on_inbound(head, payload, goaway.as_ref());
+        });
+        assert!(
+            !ledger.only_unprocessed_open(),
+            "stream 1 went out before the ack"
+        );
+        let mut later = frame(TYPE_PING, FLAG_ACK, &[9; 8]);
+        later.extend(headers(3, 0x4));
+        out.feed(&later, |h, p| ledger.on_outbound(h, p));
+        // The server ends stream 1; stream 3 went out after the ack.
+        walker.feed(&headers(1, 0x5), |head, payload| {
+            let (_, goaway) = apply_inbound(head, payload, &mut signals);
+            ledger.on_inbound(head, payload, goaway.as_ref());
+        });
+        assert!(ledger.only_unprocessed_open());
     }
 
     proptest! {
@@ -327,13 +683,7 @@ mod tests {
             let bytes = stream();
             let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c % bytes.len()).collect();
             cuts.sort_unstable();
-            let mut parser = FrameParser::default();
-            let mut signals = FrameSignals::default();
-            let mut start = 0;
-            for cut in cuts.into_iter().chain([bytes.len()]) {
-                parser.feed(&bytes[start..cut.max(start)], &mut signals);
-                start = cut.max(start);
-            }
+            let (signals, _) = inbound(&bytes, &cuts);
             prop_assert!(signals.settings);
             prop_assert_eq!(signals.goaway.map(|g| g.last_stream_id), Some(5));
         }

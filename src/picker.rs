@@ -49,6 +49,11 @@ impl<T: Pickable> Picker<T> {
         self.entries.len()
     }
 
+    /// Whether it holds no entry.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
     /// Picks the next available entry after the cursor, or `None` when there is none.
     ///
     /// The cursor is shared by every pick of a pool so that concurrent callers interleave and
@@ -56,10 +61,10 @@ impl<T: Pickable> Picker<T> {
     /// only has to hand out distinct numbers.
     #[inline]
     pub fn pick(&self, cursor: &AtomicUsize) -> Option<&T> {
-        let n = self.entries.len();
-        if n == 0 {
+        if self.is_empty() {
             return None;
         }
+        let n = self.entries.len();
         let start = cursor.fetch_add(1, Ordering::Relaxed) % n;
         let first = &self.entries[start];
         if first.is_available() {

@@ -39,7 +39,8 @@ use tonic::{Code, Status, Streaming};
 
 use crate::backoff::{Backoff, BackoffConfig, FastRng};
 
-type OpenFuture<T> = Pin<Box<dyn Future<Output = Result<tonic::Response<Streaming<T>>, Status>> + Send>>;
+type OpenFuture<T> =
+    Pin<Box<dyn Future<Output = Result<tonic::Response<Streaming<T>>, Status>> + Send>>;
 type Open<T> = Box<dyn FnMut() -> OpenFuture<T> + Send>;
 
 /// What a [`ResilientStream`] yields.
@@ -62,7 +63,7 @@ enum State<T> {
     /// Waiting before the next attempt.
     Backoff(Pin<Box<tokio::time::Sleep>>),
     Opening(OpenFuture<T>),
-    Streaming(Streaming<T>),
+    Streaming(Box<Streaming<T>>),
     Done,
 }
 
@@ -189,9 +190,10 @@ impl<T> ResilientStream<T> {
                 }
                 State::Opening(opening) => match ready!(opening.as_mut().poll(cx)) {
                     Ok(response) => {
-                        self.state = State::Streaming(response.into_inner());
+                        self.state = State::Streaming(Box::new(response.into_inner()));
                         self.failures = 0;
-                        self.backoff = Backoff::new(self.backoff_config.clone(), FastRng::random_seed());
+                        self.backoff =
+                            Backoff::new(self.backoff_config.clone(), FastRng::random_seed());
                         if self.opened {
                             self.reconnects += 1;
                             let cause = self.cause.take().unwrap_or_else(|| Status::ok(""));
@@ -204,15 +206,18 @@ impl<T> ResilientStream<T> {
                     }
                     Err(status) if self.opened && self.retryable(&status) => {
                         self.failures += 1;
-                        self.state = State::Backoff(Box::pin(tokio::time::sleep(self.backoff.next_delay())));
+                        self.state =
+                            State::Backoff(Box::pin(tokio::time::sleep(self.backoff.next_delay())));
                     }
                     Err(status) => {
                         self.state = State::Done;
                         return Poll::Ready(Some(Err(status)));
                     }
                 },
-                State::Streaming(stream) => match ready!(Pin::new(stream).poll_next(cx)) {
-                    Some(Ok(message)) => return Poll::Ready(Some(Ok(StreamEvent::Message(message)))),
+                State::Streaming(stream) => match ready!(Pin::new(&mut **stream).poll_next(cx)) {
+                    Some(Ok(message)) => {
+                        return Poll::Ready(Some(Ok(StreamEvent::Message(message))))
+                    }
                     Some(Err(status)) if self.retryable(&status) => {
                         tracing::debug!(%status, "stream broke; reopening");
                         self.schedule_reopen(status);

@@ -32,7 +32,7 @@ use tokio::sync::{watch, Notify};
 use crate::backoff::Backoff;
 use crate::connector::{BoxedIo, Connect, Destination};
 use crate::error::BoxError;
-use crate::frames::{FrameSignals, FrameWatch, KillSwitch};
+use crate::frames::{ConnFate, FrameWatch, Watched};
 use crate::picker::Pickable;
 use crate::registry::{InFlight, Shared};
 use crate::replay::ReplayBody;
@@ -123,6 +123,8 @@ pub(crate) struct ReadyConn {
     /// Set the moment the connection must take no new call (GOAWAY seen, draining, lost),
     /// before the registry republishes the picker.
     closing: AtomicBool,
+    /// How its byte stream ended, for classifying the calls it broke.
+    pub(crate) fate: Arc<ConnFate>,
 }
 
 impl ReadyConn {
@@ -171,7 +173,9 @@ impl KeepAlive {
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |ms| {
                 (ms != 0).then(|| ms.saturating_mul(2))
             });
-        doubled.ok().map(|ms| Duration::from_millis(ms.saturating_mul(2)))
+        doubled
+            .ok()
+            .map(|ms| Duration::from_millis(ms.saturating_mul(2)))
     }
 }
 
@@ -197,17 +201,30 @@ enum ServeEnd {
     Shutdown,
 }
 
+/// Everything a slot's task is started with.
+pub(crate) struct Slot {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) id: u64,
+    pub(crate) addr: SocketAddr,
+    pub(crate) stats: Arc<ConnStats>,
+    pub(crate) connector: Arc<dyn Connect>,
+    pub(crate) keepalive: Arc<KeepAlive>,
+    pub(crate) control: watch::Receiver<Control>,
+    pub(crate) seed: u64,
+}
+
 /// The slot's task. Ends on `Drain` (after its calls finish) or `Shutdown`.
-pub(crate) async fn run(
-    shared: Arc<Shared>,
-    id: u64,
-    addr: SocketAddr,
-    stats: Arc<ConnStats>,
-    connector: Arc<dyn Connect>,
-    keepalive: Arc<KeepAlive>,
-    mut control: watch::Receiver<Control>,
-    seed: u64,
-) {
+pub(crate) async fn run(slot: Slot) {
+    let Slot {
+        shared,
+        id,
+        addr,
+        stats,
+        connector,
+        keepalive,
+        mut control,
+        seed,
+    } = slot;
     let mut backoff = Backoff::new(shared.config.backoff.clone(), seed);
     let mut connect_rx = shared.subscribe_connect();
     // Stay Idle until the pool is asked to connect (at once unless it is lazy).
@@ -243,7 +260,15 @@ pub(crate) async fn run(
             _ = wait_until(&mut control, |c| *c != Control::Run) => return finish(&shared, id, "closed while connecting"),
             r = attempt => r,
         };
-        let (send, mut driver, signals, kill) = match result {
+        let (
+            send,
+            mut driver,
+            Watched {
+                signals,
+                kill,
+                fate,
+            },
+        ) = match result {
             Ok(Ok(connected)) => connected,
             Ok(Err(e)) => {
                 let reason = format!("connect error: {}", error_chain(&*e));
@@ -264,6 +289,7 @@ pub(crate) async fn run(
             send,
             stats: stats.clone(),
             closing: AtomicBool::new(false),
+            fate,
         });
         shared.transition(
             id,
@@ -390,17 +416,9 @@ async fn connect(
     connector: &dyn Connect,
     dst: &Destination,
     keepalive: Option<Duration>,
-) -> Result<
-    (
-        http2::SendRequest<ReplayBody>,
-        Driver,
-        watch::Receiver<FrameSignals>,
-        Arc<KillSwitch>,
-    ),
-    BoxError,
-> {
+) -> Result<(http2::SendRequest<ReplayBody>, Driver, Watched), BoxError> {
     let io = connector.connect(dst).await?;
-    let (io, signals, kill) = FrameWatch::new(io);
+    let (io, watched) = FrameWatch::new(io);
     let config = &shared.config;
     let mut builder = http2::Builder::new(TokioExecutor::new());
     builder
@@ -412,7 +430,7 @@ async fn connect(
         .keep_alive_timeout(config.keep_alive_timeout)
         .keep_alive_while_idle(config.keep_alive_while_idle);
     let (send, mut driver) = builder.handshake(TokioIo::new(io)).await?;
-    let mut settings_rx = signals.clone();
+    let mut settings_rx = watched.signals.clone();
     let settings = tokio::select! {
         res = &mut driver => match res {
             Ok(()) => None,
@@ -421,7 +439,7 @@ async fn connect(
         seen = wait_until(&mut settings_rx, |s| s.settings) => seen,
     };
     match settings {
-        Some(_) => Ok((send, driver, signals, kill)),
+        Some(_) => Ok((send, driver, watched)),
         None => Err("connection closed before the server's SETTINGS".into()),
     }
 }

@@ -41,7 +41,7 @@ pub(crate) enum Command {
 
 /// One connection slot as the worker tracks it.
 #[derive(Debug)]
-struct Slot {
+struct SlotHandle {
     control: watch::Sender<Control>,
 }
 
@@ -52,9 +52,9 @@ pub(crate) struct Worker {
     resolver: Arc<dyn Resolve>,
     commands: mpsc::UnboundedReceiver<Command>,
     /// Active addresses and their slots.
-    endpoints: HashMap<SocketAddr, Vec<Slot>>,
+    endpoints: HashMap<SocketAddr, Vec<SlotHandle>>,
     /// Slots of removed addresses, still finishing their calls.
-    draining: Vec<Slot>,
+    draining: Vec<SlotHandle>,
     tasks: JoinSet<()>,
     rng: FastRng,
     failures: Vec<Error>,
@@ -227,20 +227,20 @@ impl Worker {
         }
     }
 
-    fn spawn_slot(&mut self, addr: SocketAddr, keepalive: Arc<KeepAlive>) -> Slot {
+    fn spawn_slot(&mut self, addr: SocketAddr, keepalive: Arc<KeepAlive>) -> SlotHandle {
         let (id, stats) = self.shared.add_connection(addr, &keepalive);
         let (control, control_rx) = watch::channel(Control::Run);
-        self.tasks.spawn(subchannel::run(
-            self.shared.clone(),
+        self.tasks.spawn(subchannel::run(subchannel::Slot {
+            shared: self.shared.clone(),
             id,
             addr,
             stats,
-            self.connector.clone(),
+            connector: self.connector.clone(),
             keepalive,
-            control_rx,
-            self.rng.next_u64(),
-        ));
-        Slot { control }
+            control: control_rx,
+            seed: self.rng.next_u64(),
+        }));
+        SlotHandle { control }
     }
 
     /// Stops every slot, waits for their tasks, marks the pool Shutdown and answers `close()`.

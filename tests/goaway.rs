@@ -21,6 +21,10 @@ fn aged(name: &str) -> ServerOptions {
 /// many times (GOAWAY each second) and not one call fails.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_connection_age_loses_no_call() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_ansi(false)
+        .try_init();
     let a = TestServer::start_with(loopback(2), aged("a"));
     let b = TestServer::start_with(loopback(3), aged("b"));
     let pool = builder(&static_target(&[&a, &b]))
@@ -37,10 +41,21 @@ async fn max_connection_age_loses_no_call() {
     )
     .await;
     let accepted = a.accepted_connections() + b.accepted_connections();
-    println!("max-age: {} calls ok, {} failed, {accepted} connections", report.ok, report.failed.len());
-    assert!(report.failed.is_empty(), "failed calls: {:?}", report.failed);
+    println!(
+        "max-age: {} calls ok, {} failed, {accepted} connections",
+        report.ok,
+        report.failed.len()
+    );
+    assert!(
+        report.failed.is_empty(),
+        "failed calls: {:?}",
+        report.failed
+    );
     assert!(report.ok > 100, "load ran: {}", report.ok);
-    assert!(accepted >= 4 * 5, "connections were recycled many times: {accepted}");
+    assert!(
+        accepted >= 4 * 5,
+        "connections were recycled many times: {accepted}"
+    );
     pool.close().await.unwrap();
 }
 
@@ -64,11 +79,22 @@ async fn graceful_shutdown_and_restart_loses_no_call() {
         let before = a.requests();
         a.restart();
         wait_endpoint(&pool, addr, ConnectivityState::Ready).await;
-        assert!(a.wait_for_requests(before + 50, WAIT).await, "traffic resumed");
+        assert!(
+            a.wait_for_requests(before + 50, WAIT).await,
+            "traffic resumed"
+        );
     };
     let report = drive_load(&pool, 8, 1, Duration::from_secs(20), scenario).await;
-    println!("graceful: {} calls ok, {} failed", report.ok, report.failed.len());
-    assert!(report.failed.is_empty(), "failed calls: {:?}", report.failed);
+    println!(
+        "graceful: {} calls ok, {} failed",
+        report.ok,
+        report.failed.len()
+    );
+    assert!(
+        report.failed.is_empty(),
+        "failed calls: {:?}",
+        report.failed
+    );
     pool.close().await.unwrap();
 }
 

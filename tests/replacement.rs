@@ -34,11 +34,18 @@ async fn routes_around_a_stopped_server_and_back() {
             .await
             .expect("no call fails once the dead endpoint is TransientFailure");
     }
-    assert_eq!(b.requests() - before_b, 100, "every call went to the live server");
+    assert_eq!(
+        b.requests() - before_b,
+        100,
+        "every call went to the live server"
+    );
     assert_eq!(pool.state(), ConnectivityState::Ready);
     let dead = pool.snapshot();
     let dead = dead.endpoint(a.addr()).unwrap();
-    assert!(dead.connections.iter().all(|c| c.last_error.is_some()), "{dead:?}");
+    assert!(
+        dead.connections.iter().all(|c| c.last_error.is_some()),
+        "{dead:?}"
+    );
 
     a.restart();
     wait_endpoint(&pool, a.addr(), ConnectivityState::Ready).await;
@@ -47,7 +54,11 @@ async fn routes_around_a_stopped_server_and_back() {
     for i in 0..20 {
         client.unary(echo(&i.to_string())).await.unwrap();
     }
-    assert_eq!(a.requests() - before_a, 10, "traffic resumed on the restarted server");
+    assert_eq!(
+        a.requests() - before_a,
+        10,
+        "traffic resumed on the restarted server"
+    );
     pool.close().await.unwrap();
 }
 

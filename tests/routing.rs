@@ -49,11 +49,19 @@ async fn four_connections_per_address_share_calls_evenly() {
     }
     assert_eq!(per_connection.values().sum::<u64>(), 1200);
     for (conn, n) in &per_connection {
-        assert!((99..=101).contains(n), "{conn} served {n}: {per_connection:?}");
+        assert!(
+            (99..=101).contains(n),
+            "{conn} served {n}: {per_connection:?}"
+        );
     }
     // The pool counts the same calls.
     let snapshot = pool.snapshot();
-    let calls: u64 = snapshot.endpoints.iter().flat_map(|e| &e.connections).map(|c| c.calls).sum();
+    let calls: u64 = snapshot
+        .endpoints
+        .iter()
+        .flat_map(|e| &e.connections)
+        .map(|c| c.calls)
+        .sum();
     assert_eq!(calls, 1200);
     pool.close().await.unwrap();
 }

@@ -40,7 +40,11 @@ async fn all_four_rpc_kinds() {
     let outbound = tokio_stream::iter(vec![echo("a"), echo("b"), echo("c")]);
     let reply = client.client_stream(outbound).await.unwrap().into_inner();
     assert_eq!(reply.seq, 3);
-    assert!(reply.message.contains('a') && reply.message.contains('c'), "{}", reply.message);
+    assert!(
+        reply.message.contains('a') && reply.message.contains('c'),
+        "{}",
+        reply.message
+    );
 
     let outbound = tokio_stream::iter(vec![echo("x"), echo("y")]);
     let mut replies = client.bidi(outbound).await.unwrap().into_inner();

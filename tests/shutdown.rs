@@ -33,7 +33,11 @@ async fn close_lets_calls_in_flight_finish() {
         tokio::spawn(async move { pool.close().await })
     };
     // New calls fail as soon as close() has started.
-    assert!(pool.watch().wait_for(ConnectivityState::Shutdown, WAIT).await);
+    assert!(
+        pool.watch()
+            .wait_for(ConnectivityState::Shutdown, WAIT)
+            .await
+    );
     let status = client(&pool).unary(echo("late")).await.unwrap_err();
     assert_eq!(status.code(), Code::Unavailable);
     assert!(status.message().contains("shut down"), "{status:?}");
@@ -42,7 +46,10 @@ async fn close_lets_calls_in_flight_finish() {
         call.await.unwrap().expect("in-flight call completed");
     }
     closing.await.unwrap().expect("clean close");
-    assert!(server.wait_for_open_connections(0, WAIT).await, "connections closed");
+    assert!(
+        server.wait_for_open_connections(0, WAIT).await,
+        "connections closed"
+    );
     // Closing again is harmless.
     pool.close().await.unwrap();
 }
@@ -62,7 +69,10 @@ async fn close_reports_calls_cut_by_the_timeout() {
     let err = pool.close().await.unwrap_err();
     assert!(err.is_close());
     assert_eq!(err.failures().len(), 1, "{err}");
-    assert!(err.to_string().contains("1 call(s) still in flight"), "{err}");
+    assert!(
+        err.to_string().contains("1 call(s) still in flight"),
+        "{err}"
+    );
     let status = call.await.unwrap().unwrap_err();
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
 }
@@ -87,9 +97,15 @@ fn dropping_the_last_handle_ends_every_task() {
         wait_all_ready(&pool, 3).await;
         let clone = pool.clone();
         client(&clone).unary(echo("x")).await.unwrap();
-        assert!(metrics.num_alive_tasks() >= 4, "worker + 3 slots + hyper tasks");
+        assert!(
+            metrics.num_alive_tasks() >= 4,
+            "worker + 3 slots + hyper tasks"
+        );
         drop(pool);
-        assert!(metrics.num_alive_tasks() >= 4, "a clone keeps the pool alive");
+        assert!(
+            metrics.num_alive_tasks() >= 4,
+            "a clone keeps the pool alive"
+        );
         drop(clone);
         // Bounded: the tasks end within a few turns of the scheduler once they are told.
         let mut turns = 0;
@@ -97,7 +113,11 @@ fn dropping_the_last_handle_ends_every_task() {
             tokio::time::sleep(Duration::from_millis(10)).await;
             turns += 1;
         }
-        assert_eq!(metrics.num_alive_tasks(), 0, "tasks left after {turns} turns");
+        assert_eq!(
+            metrics.num_alive_tasks(),
+            0,
+            "tasks left after {turns} turns"
+        );
         assert!(server.wait_for_open_connections(0, WAIT).await);
     });
 }
@@ -110,7 +130,9 @@ async fn waiting_call_fails_when_the_pool_closes() {
     let pool = builder(&format!("static:///{addr}")).build().unwrap();
     let mut client = client(&pool);
     let mut request = tonic::Request::new(echo("x"));
-    request.extensions_mut().insert(tonic_pool::WaitForReady(true));
+    request
+        .extensions_mut()
+        .insert(tonic_pool::WaitForReady(true));
     let call = tokio::spawn(async move { client.unary(request).await });
     pool.close().await.unwrap();
     let status = tokio::time::timeout(WAIT, call)
@@ -138,7 +160,10 @@ fn build_errors_are_errors() {
         .runtime(runtime.handle().clone())
         .build()
         .unwrap_err();
-    assert!(err.is_invalid_config() && err.to_string().contains("TLS"), "{err}");
+    assert!(
+        err.is_invalid_config() && err.to_string().contains("TLS"),
+        "{err}"
+    );
     let pool = Pool::builder("static:///127.0.0.1:1")
         .runtime(runtime.handle().clone())
         .build()

@@ -12,7 +12,9 @@ use tonic_pool::state::Scope;
 use tonic_pool::{ConnectivityState::*, StateEvent};
 
 /// The next pool-level transition, skipping endpoint and connection events.
-async fn next_pool_event(events: &mut broadcast::Receiver<StateEvent>) -> (tonic_pool::ConnectivityState, tonic_pool::ConnectivityState) {
+async fn next_pool_event(
+    events: &mut broadcast::Receiver<StateEvent>,
+) -> (tonic_pool::ConnectivityState, tonic_pool::ConnectivityState) {
     let deadline = Instant::now() + WAIT;
     loop {
         let event = tokio::time::timeout_at(deadline, events.recv())
@@ -38,7 +40,11 @@ async fn state_sequence_through_startup_loss_recovery_and_close() {
     let mut watch = pool.watch();
     assert_eq!(pool.state(), Idle);
     // A lazy pool stays Idle until asked.
-    assert!(!pool.wait_for_state_change(Idle, Instant::now() + Duration::from_millis(50)).await);
+    assert!(
+        !pool
+            .wait_for_state_change(Idle, Instant::now() + Duration::from_millis(50))
+            .await
+    );
 
     pool.connect();
     assert_eq!(next_pool_event(&mut events).await, (Idle, Connecting));
@@ -46,12 +52,21 @@ async fn state_sequence_through_startup_loss_recovery_and_close() {
     assert_eq!(watch.changed().await, Ready);
 
     server.stop();
-    assert_eq!(next_pool_event(&mut events).await, (Ready, TransientFailure));
+    assert_eq!(
+        next_pool_event(&mut events).await,
+        (Ready, TransientFailure)
+    );
     assert!(watch.wait_for(TransientFailure, WAIT).await);
 
     server.restart();
-    assert_eq!(next_pool_event(&mut events).await, (TransientFailure, Ready));
-    assert!(pool.wait_for_state_change(TransientFailure, Instant::now() + WAIT).await);
+    assert_eq!(
+        next_pool_event(&mut events).await,
+        (TransientFailure, Ready)
+    );
+    assert!(
+        pool.wait_for_state_change(TransientFailure, Instant::now() + WAIT)
+            .await
+    );
     assert_eq!(pool.state(), Ready);
 
     pool.close().await.unwrap();
@@ -70,16 +85,28 @@ async fn snapshot_shows_connections_in_flight() {
     pool.wait_ready(WAIT).await.unwrap();
     assert!(pool.wait_until(WAIT, |s| s.ready_connections() == 3).await);
     let mut client = client(&pool);
-    let slow = tokio::spawn(async move { client.unary(support::common::slow_echo("slow", 300)).await });
+    let slow =
+        tokio::spawn(async move { client.unary(support::common::slow_echo("slow", 300)).await });
     // The server has the call: the pool counted it in flight before sending it.
     assert!(server.wait_for_requests(1, WAIT).await);
     let snapshot = pool.snapshot();
     let endpoint = snapshot.endpoint(server.addr()).unwrap();
     assert_eq!(endpoint.state, Ready);
     assert_eq!(endpoint.connections.len(), 3);
-    assert_eq!(endpoint.connections.iter().filter(|c| c.in_flight == 1).count(), 1);
+    assert_eq!(
+        endpoint
+            .connections
+            .iter()
+            .filter(|c| c.in_flight == 1)
+            .count(),
+        1
+    );
     slow.await.unwrap().unwrap();
-    assert_eq!(pool.snapshot().in_flight(), 0, "the call ended with its response");
+    assert_eq!(
+        pool.snapshot().in_flight(),
+        0,
+        "the call ended with its response"
+    );
     let mut client = self::client(&pool);
     client.unary(echo("after")).await.unwrap();
     pool.close().await.unwrap();
@@ -92,7 +119,10 @@ async fn unreachable_address_is_transient_failure() {
     let pool = builder(&format!("static:///{addr}")).build().unwrap();
     let mut watch = pool.watch();
     assert!(watch.wait_for(TransientFailure, WAIT).await);
-    let err = pool.wait_ready(Duration::from_millis(100)).await.unwrap_err();
+    let err = pool
+        .wait_ready(Duration::from_millis(100))
+        .await
+        .unwrap_err();
     assert!(err.is_deadline_exceeded());
     assert!(err.to_string().contains("connect error"), "{err}");
     pool.close().await.unwrap();

@@ -22,7 +22,10 @@ async fn malformed_targets_are_typed_errors() {
         ("static:///127.0.0.1", MissingPort("127.0.0.1".into())),
         ("static:///svc.local:1", InvalidAddress("svc.local".into())),
         ("ipv4:300.0.0.1:1", InvalidAddress("300.0.0.1".into())),
-        ("dns://resolver.local/svc:1", InvalidDnsServer("resolver.local".into())),
+        (
+            "dns://resolver.local/svc:1",
+            InvalidDnsServer("resolver.local".into()),
+        ),
         ("http://svc:1/path", UnexpectedPart("/path".into())),
     ];
     for (target, expected) in cases {
@@ -30,7 +33,10 @@ async fn malformed_targets_are_typed_errors() {
         assert!(err.is_invalid_target(), "{target:?}: {err}");
         assert_eq!(err.target_error(), Some(&expected), "{target:?}");
         // The message names the problem.
-        assert!(err.to_string().contains(&expected.to_string()), "{target:?}: {err}");
+        assert!(
+            err.to_string().contains(&expected.to_string()),
+            "{target:?}: {err}"
+        );
     }
 }
 

@@ -26,7 +26,11 @@ fn wait_for_ready<T>(mut request: tonic::Request<T>) -> tonic::Request<T> {
 async fn fail_fast_and_deadline_with_every_server_down() {
     let addr = unused_addr(2);
     let pool = builder(&format!("static:///{addr}")).build().unwrap();
-    assert!(pool.watch().wait_for(ConnectivityState::TransientFailure, WAIT).await);
+    assert!(
+        pool.watch()
+            .wait_for(ConnectivityState::TransientFailure, WAIT)
+            .await
+    );
     let mut client = client(&pool);
 
     let started = tokio::time::Instant::now();
@@ -50,7 +54,12 @@ async fn fail_fast_and_deadline_with_every_server_down() {
         .unwrap_err();
     assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
     // ...and a call can opt out of the default.
-    assert!(waiting.watch().wait_for(ConnectivityState::TransientFailure, WAIT).await);
+    assert!(
+        waiting
+            .watch()
+            .wait_for(ConnectivityState::TransientFailure, WAIT)
+            .await
+    );
     let status = self::client(&waiting)
         .unary(tonic::Request::new(echo("x")).tap_opt_out())
         .await
@@ -76,7 +85,11 @@ impl<T> OptOut for tonic::Request<T> {
 async fn wait_for_ready_call_completes_when_the_server_comes_up() {
     let addr = unused_addr(2);
     let pool = builder(&format!("static:///{addr}")).build().unwrap();
-    assert!(pool.watch().wait_for(ConnectivityState::TransientFailure, WAIT).await);
+    assert!(
+        pool.watch()
+            .wait_for(ConnectivityState::TransientFailure, WAIT)
+            .await
+    );
     let mut client = client(&pool);
     let call = tokio::spawn(async move {
         client

@@ -105,7 +105,13 @@ pub struct LoadReport {
 
 /// Runs `workers` closed-loop callers against the pool until `stop` resolves (and at most
 /// `max` in time), each call asking the server to sleep `sleep_ms`.
-pub async fn drive_load<F>(pool: &Pool, workers: usize, sleep_ms: u32, max: Duration, stop: F) -> LoadReport
+pub async fn drive_load<F>(
+    pool: &Pool,
+    workers: usize,
+    sleep_ms: u32,
+    max: Duration,
+    stop: F,
+) -> LoadReport
 where
     F: std::future::Future<Output = ()> + Send,
 {
@@ -118,7 +124,9 @@ where
             let mut report = LoadReport::default();
             let deadline = tokio::time::Instant::now() + max;
             let mut i = 0u64;
-            while !done.load(std::sync::atomic::Ordering::Relaxed) && tokio::time::Instant::now() < deadline {
+            while !done.load(std::sync::atomic::Ordering::Relaxed)
+                && tokio::time::Instant::now() < deadline
+            {
                 match client.unary(slow_echo(&format!("{w}-{i}"), sleep_ms)).await {
                     Ok(_) => report.ok += 1,
                     Err(status) => report.failed.push(status),

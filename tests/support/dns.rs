@@ -21,6 +21,7 @@
 //! | [`Mode::ServFail`] | SERVFAIL |
 //! | [`Mode::Empty`] | NOERROR, no records at all |
 //! | [`Mode::Drop`] | nothing (the query is counted, then dropped) |
+//! | [`Mode::DropAaaa`] | nothing to AAAA queries, the rest as in [`Mode::Normal`] |
 //!
 //! Names outside the zone get REFUSED; malformed messages are handled by hickory-server
 //! (FORMERR, or dropped when not even the header can be read) and never reach the handler.
@@ -75,6 +76,8 @@ pub enum Mode {
     Empty,
     /// Never answer (the client times out).
     Drop,
+    /// Answer A queries from the records, never answer AAAA queries.
+    DropAaaa,
 }
 
 /// The records of one name.
@@ -196,10 +199,11 @@ impl TestDns {
     /// Waits until at least `n` queries arrived, at most `timeout`; false on timeout.
     pub async fn wait_for_queries(&self, n: u64, timeout: Duration) -> bool {
         let mut rx = self.shared.queries.subscribe();
-        matches!(
+        let reached = matches!(
             tokio::time::timeout(timeout, rx.wait_for(|v| *v >= n)).await,
             Ok(Ok(_))
-        )
+        );
+        reached
     }
 
     /// Stops the server: drops its runtime, closing both sockets. Idempotent.
@@ -382,7 +386,8 @@ enum Answer {
     Respond {
         code: ResponseCode,
         answers: Vec<Record>,
-        soa: Option<Record>,
+        /// Whether to add the zone's SOA (negative answers).
+        soa: bool,
     },
 }
 
@@ -392,7 +397,7 @@ impl Handler {
         let respond = |code| Answer::Respond {
             code,
             answers: Vec::new(),
-            soa: None,
+            soa: false,
         };
         if request.metadata.op_code != OpCode::Query {
             return respond(ResponseCode::NotImp);
@@ -403,6 +408,8 @@ impl Handler {
         let zone = self.shared.zone();
         match zone.mode {
             Mode::Normal => {}
+            Mode::DropAaaa if query.query_type() == RecordType::AAAA => return Answer::Drop,
+            Mode::DropAaaa => {}
             Mode::ServFail => return respond(ResponseCode::ServFail),
             Mode::Empty => return respond(ResponseCode::NoError),
             Mode::Drop => return Answer::Drop,
@@ -415,7 +422,7 @@ impl Handler {
             return Answer::Respond {
                 code: ResponseCode::NXDomain,
                 answers: Vec::new(),
-                soa: Some(soa_record()),
+                soa: true,
             };
         };
         let owner = Name::from(name);
@@ -428,13 +435,11 @@ impl Handler {
             RecordType::AAAA => entry
                 .aaaa
                 .iter()
-                .map(|ip| {
-                    Record::from_rdata(owner.clone(), entry.aaaa_ttl, RData::AAAA(AAAA(*ip)))
-                })
+                .map(|ip| Record::from_rdata(owner.clone(), entry.aaaa_ttl, RData::AAAA(AAAA(*ip))))
                 .collect(),
             _ => Vec::new(),
         };
-        let soa = answers.is_empty().then(soa_record);
+        let soa = answers.is_empty();
         Answer::Respond {
             code: ResponseCode::NoError,
             answers,
@@ -454,6 +459,7 @@ impl Handler {
         let mut metadata = Metadata::response_from_request(&request.metadata);
         let (code, answers, soa) = match answer {
             Answer::Drop => {
+                // Nothing is sent; the returned info only feeds hickory-server's logging.
                 metadata.response_code = ResponseCode::ServFail;
                 return ResponseInfo::from(Header {
                     metadata,
@@ -476,6 +482,7 @@ impl Handler {
         if let Some(edns) = &edns {
             builder.edns(edns);
         }
+        let soa = soa.then(soa_record);
         let response = builder.build(metadata, answers.iter(), [], soa.iter(), []);
         match response_handle.send_response(response).await {
             Ok(info) => info,

@@ -20,9 +20,10 @@ pub mod echo {
     include!("proto/echo.rs");
 }
 
-pub mod proxy;
 pub mod dns;
+pub mod proxy;
 pub mod server;
 
 pub use server::{loopback, ServerOptions, TestServer};
 pub mod common;
+pub mod fake_h2;

@@ -116,8 +116,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("\nconnection events seen by the pool:");
     let mut transitions = 0;
     while let Ok(event) = events.try_recv() {
-        if matches!(event.scope, tonic_pool::state::Scope::Endpoint(_) | tonic_pool::state::Scope::Pool) {
-            println!("  {:?}: {} -> {} ({})", event.scope, event.from, event.to, event.reason);
+        if matches!(
+            event.scope,
+            tonic_pool::state::Scope::Endpoint(_) | tonic_pool::state::Scope::Pool
+        ) {
+            println!(
+                "  {:?}: {} -> {} ({})",
+                event.scope, event.from, event.to, event.reason
+            );
         }
         transitions += 1;
     }
@@ -144,6 +150,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 fn print_header() {
     println!(
         "{:>6}  {:<18}| {:>6} {:>4}  {:<18}| {:>6} {:>4}  {:<18}| {:>6} {:>4}  {:<18}",
-        "time", "pool", "calls", "conn", "127.0.0.2", "calls", "conn", "127.0.0.3", "calls", "conn", "127.0.0.4"
+        "time",
+        "pool",
+        "calls",
+        "conn",
+        "127.0.0.2",
+        "calls",
+        "conn",
+        "127.0.0.3",
+        "calls",
+        "conn",
+        "127.0.0.4"
     );
 }

@@ -221,10 +221,9 @@ impl StreamLedger {
 
     fn on_outbound(&mut self, head: FrameHead, payload: &[u8]) {
         match head.kind {
-            TYPE_HEADERS if head.stream_id % 2 == 1 => {
-                if self.open.insert(head.stream_id) {
-                    self.max_written = self.max_written.max(head.stream_id);
-                }
+            // The first HEADERS of a client stream opens it (trailers would repeat the id).
+            TYPE_HEADERS if head.stream_id % 2 == 1 && self.open.insert(head.stream_id) => {
+                self.max_written = self.max_written.max(head.stream_id);
             }
             TYPE_RST_STREAM => {
                 self.open.remove(&head.stream_id);

@@ -36,6 +36,7 @@ pub struct PoolBuilder {
 pub(crate) struct Config {
     pub(crate) connections_per_endpoint: usize,
     pub(crate) connections_override: HashMap<SocketAddr, usize>,
+    pub(crate) max_connections_per_endpoint: Option<usize>,
     pub(crate) backoff: BackoffConfig,
     pub(crate) connect_timeout: Option<Duration>,
     pub(crate) timeout: Option<Duration>,
@@ -63,6 +64,7 @@ impl Default for Config {
         Self {
             connections_per_endpoint: 1,
             connections_override: HashMap::new(),
+            max_connections_per_endpoint: None,
             backoff: BackoffConfig::default(),
             connect_timeout: None,
             timeout: None,
@@ -88,6 +90,13 @@ impl Default for Config {
 }
 
 impl Config {
+    /// How many connections `addr` may grow to when all of its connections are full.
+    pub(crate) fn max_connections_for(&self, addr: SocketAddr) -> usize {
+        self.max_connections_per_endpoint
+            .unwrap_or(0)
+            .max(self.connections_for(addr))
+    }
+
     /// How many connections `addr` gets.
     pub(crate) fn connections_for(&self, addr: SocketAddr) -> usize {
         self.connections_override
@@ -115,6 +124,18 @@ impl PoolBuilder {
     /// Defaults to 1, like gRPC's `round_robin`.
     pub fn connections_per_endpoint(mut self, n: usize) -> Self {
         self.config.connections_per_endpoint = n;
+        self
+    }
+
+    /// Lets an endpoint open more connections, up to `max`, when every one of its connections
+    /// is full — carrying as many calls as the server's `MAX_CONCURRENT_STREAMS` allows. The
+    /// pool then finds the right size by itself instead of queueing calls behind the limit.
+    /// It never closes connections to shrink. Must be 1..=1024; a value below an endpoint's
+    /// own count means no growth for it.
+    ///
+    /// Defaults to no growth (the count stays at `connections_per_endpoint`).
+    pub fn max_connections_per_endpoint(mut self, max: usize) -> Self {
+        self.config.max_connections_per_endpoint = Some(max);
         self
     }
 
@@ -395,6 +416,13 @@ fn validate(config: &Config) -> Result<(), Error> {
             "connections_per_endpoint must be 1..={MAX_CONNECTIONS_PER_ENDPOINT}, got {}",
             config.connections_per_endpoint
         )));
+    }
+    if let Some(max) = config.max_connections_per_endpoint {
+        if !range.contains(&max) {
+            return Err(Error::invalid_config(format!(
+                "max_connections_per_endpoint must be 1..={MAX_CONNECTIONS_PER_ENDPOINT}, got {max}"
+            )));
+        }
     }
     for (addr, n) in &config.connections_override {
         if !range.contains(n) {

@@ -233,7 +233,10 @@ async fn wait_for_connection(
             return Err(Error::shutdown());
         }
         let (_, picker) = shared.load_picker();
-        if let Some(conn) = picker.pick(&shared.cursor) {
+        if let Some((conn, all_full)) = picker.pick_reporting(&shared.cursor) {
+            if all_full {
+                shared.request_growth(conn.addr);
+            }
             return Ok(conn.clone());
         }
         match shared.state() {

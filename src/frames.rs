@@ -24,8 +24,11 @@ const FRAME_HEADER_LEN: usize = 9;
 const TYPE_SETTINGS: u8 = 0x4;
 const TYPE_GOAWAY: u8 = 0x7;
 const FLAG_ACK: u8 = 0x1;
-/// How much GOAWAY debug data is kept (enough for `too_many_pings`).
-const GOAWAY_DEBUG_CAP: usize = 64;
+/// How many payload bytes are kept of the frames whose payload matters (GOAWAY with enough
+/// debug data for `too_many_pings`, PING, SETTINGS with up to 32 parameters).
+const PAYLOAD_CAP: usize = 192;
+/// SETTINGS parameter `SETTINGS_MAX_CONCURRENT_STREAMS`.
+const SETTINGS_MAX_CONCURRENT_STREAMS: u16 = 0x3;
 
 /// HTTP/2 error code `NO_ERROR`.
 pub(crate) const NO_ERROR: u32 = 0x0;
@@ -105,7 +108,7 @@ impl FrameWalker {
     }
 
     /// Feeds bytes; calls `on_frame` once per complete frame with its head and kept payload
-    /// (empty unless GOAWAY or PING).
+    /// (empty unless GOAWAY, PING or SETTINGS).
     pub(crate) fn feed(&mut self, mut bytes: &[u8], mut on_frame: impl FnMut(FrameHead, &[u8])) {
         if self.skip > 0 {
             let take = self.skip.min(bytes.len());
@@ -116,7 +119,7 @@ impl FrameWalker {
             if let Some(head) = self.current {
                 let take = self.remaining.min(bytes.len());
                 if let Some(payload) = &mut self.payload {
-                    let room = (8 + GOAWAY_DEBUG_CAP).saturating_sub(payload.len());
+                    let room = PAYLOAD_CAP.saturating_sub(payload.len());
                     payload.extend_from_slice(&bytes[..take.min(room)]);
                 }
                 self.remaining -= take;
@@ -149,8 +152,8 @@ impl FrameWalker {
             }
             self.remaining = len;
             self.current = Some(head);
-            self.payload =
-                (head.kind == TYPE_GOAWAY || head.kind == TYPE_PING).then(|| Vec::with_capacity(8));
+            self.payload = matches!(head.kind, TYPE_GOAWAY | TYPE_PING | TYPE_SETTINGS)
+                .then(|| Vec::with_capacity(8));
         }
     }
 }
@@ -248,6 +251,41 @@ impl StreamLedger {
         self.open
             .iter()
             .all(|id| *id > last || self.cutoff.is_some_and(|cutoff| *id > cutoff))
+    }
+}
+
+/// The server's `SETTINGS_MAX_CONCURRENT_STREAMS` for one connection, readable by the picker.
+///
+/// The server may change it at any time with a new SETTINGS frame; the reader updates it as
+/// frames pass, so a pick always sees the current limit with one atomic load.
+#[derive(Debug)]
+pub(crate) struct PeerLimits {
+    max_concurrent_streams: std::sync::atomic::AtomicU32,
+}
+
+impl Default for PeerLimits {
+    fn default() -> Self {
+        Self {
+            max_concurrent_streams: std::sync::atomic::AtomicU32::new(u32::MAX),
+        }
+    }
+}
+
+impl PeerLimits {
+    /// The current limit (`u32::MAX` when the server set none).
+    #[inline]
+    pub(crate) fn max_concurrent_streams(&self) -> u32 {
+        self.max_concurrent_streams.load(Ordering::Relaxed)
+    }
+
+    fn apply_settings(&self, payload: &[u8]) {
+        for entry in payload.chunks_exact(6) {
+            let id = u16::from_be_bytes([entry[0], entry[1]]);
+            if id == SETTINGS_MAX_CONCURRENT_STREAMS {
+                let value = u32::from_be_bytes([entry[2], entry[3], entry[4], entry[5]]);
+                self.max_concurrent_streams.store(value, Ordering::Relaxed);
+            }
+        }
     }
 }
 
@@ -376,6 +414,7 @@ pub(crate) struct FrameWatch<T> {
     signals: watch::Sender<FrameSignals>,
     kill: Arc<KillSwitch>,
     fate: Arc<ConnFate>,
+    limits: Arc<PeerLimits>,
 }
 
 /// The handles the pool keeps on a [`FrameWatch`]ed stream.
@@ -384,6 +423,7 @@ pub(crate) struct Watched {
     pub(crate) signals: watch::Receiver<FrameSignals>,
     pub(crate) kill: Arc<KillSwitch>,
     pub(crate) fate: Arc<ConnFate>,
+    pub(crate) limits: Arc<PeerLimits>,
 }
 
 impl<T> FrameWatch<T> {
@@ -391,6 +431,7 @@ impl<T> FrameWatch<T> {
         let (tx, rx) = watch::channel(FrameSignals::default());
         let kill = Arc::new(KillSwitch::default());
         let fate = Arc::new(ConnFate::default());
+        let limits = Arc::new(PeerLimits::default());
         (
             Self {
                 io,
@@ -400,11 +441,13 @@ impl<T> FrameWatch<T> {
                 signals: tx,
                 kill: kill.clone(),
                 fate: fate.clone(),
+                limits: limits.clone(),
             },
             Watched {
                 signals: rx,
                 kill,
                 fate,
+                limits,
             },
         )
     }
@@ -433,12 +476,20 @@ impl<T: AsyncRead + Unpin> AsyncRead for FrameWatch<T> {
                 if new.is_empty() {
                     this.fate.ended(FATE_READ_ENDED, &this.ledger);
                 } else {
-                    let (walker, ledger, fate) = (&mut this.inbound, &mut this.ledger, &this.fate);
+                    let (walker, ledger, fate, limits) = (
+                        &mut this.inbound,
+                        &mut this.ledger,
+                        &this.fate,
+                        &this.limits,
+                    );
                     this.signals.send_if_modified(|signals| {
                         let mut changed = false;
                         walker.feed(new, |head, payload| {
                             let (c, goaway) = apply_inbound(head, payload, signals);
                             changed |= c;
+                            if head.kind == TYPE_SETTINGS && head.flags & FLAG_ACK == 0 {
+                                limits.apply_settings(payload);
+                            }
                             if goaway.as_ref().is_some_and(GoAway::is_graceful) {
                                 fate.set(FATE_GRACEFUL_GOAWAY);
                             }
@@ -591,6 +642,15 @@ mod tests {
         assert_eq!(goaway.last_stream_id, 5);
         assert!(goaway.is_too_many_pings());
         assert!(!goaway.is_graceful());
+    }
+
+    #[test]
+    fn reads_max_concurrent_streams() {
+        let limits = PeerLimits::default();
+        assert_eq!(limits.max_concurrent_streams(), u32::MAX);
+        // INITIAL_WINDOW_SIZE then MAX_CONCURRENT_STREAMS = 100.
+        limits.apply_settings(&[0, 4, 0, 1, 0, 0, 0, 3, 0, 0, 0, 100]);
+        assert_eq!(limits.max_concurrent_streams(), 100);
     }
 
     #[test]

@@ -20,6 +20,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 pub trait Pickable {
     /// Whether the entry can take a call right now.
     fn is_available(&self) -> bool;
+
+    /// Whether the entry has room for one more call without queueing (for HTTP/2: fewer calls
+    /// in flight than the server's `MAX_CONCURRENT_STREAMS`). Defaults to always.
+    fn has_capacity(&self) -> bool {
+        true
+    }
 }
 
 /// An immutable snapshot of the Ready connections.
@@ -56,24 +62,43 @@ impl<T: Pickable> Picker<T> {
 
     /// Picks the next available entry after the cursor, or `None` when there is none.
     ///
+    /// Entries with room are preferred; when every available entry is full, the next
+    /// available one is returned anyway (HTTP/2 queues the call until a stream frees up).
+    #[inline]
+    #[cfg_attr(not(any(test, feature = "bench-internals")), allow(dead_code))]
+    pub fn pick(&self, cursor: &AtomicUsize) -> Option<&T> {
+        self.pick_reporting(cursor).map(|(entry, _)| entry)
+    }
+
+    /// Like [`pick`](Self::pick), and says whether every available entry was full (a sign
+    /// that the pool should open more connections).
+    ///
     /// The cursor is shared by every pick of a pool so that concurrent callers interleave and
     /// every connection gets its turn. `Relaxed` is enough: the cursor orders nothing else, it
     /// only has to hand out distinct numbers.
     #[inline]
-    pub fn pick(&self, cursor: &AtomicUsize) -> Option<&T> {
+    pub fn pick_reporting(&self, cursor: &AtomicUsize) -> Option<(&T, bool)> {
         if self.is_empty() {
             return None;
         }
         let n = self.entries.len();
         let start = cursor.fetch_add(1, Ordering::Relaxed) % n;
         let first = &self.entries[start];
-        if first.is_available() {
-            return Some(first);
+        if first.is_available() && first.has_capacity() {
+            return Some((first, false));
         }
-        // Rare: a connection died since this snapshot was published. Walk on from it.
-        (1..n)
-            .map(|i| &self.entries[(start + i) % n])
-            .find(|e| e.is_available())
+        // Rare: a connection died since this snapshot was published, or is full. Walk on.
+        let mut fallback = first.is_available().then_some(first);
+        for i in 1..n {
+            let entry = &self.entries[(start + i) % n];
+            if entry.is_available() {
+                if entry.has_capacity() {
+                    return Some((entry, false));
+                }
+                fallback.get_or_insert(entry);
+            }
+        }
+        fallback.map(|entry| (entry, true))
     }
 }
 
@@ -87,12 +112,56 @@ mod tests {
     struct Entry {
         id: usize,
         up: bool,
+        full: bool,
     }
 
     impl Pickable for Entry {
         fn is_available(&self) -> bool {
             self.up
         }
+
+        fn has_capacity(&self) -> bool {
+            !self.full
+        }
+    }
+
+    #[test]
+    fn prefers_entries_with_room_and_reports_all_full() {
+        let p = Picker::new(vec![
+            Entry {
+                id: 0,
+                up: true,
+                full: true,
+            },
+            Entry {
+                id: 1,
+                up: true,
+                full: false,
+            },
+        ]);
+        let cursor = AtomicUsize::new(0);
+        for _ in 0..4 {
+            assert_eq!(
+                p.pick_reporting(&cursor).map(|(e, f)| (e.id, f)),
+                Some((1, false))
+            );
+        }
+        let all_full = Picker::new(vec![
+            Entry {
+                id: 0,
+                up: true,
+                full: true,
+            },
+            Entry {
+                id: 1,
+                up: false,
+                full: false,
+            },
+        ]);
+        assert_eq!(
+            all_full.pick_reporting(&cursor).map(|(e, f)| (e.id, f)),
+            Some((0, true))
+        );
     }
 
     #[test]
@@ -104,21 +173,45 @@ mod tests {
     #[test]
     fn skips_dead_entries() {
         let p = Picker::new(vec![
-            Entry { id: 0, up: false },
-            Entry { id: 1, up: true },
-            Entry { id: 2, up: false },
+            Entry {
+                id: 0,
+                up: false,
+                full: false,
+            },
+            Entry {
+                id: 1,
+                up: true,
+                full: false,
+            },
+            Entry {
+                id: 2,
+                up: false,
+                full: false,
+            },
         ]);
         let cursor = AtomicUsize::new(0);
         for _ in 0..10 {
             assert_eq!(p.pick(&cursor).unwrap().id, 1);
         }
-        let all_dead = Picker::new(vec![Entry { id: 0, up: false }]);
+        let all_dead = Picker::new(vec![Entry {
+            id: 0,
+            up: false,
+            full: false,
+        }]);
         assert!(all_dead.pick(&cursor).is_none());
     }
 
     #[test]
     fn cursor_wraps_around_usize() {
-        let p = Picker::new((0..3).map(|id| Entry { id, up: true }).collect());
+        let p = Picker::new(
+            (0..3)
+                .map(|id| Entry {
+                    id,
+                    up: true,
+                    full: false,
+                })
+                .collect(),
+        );
         let cursor = AtomicUsize::new(usize::MAX);
         assert!(p.pick(&cursor).is_some());
         assert!(p.pick(&cursor).is_some());
@@ -139,7 +232,7 @@ mod tests {
             let cursor = AtomicUsize::new(start);
             for (ups, picks) in rounds {
                 let p = Picker::new(
-                    ups.iter().enumerate().map(|(id, &up)| Entry { id, up }).collect(),
+                    ups.iter().enumerate().map(|(id, &up)| Entry { id, up, full: false }).collect(),
                 );
                 let live = ups.iter().filter(|u| **u).count();
                 let mut counts: HashMap<usize, usize> = HashMap::new();

@@ -229,7 +229,11 @@ impl Pool {
             self.cached = picker;
             self.cached_generation = generation;
         }
-        self.cached.pick(&shared.cursor).cloned()
+        let (conn, all_full) = self.cached.pick_reporting(&shared.cursor)?;
+        if all_full {
+            shared.request_growth(conn.addr);
+        }
+        Some(conn.clone())
     }
 
     /// Gives the request the pool's scheme, authority and user agent.

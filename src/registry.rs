@@ -50,6 +50,9 @@ pub(crate) struct Shared {
     pub(crate) in_flight: Arc<InFlight>,
     /// Connections ask the worker for an early re-resolution through this.
     reresolve: Notify,
+    /// Endpoints whose connections were all full when a call picked; the worker grows them.
+    growth: Mutex<Vec<SocketAddr>>,
+    grow: Notify,
     /// Failed resolutions so far.
     resolve_errors: AtomicU64,
 }
@@ -172,6 +175,8 @@ impl Shared {
             connect_tx,
             in_flight: Arc::new(InFlight::default()),
             reresolve: Notify::new(),
+            growth: Mutex::new(Vec::new()),
+            grow: Notify::new(),
             resolve_errors: AtomicU64::new(0),
         }
     }
@@ -246,6 +251,45 @@ impl Shared {
 
     pub(crate) async fn reresolve_requested(&self) {
         self.reresolve.notified().await;
+    }
+
+    /// Every connection was full when a call picked one of `addr`'s: ask for another.
+    pub(crate) fn request_growth(&self, addr: SocketAddr) {
+        if self.config.max_connections_for(addr) <= self.config.connections_for(addr) {
+            return;
+        }
+        let mut growth = self.growth.lock();
+        if !growth.contains(&addr) {
+            growth.push(addr);
+            self.grow.notify_one();
+        }
+    }
+
+    pub(crate) async fn growth_requested(&self) -> Vec<SocketAddr> {
+        self.grow.notified().await;
+        std::mem::take(&mut *self.growth.lock())
+    }
+
+    /// Whether every connection of the active endpoint at `addr` is Ready (no connect under
+    /// way), and how many it has.
+    pub(crate) fn endpoint_settled(&self, addr: SocketAddr) -> Option<(bool, usize)> {
+        let reg = self.registry.lock();
+        reg.endpoints
+            .iter()
+            .find(|e| e.addr == addr && !e.draining)
+            .map(|e| {
+                let settled = e.conns.iter().all(|c| c.state == ConnectivityState::Ready);
+                (settled, e.conns.len())
+            })
+    }
+
+    /// The keepalive interval shared by `addr`'s connections.
+    pub(crate) fn endpoint_keepalive(&self, addr: SocketAddr) -> Option<Arc<KeepAlive>> {
+        let reg = self.registry.lock();
+        reg.endpoints
+            .iter()
+            .find(|e| e.addr == addr && !e.draining)
+            .map(|e| e.keepalive.clone())
     }
 
     /// Records a failed resolution (the last good addresses stay in use).
@@ -467,6 +511,11 @@ impl Shared {
                             in_flight: c.stats.in_flight(),
                             calls: c.stats.calls(),
                             connects: c.stats.connects(),
+                            max_concurrent_streams: c
+                                .ready
+                                .as_ref()
+                                .map(|r| r.limits.max_concurrent_streams())
+                                .filter(|m| *m != u32::MAX),
                             last_error: c.last_error.clone(),
                         })
                         .collect(),

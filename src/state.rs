@@ -189,6 +189,8 @@ pub struct ConnectionSnapshot {
     pub calls: u64,
     /// How many times this slot connected successfully.
     pub connects: u64,
+    /// The server's `MAX_CONCURRENT_STREAMS` on the current connection, when Ready and set.
+    pub max_concurrent_streams: Option<u32>,
     /// The last error seen on it, if any.
     pub last_error: Option<String>,
 }

@@ -32,7 +32,7 @@ use tokio::sync::{watch, Notify};
 use crate::backoff::Backoff;
 use crate::connector::{BoxedIo, Connect, Destination};
 use crate::error::BoxError;
-use crate::frames::{ConnFate, FrameWatch, Watched};
+use crate::frames::{ConnFate, FrameWatch, PeerLimits, Watched};
 use crate::picker::Pickable;
 use crate::registry::{InFlight, Shared};
 use crate::replay::ReplayBody;
@@ -125,6 +125,8 @@ pub(crate) struct ReadyConn {
     closing: AtomicBool,
     /// How its byte stream ended, for classifying the calls it broke.
     pub(crate) fate: Arc<ConnFate>,
+    /// The server's stream limit on this connection.
+    pub(crate) limits: Arc<PeerLimits>,
 }
 
 impl ReadyConn {
@@ -137,6 +139,11 @@ impl Pickable for Arc<ReadyConn> {
     #[inline]
     fn is_available(&self) -> bool {
         !self.closing.load(Ordering::Acquire) && !self.send.is_closed()
+    }
+
+    #[inline]
+    fn has_capacity(&self) -> bool {
+        (self.stats.in_flight() as u64) < u64::from(self.limits.max_concurrent_streams())
     }
 }
 
@@ -267,6 +274,7 @@ pub(crate) async fn run(slot: Slot) {
                 signals,
                 kill,
                 fate,
+                limits,
             },
         ) = match result {
             Ok(Ok(connected)) => connected,
@@ -290,6 +298,7 @@ pub(crate) async fn run(slot: Slot) {
             stats: stats.clone(),
             closing: AtomicBool::new(false),
             fate,
+            limits,
         });
         shared.transition(
             id,

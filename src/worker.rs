@@ -138,6 +138,11 @@ impl Worker {
                         }
                     }
                 }
+                addrs = shared.growth_requested() => {
+                    for addr in addrs {
+                        self.grow(addr);
+                    }
+                }
                 _ = sleep => {
                     self.last_resolution = Some(Instant::now());
                     let answer = self.resolver.resolve(&shared.target).await;
@@ -224,6 +229,28 @@ impl Worker {
                 .map(|_| self.spawn_slot(addr, keepalive.clone()))
                 .collect();
             self.endpoints.insert(addr, slots);
+        }
+    }
+
+    /// Opens one more connection to `addr` if all of its connections are full and Ready and
+    /// it is below its maximum. One at a time: the next only once this one is Ready.
+    fn grow(&mut self, addr: SocketAddr) {
+        let shared = self.shared.clone();
+        let max = shared.config.max_connections_for(addr);
+        let Some((settled, count)) = shared.endpoint_settled(addr) else {
+            return;
+        };
+        if !settled || count >= max || !self.endpoints.contains_key(&addr) {
+            return;
+        }
+        let keepalive = match shared.endpoint_keepalive(addr) {
+            Some(k) => k,
+            None => return,
+        };
+        tracing::info!(target = %shared.target, %addr, connections = count + 1, max, "every connection full; opening another");
+        let slot = self.spawn_slot(addr, keepalive);
+        if let Some(slots) = self.endpoints.get_mut(&addr) {
+            slots.push(slot);
         }
     }
 

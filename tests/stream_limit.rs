@@ -1,0 +1,104 @@
+//! Stream-limit awareness: connections full at the server's MAX_CONCURRENT_STREAMS are
+//! skipped, and an endpoint grows its connections up to a bound instead of queueing calls.
+
+mod support;
+
+use support::common::{builder, client, slow_echo, WAIT};
+use support::{loopback, ServerOptions, TestServer};
+
+fn limited(streams: u32) -> ServerOptions {
+    ServerOptions {
+        max_concurrent_streams: Some(streams),
+        ..ServerOptions::default()
+    }
+}
+
+/// A server allowing 2 streams per connection and 20 concurrent slow calls: the pool, started
+/// with one connection and allowed 16, ends with at least 10 connections and no failed call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_connections_make_the_endpoint_grow() {
+    let server = TestServer::start_with(loopback(2), limited(2));
+    let addr = server.addr();
+    let pool = builder(&format!("static:///{addr}"))
+        .connections_per_endpoint(1)
+        .max_connections_per_endpoint(16)
+        .build()
+        .unwrap();
+    pool.wait_ready(WAIT).await.unwrap();
+    assert!(
+        pool.wait_until(WAIT, |s| s.endpoints[0].connections[0]
+            .max_concurrent_streams
+            == Some(2))
+            .await,
+        "the pool read the server's limit: {:#?}",
+        pool.snapshot()
+    );
+
+    let grown = async {
+        pool.wait_until(WAIT, |s| {
+            s.endpoint(addr).is_some_and(|e| {
+                e.connections
+                    .iter()
+                    .filter(|c| c.state == tonic_pool::ConnectivityState::Ready)
+                    .count()
+                    >= 10
+            })
+        })
+        .await
+    };
+    let mut workers = Vec::new();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for w in 0..20 {
+        let mut client = client(&pool);
+        let stop = stop.clone();
+        workers.push(tokio::spawn(async move {
+            let mut failed = Vec::new();
+            // Bounded: at most 200 calls of 50 ms per worker.
+            for i in 0..200 {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                if let Err(status) = client.unary(slow_echo(&format!("{w}-{i}"), 50)).await {
+                    failed.push(status);
+                }
+            }
+            failed
+        }));
+    }
+    let did_grow = grown.await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut failed = Vec::new();
+    for worker in workers {
+        failed.extend(worker.await.unwrap());
+    }
+    let snapshot = pool.snapshot();
+    let endpoint = snapshot.endpoint(addr).unwrap();
+    println!("grew to {} connections", endpoint.connections.len());
+    assert!(did_grow, "{snapshot:#?}");
+    assert!(endpoint.connections.len() <= 16);
+    assert!(failed.is_empty(), "{failed:?}");
+    pool.close().await.unwrap();
+}
+
+/// Without growth enabled the connection count stays put, and full connections still take
+/// calls (HTTP/2 queues them) rather than failing them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_growth_calls_queue_and_succeed() {
+    let server = TestServer::start_with(loopback(2), limited(1));
+    let pool = builder(&format!("static:///{}", server.addr()))
+        .connections_per_endpoint(2)
+        .build()
+        .unwrap();
+    support::common::wait_all_ready(&pool, 2).await;
+    let calls: Vec<_> = (0..8)
+        .map(|i| {
+            let mut client = client(&pool);
+            tokio::spawn(async move { client.unary(slow_echo(&i.to_string(), 20)).await })
+        })
+        .collect();
+    for call in calls {
+        call.await.unwrap().expect("queued, not failed");
+    }
+    assert_eq!(pool.snapshot().endpoints[0].connections.len(), 2);
+    pool.close().await.unwrap();
+}

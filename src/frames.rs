@@ -575,6 +575,29 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for FrameWatch<T> {
     }
 }
 
+/// Drives both walkers and the ledger over arbitrary bytes (fuzzing and tests).
+#[cfg(any(test, fuzzing))]
+pub(crate) fn fuzz_feed(data: &[u8]) {
+    let split = data.first().map_or(0, |b| *b as usize) % (data.len() + 1);
+    let (a, b) = data.split_at(split);
+    let mut inbound = FrameWalker::default();
+    let mut outbound = FrameWalker::outbound();
+    let mut signals = FrameSignals::default();
+    let mut ledger = StreamLedger::default();
+    let limits = PeerLimits::default();
+    for chunk in a.chunks(7).chain(b.chunks(13)) {
+        inbound.feed(chunk, |head, payload| {
+            let (_, goaway) = apply_inbound(head, payload, &mut signals);
+            if head.kind == TYPE_SETTINGS {
+                limits.apply_settings(payload);
+            }
+            ledger.on_inbound(head, payload, goaway.as_ref());
+        });
+        outbound.feed(chunk, |head, payload| ledger.on_outbound(head, payload));
+    }
+    let _ = ledger.only_unprocessed_open();
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -736,6 +759,12 @@ mod tests {
     }
 
     proptest! {
+        /// Arbitrary bytes never make the readers panic (the fuzz target, as a property).
+        #[test]
+        fn arbitrary_bytes_do_not_panic(data in proptest::collection::vec(any::<u8>(), 0..2048)) {
+            fuzz_feed(&data);
+        }
+
         /// However the bytes are split into reads, the parser sees the same frames.
         #[test]
         fn split_reads_do_not_matter(cuts in proptest::collection::vec(0usize..400, 0..20)) {

@@ -71,6 +71,16 @@ pub mod __bench {
     pub use crate::picker::{Pickable, Picker};
 }
 
+/// Hooks for the fuzz targets in `fuzz/` (built with `--cfg fuzzing`); not an API.
+#[cfg(fuzzing)]
+#[doc(hidden)]
+pub mod __fuzz {
+    /// Feeds `data` through the frame readers, split at the positions its first bytes name.
+    pub fn feed_frames(data: &[u8]) {
+        crate::frames::fuzz_feed(data);
+    }
+}
+
 pub use backoff::BackoffConfig;
 pub use body::ResponseBody;
 pub use builder::PoolBuilder;

@@ -30,7 +30,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // "Pods": echo servers on distinct loopback IPs sharing one port, as pods share a port.
     let first = TestServer::start(SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2)), 0));
     let port = first.addr().port();
-    let pod = |last: u8| TestServer::start(SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, last)), port));
+    let pod = |last: u8| {
+        TestServer::start(SocketAddr::new(
+            IpAddr::V4(Ipv4Addr::new(127, 0, 0, last)),
+            port,
+        ))
+    };
     let ip = |last: u8| Ipv4Addr::new(127, 0, 0, last);
     let mut servers = vec![first, pod(3), pod(4), pod(5)];
 
@@ -55,7 +60,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         load.push(tokio::spawn(async move {
             let mut i = 0u64;
             while Instant::now() < stop_at {
-                let request = EchoRequest { payload: vec![], sleep_ms: 1, message: format!("{w}-{i}") };
+                let request = EchoRequest {
+                    payload: vec![],
+                    sleep_ms: 1,
+                    message: format!("{w}-{i}"),
+                };
                 match client.unary(request).await {
                     Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
                     Err(_) => failed.fetch_add(1, Ordering::Relaxed),
@@ -69,7 +78,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut last: Vec<u64> = servers.iter().map(|s| s.requests()).collect();
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     tick.tick().await;
-    println!("\n{:>5}  {:<36}  calls per pod in the last 0.5 s", "time", "DNS answer");
+    println!(
+        "\n{:>5}  {:<36}  calls per pod in the last 0.5 s",
+        "time", "DNS answer"
+    );
     let mut answer = "127.0.0.2";
     while Instant::now() < stop_at {
         tick.tick().await;
@@ -95,9 +107,18 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         task.await?;
     }
     let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
-    println!("\ncalls: {ok} succeeded, {failed} failed; DNS queries: {}", dns.queries());
+    println!(
+        "\ncalls: {ok} succeeded, {failed} failed; DNS queries: {}",
+        dns.queries()
+    );
     for endpoint in pool.snapshot().endpoints {
-        println!("  {} {} ({} connections{})", endpoint.addr, endpoint.state, endpoint.connections.len(), if endpoint.draining { ", draining" } else { "" });
+        println!(
+            "  {} {} ({} connections{})",
+            endpoint.addr,
+            endpoint.state,
+            endpoint.connections.len(),
+            if endpoint.draining { ", draining" } else { "" }
+        );
     }
     pool.close().await?;
     for server in &mut servers {

@@ -65,19 +65,28 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                     server.stop();
                     let mut state = pool.watch();
                     state
-                        .wait_for(tonic_pool::ConnectivityState::TransientFailure, Duration::from_secs(5))
+                        .wait_for(
+                            tonic_pool::ConnectivityState::TransientFailure,
+                            Duration::from_secs(5),
+                        )
                         .await;
                     println!(">>> pool is {}; restarting the server", pool.state());
                     server.restart();
                 }
             }
             StreamEvent::Reconnected { reconnects, cause } => {
-                println!(">>> stream reopened (#{reconnects}) after: {}", cause.message());
+                println!(
+                    ">>> stream reopened (#{reconnects}) after: {}",
+                    cause.message()
+                );
             }
             _ => {}
         }
     }
-    println!("{messages} ticks read across {} reconnects", ticks.reconnects());
+    println!(
+        "{messages} ticks read across {} reconnects",
+        ticks.reconnects()
+    );
     drop(ticks);
     pool.close().await?;
     Ok(())

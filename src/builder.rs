@@ -29,6 +29,8 @@ pub struct PoolBuilder {
     connector: Option<Arc<dyn Connect>>,
     resolver: Option<Arc<dyn Resolve>>,
     runtime: Option<tokio::runtime::Handle>,
+    /// A setter's input that could not be taken; reported by `build()`.
+    invalid: Option<String>,
 }
 
 /// The validated settings a pool runs with.
@@ -114,6 +116,7 @@ impl PoolBuilder {
             connector: None,
             resolver: None,
             runtime: None,
+            invalid: None,
         }
     }
 
@@ -248,10 +251,16 @@ impl PoolBuilder {
     ///
     /// Defaults to `tonic-pool/VERSION` alone.
     pub fn user_agent(mut self, user_agent: impl Into<String>) -> Self {
-        // Validated in build(): an invalid header value becomes an error, not a panic.
-        self.config.user_agent = Some(
-            HeaderValue::from_str(&user_agent.into()).unwrap_or(HeaderValue::from_static("\0")),
-        );
+        // An invalid header value becomes an error from build(), not a panic here.
+        let user_agent = user_agent.into();
+        match HeaderValue::from_str(&user_agent) {
+            Ok(value) => self.config.user_agent = Some(value),
+            Err(_) => {
+                self.invalid = Some(format!(
+                    "user_agent {user_agent:?} is not a valid header value"
+                ))
+            }
+        }
         self
     }
 
@@ -354,6 +363,9 @@ impl PoolBuilder {
     /// panics) on a malformed target, an out-of-range setting, or when there is no runtime.
     pub fn build(self) -> Result<Pool, Error> {
         let target = Target::parse(&self.target).map_err(Error::invalid_target)?;
+        if let Some(invalid) = self.invalid {
+            return Err(Error::invalid_config(invalid));
+        }
         validate(&self.config)?;
         let connector: Arc<dyn Connect> = match self.connector {
             Some(c) => c,
@@ -450,13 +462,6 @@ fn validate(config: &Config) -> Result<(), Error> {
             "resolve_ttl_bounds: need 0 < floor <= ceiling, got {:?}..={:?}",
             config.resolve_ttl_floor, config.resolve_ttl_ceiling
         )));
-    }
-    if let Some(ua) = &config.user_agent {
-        if ua.as_bytes() == b"\0" {
-            return Err(Error::invalid_config(
-                "user_agent is not a valid header value",
-            ));
-        }
     }
     if let Some(origin) = &config.origin {
         if origin.scheme().is_none() || origin.authority().is_none() {

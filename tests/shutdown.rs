@@ -164,6 +164,21 @@ fn build_errors_are_errors() {
         err.is_invalid_config() && err.to_string().contains("TLS"),
         "{err}"
     );
+    let err = Pool::builder("static:///127.0.0.1:1")
+        .runtime(runtime.handle().clone())
+        .user_agent("bad\nagent")
+        .build()
+        .unwrap_err();
+    assert!(
+        err.is_invalid_config() && err.to_string().contains("user_agent"),
+        "{err}"
+    );
+    let err = Pool::builder("static:///127.0.0.1:1")
+        .runtime(runtime.handle().clone())
+        .resolve_ttl_bounds(Duration::from_secs(10), Duration::from_secs(1))
+        .build()
+        .unwrap_err();
+    assert!(err.is_invalid_config(), "{err}");
     let pool = Pool::builder("static:///127.0.0.1:1")
         .runtime(runtime.handle().clone())
         .build()

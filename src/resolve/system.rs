@@ -24,8 +24,14 @@ impl Resolve for SystemResolver {
         if let Some(addrs) = StaticResolver::literal(target) {
             return Box::pin(std::future::ready(Ok(Resolution::new(addrs, None))));
         }
-        let TargetKind::Dns { host, port, .. } = target.kind().clone() else {
-            unreachable!("static targets are literal");
+        let (host, port) = match target.kind() {
+            TargetKind::Dns { host, port, .. } => (host.clone(), *port),
+            // Static lists are literal and answered above; this arm only keeps the match total.
+            _ => {
+                return Box::pin(std::future::ready(Err(ResolveError::new(format!(
+                    "target {target} has no host to look up"
+                )))))
+            }
         };
         Box::pin(async move {
             let addrs = tokio::net::lookup_host((host.as_str(), port))

@@ -1,0 +1,389 @@
+//! Micro benchmarks of the pool (criterion): what choosing a connection, republishing the
+//! picker and one RPC through the pool cost.
+//!
+//! ```sh
+//! cargo bench --features bench-internals --bench pool -- --warm-up-time 1 --measurement-time 3
+//! ```
+//!
+//! - **`pick/single/N`**: one [`Picker::pick`] over `N` Ready entries (1 … 1024), one thread.
+//!   Entries are `Arc`s to a struct with an `AtomicBool`, as the pool's are (`Arc<ReadyConn>`,
+//!   whose availability is an atomic load); the bench wraps the `Arc` in a newtype only
+//!   because the orphan rule forbids implementing `Pickable` for a foreign `Arc<_>`.
+//! - **`pick/contended/N`**: 2 OS threads pick from one picker through one shared cursor, the
+//!   pool's situation when two runtime workers make calls at once. Each thread does `iters`
+//!   picks; the wall time from a common start (a barrier) to the last join is divided by 2, so
+//!   the reported time is wall time per pick over both threads (throughput: picks per second
+//!   summed over the threads). Thread start-up is outside the timed span.
+//! - **`republish/1024`**: what the registry does on every change of the Ready set: collect
+//!   1024 `Arc` clones into a `Vec`, box it into a `Picker` behind a new `Arc` — and drop the
+//!   previous picker (1024 `Arc` decrements), which the pool also pays eventually.
+//! - **`call_overhead/*`**: one unary RPC (32-byte payload) through a generated `EchoClient`
+//!   to an in-process tonic echo server, on a current-thread tokio runtime, so that client
+//!   and server CPU are both counted, on one core, without cross-thread wake-ups:
+//!   - `direct`: the client calls the server's `EchoServer` service in memory (no HTTP/2):
+//!     the gRPC encode/decode floor;
+//!   - `channel`: a tonic `Channel` (`Endpoint::connect_with_connector`) over a
+//!     `tokio::io::duplex` pipe to a tonic `Server` fed by `serve_with_incoming`;
+//!   - `pool`: a [`Pool`] with one connection whose connector returns a duplex half to the
+//!     same kind of server.
+//!
+//!   `pool - channel` is what driving hyper's HTTP/2 connection directly (the pool) costs
+//!   more, or less, than tonic's `Channel` (`Buffer` + `Reconnect` + hyper) per RPC. The `/1`
+//!   variants make one call at a time; the `/32` variants keep 32 calls in flight from 32
+//!   tasks and report the time per call (CPU-bound throughput, wake-ups amortised).
+//! - **paired call overhead** (printed after criterion's summary): criterion measures one
+//!   mode after the other, so on a shared machine its `pool` and `channel` figures can be
+//!   minutes and a load change apart. As `BENCHMARKS.md` asks for ratios measured side by
+//!   side, the three modes then run again in alternating rounds (`CALL_PAIRED_ROUNDS`,
+//!   default 21, of 2 000 calls per mode; 0 skips it) and the median (min–max) of the
+//!   per-round `pool / channel` ratios is printed as a markdown table. It runs whatever
+//!   criterion filter is given, and not in `cargo test --benches`.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use criterion::{BenchmarkId, Criterion, Throughput};
+use http::Uri;
+use hyper_util::rt::TokioIo;
+use tokio::io::DuplexStream;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tokio_stream::StreamExt;
+use tonic::client::GrpcService;
+use tonic::transport::{Endpoint, Server};
+use tonic_pool::__bench::{Pickable, Picker};
+use tonic_pool::connector::{BoxedIo, Connect, Destination};
+use tonic_pool::resolve::BoxFuture;
+use tonic_pool::Pool;
+
+mod common;
+
+use common::echo::echo_client::EchoClient;
+use common::echo::echo_server::EchoServer;
+use common::{request, BenchEcho};
+
+/// Picker sizes: the pool allows 1..=1024 connections per address.
+const SIZES: [usize; 6] = [1, 4, 16, 64, 256, 1024];
+
+/// Buffer of each `tokio::io::duplex` pipe, per direction.
+const DUPLEX_BUFFER: usize = 64 * 1024;
+
+/// Calls kept in flight by the `/32` call-overhead variants.
+const CONCURRENT_CALLS: u64 = 32;
+
+// === pick ===
+
+/// What the picker holds for one connection: an `Arc` to a struct with an atomic flag.
+#[derive(Debug)]
+struct Conn {
+    closing: AtomicBool,
+}
+
+/// `Arc<Conn>` in a newtype, only to be allowed to implement `Pickable` (same size and
+/// indirection as the pool's `Arc<ReadyConn>`).
+#[derive(Debug, Clone)]
+struct Entry(Arc<Conn>);
+
+impl Pickable for Entry {
+    #[inline]
+    fn is_available(&self) -> bool {
+        !self.0.closing.load(Ordering::Acquire)
+    }
+}
+
+fn entries(n: usize) -> Vec<Entry> {
+    (0..n)
+        .map(|_| {
+            Entry(Arc::new(Conn {
+                closing: AtomicBool::new(false),
+            }))
+        })
+        .collect()
+}
+
+fn bench_pick(c: &mut Criterion) {
+    let mut group = c.benchmark_group("pick");
+    group.throughput(Throughput::Elements(1));
+    for n in SIZES {
+        let picker = Picker::new(entries(n));
+        let cursor = AtomicUsize::new(0);
+        group.bench_with_input(BenchmarkId::new("single", n), &n, |b, _| {
+            b.iter(|| {
+                std::hint::black_box(picker.pick(std::hint::black_box(&cursor)));
+            });
+        });
+    }
+    for n in SIZES {
+        let picker = Picker::new(entries(n));
+        let cursor = AtomicUsize::new(0);
+        group.bench_with_input(BenchmarkId::new("contended", n), &n, |b, _| {
+            b.iter_custom(|iters| contended_picks(&picker, &cursor, iters));
+        });
+    }
+    group.finish();
+}
+
+/// Two threads each do `iters` picks on one shared cursor; returns wall time per pick × iters.
+fn contended_picks(picker: &Picker<Entry>, cursor: &AtomicUsize, iters: u64) -> Duration {
+    const THREADS: u32 = 2;
+    let start = Barrier::new(THREADS as usize + 1);
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..THREADS)
+            .map(|_| {
+                let start = &start;
+                scope.spawn(move || {
+                    start.wait();
+                    for _ in 0..iters {
+                        std::hint::black_box(picker.pick(std::hint::black_box(cursor)));
+                    }
+                })
+            })
+            .collect();
+        start.wait();
+        let began = Instant::now();
+        for worker in workers {
+            worker.join().expect("pick thread panicked");
+        }
+        began.elapsed() / THREADS
+    })
+}
+
+// === republish ===
+
+fn bench_republish(c: &mut Criterion) {
+    const N: usize = 1024;
+    let mut group = c.benchmark_group("republish");
+    group.throughput(Throughput::Elements(1));
+    // The registry keeps one `Option<Arc<ReadyConn>>` per connection slot and collects the
+    // Ready ones; these slots are all Ready.
+    let slots: Vec<Option<Entry>> = entries(N).into_iter().map(Some).collect();
+    let collect = || -> Vec<Entry> { slots.iter().flatten().cloned().collect() };
+    // The published picker, replaced (and the old one dropped) on each iteration.
+    let mut published = Arc::new(Picker::new(collect()));
+    group.bench_function(BenchmarkId::from_parameter(N), |b| {
+        b.iter(|| {
+            published = Arc::new(Picker::new(std::hint::black_box(collect())));
+        });
+    });
+    std::hint::black_box(published.len());
+    group.finish();
+}
+
+// === call overhead ===
+
+/// A pool connector that opens a `tokio::io::duplex` pipe and hands its other half to the
+/// in-process server; the destination address is ignored.
+#[derive(Debug, Clone)]
+struct DuplexConnector {
+    server: mpsc::UnboundedSender<DuplexStream>,
+}
+
+impl DuplexConnector {
+    fn open(&self) -> io::Result<DuplexStream> {
+        let (client, server) = tokio::io::duplex(DUPLEX_BUFFER);
+        self.server
+            .send(server)
+            .map_err(|_| io::Error::new(io::ErrorKind::ConnectionRefused, "server is gone"))?;
+        Ok(client)
+    }
+}
+
+impl Connect for DuplexConnector {
+    fn connect(&self, _dst: &Destination) -> BoxFuture<'static, io::Result<BoxedIo>> {
+        let opened = self.open();
+        Box::pin(async move { Ok(Box::new(opened?) as BoxedIo) })
+    }
+}
+
+/// Starts a tonic echo server fed with duplex halves; returns the connector that reaches it.
+fn spawn_duplex_server() -> DuplexConnector {
+    let (tx, rx) = mpsc::unbounded_channel::<DuplexStream>();
+    let incoming = UnboundedReceiverStream::new(rx).map(Ok::<_, io::Error>);
+    tokio::spawn(
+        Server::builder()
+            .add_service(EchoServer::new(BenchEcho::default()))
+            .serve_with_incoming(incoming),
+    );
+    DuplexConnector { server: tx }
+}
+
+/// Runs `iters` unary calls, `tasks` at a time (each task its own client clone); returns the
+/// wall time, i.e. the time per call × `iters` when the calls overlap.
+async fn calls<T>(client: &EchoClient<T>, iters: u64, tasks: u64) -> Duration
+where
+    T: GrpcService<tonic::body::Body> + Clone + Send + 'static,
+    T::Future: Send,
+    T::Error: Into<tonic::codegen::StdError>,
+    T::ResponseBody: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    <T::ResponseBody as http_body::Body>::Error: Into<tonic::codegen::StdError> + Send,
+{
+    let began = Instant::now();
+    if tasks == 1 {
+        let mut client = client.clone();
+        for _ in 0..iters {
+            let reply = client.unary(request(0)).await.expect("unary call");
+            std::hint::black_box(reply);
+        }
+        return began.elapsed();
+    }
+    let mut set = tokio::task::JoinSet::new();
+    for t in 0..tasks {
+        // Split `iters` as evenly as possible over the tasks.
+        let share = iters / tasks + u64::from(t < iters % tasks);
+        let mut client = client.clone();
+        set.spawn(async move {
+            for _ in 0..share {
+                let reply = client.unary(request(0)).await.expect("unary call");
+                std::hint::black_box(reply);
+            }
+        });
+    }
+    while let Some(done) = set.join_next().await {
+        done.expect("call task panicked");
+    }
+    began.elapsed()
+}
+
+/// The three ways of calling the in-process echo server.
+struct Clients {
+    direct: EchoClient<EchoServer<BenchEcho>>,
+    channel: EchoClient<tonic::transport::Channel>,
+    pool: EchoClient<Pool>,
+}
+
+impl Clients {
+    /// Starts the servers and connects (inside `rt`: the servers and the pool run there).
+    fn connect(rt: &tokio::runtime::Runtime) -> Self {
+        rt.block_on(async {
+            let direct = EchoClient::new(EchoServer::new(BenchEcho::default()));
+
+            let to_channel = spawn_duplex_server();
+            let channel = Endpoint::from_static("http://127.0.0.1:1")
+                .connect_with_connector(tower::service_fn(move |_: Uri| {
+                    let opened = to_channel.open();
+                    async move { opened.map(TokioIo::new) }
+                }))
+                .await
+                .expect("channel over duplex");
+
+            let pool = Pool::builder("static:///127.0.0.1:1")
+                .connector(spawn_duplex_server())
+                .build()
+                .expect("pool");
+            pool.wait_ready(Duration::from_secs(5))
+                .await
+                .expect("pool ready");
+            Self {
+                direct,
+                channel: EchoClient::new(channel),
+                pool: EchoClient::new(pool),
+            }
+        })
+    }
+}
+
+fn bench_call_overhead(c: &mut Criterion, rt: &tokio::runtime::Runtime, clients: &Clients) {
+    for tasks in [1, CONCURRENT_CALLS] {
+        let mut group = c.benchmark_group("call_overhead");
+        group.throughput(Throughput::Elements(1));
+        group.bench_function(BenchmarkId::new("direct", tasks), |b| {
+            b.to_async(rt).iter_custom(|iters| {
+                let client = &clients.direct;
+                async move { calls(client, iters, tasks).await }
+            });
+        });
+        group.bench_function(BenchmarkId::new("channel", tasks), |b| {
+            b.to_async(rt).iter_custom(|iters| {
+                let client = &clients.channel;
+                async move { calls(client, iters, tasks).await }
+            });
+        });
+        group.bench_function(BenchmarkId::new("pool", tasks), |b| {
+            b.to_async(rt).iter_custom(|iters| {
+                let client = &clients.pool;
+                async move { calls(client, iters, tasks).await }
+            });
+        });
+        group.finish();
+    }
+}
+
+/// The call-overhead comparison the way BENCHMARKS.md asks for ratios: the three modes
+/// alternate in short rounds (`CALLS_PER_ROUND` calls each, the order rotating every round),
+/// so that a noisy neighbour slows all of them alike; prints the median time per call and the
+/// median (min–max) of the per-round `pool / channel` ratios. Criterion's figures above come
+/// from one mode after the other and drift with the machine's load.
+fn paired_call_overhead(rt: &tokio::runtime::Runtime, clients: &Clients, rounds: usize) {
+    const CALLS_PER_ROUND: u64 = 2_000;
+    println!(
+        "\ncall_overhead, paired: {rounds} rounds of {CALLS_PER_ROUND} calls per mode, modes alternating\n"
+    );
+    println!("| calls in flight | direct µs/call | channel µs/call | pool µs/call | pool / channel (min–max) |");
+    println!("|---|---|---|---|---|");
+    for tasks in [1, CONCURRENT_CALLS] {
+        // times[mode][round], µs per call; mode 0 direct, 1 channel, 2 pool.
+        let mut times: [Vec<f64>; 3] = Default::default();
+        rt.block_on(async {
+            // One unmeasured round warms every mode.
+            calls(&clients.direct, CALLS_PER_ROUND, tasks).await;
+            calls(&clients.channel, CALLS_PER_ROUND, tasks).await;
+            calls(&clients.pool, CALLS_PER_ROUND, tasks).await;
+            for round in 0..rounds {
+                for k in 0..3 {
+                    let mode = (round + k) % 3;
+                    let took = match mode {
+                        0 => calls(&clients.direct, CALLS_PER_ROUND, tasks).await,
+                        1 => calls(&clients.channel, CALLS_PER_ROUND, tasks).await,
+                        _ => calls(&clients.pool, CALLS_PER_ROUND, tasks).await,
+                    };
+                    times[mode].push(took.as_secs_f64() * 1e6 / CALLS_PER_ROUND as f64);
+                }
+            }
+        });
+        let ratios: Vec<f64> = times[2].iter().zip(&times[1]).map(|(p, c)| p / c).collect();
+        let (ratio, lo, hi) = median_min_max(ratios);
+        println!(
+            "| {tasks} | {:.2} | {:.2} | {:.2} | {ratio:.3}× ({lo:.3}–{hi:.3}) |",
+            median_min_max(times[0].clone()).0,
+            median_min_max(times[1].clone()).0,
+            median_min_max(times[2].clone()).0,
+        );
+    }
+}
+
+/// Median, min and max of a non-empty list.
+fn median_min_max(mut v: Vec<f64>) -> (f64, f64, f64) {
+    v.sort_by(f64::total_cmp);
+    let mid = v.len() / 2;
+    let median = if v.len() % 2 == 1 {
+        v[mid]
+    } else {
+        (v[mid - 1] + v[mid]) / 2.0
+    };
+    (median, v[0], v[v.len() - 1])
+}
+
+// What `criterion_group!` + `criterion_main!` expand to, written out so that no undocumented
+// `pub fn` is generated.
+fn main() {
+    let mut c = Criterion::default().configure_from_args();
+    bench_pick(&mut c);
+    bench_republish(&mut c);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let clients = Clients::connect(&rt);
+    bench_call_overhead(&mut c, &rt, &clients);
+    c.final_summary();
+    // Only in a real run (`cargo bench` passes `--bench`), not in `cargo test --benches`.
+    let rounds = std::env::var("CALL_PAIRED_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(21);
+    if rounds > 0 && std::env::args().any(|a| a == "--bench") {
+        paired_call_overhead(&rt, &clients, rounds);
+    }
+}

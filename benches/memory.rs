@@ -69,12 +69,18 @@ fn rss_anon() -> Result<usize, BoxError> {
         .lines()
         .find(|l| l.starts_with("RssAnon:"))
         .ok_or("no RssAnon")?;
-    let kib: usize = line.split_whitespace().nth(1).ok_or("RssAnon value")?.parse()?;
+    let kib: usize = line
+        .split_whitespace()
+        .nth(1)
+        .ok_or("RssAnon value")?
+        .parse()?;
     Ok(kib * 1024)
 }
 
 fn measure(mode: &str, addr: SocketAddr) -> Result<(usize, usize), BoxError> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async {
         let uri = format!("http://{addr}");
         // Idle connections.
@@ -89,7 +95,9 @@ fn measure(mode: &str, addr: SocketAddr) -> Result<(usize, usize), BoxError> {
             );
             let p = pool.as_ref().expect("pool");
             let ok = p
-                .wait_until(Duration::from_secs(30), |s| s.ready_connections() == CONNECTIONS)
+                .wait_until(Duration::from_secs(30), |s| {
+                    s.ready_connections() == CONNECTIONS
+                })
                 .await;
             if !ok {
                 return Err("pool not ready".into());
@@ -99,7 +107,9 @@ fn measure(mode: &str, addr: SocketAddr) -> Result<(usize, usize), BoxError> {
             pool = None;
             let mut v = Vec::new();
             for _ in 0..CONNECTIONS {
-                v.push(EchoClient::new(Endpoint::from_shared(uri.clone())?.connect().await?));
+                v.push(EchoClient::new(
+                    Endpoint::from_shared(uri.clone())?.connect().await?,
+                ));
             }
             clients = v;
         }
@@ -111,10 +121,14 @@ fn measure(mode: &str, addr: SocketAddr) -> Result<(usize, usize), BoxError> {
         for i in 0..CALLS {
             if let Some(p) = &pool {
                 let mut c = EchoClient::new(p.clone());
-                calls.push(tokio::spawn(async move { c.unary(request(3_000)).await.is_ok() }));
+                calls.push(tokio::spawn(async move {
+                    c.unary(request(3_000)).await.is_ok()
+                }));
             } else {
                 let mut c = clients[i % CONNECTIONS].clone();
-                calls.push(tokio::spawn(async move { c.unary(request(3_000)).await.is_ok() }));
+                calls.push(tokio::spawn(async move {
+                    c.unary(request(3_000)).await.is_ok()
+                }));
             }
         }
         // Let every call reach the server and wait there.
@@ -140,13 +154,19 @@ fn spawn_server() -> Result<(Child, SocketAddr), BoxError> {
     let mut out = BufReader::new(child.stdout.take().ok_or("stdout")?);
     let mut line = String::new();
     out.read_line(&mut line)?;
-    let addr = line.trim().strip_prefix("listening ").ok_or("server line")?.parse()?;
+    let addr = line
+        .trim()
+        .strip_prefix("listening ")
+        .ok_or("server line")?
+        .parse()?;
     Ok((child, addr))
 }
 
 fn serve(addr: &str) -> Result<(), BoxError> {
     let addr: SocketAddr = addr.parse()?;
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async move {
         let incoming = TcpIncoming::bind(addr)?.with_nodelay(Some(true));
         {

@@ -23,6 +23,7 @@
 //!             // Messages sent while the stream was down are not replayed by the server.
 //!             eprintln!("stream reopened ({reconnects}) after: {cause}");
 //!         }
+//!         Ok(_) => {} // future kinds of events
 //!         Err(status) => { eprintln!("stream failed for good: {status}"); break; }
 //!     }
 //! }

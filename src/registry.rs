@@ -297,6 +297,9 @@ impl Shared {
         self.resolve_errors.fetch_add(1, Ordering::Relaxed);
         let mut reg = self.registry.lock();
         reg.last_resolve_error = Some(reason.to_owned());
+        // Wake snapshot waiters: the failure is part of what they may wait for.
+        reg.version += 1;
+        self.version_tx.send_replace(reg.version);
     }
 
     pub(crate) fn resolve_errors(&self) -> u64 {

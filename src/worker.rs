@@ -28,7 +28,7 @@ use crate::backoff::{Backoff, FastRng};
 use crate::connector::Connect;
 use crate::error::Error;
 use crate::registry::Shared;
-use crate::resolve::{Resolution, Resolve, ResolveError};
+use crate::resolve::{BoxFuture, Resolution, Resolve, ResolveError};
 use crate::state::{wait_until, ConnectivityState};
 use crate::subchannel::{self, Control, KeepAlive};
 
@@ -105,6 +105,9 @@ impl Worker {
         let mut resolve_backoff = Backoff::new(config.backoff.clone(), self.rng.next_u64());
         // Resolve at once; afterwards this holds when to resolve next.
         let mut next_resolution = Some(Instant::now());
+        // A lookup under way. It is polled inside the select below, not awaited in a branch,
+        // so that close() or the last handle's drop is seen even while a lookup hangs.
+        let mut resolving: Option<BoxFuture<'static, Result<Resolution, ResolveError>>> = None;
         loop {
             let sleep = async {
                 match next_resolution {
@@ -143,9 +146,12 @@ impl Worker {
                         self.grow(addr);
                     }
                 }
-                _ = sleep => {
+                _ = sleep, if resolving.is_none() => {
                     self.last_resolution = Some(Instant::now());
-                    let answer = self.resolver.resolve(&shared.target).await;
+                    resolving = Some(self.resolver.resolve(&shared.target));
+                }
+                answer = async { resolving.as_mut().expect("guarded by the branch condition").await }, if resolving.is_some() => {
+                    resolving = None;
                     next_resolution = self.on_resolution(answer, &mut resolve_backoff);
                 }
             }
@@ -177,6 +183,9 @@ impl Worker {
             Ok(resolution) => {
                 backoff.reset();
                 self.ever_resolved = true;
+                // A good answer ends any failure reported while there was none; while the
+                // new addresses connect the pool is Connecting, not TransientFailure.
+                shared.set_no_endpoints_state(ConnectivityState::Connecting, "resolved");
                 self.apply(&resolution.addresses);
                 if !self.is_dynamic() {
                     return None;
@@ -201,9 +210,22 @@ impl Worker {
         }
     }
 
-    /// Makes the slots match the address set.
+    /// Makes the slots match the address set. New addresses are added before removed ones
+    /// drain, so that replacing the only address never leaves the pool with no endpoint.
     fn apply(&mut self, addresses: &[SocketAddr]) {
         let shared = self.shared.clone();
+        for &addr in addresses {
+            if self.endpoints.contains_key(&addr) {
+                continue;
+            }
+            let n = shared.config.connections_for(addr);
+            tracing::info!(target = %shared.target, %addr, connections = n, "address added");
+            let keepalive = Arc::new(KeepAlive::new(shared.config.keep_alive_interval));
+            let slots = (0..n)
+                .map(|_| self.spawn_slot(addr, keepalive.clone()))
+                .collect();
+            self.endpoints.insert(addr, slots);
+        }
         let removed: Vec<SocketAddr> = self
             .endpoints
             .keys()
@@ -217,18 +239,6 @@ impl Worker {
                 slot.control.send_replace(Control::Drain);
                 self.draining.push(slot);
             }
-        }
-        for &addr in addresses {
-            if self.endpoints.contains_key(&addr) {
-                continue;
-            }
-            let n = shared.config.connections_for(addr);
-            tracing::info!(target = %shared.target, %addr, connections = n, "address added");
-            let keepalive = Arc::new(KeepAlive::new(shared.config.keep_alive_interval));
-            let slots = (0..n)
-                .map(|_| self.spawn_slot(addr, keepalive.clone()))
-                .collect();
-            self.endpoints.insert(addr, slots);
         }
     }
 

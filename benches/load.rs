@@ -873,7 +873,7 @@ fn print_bars(reports: &[ScenarioReport]) {
     println!("| scenario | bar | measured | holds? |");
     println!("|---|---|---|---|");
     let verdict = |ok: bool| if ok { "yes" } else { "**no**" };
-    let ratio = |(m, lo, hi): (f64, f64, f64)| format!("{m:.2}× ({lo:.2}–{hi:.2})");
+    let ratio = |(m, lo, hi): (f64, f64, f64)| format!("{m:.3}× ({lo:.2}–{hi:.2})");
     for report in reports {
         let Some(p) = report.pool().filter(|_| report.has_baseline()) else {
             continue;

@@ -183,7 +183,9 @@ fn parse_goaway(payload: &[u8]) -> Option<GoAway> {
 #[derive(Debug, Default)]
 pub(crate) struct StreamLedger {
     /// Client streams whose HEADERS went out and that the server has not ended or reset.
-    open: std::collections::BTreeSet<u32>,
+    /// A `Vec` rather than a set: it holds a handful of ids (the calls in flight on one
+    /// connection) and keeps its capacity, so a call costs no allocation here.
+    open: Vec<u32>,
     /// The highest client stream id written so far.
     max_written: u32,
     /// The lowest last-stream-id of the server's GOAWAYs.
@@ -198,10 +200,10 @@ impl StreamLedger {
     fn on_inbound(&mut self, head: FrameHead, payload: &[u8], goaway: Option<&GoAway>) {
         match head.kind {
             TYPE_DATA | TYPE_HEADERS if head.flags & FLAG_END_STREAM != 0 => {
-                self.open.remove(&head.stream_id);
+                self.close(head.stream_id);
             }
             TYPE_RST_STREAM => {
-                self.open.remove(&head.stream_id);
+                self.close(head.stream_id);
             }
             TYPE_GOAWAY => {
                 if let Some(g) = goaway {
@@ -224,12 +226,14 @@ impl StreamLedger {
 
     fn on_outbound(&mut self, head: FrameHead, payload: &[u8]) {
         match head.kind {
-            // The first HEADERS of a client stream opens it (trailers would repeat the id).
-            TYPE_HEADERS if head.stream_id % 2 == 1 && self.open.insert(head.stream_id) => {
-                self.max_written = self.max_written.max(head.stream_id);
+            // The first HEADERS of a client stream opens it: stream ids only grow, so a HEADERS
+            // above the highest written id is a new stream (trailers repeat an older id).
+            TYPE_HEADERS if head.stream_id % 2 == 1 && head.stream_id > self.max_written => {
+                self.max_written = head.stream_id;
+                self.open.push(head.stream_id);
             }
             TYPE_RST_STREAM => {
-                self.open.remove(&head.stream_id);
+                self.close(head.stream_id);
             }
             TYPE_PING
                 if head.flags & FLAG_ACK != 0
@@ -239,6 +243,12 @@ impl StreamLedger {
                 self.cutoff = Some(self.max_written);
             }
             _ => {}
+        }
+    }
+
+    fn close(&mut self, id: u32) {
+        if let Some(i) = self.open.iter().position(|open| *open == id) {
+            self.open.swap_remove(i);
         }
     }
 

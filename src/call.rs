@@ -113,7 +113,10 @@ async fn send(
     req: Request<tonic::body::Body>,
     wait_for_ready: bool,
 ) -> Result<Response<ResponseBody>, Error> {
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
+    // Extensions matter to the layers above, not to hyper: dropping them here saves cloning
+    // them for every attempt.
+    parts.extensions = http::Extensions::new();
     let replay = Replay::new(body);
     let mut retries = 0;
     loop {

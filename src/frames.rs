@@ -299,7 +299,9 @@ impl PeerLimits {
     }
 }
 
-/// What the inbound side has seen, applied to the watch signals.
+/// What the inbound side has seen, applied to the watch signals (the unit tests' and fuzz
+/// target's model of what `FrameWatch::poll_read` does inline).
+#[cfg(any(test, fuzzing))]
 fn apply_inbound(
     head: FrameHead,
     payload: &[u8],
@@ -486,27 +488,41 @@ impl<T: AsyncRead + Unpin> AsyncRead for FrameWatch<T> {
                 if new.is_empty() {
                     this.fate.ended(FATE_READ_ENDED, &this.ledger);
                 } else {
-                    let (walker, ledger, fate, limits) = (
-                        &mut this.inbound,
-                        &mut this.ledger,
-                        &this.fate,
-                        &this.limits,
-                    );
-                    this.signals.send_if_modified(|signals| {
-                        let mut changed = false;
-                        walker.feed(new, |head, payload| {
-                            let (c, goaway) = apply_inbound(head, payload, signals);
-                            changed |= c;
-                            if head.kind == TYPE_SETTINGS && head.flags & FLAG_ACK == 0 {
-                                limits.apply_settings(payload);
-                            }
-                            if goaway.as_ref().is_some_and(GoAway::is_graceful) {
+                    // Walk the frames without touching the watch; only SETTINGS and GOAWAY
+                    // (rare) take its lock.
+                    let (ledger, fate, limits) = (&mut this.ledger, &this.fate, &this.limits);
+                    let mut settings = false;
+                    let mut first_goaway = None;
+                    this.inbound.feed(new, |head, payload| {
+                        if head.kind == TYPE_SETTINGS && head.flags & FLAG_ACK == 0 {
+                            limits.apply_settings(payload);
+                            settings = true;
+                        }
+                        let goaway = (head.kind == TYPE_GOAWAY)
+                            .then(|| parse_goaway(payload))
+                            .flatten();
+                        ledger.on_inbound(head, payload, goaway.as_ref());
+                        if let Some(g) = goaway {
+                            if g.is_graceful() {
                                 fate.set(FATE_GRACEFUL_GOAWAY);
                             }
-                            ledger.on_inbound(head, payload, goaway.as_ref());
-                        });
-                        changed
+                            first_goaway.get_or_insert(g);
+                        }
                     });
+                    if settings || first_goaway.is_some() {
+                        this.signals.send_if_modified(|signals| {
+                            let mut changed = false;
+                            if settings && !signals.settings {
+                                signals.settings = true;
+                                changed = true;
+                            }
+                            if signals.goaway.is_none() && first_goaway.is_some() {
+                                signals.goaway = first_goaway;
+                                changed = true;
+                            }
+                            changed
+                        });
+                    }
                 }
             }
             Poll::Ready(Err(_)) => this.fate.ended(FATE_READ_ENDED, &this.ledger),

@@ -322,7 +322,7 @@ pub(crate) async fn run(slot: Slot) {
                     Some(g) => ServeEnd::Lost(format!("GOAWAY with error code {:#x}", g.error_code)),
                     None => ServeEnd::Lost(match res {
                         Ok(()) => "connection closed".to_owned(),
-                        Err(e) => format!("connection error: {}", error_chain(&e)),
+                        Err(e) => format!("connection lost: {}", error_chain(&e)),
                     }),
                 }
             }
@@ -453,22 +453,22 @@ async fn connect(
     }
 }
 
-/// Renders an error with its sources: `a: b: c`.
+/// Renders an error with its sources: `a: b: c`, without repeating a part that a source
+/// already spells out (hyper's "connection error" over h2's "connection error: …").
 pub(crate) fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = err.to_string();
+    let mut parts = vec![err.to_string()];
     let mut source = err.source();
-    let mut depth = 0;
-    while let Some(s) = source {
+    // Bounded: error chains are short, and a cycle would be a bug elsewhere.
+    for _ in 0..8 {
+        let Some(s) = source else { break };
         let text = s.to_string();
-        if !out.ends_with(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
+        let last = parts.last().expect("never empty");
+        if text.starts_with(last.as_str()) {
+            *parts.last_mut().expect("never empty") = text;
+        } else if !last.ends_with(&text) {
+            parts.push(text);
         }
         source = s.source();
-        depth += 1;
-        if depth > 8 {
-            break;
-        }
     }
-    out
+    parts.join(": ")
 }

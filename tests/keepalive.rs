@@ -37,7 +37,7 @@ async fn too_many_pings_doubles_the_interval() {
     // Exactly a power-of-two multiple of the configured interval.
     let factor = interval.as_millis() / 100;
     assert!(
-        factor.is_power_of_two() && interval.as_millis() % 100 == 0,
+        factor.is_power_of_two() && interval.as_millis().is_multiple_of(100),
         "{interval:?}"
     );
     assert!(

@@ -561,14 +561,7 @@ async fn run_mode(
             result
         }
         Mode::Pool(n) => {
-            let target = format!(
-                "static:///{}",
-                addrs
-                    .iter()
-                    .map(|a| a.to_string())
-                    .collect::<Vec<_>>()
-                    .join(",")
-            );
+            let target = static_target(&addrs);
             let pool = Pool::builder(target).connections_per_endpoint(n).build()?;
             let all = n * addrs.len();
             if !pool
@@ -584,14 +577,7 @@ async fn run_mode(
             result
         }
         Mode::PoolGrow(max) => {
-            let target = format!(
-                "static:///{}",
-                addrs
-                    .iter()
-                    .map(|a| a.to_string())
-                    .collect::<Vec<_>>()
-                    .join(",")
-            );
+            let target = static_target(&addrs);
             let pool = Pool::builder(target)
                 .connections_per_endpoint(1)
                 .max_connections_per_endpoint(max)
@@ -610,6 +596,12 @@ async fn run_mode(
             result
         }
     }
+}
+
+/// `static:///a,b,…` for the servers' addresses.
+fn static_target(addrs: &[SocketAddr]) -> String {
+    let list: Vec<String> = addrs.iter().map(|a| a.to_string()).collect();
+    format!("static:///{}", list.join(","))
 }
 
 /// Runs the closed loop: `concurrency` tasks, warm-up, then the measured window.

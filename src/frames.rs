@@ -299,33 +299,6 @@ impl PeerLimits {
     }
 }
 
-/// What the inbound side has seen, applied to the watch signals (the unit tests' and fuzz
-/// target's model of what `FrameWatch::poll_read` does inline).
-#[cfg(any(test, fuzzing))]
-fn apply_inbound(
-    head: FrameHead,
-    payload: &[u8],
-    signals: &mut FrameSignals,
-) -> (bool, Option<GoAway>) {
-    let mut changed = false;
-    if head.kind == TYPE_SETTINGS && head.flags & FLAG_ACK == 0 && !signals.settings {
-        signals.settings = true;
-        changed = true;
-    }
-    let goaway = if head.kind == TYPE_GOAWAY {
-        parse_goaway(payload)
-    } else {
-        None
-    };
-    if let Some(g) = &goaway {
-        if signals.goaway.is_none() {
-            signals.goaway = Some(g.clone());
-            changed = true;
-        }
-    }
-    (changed, goaway)
-}
-
 /// Closes a connection from outside, even while hyper's connection task still serves calls.
 ///
 /// hyper keeps an HTTP/2 connection alive until its last stream ends, which is what lets calls
@@ -415,18 +388,100 @@ impl ConnFate {
     }
 }
 
-/// The I/O wrapper: reads pass through the [`FrameParser`], signals go out through a watch,
-/// and a [`KillSwitch`] can end it.
+/// What a read brought that the watch must hear about (rarely anything: SETTINGS, GOAWAY).
+#[derive(Debug, Default)]
+pub(crate) struct Observed {
+    settings: bool,
+    goaway: Option<GoAway>,
+}
+
+impl Observed {
+    fn is_empty(&self) -> bool {
+        !self.settings && self.goaway.is_none()
+    }
+
+    /// Applies to the watched signals; returns whether they changed.
+    fn apply(self, signals: &mut FrameSignals) -> bool {
+        let mut changed = false;
+        if self.settings && !signals.settings {
+            signals.settings = true;
+            changed = true;
+        }
+        if signals.goaway.is_none() && self.goaway.is_some() {
+            signals.goaway = self.goaway;
+            changed = true;
+        }
+        changed
+    }
+}
+
+/// Everything the pool learns from one connection's bytes, in both directions. Separate from
+/// the I/O, so that the tests and the fuzz target run exactly what [`FrameWatch`] runs.
 #[derive(Debug)]
-pub(crate) struct FrameWatch<T> {
-    io: T,
+pub(crate) struct Wire {
     inbound: FrameWalker,
     outbound: FrameWalker,
     ledger: StreamLedger,
-    signals: watch::Sender<FrameSignals>,
-    kill: Arc<KillSwitch>,
     fate: Arc<ConnFate>,
     limits: Arc<PeerLimits>,
+}
+
+impl Wire {
+    fn new(fate: Arc<ConnFate>, limits: Arc<PeerLimits>) -> Self {
+        Self {
+            inbound: FrameWalker::default(),
+            outbound: FrameWalker::outbound(),
+            ledger: StreamLedger::default(),
+            fate,
+            limits,
+        }
+    }
+
+    /// Bytes the server sent: updates the ledger, the limits and the fate without any lock;
+    /// returns what the watch must hear about.
+    fn read(&mut self, bytes: &[u8]) -> Observed {
+        let (ledger, fate, limits) = (&mut self.ledger, &self.fate, &self.limits);
+        let mut observed = Observed::default();
+        self.inbound.feed(bytes, |head, payload| {
+            if head.kind == TYPE_SETTINGS && head.flags & FLAG_ACK == 0 {
+                limits.apply_settings(payload);
+                observed.settings = true;
+            }
+            let goaway = (head.kind == TYPE_GOAWAY)
+                .then(|| parse_goaway(payload))
+                .flatten();
+            ledger.on_inbound(head, payload, goaway.as_ref());
+            if let Some(g) = goaway {
+                if g.is_graceful() {
+                    fate.set(FATE_GRACEFUL_GOAWAY);
+                }
+                observed.goaway.get_or_insert(g);
+            }
+        });
+        observed
+    }
+
+    /// Bytes we sent.
+    fn wrote(&mut self, bytes: &[u8]) {
+        let ledger = &mut self.ledger;
+        self.outbound
+            .feed(bytes, |head, payload| ledger.on_outbound(head, payload));
+    }
+
+    /// The byte stream ended in the way `flag` says.
+    fn ended(&self, flag: u8) {
+        self.fate.ended(flag, &self.ledger);
+    }
+}
+
+/// The I/O wrapper: reads and writes pass through a [`Wire`], signals go out through a
+/// watch, and a [`KillSwitch`] can end it.
+#[derive(Debug)]
+pub(crate) struct FrameWatch<T> {
+    io: T,
+    wire: Wire,
+    signals: watch::Sender<FrameSignals>,
+    kill: Arc<KillSwitch>,
 }
 
 /// The handles the pool keeps on a [`FrameWatch`]ed stream.
@@ -447,13 +502,9 @@ impl<T> FrameWatch<T> {
         (
             Self {
                 io,
-                inbound: FrameWalker::default(),
-                outbound: FrameWalker::outbound(),
-                ledger: StreamLedger::default(),
+                wire: Wire::new(fate.clone(), limits.clone()),
                 signals: tx,
                 kill: kill.clone(),
-                fate: fate.clone(),
-                limits: limits.clone(),
             },
             Watched {
                 signals: rx,
@@ -486,46 +537,17 @@ impl<T: AsyncRead + Unpin> AsyncRead for FrameWatch<T> {
             Poll::Ready(Ok(())) => {
                 let new = &buf.filled()[before..];
                 if new.is_empty() {
-                    this.fate.ended(FATE_READ_ENDED, &this.ledger);
+                    this.wire.ended(FATE_READ_ENDED);
                 } else {
-                    // Walk the frames without touching the watch; only SETTINGS and GOAWAY
-                    // (rare) take its lock.
-                    let (ledger, fate, limits) = (&mut this.ledger, &this.fate, &this.limits);
-                    let mut settings = false;
-                    let mut first_goaway = None;
-                    this.inbound.feed(new, |head, payload| {
-                        if head.kind == TYPE_SETTINGS && head.flags & FLAG_ACK == 0 {
-                            limits.apply_settings(payload);
-                            settings = true;
-                        }
-                        let goaway = (head.kind == TYPE_GOAWAY)
-                            .then(|| parse_goaway(payload))
-                            .flatten();
-                        ledger.on_inbound(head, payload, goaway.as_ref());
-                        if let Some(g) = goaway {
-                            if g.is_graceful() {
-                                fate.set(FATE_GRACEFUL_GOAWAY);
-                            }
-                            first_goaway.get_or_insert(g);
-                        }
-                    });
-                    if settings || first_goaway.is_some() {
-                        this.signals.send_if_modified(|signals| {
-                            let mut changed = false;
-                            if settings && !signals.settings {
-                                signals.settings = true;
-                                changed = true;
-                            }
-                            if signals.goaway.is_none() && first_goaway.is_some() {
-                                signals.goaway = first_goaway;
-                                changed = true;
-                            }
-                            changed
-                        });
+                    // Only SETTINGS and GOAWAY (rare) take the watch's lock.
+                    let observed = this.wire.read(new);
+                    if !observed.is_empty() {
+                        this.signals
+                            .send_if_modified(|signals| observed.apply(signals));
                     }
                 }
             }
-            Poll::Ready(Err(_)) => this.fate.ended(FATE_READ_ENDED, &this.ledger),
+            Poll::Ready(Err(_)) => this.wire.ended(FATE_READ_ENDED),
             Poll::Pending => {}
         }
         res
@@ -542,13 +564,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for FrameWatch<T> {
         let this = self.get_mut();
         let res = Pin::new(&mut this.io).poll_write(cx, buf);
         match &res {
-            Poll::Ready(Ok(n)) => {
-                let ledger = &mut this.ledger;
-                this.outbound.feed(&buf[..*n], |head, payload| {
-                    ledger.on_outbound(head, payload)
-                });
-            }
-            Poll::Ready(Err(_)) => this.fate.ended(FATE_WRITE_FAILED, &this.ledger),
+            Poll::Ready(Ok(n)) => this.wire.wrote(&buf[..*n]),
+            Poll::Ready(Err(_)) => this.wire.ended(FATE_WRITE_FAILED),
             Poll::Pending => {}
         }
         res
@@ -558,14 +575,14 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for FrameWatch<T> {
         let this = self.get_mut();
         let res = Pin::new(&mut this.io).poll_flush(cx);
         if let Poll::Ready(Err(_)) = res {
-            this.fate.ended(FATE_WRITE_FAILED, &this.ledger);
+            this.wire.ended(FATE_WRITE_FAILED);
         }
         res
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        this.fate.ended(FATE_LOCAL_SHUTDOWN, &this.ledger);
+        this.wire.ended(FATE_LOCAL_SHUTDOWN);
         Pin::new(&mut this.io).poll_shutdown(cx)
     }
 
@@ -578,18 +595,15 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for FrameWatch<T> {
         let this = self.get_mut();
         let res = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
         if let Poll::Ready(Err(_)) = res {
-            this.fate.ended(FATE_WRITE_FAILED, &this.ledger);
+            this.wire.ended(FATE_WRITE_FAILED);
         }
         if let Poll::Ready(Ok(mut n)) = res {
-            let ledger = &mut this.ledger;
             for buf in bufs {
                 if n == 0 {
                     break;
                 }
                 let take = n.min(buf.len());
-                this.outbound.feed(&buf[..take], |head, payload| {
-                    ledger.on_outbound(head, payload)
-                });
+                this.wire.wrote(&buf[..take]);
                 n -= take;
             }
         }
@@ -601,27 +615,19 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for FrameWatch<T> {
     }
 }
 
-/// Drives both walkers and the ledger over arbitrary bytes (fuzzing and tests).
+/// Drives a [`Wire`] over arbitrary bytes in both directions (fuzzing and tests).
 #[cfg(any(test, fuzzing))]
 pub(crate) fn fuzz_feed(data: &[u8]) {
     let split = data.first().map_or(0, |b| *b as usize) % (data.len() + 1);
     let (a, b) = data.split_at(split);
-    let mut inbound = FrameWalker::default();
-    let mut outbound = FrameWalker::outbound();
+    let mut wire = Wire::new(Arc::default(), Arc::default());
     let mut signals = FrameSignals::default();
-    let mut ledger = StreamLedger::default();
-    let limits = PeerLimits::default();
     for chunk in a.chunks(7).chain(b.chunks(13)) {
-        inbound.feed(chunk, |head, payload| {
-            let (_, goaway) = apply_inbound(head, payload, &mut signals);
-            if head.kind == TYPE_SETTINGS {
-                limits.apply_settings(payload);
-            }
-            ledger.on_inbound(head, payload, goaway.as_ref());
-        });
-        outbound.feed(chunk, |head, payload| ledger.on_outbound(head, payload));
+        wire.read(chunk).apply(&mut signals);
+        wire.wrote(chunk);
     }
-    let _ = ledger.only_unprocessed_open();
+    wire.ended(FATE_READ_ENDED);
+    let _ = wire.fate.broken_streams_unprocessed();
 }
 
 #[cfg(test)]
@@ -666,21 +672,21 @@ mod tests {
         bytes
     }
 
-    /// Runs the inbound side over bytes split at `cuts`.
-    fn inbound(bytes: &[u8], cuts: &[usize]) -> (FrameSignals, StreamLedger) {
-        let mut walker = FrameWalker::default();
+    fn wire() -> Wire {
+        Wire::new(Arc::default(), Arc::default())
+    }
+
+    /// Runs the inbound side over bytes split at `cuts`, as `FrameWatch::poll_read` does.
+    fn inbound(bytes: &[u8], cuts: &[usize]) -> (FrameSignals, Wire) {
+        let mut wire = wire();
         let mut signals = FrameSignals::default();
-        let mut ledger = StreamLedger::default();
         let mut start = 0;
         for &cut in cuts.iter().chain([bytes.len()].iter()) {
             let cut = cut.clamp(start, bytes.len());
-            walker.feed(&bytes[start..cut], |head, payload| {
-                let (_, goaway) = apply_inbound(head, payload, &mut signals);
-                ledger.on_inbound(head, payload, goaway.as_ref());
-            });
+            wire.read(&bytes[start..cut]).apply(&mut signals);
             start = cut;
         }
-        (signals, ledger)
+        (signals, wire)
     }
 
     #[test]
@@ -700,6 +706,9 @@ mod tests {
         // INITIAL_WINDOW_SIZE then MAX_CONCURRENT_STREAMS = 100.
         limits.apply_settings(&[0, 4, 0, 1, 0, 0, 0, 3, 0, 0, 0, 100]);
         assert_eq!(limits.max_concurrent_streams(), 100);
+        // And through the wire, from a SETTINGS frame split across reads.
+        let (_, wire) = inbound(&stream(), &[3, 11]);
+        assert_eq!(wire.limits.max_concurrent_streams(), 100);
     }
 
     #[test]
@@ -718,70 +727,55 @@ mod tests {
     /// streams above its last stream id may remain for a retry to be safe.
     #[test]
     fn ledger_tells_unprocessed_streams() {
-        let mut ledger = StreamLedger::default();
-        let mut out = FrameWalker::outbound();
+        let mut wire = wire();
         let mut bytes = vec![0u8; CLIENT_PREFACE_LEN];
         for id in [1, 3, 5] {
             bytes.extend(headers(id, 0x4));
         }
-        out.feed(&bytes, |head, payload| ledger.on_outbound(head, payload));
-        assert!(!ledger.only_unprocessed_open(), "no GOAWAY yet");
+        wire.wrote(&bytes);
+        assert!(!wire.ledger.only_unprocessed_open(), "no GOAWAY yet");
         let mut reply = headers(1, 0x5);
         reply.extend(frame(TYPE_GOAWAY, 0, &goaway_payload(3, NO_ERROR, b"")));
-        let mut walker = FrameWalker::default();
-        let mut signals = FrameSignals::default();
-        walker.feed(&reply, |head, payload| {
-            let (_, goaway) = apply_inbound(head, payload, &mut signals);
-            ledger.on_inbound(head, payload, goaway.as_ref());
-        });
+        wire.read(&reply);
         assert!(
-            !ledger.only_unprocessed_open(),
+            !wire.ledger.only_unprocessed_open(),
             "stream 3 may have been processed"
         );
-        walker.feed(&headers(3, 0x5), |head, payload| {
-            let (_, goaway) = apply_inbound(head, payload, &mut signals);
-            ledger.on_inbound(head, payload, goaway.as_ref());
-        });
+        wire.read(&headers(3, 0x5));
         assert!(
-            ledger.only_unprocessed_open(),
+            wire.ledger.only_unprocessed_open(),
             "only stream 5 (> 3) is left"
         );
+        // What the call path asks when the connection then ends.
+        wire.ended(FATE_READ_ENDED);
+        assert!(wire.fate.broken_streams_unprocessed());
     }
 
     /// Graceful shutdown in two steps: streams written after our ack of the shutdown PING
     /// are unprocessed even before the final GOAWAY arrives.
     #[test]
     fn ledger_uses_the_shutdown_ping() {
-        let mut ledger = StreamLedger::default();
-        let mut out = FrameWalker::outbound();
+        let mut wire = wire();
         let mut bytes = vec![0u8; CLIENT_PREFACE_LEN];
         bytes.extend(headers(1, 0x4));
-        out.feed(&bytes, |h, p| ledger.on_outbound(h, p));
+        wire.wrote(&bytes);
         let mut inbound = frame(
             TYPE_GOAWAY,
             0,
             &goaway_payload(MAX_STREAM_ID, NO_ERROR, b""),
         );
         inbound.extend(frame(TYPE_PING, 0, &[9; 8]));
-        let mut walker = FrameWalker::default();
-        let mut signals = FrameSignals::default();
-        walker.feed(&inbound, |head, payload| {
-            let (_, goaway) = apply_inbound(head, payload, &mut signals);
-            ledger.on_inbound(head, payload, goaway.as_ref());
-        });
+        wire.read(&inbound);
         assert!(
-            !ledger.only_unprocessed_open(),
+            !wire.ledger.only_unprocessed_open(),
             "stream 1 went out before the ack"
         );
         let mut later = frame(TYPE_PING, FLAG_ACK, &[9; 8]);
         later.extend(headers(3, 0x4));
-        out.feed(&later, |h, p| ledger.on_outbound(h, p));
+        wire.wrote(&later);
         // The server ends stream 1; stream 3 went out after the ack.
-        walker.feed(&headers(1, 0x5), |head, payload| {
-            let (_, goaway) = apply_inbound(head, payload, &mut signals);
-            ledger.on_inbound(head, payload, goaway.as_ref());
-        });
-        assert!(ledger.only_unprocessed_open());
+        wire.read(&headers(1, 0x5));
+        assert!(wire.ledger.only_unprocessed_open());
     }
 
     proptest! {

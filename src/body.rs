@@ -100,17 +100,5 @@ pub(crate) fn status_from_hyper(err: &hyper::Error) -> Status {
 }
 
 pub(crate) fn find_h2(err: &hyper::Error) -> Option<&h2::Error> {
-    let mut source = std::error::Error::source(err);
-    let mut depth = 0;
-    while let Some(s) = source {
-        if let Some(h2) = s.downcast_ref::<h2::Error>() {
-            return Some(h2);
-        }
-        source = s.source();
-        depth += 1;
-        if depth > 8 {
-            break;
-        }
-    }
-    None
+    crate::error::sources(err).find_map(|e| e.downcast_ref::<h2::Error>())
 }

@@ -187,24 +187,15 @@ enum Retry {
 
 /// The error h2 gives streams whose connection went away under them.
 fn is_broken_pipe(err: &hyper::Error) -> bool {
-    let mut source = std::error::Error::source(err);
-    let mut depth = 0;
-    while let Some(s) = source {
-        if let Some(io) = s.downcast_ref::<std::io::Error>() {
-            return io.kind() == std::io::ErrorKind::BrokenPipe;
-        }
-        if let Some(h2) = s.downcast_ref::<h2::Error>() {
-            return h2
-                .get_io()
-                .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe);
-        }
-        source = s.source();
-        depth += 1;
-        if depth > 8 {
-            break;
-        }
-    }
-    false
+    let broken = |io: &std::io::Error| io.kind() == std::io::ErrorKind::BrokenPipe;
+    crate::error::sources(err)
+        .find_map(|e| {
+            e.downcast_ref::<std::io::Error>().map(broken).or_else(|| {
+                e.downcast_ref::<h2::Error>()
+                    .map(|h2| h2.get_io().is_some_and(broken))
+            })
+        })
+        .unwrap_or(false)
 }
 
 /// Classifies a send error from the HTTP/2 error, never from the gRPC status (tonic maps

@@ -15,6 +15,17 @@ use crate::target::TargetError;
 /// A boxed error, as tower and tonic use.
 pub(crate) type BoxError = Box<dyn StdError + Send + Sync + 'static>;
 
+/// The sources of `err`, nearest first, at most 8 deep (chains are short; a cycle would be a
+/// bug elsewhere, and this must not hang on one).
+pub(crate) fn sources<'a>(
+    err: &'a (dyn StdError + 'static),
+) -> impl Iterator<Item = &'a (dyn StdError + 'static)> {
+    std::iter::successors(err.source(), |e: &&'a (dyn StdError + 'static)| {
+        (*e).source()
+    })
+    .take(8)
+}
+
 /// An error from the pool: building it, a call through it, or closing it.
 pub struct Error {
     inner: Box<Inner>,

@@ -57,30 +57,41 @@ pub(crate) struct Shared {
     resolve_errors: AtomicU64,
 }
 
-/// A counter of calls in flight with a wake-up when it reaches zero.
+/// A counter of calls in flight with a wake-up when it reaches zero, for the pool as a whole
+/// (`close()` waits on it) and for each connection (draining waits on it).
+///
+/// The wake-up is only paid for when someone waits: `Notify::notify_waiters` takes a lock,
+/// and at one call in flight the count reaches zero on every call. A waiter raises `watched`
+/// before it checks the count, the last decrement checks `watched` after it lowered the
+/// count; with both sides `SeqCst` one of them always sees the other (the waiter sees zero,
+/// or the decrement sees the waiter).
 #[derive(Debug, Default)]
 pub(crate) struct InFlight {
     count: AtomicUsize,
+    watched: AtomicBool,
     zero: Notify,
 }
 
 impl InFlight {
+    #[inline]
     pub(crate) fn inc(&self) {
         self.count.fetch_add(1, Ordering::Relaxed);
     }
 
+    #[inline]
     pub(crate) fn dec(&self) {
-        if self.count.fetch_sub(1, Ordering::AcqRel) == 1 {
+        if self.count.fetch_sub(1, Ordering::SeqCst) == 1 && self.watched.load(Ordering::SeqCst) {
             self.zero.notify_waiters();
         }
     }
 
     pub(crate) fn get(&self) -> usize {
-        self.count.load(Ordering::Acquire)
+        self.count.load(Ordering::SeqCst)
     }
 
     /// Waits until no call is in flight.
     pub(crate) async fn wait_zero(&self) {
+        self.watched.store(true, Ordering::SeqCst);
         loop {
             let notified = self.zero.notified();
             tokio::pin!(notified);
@@ -525,5 +536,33 @@ impl Shared {
                 })
                 .collect(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::InFlight;
+    use std::sync::Arc;
+
+    /// The last decrement wakes a waiter, whether the waiter came before or after it.
+    #[tokio::test]
+    async fn zero_wakes_waiters() {
+        let count = Arc::new(InFlight::default());
+        count.inc();
+        count.inc();
+        let waiter = tokio::spawn({
+            let count = count.clone();
+            async move { count.wait_zero().await }
+        });
+        tokio::task::yield_now().await;
+        count.dec();
+        assert!(!waiter.is_finished());
+        count.dec();
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+            .await
+            .expect("woken")
+            .unwrap();
+        // Nothing in flight: returns at once.
+        count.wait_zero().await;
     }
 }

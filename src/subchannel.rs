@@ -21,18 +21,18 @@
 //! task lives on until its last stream ends, even after the slot drops its handles.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::sync::{watch, Notify};
+use tokio::sync::watch;
 
 use crate::backoff::Backoff;
 use crate::connector::{BoxedIo, Connect, Destination};
 use crate::error::BoxError;
-use crate::frames::{ConnFate, FrameWatch, PeerLimits, Watched};
+use crate::frames::{ConnFate, FrameWatch, GoAway, PeerLimits, Watched};
 use crate::picker::Pickable;
 use crate::registry::{InFlight, Shared};
 use crate::replay::ReplayBody;
@@ -44,27 +44,26 @@ type Driver = http2::Connection<TokioIo<FrameWatch<BoxedIo>>, ReplayBody, TokioE
 /// Counters of one connection slot, kept across its reconnects.
 #[derive(Debug)]
 pub(crate) struct ConnStats {
-    in_flight: AtomicUsize,
+    /// Calls on this slot; draining waits for it to reach zero.
+    in_flight: InFlight,
     calls: AtomicU64,
     connects: AtomicU64,
-    /// Woken when `in_flight` drops to zero (draining waits on it).
-    idle: Notify,
+    /// The pool's count, which `close()` waits on.
     pool: Arc<InFlight>,
 }
 
 impl ConnStats {
     pub(crate) fn new(pool: Arc<InFlight>) -> Self {
         Self {
-            in_flight: AtomicUsize::new(0),
+            in_flight: InFlight::default(),
             calls: AtomicU64::new(0),
             connects: AtomicU64::new(0),
-            idle: Notify::new(),
             pool,
         }
     }
 
     pub(crate) fn in_flight(&self) -> usize {
-        self.in_flight.load(Ordering::Acquire)
+        self.in_flight.get()
     }
 
     pub(crate) fn calls(&self) -> u64 {
@@ -78,22 +77,10 @@ impl ConnStats {
     /// A call starts on this connection.
     pub(crate) fn start_call(self: &Arc<Self>) -> InFlightGuard {
         self.calls.fetch_add(1, Ordering::Relaxed);
-        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        self.in_flight.inc();
         self.pool.inc();
         InFlightGuard {
             stats: Arc::clone(self),
-        }
-    }
-
-    async fn wait_idle(&self) {
-        loop {
-            let notified = self.idle.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if self.in_flight() == 0 {
-                return;
-            }
-            notified.await;
         }
     }
 }
@@ -106,9 +93,7 @@ pub(crate) struct InFlightGuard {
 
 impl Drop for InFlightGuard {
     fn drop(&mut self) {
-        if self.stats.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.stats.idle.notify_waiters();
-        }
+        self.stats.in_flight.dec();
         self.stats.pool.dec();
     }
 }
@@ -220,6 +205,18 @@ pub(crate) struct Slot {
     pub(crate) seed: u64,
 }
 
+impl ServeEnd {
+    /// How a connection ended, given the GOAWAY it received (if any) and otherwise `lost`.
+    fn after(goaway: Option<GoAway>, lost: impl FnOnce() -> String) -> Self {
+        match goaway {
+            Some(g) if g.is_graceful() => Self::GracefulGoAway,
+            Some(g) if g.is_too_many_pings() => Self::TooManyPings,
+            Some(g) => Self::Lost(format!("GOAWAY with error code {:#x}", g.error_code)),
+            None => Self::Lost(lost()),
+        }
+    }
+}
+
 /// The slot's task. Ends on `Drain` (after its calls finish) or `Shutdown`.
 pub(crate) async fn run(slot: Slot) {
     let Slot {
@@ -315,24 +312,15 @@ pub(crate) async fn run(slot: Slot) {
                 _ => ServeEnd::Shutdown,
             },
             res = &mut driver => {
+                // A GOAWAY read just before the end explains it better than hyper's result.
                 let goaway = signals.borrow().goaway.clone();
-                match goaway {
-                    Some(g) if g.is_graceful() => ServeEnd::GracefulGoAway,
-                    Some(g) if g.is_too_many_pings() => ServeEnd::TooManyPings,
-                    Some(g) => ServeEnd::Lost(format!("GOAWAY with error code {:#x}", g.error_code)),
-                    None => ServeEnd::Lost(match res {
-                        Ok(()) => "connection closed".to_owned(),
-                        Err(e) => format!("connection lost: {}", error_chain(&e)),
-                    }),
-                }
+                ServeEnd::after(goaway, || match res {
+                    Ok(()) => "connection closed".to_owned(),
+                    Err(e) => format!("connection lost: {}", error_chain(&e)),
+                })
             }
             g = wait_until(&mut goaway_rx, |s| s.goaway.is_some()) => {
-                match g.and_then(|s| s.goaway) {
-                    Some(g) if g.is_graceful() => ServeEnd::GracefulGoAway,
-                    Some(g) if g.is_too_many_pings() => ServeEnd::TooManyPings,
-                    Some(g) => ServeEnd::Lost(format!("GOAWAY with error code {:#x}", g.error_code)),
-                    None => ServeEnd::Lost("connection closed".to_owned()),
-                }
+                ServeEnd::after(g.and_then(|s| s.goaway), || "connection closed".to_owned())
             }
         };
         // No new call goes to this connection from here on, even through stale pickers.
@@ -367,7 +355,7 @@ pub(crate) async fn run(slot: Slot) {
                 let drained = tokio::select! {
                     biased;
                     _ = wait_until(&mut control, |c| *c == Control::Shutdown) => false,
-                    _ = stats.wait_idle() => true,
+                    _ = stats.in_flight.wait_zero() => true,
                     _ = tokio::time::sleep(shared.config.drain_timeout) => false,
                     _ = &mut driver => true,
                 };
@@ -457,18 +445,14 @@ async fn connect(
 /// already spells out (hyper's "connection error" over h2's "connection error: …").
 pub(crate) fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
     let mut parts = vec![err.to_string()];
-    let mut source = err.source();
-    // Bounded: error chains are short, and a cycle would be a bug elsewhere.
-    for _ in 0..8 {
-        let Some(s) = source else { break };
-        let text = s.to_string();
-        let last = parts.last().expect("never empty");
+    for source in crate::error::sources(err) {
+        let text = source.to_string();
+        let last = parts.last_mut().expect("never empty");
         if text.starts_with(last.as_str()) {
-            *parts.last_mut().expect("never empty") = text;
+            *last = text;
         } else if !last.ends_with(&text) {
             parts.push(text);
         }
-        source = s.source();
     }
     parts.join(": ")
 }

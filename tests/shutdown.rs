@@ -106,11 +106,16 @@ fn dropping_the_last_handle_ends_every_task() {
             metrics.num_alive_tasks() >= 4,
             "a clone keeps the pool alive"
         );
+        let mut state = clone.watch();
         drop(clone);
-        // Bounded: the tasks end within a few turns of the scheduler once they are told.
+        // Events first: the worker declares the pool shut down, the server sees every
+        // connection close.
+        assert!(state.wait_for(ConnectivityState::Shutdown, WAIT).await);
+        assert!(server.wait_for_open_connections(0, WAIT).await);
+        // Then the tasks finish within a few turns of this runtime (bounded; no sleeping).
         let mut turns = 0;
-        while metrics.num_alive_tasks() > 0 && turns < 500 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
+        while metrics.num_alive_tasks() > 0 && turns < 1_000 {
+            tokio::task::yield_now().await;
             turns += 1;
         }
         assert_eq!(
@@ -118,7 +123,6 @@ fn dropping_the_last_handle_ends_every_task() {
             0,
             "tasks left after {turns} turns"
         );
-        assert!(server.wait_for_open_connections(0, WAIT).await);
     });
 }
 

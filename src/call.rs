@@ -12,7 +12,7 @@
 //! | Shutdown | fails at once (shutdown error, UNAVAILABLE) | same |
 //!
 //! A deadline that passes while waiting (or before the response headers) fails the call with
-//! DEADLINE_EXCEEDED. A request that hyper hands back unsent (its connection closed between
+//! DEADLINE_EXCEEDED. A request whose stream h2 would not open (its connection closed between
 //! the pick and the send) is sent again on another connection; it never reached a server.
 
 use std::sync::Arc;
@@ -23,6 +23,7 @@ use tokio::time::Instant;
 
 use crate::body::{transport_error, ResponseBody};
 use crate::error::Error;
+use crate::exchange::{self, AttemptError};
 use crate::registry::Shared;
 use crate::replay::Replay;
 use crate::state::ConnectivityState;
@@ -113,49 +114,48 @@ async fn send(
     req: Request<tonic::body::Body>,
     wait_for_ready: bool,
 ) -> Result<Response<ResponseBody>, Error> {
-    let (mut parts, body) = req.into_parts();
-    // Extensions matter to the layers above, not to hyper: dropping them here saves cloning
-    // them for every attempt.
-    parts.extensions = http::Extensions::new();
-    let replay = Replay::new(body);
+    let (parts, body) = req.into_parts();
+    let mut replay = Replay::new(body);
     let mut retries = 0;
     loop {
         let ready = match conn.take() {
             Some(c) => c,
             None => wait_for_connection(shared, wait_for_ready).await?,
         };
-        let guard = ready.stats.start_call();
-        let mut sender = ready.send.clone();
-        let attempt = Request::from_parts(parts.clone(), replay.body());
-        let (retry, error) = match sender.try_send_request(attempt).await {
-            Ok(response) => {
+        let guard = ready.start_call();
+        let (retry, error) = match exchange::attempt(&ready.send, &parts, &mut replay).await {
+            Ok((response, unfinished, cursor)) => {
                 replay.commit();
-                return Ok(response.map(|body| ResponseBody::new(body, guard)));
+                let request_body = unfinished.map(|pipe| pipe.unfinished(replay, cursor).spawn());
+                return Ok(response.map(|body| ResponseBody::new(body, guard, request_body)));
             }
-            Err(mut err) => {
+            Err(AttemptError::Body(status)) => {
+                // The caller's own request stream failed: its status is the call's.
+                return Err(Error::transport(status.clone(), status));
+            }
+            Err(AttemptError::Unsent(error)) => {
+                // h2 did not open the stream: nothing left this process.
                 drop(guard);
-                if err.take_message().is_some() {
-                    // hyper handed the request back: it never left this process.
-                    ready.mark_closing();
-                    (Retry::Unsent, None)
-                } else {
-                    let error = err.into_error();
-                    let never = never_processed(&error).or_else(|| {
-                        (is_broken_pipe(&error) && ready.fate.broken_streams_unprocessed())
-                            .then_some(Retry::NotOpened)
-                    });
-                    match never {
-                        Some(retry) if replay.can_replay() => {
-                            if retry != Retry::Refused {
-                                // Do not wait for the slot to notice the GOAWAY.
-                                ready.mark_closing();
-                            }
-                            (retry, Some(error))
+                ready.mark_closing();
+                (Retry::Unsent, Some(error))
+            }
+            Err(AttemptError::Stream(error)) => {
+                drop(guard);
+                let never = never_processed(&error).or_else(|| {
+                    (is_broken_pipe(&error) && ready.fate.broken_streams_unprocessed())
+                        .then_some(Retry::NotOpened)
+                });
+                match never {
+                    Some(retry) if replay.can_replay() => {
+                        if retry != Retry::Refused {
+                            // Do not wait for the slot to notice the GOAWAY.
+                            ready.mark_closing();
                         }
-                        _ => {
-                            tracing::debug!(addr = %ready.addr, conn = ready.id, %error, fate = ready.fate.bits(), "call failed on its connection");
-                            return Err(transport_error(error));
-                        }
+                        (retry, Some(error))
+                    }
+                    _ => {
+                        tracing::debug!(addr = %ready.addr, conn = ready.id, %error, fate = ready.fate.bits(), "call failed on its connection");
+                        return Err(transport_error(error));
                     }
                 }
             }
@@ -174,7 +174,7 @@ async fn send(
 /// Why a call may be sent again: it provably never reached the server's application.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Retry {
-    /// hyper gave the request back before sending it (its connection was closing).
+    /// h2 would not open the stream (its connection had failed or was closing).
     Unsent,
     /// The stream was above the last stream id of the server's GOAWAY.
     GoAway,
@@ -186,24 +186,16 @@ enum Retry {
 }
 
 /// The error h2 gives streams whose connection went away under them.
-fn is_broken_pipe(err: &hyper::Error) -> bool {
-    let broken = |io: &std::io::Error| io.kind() == std::io::ErrorKind::BrokenPipe;
-    crate::error::sources(err)
-        .find_map(|e| {
-            e.downcast_ref::<std::io::Error>().map(broken).or_else(|| {
-                e.downcast_ref::<h2::Error>()
-                    .map(|h2| h2.get_io().is_some_and(broken))
-            })
-        })
-        .unwrap_or(false)
+fn is_broken_pipe(err: &h2::Error) -> bool {
+    err.get_io()
+        .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
 }
 
 /// Classifies a send error from the HTTP/2 error, never from the gRPC status (tonic maps
 /// these to CANCELLED, INTERNAL or UNKNOWN). h2 reports a *remote* GOAWAY error on a stream
 /// only for streams above the GOAWAY's last stream id; streams the server may have processed
 /// fail with an I/O error instead when the connection closes.
-fn never_processed(err: &hyper::Error) -> Option<Retry> {
-    let h2 = crate::body::find_h2(err)?;
+fn never_processed(h2: &h2::Error) -> Option<Retry> {
     if h2.is_go_away() && h2.is_remote() {
         Some(Retry::GoAway)
     } else if h2.is_reset() && h2.is_remote() && h2.reason() == Some(h2::Reason::REFUSED_STREAM) {

@@ -20,6 +20,8 @@ use parking_lot::Mutex;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::watch;
 
+use crate::driver::ReadActivity;
+
 const FRAME_HEADER_LEN: usize = 9;
 const TYPE_SETTINGS: u8 = 0x4;
 const TYPE_GOAWAY: u8 = 0x7;
@@ -482,6 +484,8 @@ pub(crate) struct FrameWatch<T> {
     wire: Wire,
     signals: watch::Sender<FrameSignals>,
     kill: Arc<KillSwitch>,
+    /// Set when keepalive is on: every read is timestamped for it.
+    activity: Option<Arc<ReadActivity>>,
 }
 
 /// The handles the pool keeps on a [`FrameWatch`]ed stream.
@@ -494,7 +498,7 @@ pub(crate) struct Watched {
 }
 
 impl<T> FrameWatch<T> {
-    pub(crate) fn new(io: T) -> (Self, Watched) {
+    pub(crate) fn new(io: T, activity: Option<Arc<ReadActivity>>) -> (Self, Watched) {
         let (tx, rx) = watch::channel(FrameSignals::default());
         let kill = Arc::new(KillSwitch::default());
         let fate = Arc::new(ConnFate::default());
@@ -505,6 +509,7 @@ impl<T> FrameWatch<T> {
                 wire: Wire::new(fate.clone(), limits.clone()),
                 signals: tx,
                 kill: kill.clone(),
+                activity,
             },
             Watched {
                 signals: rx,
@@ -539,6 +544,9 @@ impl<T: AsyncRead + Unpin> AsyncRead for FrameWatch<T> {
                 if new.is_empty() {
                     this.wire.ended(FATE_READ_ENDED);
                 } else {
+                    if let Some(activity) = &this.activity {
+                        activity.touch();
+                    }
                     // Only SETTINGS and GOAWAY (rare) take the watch's lock.
                     let observed = this.wire.read(new);
                     if !observed.is_empty() {

@@ -522,7 +522,7 @@ impl Shared {
                         .map(|c| ConnectionSnapshot {
                             id: c.id,
                             state: c.state,
-                            in_flight: c.stats.in_flight(),
+                            in_flight: c.ready.as_ref().map_or(0, |r| r.in_flight()),
                             calls: c.stats.calls(),
                             connects: c.stats.connects(),
                             max_concurrent_streams: c

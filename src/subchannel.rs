@@ -1,11 +1,12 @@
 //! One connection slot: its state machine, its backoff and its HTTP/2 connection.
 //!
-//! Each slot runs as its own task, owned by the worker. It drives hyper's
-//! `client::conn::http2` directly rather than a tonic `Channel`: a `Channel` hides its
-//! connection behind a `Buffer` and a `Reconnect` with no backoff that reports a failed
-//! connection as ready, which would fight this state machine. Owning the connection gives the
-//! pool exact facts: when the server's SETTINGS arrived, when a GOAWAY came, when the
-//! connection is gone.
+//! Each slot runs as its own task, owned by the worker. It drives h2's client connection
+//! directly rather than a tonic `Channel`: a `Channel` hides its connection behind a `Buffer`
+//! and a `Reconnect` with no backoff that reports a failed connection as ready, which would
+//! fight this state machine. Owning the connection gives the pool exact facts: when the
+//! server's SETTINGS arrived, when a GOAWAY came, when the connection is gone. Calls are sent
+//! from the caller's task (`exchange.rs`); the connection's I/O runs on its driver task
+//! (`driver.rs`).
 //!
 //! ```text
 //! loop:
@@ -17,35 +18,30 @@
 //!     └─ err → TransientFailure; sleep backoff; retry
 //! ```
 //!
-//! When a connection leaves the picker, calls already on it keep running: hyper's connection
-//! task lives on until its last stream ends, even after the slot drops its handles.
+//! When a connection leaves the picker, calls already on it keep running: the slot *retires* its
+//! driver, which lives on until the connection's last call ends.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper::client::conn::http2;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use bytes::Bytes;
 use tokio::sync::watch;
 
 use crate::backoff::Backoff;
-use crate::connector::{BoxedIo, Connect, Destination};
+use crate::connector::{Connect, Destination};
+use crate::driver::{DriverEnd, H2Connection, KeepAlivePlan, ReadActivity};
 use crate::error::BoxError;
 use crate::frames::{ConnFate, FrameWatch, GoAway, PeerLimits, Watched};
 use crate::picker::Pickable;
 use crate::registry::{InFlight, Shared};
-use crate::replay::ReplayBody;
 use crate::state::{wait_until, ConnectivityState};
 use crate::target::TargetKind;
-
-type Driver = http2::Connection<TokioIo<FrameWatch<BoxedIo>>, ReplayBody, TokioExecutor>;
 
 /// Counters of one connection slot, kept across its reconnects.
 #[derive(Debug)]
 pub(crate) struct ConnStats {
-    /// Calls on this slot; draining waits for it to reach zero.
-    in_flight: InFlight,
     calls: AtomicU64,
     connects: AtomicU64,
     /// The pool's count, which `close()` waits on.
@@ -55,15 +51,10 @@ pub(crate) struct ConnStats {
 impl ConnStats {
     pub(crate) fn new(pool: Arc<InFlight>) -> Self {
         Self {
-            in_flight: InFlight::default(),
             calls: AtomicU64::new(0),
             connects: AtomicU64::new(0),
             pool,
         }
-    }
-
-    pub(crate) fn in_flight(&self) -> usize {
-        self.in_flight.get()
     }
 
     pub(crate) fn calls(&self) -> u64 {
@@ -73,28 +64,18 @@ impl ConnStats {
     pub(crate) fn connects(&self) -> u64 {
         self.connects.load(Ordering::Relaxed)
     }
-
-    /// A call starts on this connection.
-    pub(crate) fn start_call(self: &Arc<Self>) -> InFlightGuard {
-        self.calls.fetch_add(1, Ordering::Relaxed);
-        self.in_flight.inc();
-        self.pool.inc();
-        InFlightGuard {
-            stats: Arc::clone(self),
-        }
-    }
 }
 
 /// Held by a call from the moment it is sent until its response body ends or is dropped.
 #[derive(Debug)]
 pub(crate) struct InFlightGuard {
-    stats: Arc<ConnStats>,
+    conn: Arc<ReadyConn>,
 }
 
 impl Drop for InFlightGuard {
     fn drop(&mut self) {
-        self.stats.in_flight.dec();
-        self.stats.pool.dec();
+        self.conn.in_flight.dec();
+        self.conn.stats.pool.dec();
     }
 }
 
@@ -103,10 +84,12 @@ impl Drop for InFlightGuard {
 pub(crate) struct ReadyConn {
     pub(crate) id: u64,
     pub(crate) addr: SocketAddr,
-    pub(crate) send: http2::SendRequest<ReplayBody>,
+    pub(crate) send: h2::client::SendRequest<Bytes>,
     pub(crate) stats: Arc<ConnStats>,
-    /// Set the moment the connection must take no new call (GOAWAY seen, draining, lost),
-    /// before the registry republishes the picker.
+    /// Calls on this connection; its capacity, draining and retirement go by it.
+    in_flight: InFlight,
+    /// Set the moment the connection must take no new call (GOAWAY seen, draining, lost,
+    /// retired), before the registry republishes the picker.
     closing: AtomicBool,
     /// How its byte stream ended, for classifying the calls it broke.
     pub(crate) fate: Arc<ConnFate>,
@@ -118,17 +101,36 @@ impl ReadyConn {
     pub(crate) fn mark_closing(&self) {
         self.closing.store(true, Ordering::Release);
     }
+
+    pub(crate) fn in_flight(&self) -> usize {
+        self.in_flight.get()
+    }
+
+    /// Waits until no call is in flight on this connection.
+    pub(crate) async fn wait_idle(&self) {
+        self.in_flight.wait_zero().await;
+    }
+
+    /// A call starts on this connection.
+    pub(crate) fn start_call(self: &Arc<Self>) -> InFlightGuard {
+        self.stats.calls.fetch_add(1, Ordering::Relaxed);
+        self.in_flight.inc();
+        self.stats.pool.inc();
+        InFlightGuard {
+            conn: Arc::clone(self),
+        }
+    }
 }
 
 impl Pickable for Arc<ReadyConn> {
     #[inline]
     fn is_available(&self) -> bool {
-        !self.closing.load(Ordering::Acquire) && !self.send.is_closed()
+        !self.closing.load(Ordering::Acquire)
     }
 
     #[inline]
     fn has_capacity(&self) -> bool {
-        (self.stats.in_flight() as u64) < u64::from(self.limits.max_concurrent_streams())
+        (self.in_flight() as u64) < u64::from(self.limits.max_concurrent_streams())
     }
 }
 
@@ -266,13 +268,14 @@ pub(crate) async fn run(slot: Slot) {
         };
         let (
             send,
-            mut driver,
+            connection,
             Watched {
                 signals,
                 kill,
                 fate,
                 limits,
             },
+            keepalive_plan,
         ) = match result {
             Ok(Ok(connected)) => connected,
             Ok(Err(e)) => {
@@ -293,10 +296,12 @@ pub(crate) async fn run(slot: Slot) {
             addr,
             send,
             stats: stats.clone(),
+            in_flight: InFlight::default(),
             closing: AtomicBool::new(false),
             fate,
             limits,
         });
+        let mut driver = crate::driver::spawn(connection, ready.clone(), keepalive_plan);
         shared.transition(
             id,
             ConnectivityState::Ready,
@@ -311,12 +316,15 @@ pub(crate) async fn run(slot: Slot) {
                 Some(Control::Drain) => ServeEnd::Drain,
                 _ => ServeEnd::Shutdown,
             },
-            res = &mut driver => {
-                // A GOAWAY read just before the end explains it better than hyper's result.
+            end = driver.ended() => {
+                // A GOAWAY read just before the end explains it better than h2's result.
                 let goaway = signals.borrow().goaway.clone();
-                ServeEnd::after(goaway, || match res {
-                    Ok(()) => "connection closed".to_owned(),
-                    Err(e) => format!("connection lost: {}", error_chain(&e)),
+                ServeEnd::after(goaway, || match end {
+                    DriverEnd::Closed(Ok(())) | DriverEnd::Retired => "connection closed".to_owned(),
+                    DriverEnd::Closed(Err(e)) => format!("connection lost: {}", error_chain(&e)),
+                    DriverEnd::KeepAliveTimeout(t) => {
+                        format!("connection lost: keepalive PING not acknowledged within {t:?}")
+                    }
                 })
             }
             g = wait_until(&mut goaway_rx, |s| s.goaway.is_some()) => {
@@ -329,9 +337,8 @@ pub(crate) async fn run(slot: Slot) {
             ServeEnd::GracefulGoAway => {
                 shared.transition(id, ConnectivityState::Idle, "GOAWAY from server", None);
                 shared.request_reresolve();
-                // The driver ends by itself once hyper has read the GOAWAY; calls in flight
-                // finish on hyper's connection task. Reconnect at once.
-                drop(driver);
+                // Calls in flight finish on the old connection; reconnect at once.
+                driver.retire();
             }
             ServeEnd::TooManyPings => {
                 let interval = keepalive.double();
@@ -343,24 +350,27 @@ pub(crate) async fn run(slot: Slot) {
                     None,
                 );
                 shared.request_reresolve();
-                drop(driver);
+                driver.retire();
             }
             ServeEnd::Lost(reason) => {
                 shared.transition(id, ConnectivityState::TransientFailure, &reason, None);
                 shared.request_reresolve();
-                drop(driver);
+                driver.retire();
             }
             ServeEnd::Drain => {
                 // Out of the picker already (the endpoint is draining); let calls finish.
                 let drained = tokio::select! {
                     biased;
                     _ = wait_until(&mut control, |c| *c == Control::Shutdown) => false,
-                    _ = stats.in_flight.wait_zero() => true,
+                    _ = ready.wait_idle() => true,
                     _ = tokio::time::sleep(shared.config.drain_timeout) => false,
-                    _ = &mut driver => true,
+                    _ = driver.ended() => true,
                 };
-                drop(ready);
-                drop(driver);
+                // Calls still running when the drain was cut short are cut with it.
+                if !drained {
+                    kill.kill();
+                }
+                driver.retire();
                 return finish(
                     &shared,
                     id,
@@ -375,8 +385,7 @@ pub(crate) async fn run(slot: Slot) {
                 // close() already gave calls in flight their time (or the last handle was
                 // dropped): whatever still runs is cut, so that no connection outlives the pool.
                 kill.kill();
-                drop(ready);
-                drop(driver);
+                driver.retire();
                 return finish(&shared, id, "pool closed");
             }
         }
@@ -406,6 +415,14 @@ async fn fail_and_wait(
     }
 }
 
+/// What a successful connect hands the slot.
+type Connected = (
+    h2::client::SendRequest<Bytes>,
+    H2Connection,
+    Watched,
+    Option<KeepAlivePlan>,
+);
+
 /// Opens one connection: byte stream, HTTP/2 handshake, then waits for the server's SETTINGS
 /// while driving the connection.
 async fn connect(
@@ -413,30 +430,43 @@ async fn connect(
     connector: &dyn Connect,
     dst: &Destination,
     keepalive: Option<Duration>,
-) -> Result<(http2::SendRequest<ReplayBody>, Driver, Watched), BoxError> {
+) -> Result<Connected, BoxError> {
     let io = connector.connect(dst).await?;
-    let (io, watched) = FrameWatch::new(io);
     let config = &shared.config;
-    let mut builder = http2::Builder::new(TokioExecutor::new());
+    let activity = keepalive.map(|_| Arc::new(ReadActivity::new()));
+    let (io, watched) = FrameWatch::new(io, activity.clone());
+    let mut builder = h2::client::Builder::new();
+    // hyper's (and so a tonic `Channel`'s) defaults, for the same behaviour on the wire.
     builder
-        .timer(TokioTimer::new())
-        .initial_stream_window_size(config.initial_stream_window_size)
-        .initial_connection_window_size(config.initial_connection_window_size)
-        .adaptive_window(config.adaptive_window)
-        .keep_alive_interval(keepalive)
-        .keep_alive_timeout(config.keep_alive_timeout)
-        .keep_alive_while_idle(config.keep_alive_while_idle);
-    let (send, mut driver) = builder.handshake(TokioIo::new(io)).await?;
+        .initial_max_send_streams(100)
+        .initial_window_size(config.initial_stream_window_size.unwrap_or(2 * 1024 * 1024))
+        .initial_connection_window_size(
+            config
+                .initial_connection_window_size
+                .unwrap_or(5 * 1024 * 1024),
+        )
+        .max_header_list_size(16 * 1024)
+        .max_send_buffer_size(1024 * 1024)
+        .enable_push(false);
+    let (send, mut connection) = builder.handshake::<_, Bytes>(io).await?;
     let mut settings_rx = watched.signals.clone();
     let settings = tokio::select! {
-        res = &mut driver => match res {
+        res = &mut connection => match res {
             Ok(()) => None,
             Err(e) => return Err(e.into()),
         },
         seen = wait_until(&mut settings_rx, |s| s.settings) => seen,
     };
+    let plan = keepalive
+        .zip(activity)
+        .map(|(interval, activity)| KeepAlivePlan {
+            interval,
+            timeout: config.keep_alive_timeout,
+            while_idle: config.keep_alive_while_idle,
+            activity,
+        });
     match settings {
-        Some(_) => Ok((send, driver, watched)),
+        Some(_) => Ok((send, connection, watched, plan)),
         None => Err("connection closed before the server's SETTINGS".into()),
     }
 }

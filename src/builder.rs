@@ -49,7 +49,6 @@ pub(crate) struct Config {
     pub(crate) keep_alive_while_idle: bool,
     pub(crate) initial_stream_window_size: Option<u32>,
     pub(crate) initial_connection_window_size: Option<u32>,
-    pub(crate) adaptive_window: bool,
     pub(crate) user_agent: Option<HeaderValue>,
     pub(crate) origin: Option<Uri>,
     pub(crate) wait_for_ready: bool,
@@ -77,7 +76,6 @@ impl Default for Config {
             keep_alive_while_idle: false,
             initial_stream_window_size: None,
             initial_connection_window_size: None,
-            adaptive_window: false,
             user_agent: None,
             origin: None,
             wait_for_ready: false,
@@ -222,28 +220,21 @@ impl PoolBuilder {
         self
     }
 
-    /// HTTP/2 initial stream window size, in bytes.
+    /// HTTP/2 initial stream window size, in bytes: how much a server may send on one call
+    /// before the pool reads it.
     ///
-    /// Defaults to hyper's (64 KiB - 1, or adaptive).
+    /// Defaults to 2 MiB, as a tonic `Channel` (hyper's default).
     pub fn initial_stream_window_size(mut self, size: impl Into<Option<u32>>) -> Self {
         self.config.initial_stream_window_size = size.into();
         self
     }
 
-    /// HTTP/2 initial connection window size, in bytes.
+    /// HTTP/2 initial connection window size, in bytes: the same, for all calls on one
+    /// connection together.
     ///
-    /// Defaults to hyper's (64 KiB - 1, or adaptive).
+    /// Defaults to 5 MiB, as a tonic `Channel` (hyper's default).
     pub fn initial_connection_window_size(mut self, size: impl Into<Option<u32>>) -> Self {
         self.config.initial_connection_window_size = size.into();
-        self
-    }
-
-    /// Lets hyper size the HTTP/2 windows from measured bandwidth-delay (overrides the window
-    /// sizes).
-    ///
-    /// Defaults to `false`.
-    pub fn http2_adaptive_window(mut self, enabled: bool) -> Self {
-        self.config.adaptive_window = enabled;
         self
     }
 

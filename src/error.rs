@@ -1,7 +1,7 @@
 //! The crate's error type.
 //!
 //! One opaque [`Error`] with a private kind, `is_*()` predicates and a `source()` chain, as
-//! tonic's and hyper's errors are. Errors that end a call carry a [`tonic::Status`] in their
+//! tonic's and h2's errors are. Errors that end a call carry a [`tonic::Status`] in their
 //! source chain, so that generated clients (which look for a `Status` there) report the right
 //! gRPC code: `UNAVAILABLE` when no connection can take the call, `DEADLINE_EXCEEDED` when the
 //! call's deadline passes while it waits, `UNAVAILABLE` with a shutdown message after

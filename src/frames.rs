@@ -1,10 +1,10 @@
 //! A byte-stream wrapper that watches the HTTP/2 frames the server sends.
 //!
-//! hyper hides two facts the pool's state machine needs: *when the server's SETTINGS arrived*
+//! h2 hides two facts the pool's state machine needs: *when the server's SETTINGS arrived*
 //! (gRPC only calls a connection Ready once the server has spoken HTTP/2 — a black-holed peer
 //! that accepts TCP but says nothing must never be Ready) and *that a GOAWAY arrived, with which
 //! code and debug data* (a graceful GOAWAY sends the connection to Idle, `ENHANCE_YOUR_CALM` with
-//! `too_many_pings` means our keepalive is too eager). Rather than patching hyper, the pool reads
+//! `too_many_pings` means our keepalive is too eager). Rather than patching h2, the pool reads
 //! the frame headers as they pass: each read walks the 9-byte headers and skips payloads by
 //! length, so the cost is a few instructions per frame, not per byte. It sits under TLS (the
 //! connector's stream is wrapped), so it sees plaintext frames.
@@ -301,9 +301,9 @@ impl PeerLimits {
     }
 }
 
-/// Closes a connection from outside, even while hyper's connection task still serves calls.
+/// Closes a connection from outside, even while its driver task still serves calls.
 ///
-/// hyper keeps an HTTP/2 connection alive until its last stream ends, which is what lets calls
+/// A retired connection stays alive until its last stream ends, which is what lets calls
 /// finish after a GOAWAY. When the pool must cut calls (close timeout, drain timeout, pool
 /// dropped), it kills the byte stream instead: every read and write fails from then on, h2
 /// fails the connection, and each call on it ends with an error.

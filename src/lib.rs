@@ -37,7 +37,8 @@
 //!
 //! - [`target`]: the target grammar; [`resolve`]: the resolver trait and its implementations.
 //! - The worker (one task per pool) owns resolution and the connection slots; each slot owns
-//!   one hyper HTTP/2 connection and runs gRPC's state machine with its own backoff.
+//!   one h2 connection (driven by its own task) and runs gRPC's state machine with its own
+//!   backoff. Calls open their HTTP/2 streams from the caller's task.
 //! - The registry keeps every state under one lock and republishes an immutable picker when
 //!   the Ready set changes; a call's pick is one atomic `fetch_add`, lock- and allocation-free.
 //! - [`ConnectivityState`] mirrors gRPC's; see the [`state`] module for the diagram and the

@@ -7,7 +7,7 @@
 //! index — no lock, no allocation, O(1) in the number of connections.
 //!
 //! Between two publications a connection can die. Each entry can say whether it is still
-//! usable ([`Pickable::is_available`], for hyper a single atomic load), and the picker steps
+//! usable ([`Pickable::is_available`], for the pool a single atomic load), and the picker steps
 //! over dead entries, so a connection that failed is never handed out even before the
 //! registry has republished.
 

@@ -278,7 +278,7 @@ impl Scenario {
                 1000,
                 20,
                 Some(100),
-                vec![Channel, Balance(4), Pool(4), PoolGrow(16)],
+                vec![Channel, Balance(4), Pool(4), Pool(16), PoolGrow(16)],
             ),
             scenario(
                 "S4",
@@ -941,9 +941,44 @@ fn print_bars(reports: &[ScenarioReport]) {
                     .position(|m| matches!(m, Mode::PoolGrow(_)))
                 {
                     let grow = stats(report.runs[g].iter().map(|r| r.rps));
-                    println!(
-                        "| S3 | {} req/s (compare with S2's pool ×1 rate: goal ≥ 0.8×) | {:.0} ({:.0}–{:.0}) | see S2 |",
-                        report.modes[g], grow.0, grow.1, grow.2
+                    let median_rps = |report: &ScenarioReport, mode: Mode| {
+                        let i = report.modes.iter().position(|m| *m == mode)?;
+                        Some(median(report.runs[i].iter().map(|r| r.rps)))
+                    };
+                    let versus = |what: &str, reference: Option<f64>, goal: Option<f64>| {
+                        if let Some(reference) = reference {
+                            let r = grow.0 / reference;
+                            println!(
+                                "| S3 | {} req/s vs {what} ({reference:.0} req/s){} | {r:.3}× ({:.2}–{:.2}) | {} |",
+                                report.modes[g],
+                                goal.map_or(String::new(), |g| format!(": goal ≥ {g}×")),
+                                grow.1 / reference,
+                                grow.2 / reference,
+                                goal.map_or("—", |g| verdict(r >= g)),
+                            );
+                        }
+                    };
+                    let s2 = reports.iter().find(|r| r.id == "S2");
+                    versus(
+                        "S2's pool ×1, this run",
+                        s2.and_then(|s2| median_rps(s2, Mode::Pool(1))),
+                        Some(0.8),
+                    );
+                    versus(
+                        "S2's channel, this run",
+                        s2.and_then(|s2| median_rps(s2, Mode::Channel)),
+                        None,
+                    );
+                    versus(
+                        "a fixed pool ×16, this run",
+                        median_rps(report, Mode::Pool(16)),
+                        None,
+                    );
+                    let scenario = Scenario::by_id("S3").expect("S3 exists");
+                    versus(
+                        "the closed-loop ceiling, callers / server sleep",
+                        Some(scenario.concurrency as f64 * 1000.0 / f64::from(scenario.sleep_ms)),
+                        None,
                     );
                 }
                 let bar = 0.95 * n;

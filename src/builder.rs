@@ -39,6 +39,7 @@ pub(crate) struct Config {
     pub(crate) connections_per_endpoint: usize,
     pub(crate) connections_override: HashMap<SocketAddr, usize>,
     pub(crate) max_connections_per_endpoint: Option<usize>,
+    pub(crate) grown_idle_timeout: Option<Duration>,
     pub(crate) backoff: BackoffConfig,
     pub(crate) connect_timeout: Option<Duration>,
     pub(crate) timeout: Option<Duration>,
@@ -66,6 +67,7 @@ impl Default for Config {
             connections_per_endpoint: 1,
             connections_override: HashMap::new(),
             max_connections_per_endpoint: None,
+            grown_idle_timeout: Some(Duration::from_secs(60)),
             backoff: BackoffConfig::default(),
             connect_timeout: None,
             timeout: None,
@@ -131,12 +133,24 @@ impl PoolBuilder {
     /// Lets an endpoint open more connections, up to `max`, when every one of its connections
     /// is full — carrying as many calls as the server's `MAX_CONCURRENT_STREAMS` allows. The
     /// pool then finds the right size by itself instead of queueing calls behind the limit.
-    /// It never closes connections to shrink. Must be 1..=1024; a value below an endpoint's
-    /// own count means no growth for it.
+    /// It never closes a busy connection to shrink; connections opened by growth are closed
+    /// once idle (see [`grown_idle_timeout`](Self::grown_idle_timeout)). Must be 1..=1024; a
+    /// value below an endpoint's own count means no growth for it.
     ///
     /// Defaults to no growth (the count stays at `connections_per_endpoint`).
     pub fn max_connections_per_endpoint(mut self, max: usize) -> Self {
         self.config.max_connections_per_endpoint = Some(max);
+        self
+    }
+
+    /// Closes a connection that growth opened (one beyond its endpoint's own count) once it has
+    /// carried no call for this long, so that an endpoint shrinks back after a burst. An
+    /// endpoint's own `connections_per_endpoint` connections are never retired. `None` keeps
+    /// grown connections for the pool's life.
+    ///
+    /// Defaults to 60 s.
+    pub fn grown_idle_timeout(mut self, idle: impl Into<Option<Duration>>) -> Self {
+        self.config.grown_idle_timeout = idle.into();
         self
     }
 
@@ -440,6 +454,7 @@ fn validate(config: &Config) -> Result<(), Error> {
         ("timeout", config.timeout),
         ("http2_keep_alive_interval", config.keep_alive_interval),
         ("keep_alive_timeout", Some(config.keep_alive_timeout)),
+        ("grown_idle_timeout", config.grown_idle_timeout),
     ];
     for (name, value) in non_zero {
         if value == Some(Duration::ZERO) {

@@ -27,7 +27,7 @@ use crate::exchange::{self, AttemptError};
 use crate::registry::Shared;
 use crate::replay::Replay;
 use crate::state::ConnectivityState;
-use crate::subchannel::ReadyConn;
+use crate::subchannel::{InFlightGuard, ReadyConn};
 
 /// How many times a call that provably never reached a server is sent again.
 const MAX_TRANSPARENT_RETRIES: usize = 5;
@@ -91,7 +91,7 @@ pub(crate) fn grpc_timeout(headers: &HeaderMap) -> Option<Duration> {
 /// Runs a call to its response headers.
 pub(crate) async fn run(
     shared: Arc<Shared>,
-    first: Option<Arc<ReadyConn>>,
+    first: Option<InFlightGuard>,
     req: Request<tonic::body::Body>,
     options: CallOptions,
 ) -> Result<Response<ResponseBody>, Error> {
@@ -110,7 +110,7 @@ pub(crate) async fn run(
 
 async fn send(
     shared: &Shared,
-    mut conn: Option<Arc<ReadyConn>>,
+    mut first: Option<InFlightGuard>,
     req: Request<tonic::body::Body>,
     wait_for_ready: bool,
 ) -> Result<Response<ResponseBody>, Error> {
@@ -118,11 +118,13 @@ async fn send(
     let mut replay = Replay::new(body);
     let mut retries = 0;
     loop {
-        let ready = match conn.take() {
-            Some(c) => c,
-            None => wait_for_connection(shared, wait_for_ready).await?,
+        let guard = match first.take() {
+            Some(guard) => guard,
+            None => wait_for_connection(shared, wait_for_ready)
+                .await?
+                .start_call(),
         };
-        let guard = ready.start_call();
+        let ready = guard.conn();
         let (retry, error) = match exchange::attempt(&ready.send, &parts, &mut replay).await {
             Ok((response, unfinished, cursor)) => {
                 replay.commit();
@@ -135,12 +137,10 @@ async fn send(
             }
             Err(AttemptError::Unsent(error)) => {
                 // h2 did not open the stream: nothing left this process.
-                drop(guard);
                 ready.mark_closing();
                 (Retry::Unsent, Some(error))
             }
             Err(AttemptError::Stream(error)) => {
-                drop(guard);
                 let never = never_processed(&error).or_else(|| {
                     (is_broken_pipe(&error) && ready.fate.broken_streams_unprocessed())
                         .then_some(Retry::NotOpened)

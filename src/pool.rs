@@ -222,7 +222,9 @@ impl Pool {
     }
 
     /// Picks a Ready connection without waiting, refreshing this handle's picker if needed.
-    fn pick(&mut self) -> Option<Arc<crate::subchannel::ReadyConn>> {
+    /// Picks a connection and counts the call on it at once, so that a burst of calls made
+    /// before any of them is polled still sees connections fill up (and grows the endpoint).
+    fn pick(&mut self) -> Option<crate::subchannel::InFlightGuard> {
         let shared = &self.inner.shared;
         if shared.generation() != self.cached_generation {
             let (generation, picker) = shared.load_picker();
@@ -233,7 +235,7 @@ impl Pool {
         if all_full {
             shared.request_growth(conn.addr);
         }
-        Some(conn.clone())
+        Some(conn.start_call())
     }
 
     /// Gives the request the pool's scheme, authority and user agent.

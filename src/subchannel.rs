@@ -72,6 +72,13 @@ pub(crate) struct InFlightGuard {
     conn: Arc<ReadyConn>,
 }
 
+impl InFlightGuard {
+    /// The connection the call is on.
+    pub(crate) fn conn(&self) -> &Arc<ReadyConn> {
+        &self.conn
+    }
+}
+
 impl Drop for InFlightGuard {
     fn drop(&mut self) {
         self.conn.in_flight.dec();
@@ -193,6 +200,8 @@ enum ServeEnd {
     Lost(String),
     Drain,
     Shutdown,
+    /// A grown connection carried no call for its idle timeout.
+    Idle,
 }
 
 /// Everything a slot's task is started with.
@@ -205,6 +214,8 @@ pub(crate) struct Slot {
     pub(crate) keepalive: Arc<KeepAlive>,
     pub(crate) control: watch::Receiver<Control>,
     pub(crate) seed: u64,
+    /// For a connection opened by growth: retire it after this long without a call.
+    pub(crate) retire_when_idle: Option<Duration>,
 }
 
 impl ServeEnd {
@@ -230,6 +241,7 @@ pub(crate) async fn run(slot: Slot) {
         keepalive,
         mut control,
         seed,
+        retire_when_idle,
     } = slot;
     let mut backoff = Backoff::new(shared.config.backoff.clone(), seed);
     let mut connect_rx = shared.subscribe_connect();
@@ -330,6 +342,7 @@ pub(crate) async fn run(slot: Slot) {
             g = wait_until(&mut goaway_rx, |s| s.goaway.is_some()) => {
                 ServeEnd::after(g.and_then(|s| s.goaway), || "connection closed".to_owned())
             }
+            _ = idle_for(&ready, retire_when_idle) => ServeEnd::Idle,
         };
         // No new call goes to this connection from here on, even through stale pickers.
         ready.mark_closing();
@@ -381,6 +394,11 @@ pub(crate) async fn run(slot: Slot) {
                     },
                 );
             }
+            ServeEnd::Idle => {
+                // Not needed any more: calls that picked it just now still finish on it.
+                driver.retire();
+                return finish(&shared, id, "idle: grown connection retired");
+            }
             ServeEnd::Shutdown => {
                 // close() already gave calls in flight their time (or the last handle was
                 // dropped): whatever still runs is cut, so that no connection outlives the pool.
@@ -389,6 +407,23 @@ pub(crate) async fn run(slot: Slot) {
                 return finish(&shared, id, "pool closed");
             }
         }
+    }
+}
+
+/// Completes once `ready` has carried no call for `idle` (checked once per `idle`, so within
+/// twice that); never without an idle timeout.
+async fn idle_for(ready: &ReadyConn, idle: Option<Duration>) {
+    let Some(idle) = idle else {
+        return std::future::pending().await;
+    };
+    let mut seen = ready.stats.calls();
+    loop {
+        tokio::time::sleep(idle).await;
+        let calls = ready.stats.calls();
+        if calls == seen && ready.in_flight() == 0 {
+            return;
+        }
+        seen = calls;
     }
 }
 

@@ -258,13 +258,25 @@ impl Worker {
             None => return,
         };
         tracing::info!(target = %shared.target, %addr, connections = count + 1, max, "every connection full; opening another");
-        let slot = self.spawn_slot(addr, keepalive);
+        let slot = self.spawn_slot_with(addr, keepalive, shared.config.grown_idle_timeout);
         if let Some(slots) = self.endpoints.get_mut(&addr) {
+            // Forget grown slots that retired themselves when idle.
+            slots.retain(|s| !s.control.is_closed());
             slots.push(slot);
         }
     }
 
     fn spawn_slot(&mut self, addr: SocketAddr, keepalive: Arc<KeepAlive>) -> SlotHandle {
+        self.spawn_slot_with(addr, keepalive, None)
+    }
+
+    /// Starts a slot; `retire_when_idle` is set for the slots that growth adds.
+    fn spawn_slot_with(
+        &mut self,
+        addr: SocketAddr,
+        keepalive: Arc<KeepAlive>,
+        retire_when_idle: Option<Duration>,
+    ) -> SlotHandle {
         let (id, stats) = self.shared.add_connection(addr, &keepalive);
         let (control, control_rx) = watch::channel(Control::Run);
         self.tasks.spawn(subchannel::run(subchannel::Slot {
@@ -276,6 +288,7 @@ impl Worker {
             keepalive,
             control: control_rx,
             seed: self.rng.next_u64(),
+            retire_when_idle,
         }));
         SlotHandle { control }
     }

@@ -3,8 +3,13 @@
 
 mod support;
 
-use support::common::{builder, client, slow_echo, WAIT};
+use std::collections::HashSet;
+use std::time::Duration;
+
+use support::common::{builder, client, echo, slow_echo, WAIT};
 use support::{loopback, ServerOptions, TestServer};
+use tonic_pool::state::Scope;
+use tonic_pool::ConnectivityState;
 
 fn limited(streams: u32) -> ServerOptions {
     ServerOptions {
@@ -77,6 +82,81 @@ async fn full_connections_make_the_endpoint_grow() {
     assert!(did_grow, "{snapshot:#?}");
     assert!(endpoint.connections.len() <= 16);
     assert!(failed.is_empty(), "{failed:?}");
+    pool.close().await.unwrap();
+}
+
+/// After a burst, the connections that growth opened close once idle; the endpoint's own
+/// connection stays, and a new burst grows the endpoint again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grown_connections_retire_when_idle() {
+    let server = TestServer::start_with(loopback(2), limited(2));
+    let addr = server.addr();
+    let pool = builder(&format!("static:///{addr}"))
+        .connections_per_endpoint(1)
+        .max_connections_per_endpoint(8)
+        .grown_idle_timeout(Duration::from_millis(200))
+        .build()
+        .unwrap();
+    pool.wait_ready(WAIT).await.unwrap();
+    let own = pool.snapshot().endpoints[0].connections[0].id;
+    let mut events = pool.events();
+
+    for burst in 0..2 {
+        // 8 callers, 3 calls of 50 ms each, on a 2-stream server: the endpoint grows.
+        let callers: Vec<_> = (0..8)
+            .map(|i| {
+                let mut client = client(&pool);
+                tokio::spawn(async move {
+                    for j in 0..3 {
+                        client.unary(slow_echo(&format!("{i}-{j}"), 50)).await?;
+                    }
+                    Ok::<_, tonic::Status>(())
+                })
+            })
+            .collect();
+        for caller in callers {
+            caller
+                .await
+                .unwrap()
+                .expect("no call fails while the endpoint grows");
+        }
+        assert!(
+            pool.wait_until(WAIT, |s| s
+                .endpoint(addr)
+                .is_some_and(|e| e.connections.len() == 1))
+                .await,
+            "burst {burst}: the grown connections retire: {:#?}",
+            pool.snapshot()
+        );
+        let snapshot = pool.snapshot();
+        let endpoint = snapshot.endpoint(addr).unwrap();
+        assert_eq!(
+            endpoint.connections[0].id, own,
+            "the endpoint's own connection stays"
+        );
+        assert_eq!(endpoint.connections[0].state, ConnectivityState::Ready);
+        let (mut grown, mut retired) = (HashSet::new(), HashSet::new());
+        while let Ok(event) = events.try_recv() {
+            if let Scope::Connection { id, .. } = event.scope {
+                match event.to {
+                    ConnectivityState::Ready if id != own => {
+                        grown.insert(id);
+                    }
+                    ConnectivityState::Shutdown => {
+                        assert!(event.reason.contains("idle"), "{event:?}");
+                        retired.insert(id);
+                    }
+                    _ => {}
+                }
+            }
+        }
+        assert!(!grown.is_empty(), "burst {burst}: the endpoint grew");
+        assert_eq!(
+            grown, retired,
+            "burst {burst}: every grown connection retired, once"
+        );
+    }
+    client(&pool).unary(echo("after")).await.unwrap();
     pool.close().await.unwrap();
 }
 

@@ -2,7 +2,7 @@
 
 mod support;
 
-use support::common::{builder, client, echo, static_target, wait_all_ready};
+use support::common::{builder, client, echo, static_target, wait_all_ready, WAIT};
 use support::echo::StreamRequest;
 use support::{loopback, TestServer};
 use tokio_stream::StreamExt;
@@ -56,5 +56,69 @@ async fn all_four_rpc_kinds() {
 
     // Every call finished: nothing is left in flight.
     assert_eq!(pool.snapshot().in_flight(), 0);
+    pool.close().await.unwrap();
+}
+
+/// A bidirectional call whose response the caller drops while its request stream is still
+/// open: the pool stops writing the request (it lets go of the caller's stream) and the call
+/// leaves the in-flight count.
+#[tokio::test]
+async fn dropping_a_bidi_response_stops_its_request_stream() {
+    let server = TestServer::start(loopback(2));
+    let pool = builder(&static_target(&[&server])).build().unwrap();
+    wait_all_ready(&pool, 1).await;
+    let mut client = client(&pool);
+
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(echo("first")).await.unwrap();
+    let mut replies = client
+        .bidi(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let reply = replies.next().await.unwrap().unwrap();
+    assert_eq!(reply.message, "first");
+    // The request stream is still open: the response started before it ended.
+    assert!(!tx.is_closed());
+    assert_eq!(pool.snapshot().in_flight(), 1);
+
+    drop(replies);
+    tokio::time::timeout(WAIT, tx.closed())
+        .await
+        .expect("the pool dropped the request stream");
+    assert_eq!(pool.snapshot().in_flight(), 0);
+    // The connection is fine for the next call.
+    assert_eq!(
+        client
+            .unary(echo("next"))
+            .await
+            .unwrap()
+            .into_inner()
+            .message,
+        "next"
+    );
+    pool.close().await.unwrap();
+}
+
+/// A request body that fails (here tonic's encoder refuses a message over the client's
+/// limit) fails its call with the body's own status, and nothing is left in flight.
+#[tokio::test]
+async fn a_failing_request_body_fails_the_call_with_its_status() {
+    let server = TestServer::start(loopback(2));
+    let pool = builder(&static_target(&[&server])).build().unwrap();
+    wait_all_ready(&pool, 1).await;
+
+    let mut small = client(&pool).max_encoding_message_size(16);
+    let status = small
+        .unary(echo("a message longer than sixteen bytes"))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::OutOfRange, "{status:?}");
+    assert!(status.message().contains("too large"), "{status:?}");
+    assert_eq!(server.requests(), 0, "nothing reached the server's handler");
+    assert_eq!(pool.snapshot().in_flight(), 0);
+    assert_eq!(pool.state(), tonic_pool::ConnectivityState::Ready);
+    let reply = client(&pool).unary(echo("ok")).await.unwrap().into_inner();
+    assert_eq!(reply.message, "ok");
     pool.close().await.unwrap();
 }

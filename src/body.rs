@@ -17,7 +17,8 @@ use crate::subchannel::InFlightGuard;
 /// It counts as *in flight* on its connection until it ends or is dropped (that is what
 /// draining and [`Pool::close`](crate::Pool::close) wait for). Received data is handed back to
 /// HTTP/2 flow control as it is read. Transport errors while reading it carry the gRPC code
-/// that fits them (see [`status_from_h2`]).
+/// that fits them: UNAVAILABLE when the connection is gone, the reset code's meaning when the
+/// server reset the stream (`CANCEL` → CANCELLED, `ENHANCE_YOUR_CALM` → RESOURCE_EXHAUSTED, …).
 #[derive(Debug)]
 pub struct ResponseBody {
     inner: RecvStream,

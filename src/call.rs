@@ -128,7 +128,8 @@ async fn send(
         let (retry, error) = match exchange::attempt(&ready.send, &parts, &mut replay).await {
             Ok((response, unfinished, cursor)) => {
                 replay.commit();
-                let request_body = unfinished.map(|pipe| pipe.unfinished(replay, cursor).spawn());
+                let request_body =
+                    unfinished.map(|pipe| pipe.unfinished(replay, cursor).spawn(&shared.runtime));
                 return Ok(response.map(|body| ResponseBody::new(body, guard, request_body)));
             }
             Err(AttemptError::Body(status)) => {

@@ -46,9 +46,9 @@ pub(crate) struct Unfinished {
 impl Unfinished {
     /// Writes the rest of the body on a task of its own, until it ends, the stream ends, or
     /// `cancel` (held by the response body) is dropped.
-    pub(crate) fn spawn(mut self) -> oneshot::Sender<()> {
+    pub(crate) fn spawn(mut self, runtime: &tokio::runtime::Handle) -> oneshot::Sender<()> {
         let (cancel, mut cancelled) = oneshot::channel::<()>();
-        tokio::spawn(async move {
+        runtime.spawn(async move {
             let finished = poll_fn(|cx| {
                 if Pin::new(&mut cancelled).poll(cx).is_ready() {
                     return Poll::Ready(false);

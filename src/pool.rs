@@ -75,7 +75,7 @@ impl Pool {
     ) -> Self {
         let (scheme, authority) = origin(&target, &config);
         let user_agent = user_agent(&config);
-        let shared = Arc::new(Shared::new(config, target));
+        let shared = Arc::new(Shared::new(config, target, runtime.clone()));
         let (commands, commands_rx) = mpsc::unbounded_channel();
         let worker = Worker::new(shared.clone(), connector, resolver, commands_rx);
         let span = tracing::info_span!("tonic_pool", target = %shared.target);

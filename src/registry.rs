@@ -32,6 +32,9 @@ pub(crate) type ReadyPicker = Picker<Arc<ReadyConn>>;
 pub(crate) struct Shared {
     pub(crate) config: Config,
     pub(crate) target: Target,
+    /// The runtime the pool's tasks run on (also the request-body tasks of streaming calls,
+    /// whatever the caller's context).
+    pub(crate) runtime: tokio::runtime::Handle,
     registry: Mutex<Registry>,
     picker: RwLock<Arc<ReadyPicker>>,
     /// Bumped after each picker publication; handles compare it to their cached copy.
@@ -155,7 +158,7 @@ impl EndpointEntry {
 }
 
 impl Shared {
-    pub(crate) fn new(config: Config, target: Target) -> Self {
+    pub(crate) fn new(config: Config, target: Target, runtime: tokio::runtime::Handle) -> Self {
         let initial = ConnectivityState::Idle;
         let (state_tx, _) = watch::channel(initial);
         let (version_tx, _) = watch::channel(0);
@@ -165,6 +168,7 @@ impl Shared {
         Self {
             config,
             target,
+            runtime,
             registry: Mutex::new(Registry {
                 endpoints: Vec::new(),
                 pool_state: initial,

@@ -27,8 +27,8 @@
 //!   - `pool`: a [`Pool`] with one connection whose connector returns a duplex half to the
 //!     same kind of server.
 //!
-//!   `pool - channel` is what driving hyper's HTTP/2 connection directly (the pool) costs
-//!   more, or less, than tonic's `Channel` (`Buffer` + `Reconnect` + hyper) per RPC. The `/1`
+//!   `pool - channel` is what sending on h2 directly from the caller's task (the pool) costs
+//!   more, or less, than tonic's `Channel` (`Buffer` + `Reconnect` + hyper's client) per RPC. The `/1`
 //!   variants make one call at a time; the `/32` variants keep 32 calls in flight from 32
 //!   tasks and report the time per call (CPU-bound throughput, wake-ups amortised).
 //! - **paired call overhead** (printed after criterion's summary): criterion measures one
@@ -38,6 +38,12 @@
 //!   default 21, of 2 000 calls per mode; 0 skips it) and the median (min–max) of the
 //!   per-round `pool / channel` ratios is printed as a markdown table. It runs whatever
 //!   criterion filter is given, and not in `cargo test --benches`.
+//! - **one mode alone, for instruction counts**: with `CALL_ONLY=direct|channel|pool`, the bench
+//!   makes 200 warm-up calls and then `CALL_COUNT` (default 2 000) calls, one at a time, in that
+//!   mode only, and exits without running criterion. Under
+//!   `valgrind --tool=callgrind`, the difference between two counts (say 1 000 and 3 000 calls)
+//!   divided by the difference in calls is the instructions per call, client and server
+//!   together — a figure a noisy machine does not move.
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -365,9 +371,46 @@ fn median_min_max(mut v: Vec<f64>) -> (f64, f64, f64) {
     (median, v[0], v[v.len() - 1])
 }
 
+/// `CALL_ONLY`: `count` calls in one mode, after a warm-up (see the module docs).
+fn one_mode_alone(mode: &str, count: u64) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let clients = Clients::connect(&rt);
+    let took = rt.block_on(async {
+        match mode {
+            "direct" => {
+                calls(&clients.direct, 200, 1).await;
+                calls(&clients.direct, count, 1).await
+            }
+            "channel" => {
+                calls(&clients.channel, 200, 1).await;
+                calls(&clients.channel, count, 1).await
+            }
+            "pool" => {
+                calls(&clients.pool, 200, 1).await;
+                calls(&clients.pool, count, 1).await
+            }
+            other => panic!("CALL_ONLY={other:?}: expected direct, channel or pool"),
+        }
+    });
+    println!(
+        "{mode}: {count} calls, {:.2} µs/call",
+        took.as_secs_f64() * 1e6 / count as f64
+    );
+}
+
 // What `criterion_group!` + `criterion_main!` expand to, written out so that no undocumented
 // `pub fn` is generated.
 fn main() {
+    if let Ok(mode) = std::env::var("CALL_ONLY") {
+        let count = std::env::var("CALL_COUNT")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(2_000);
+        return one_mode_alone(&mode, count);
+    }
     let mut c = Criterion::default().configure_from_args();
     bench_pick(&mut c);
     bench_republish(&mut c);

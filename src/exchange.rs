@@ -255,3 +255,180 @@ impl Pipe {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+    use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+    /// A byte stream that keeps a copy of everything written to it.
+    struct Recorder<T> {
+        io: T,
+        written: Arc<Mutex<Vec<u8>>>,
+    }
+
+    impl<T: AsyncRead + Unpin> AsyncRead for Recorder<T> {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.io).poll_read(cx, buf)
+        }
+    }
+
+    impl<T: AsyncWrite + Unpin> AsyncWrite for Recorder<T> {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            let n = ready!(Pin::new(&mut self.io).poll_write(cx, buf))?;
+            self.written.lock().unwrap().extend_from_slice(&buf[..n]);
+            Poll::Ready(Ok(n))
+        }
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.io).poll_flush(cx)
+        }
+        fn poll_shutdown(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.io).poll_shutdown(cx)
+        }
+    }
+
+    /// A body like tonic's encoder: it does not know it has ended until polled once more.
+    struct Chunks(std::collections::VecDeque<&'static [u8]>);
+
+    impl http_body::Body for Chunks {
+        type Data = Bytes;
+        type Error = tonic::Status;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<http_body::Frame<Bytes>, tonic::Status>>> {
+            Poll::Ready(
+                self.0
+                    .pop_front()
+                    .map(|c| Ok(http_body::Frame::data(Bytes::from_static(c)))),
+            )
+        }
+    }
+
+    /// (type, flags, payload length) of each frame on stream 1, after the client preface.
+    fn frames_of_stream_1(bytes: &[u8]) -> Vec<(u8, u8, usize)> {
+        let mut rest = &bytes[24..];
+        let mut frames = Vec::new();
+        while rest.len() >= 9 {
+            let len = usize::from(rest[0]) << 16 | usize::from(rest[1]) << 8 | usize::from(rest[2]);
+            let stream = u32::from_be_bytes([rest[5], rest[6], rest[7], rest[8]]) & 0x7fff_ffff;
+            if stream == 1 {
+                frames.push((rest[3], rest[4], len));
+            }
+            rest = &rest[9 + len..];
+        }
+        frames
+    }
+
+    async fn sent_frames(chunks: &[&'static [u8]]) -> Vec<(u8, u8, usize)> {
+        sent_frames_of(tonic::body::Body::new(Chunks(
+            chunks.iter().copied().collect(),
+        )))
+        .await
+    }
+
+    /// The frames the pool's exchange writes for one call with `body`, to a real h2 server.
+    async fn sent_frames_of(body: tonic::body::Body) -> Vec<(u8, u8, usize)> {
+        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+        let server = tokio::spawn(async move {
+            let mut conn = h2::server::handshake(server_io).await.unwrap();
+            // Accepting drives the connection; each request is answered on a task of its own
+            // once its body has ended. Serves until the client goes away.
+            while let Some(accepted) = conn.accept().await {
+                let (request, mut respond) = accepted.unwrap();
+                tokio::spawn(async move {
+                    let mut body = request.into_body();
+                    while let Some(data) = body.data().await {
+                        let data = data.unwrap();
+                        body.flow_control().release_capacity(data.len()).unwrap();
+                    }
+                    let mut stream = respond.send_response(Response::new(()), false).unwrap();
+                    stream.send_trailers(HeaderMap::new()).unwrap();
+                });
+            }
+        });
+        let written = Arc::new(Mutex::new(Vec::new()));
+        let recorder = Recorder {
+            io: client_io,
+            written: written.clone(),
+        };
+        let (send, conn) = h2::client::handshake(recorder).await.unwrap();
+        let driver = tokio::spawn(conn);
+        let head = Request::post("http://test/echo.Echo/Unary")
+            .body(())
+            .unwrap()
+            .into_parts()
+            .0;
+        let mut replay = Replay::new(body);
+        let attempted = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            attempt(&send, &head, &mut replay),
+        )
+        .await;
+        let Ok(attempted) = attempted else {
+            panic!(
+                "no response; frames sent: {:?}",
+                frames_of_stream_1(&written.lock().unwrap())
+            );
+        };
+        let (response, unfinished, _) = attempted.unwrap();
+        assert!(
+            unfinished.is_none(),
+            "the whole body went out before the response"
+        );
+        let mut body = response.into_body();
+        assert!(body.trailers().await.unwrap().is_some());
+        drop((send, body));
+        driver.await.unwrap().unwrap();
+        server.await.unwrap();
+        let bytes = written.lock().unwrap().clone();
+        frames_of_stream_1(&bytes)
+    }
+
+    const HEADERS: u8 = 0x1;
+    const DATA: u8 = 0x0;
+    const END_STREAM: u8 = 0x1;
+    const END_HEADERS: u8 = 0x4;
+
+    /// A unary request is HEADERS + one DATA frame carrying END_STREAM — not hyper's HEADERS +
+    /// DATA + an empty DATA frame to end the stream.
+    #[tokio::test]
+    async fn a_unary_request_is_headers_and_one_final_data_frame() {
+        let frames = sent_frames(&[b"hello"]).await;
+        assert_eq!(
+            frames,
+            vec![(HEADERS, END_HEADERS, frames[0].2), (DATA, END_STREAM, 5)]
+        );
+    }
+
+    /// Several chunks go out as they are, the last one ending the stream.
+    #[tokio::test]
+    async fn chunks_go_out_in_order_and_the_last_ends_the_stream() {
+        let frames = sent_frames(&[b"ab", b"cde", b"f"]).await;
+        assert_eq!(
+            frames[1..],
+            [(DATA, 0, 2), (DATA, 0, 3), (DATA, END_STREAM, 1)]
+        );
+    }
+
+    /// A body known to be empty ends the stream on the HEADERS frame itself.
+    #[tokio::test]
+    async fn an_empty_body_ends_the_stream_with_the_headers() {
+        let frames = sent_frames_of(tonic::body::Body::empty()).await;
+        assert_eq!(frames.len(), 1, "{frames:?}");
+        assert_eq!(frames[0].0, HEADERS);
+        assert_eq!(frames[0].1, END_HEADERS | END_STREAM);
+    }
+}

@@ -183,7 +183,9 @@ pub struct ConnectionSnapshot {
     pub id: u64,
     /// Its state.
     pub state: ConnectivityState,
-    /// Calls sent on it whose responses have not finished.
+    /// Calls on its current connection (picked, sent, or reading their response) that have
+    /// not finished; 0 while it is not Ready. Calls still finishing on a connection it
+    /// replaced (after a GOAWAY) are not counted here.
     pub in_flight: usize,
     /// Calls sent on it since the pool started (across reconnects of this slot).
     pub calls: u64,

@@ -66,7 +66,8 @@ impl ConnStats {
     }
 }
 
-/// Held by a call from the moment it is sent until its response body ends or is dropped.
+/// Held by a call from the moment it picks a connection until its response body ends or is
+/// dropped (a transparent retry drops it and takes a new one).
 #[derive(Debug)]
 pub(crate) struct InFlightGuard {
     conn: Arc<ReadyConn>,

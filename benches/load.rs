@@ -15,6 +15,7 @@
 //! | `LOAD_ROUNDS` | 5 | rounds; each round runs every mode of the scenario once |
 //! | `LOAD_CLIENT_THREADS` | 2 | tokio worker threads of the load generator |
 //! | `LOAD_MODES` | all | only these modes, by kind or kind and count, e.g. `channel,pool1` (to profile one); ratios and bars need `channel` |
+//! | `LOAD_POOL_SIZES` | — | replaces each scenario's `pool ×N` modes by these sizes, e.g. `1,2,4,8,16`; with three or more, the bench also writes `target/load/<scenario>-connections.svg`, req/s against connection count |
 //!
 //! Run without `--bench` (as `cargo test --benches` does) it is a smoke run: one round of
 //! 0.3 s per mode, to check that the harness works, not to measure anything.
@@ -121,6 +122,17 @@ fn run() -> Result<(), BoxError> {
     let mut reports = Vec::new();
     for id in &settings.scenarios {
         let mut scenario = Scenario::by_id(id).ok_or_else(|| format!("unknown scenario {id}"))?;
+        if let Some(sizes) = &settings.pool_sizes {
+            let at = scenario
+                .modes
+                .iter()
+                .position(|m| matches!(m, Mode::Pool(_)))
+                .unwrap_or(scenario.modes.len());
+            scenario.modes.retain(|m| !matches!(m, Mode::Pool(_)));
+            for (i, &n) in sizes.iter().enumerate() {
+                scenario.modes.insert(at + i, Mode::Pool(n));
+            }
+        }
         if let Some(kinds) = &settings.modes {
             scenario
                 .modes
@@ -132,6 +144,116 @@ fn run() -> Result<(), BoxError> {
         reports.push(run_scenario(&rt, &scenario, &settings)?);
     }
     print_report(&settings, &reports, &load_before, &loadavg());
+    for report in &reports {
+        write_connections_plot(report)?;
+    }
+    Ok(())
+}
+
+/// With three or more `pool ×N` modes: an SVG of median req/s against N (min–max as bars),
+/// with the plain `Channel`'s median as a dashed line, in `target/load/`.
+fn write_connections_plot(report: &ScenarioReport) -> Result<(), BoxError> {
+    let points: Vec<(usize, (f64, f64, f64))> = report
+        .modes
+        .iter()
+        .enumerate()
+        .filter_map(|(i, m)| match m {
+            Mode::Pool(n) => Some((*n, stats(report.runs[i].iter().map(|r| r.rps)))),
+            _ => None,
+        })
+        .collect();
+    if points.len() < 3 {
+        return Ok(());
+    }
+    let channel = report
+        .has_baseline()
+        .then(|| median(report.runs[0].iter().map(|r| r.rps)));
+    let (w, h, left, bottom, top, right) = (640.0, 400.0, 70.0, 50.0, 40.0, 20.0);
+    let max_n = points.iter().map(|p| p.0).max().unwrap_or(1) as f64;
+    let max_y = points
+        .iter()
+        .map(|p| p.1 .2)
+        .chain(channel)
+        .fold(0.0_f64, f64::max)
+        * 1.1;
+    // Connection counts on a log2 axis: 1, 2, 4, … are evenly spaced.
+    let x = |n: f64| left + (w - left - right) * (n.log2() / max_n.log2().max(1.0));
+    let y = |v: f64| h - bottom - (h - bottom - top) * (v / max_y);
+    let mut svg = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n\
+         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+         <text x=\"{}\" y=\"22\" text-anchor=\"middle\" font-size=\"14\">{}: req/s against connections (pool ×N, median, min–max)</text>\n\
+         <line x1=\"{left}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"black\"/>\n\
+         <line x1=\"{left}\" y1=\"{top}\" x2=\"{left}\" y2=\"{}\" stroke=\"black\"/>\n",
+        w / 2.0,
+        report.id,
+        h - bottom,
+        w - right,
+        h - bottom,
+        h - bottom,
+    );
+    // Round ticks: a step of 1, 2, 5 × a power of ten, about four of them.
+    let raw = max_y / 4.0;
+    let magnitude = 10f64.powf(raw.log10().floor());
+    let step = [1.0, 2.0, 5.0, 10.0]
+        .into_iter()
+        .map(|m| m * magnitude)
+        .find(|s| *s >= raw)
+        .unwrap_or(10.0 * magnitude);
+    for tick in 0..=8 {
+        let v = step * f64::from(tick);
+        if v > max_y {
+            break;
+        }
+        svg += &format!(
+            "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{:.0}k</text>\n",
+            left - 6.0,
+            y(v) + 4.0,
+            v / 1000.0
+        );
+    }
+    let mut path = String::new();
+    for (n, (med, lo, hi)) in &points {
+        let px = x(*n as f64);
+        svg += &format!(
+            "<line x1=\"{px:.1}\" y1=\"{:.1}\" x2=\"{px:.1}\" y2=\"{:.1}\" stroke=\"steelblue\"/>\n\
+             <circle cx=\"{px:.1}\" cy=\"{:.1}\" r=\"4\" fill=\"steelblue\"/>\n\
+             <text x=\"{px:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{n}</text>\n\
+             <text x=\"{px:.1}\" y=\"{:.1}\" text-anchor=\"middle\" fill=\"steelblue\">{:.1}k</text>\n",
+            y(*lo),
+            y(*hi),
+            y(*med),
+            h - bottom + 18.0,
+            y(*hi) - 8.0,
+            med / 1000.0
+        );
+        path += &format!(
+            "{}{px:.1},{:.1}",
+            if path.is_empty() { "M" } else { " L" },
+            y(*med)
+        );
+    }
+    svg += &format!("<path d=\"{path}\" fill=\"none\" stroke=\"steelblue\"/>\n");
+    if let Some(c) = channel {
+        svg += &format!(
+            "<line x1=\"{left}\" y1=\"{0:.1}\" x2=\"{1}\" y2=\"{0:.1}\" stroke=\"gray\" stroke-dasharray=\"4 3\"/>\n\
+             <text x=\"{1}\" y=\"{2:.1}\" text-anchor=\"end\" fill=\"gray\">channel {3:.1}k</text>\n",
+            y(c),
+            w - right,
+            y(c) - 6.0,
+            c / 1000.0
+        );
+    }
+    svg += &format!(
+        "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">connections per endpoint (log scale)</text>\n</svg>\n",
+        (left + w - right) / 2.0,
+        h - 12.0
+    );
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/load");
+    std::fs::create_dir_all(&dir)?;
+    let file = dir.join(format!("{}-connections.svg", report.id));
+    std::fs::write(&file, svg)?;
+    println!("wrote {}", file.display());
     Ok(())
 }
 
@@ -156,6 +278,8 @@ struct Settings {
     rounds: usize,
     client_threads: usize,
     smoke: bool,
+    /// `LOAD_POOL_SIZES`: the `pool ×N` modes to run instead of each scenario's own.
+    pool_sizes: Option<Vec<usize>>,
 }
 
 impl Settings {
@@ -181,7 +305,23 @@ impl Settings {
                 .filter(|s| !s.is_empty())
                 .collect()
         });
+        let pool_sizes = match std::env::var("LOAD_POOL_SIZES") {
+            Ok(v) => Some(
+                v.split(',')
+                    .map(|s| s.trim().parse::<usize>())
+                    .collect::<Result<Vec<_>, _>>()
+                    .ok()
+                    .filter(|sizes| {
+                        !sizes.is_empty() && sizes.iter().all(|&n| (1..=1024).contains(&n))
+                    })
+                    .ok_or_else(|| {
+                        format!("LOAD_POOL_SIZES={v:?}: expected sizes in 1..=1024, e.g. 1,2,4")
+                    })?,
+            ),
+            Err(_) => None,
+        };
         let settings = Self {
+            pool_sizes,
             scenarios,
             modes,
             measure: Duration::try_from_secs_f64(var("LOAD_SECS", secs)?)?,
@@ -931,10 +1071,6 @@ fn print_bars(reports: &[ScenarioReport]) {
                 );
             }
             "S3" => {
-                let n = match mode {
-                    Mode::Pool(n) => n as f64,
-                    _ => 1.0,
-                };
                 if let Some(g) = report
                     .modes
                     .iter()
@@ -981,12 +1117,17 @@ fn print_bars(reports: &[ScenarioReport]) {
                         None,
                     );
                 }
-                let bar = 0.95 * n;
-                println!(
-                    "| S3 | {mode} req/s ≥ {bar:.2}× | {} | {} |",
-                    ratio(rps),
-                    verdict(rps.0 >= bar)
-                );
+                // Every fixed size of the run, not only the first (see `LOAD_POOL_SIZES`).
+                for (i, m) in report.modes.iter().enumerate() {
+                    let Mode::Pool(n) = *m else { continue };
+                    let rps = stats(report.ratios(i, |r| r.rps));
+                    let bar = 0.95 * n as f64;
+                    println!(
+                        "| S3 | {m} req/s ≥ {bar:.2}× | {} | {} |",
+                        ratio(rps),
+                        verdict(rps.0 >= bar)
+                    );
+                }
             }
             _ => {
                 let runs = &report.runs[p];

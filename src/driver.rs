@@ -168,3 +168,172 @@ async fn keep_alive(pings: Option<(KeepAlivePlan, h2::PingPong)>, ready: &ReadyC
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::pin::Pin;
+    use std::sync::Mutex;
+    use std::task::{ready, Context, Poll};
+
+    use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+    use crate::registry::InFlight;
+    use crate::subchannel::ConnStats;
+
+    const TYPE_PING: u8 = 0x6;
+    const FLAG_ACK: u8 = 0x1;
+
+    /// Counts the PING frames (not acks) the client writes.
+    struct PingCounter<T> {
+        io: T,
+        written: Vec<u8>,
+        pings: Arc<Mutex<usize>>,
+    }
+
+    impl<T: AsyncRead + Unpin> AsyncRead for PingCounter<T> {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.io).poll_read(cx, buf)
+        }
+    }
+
+    impl<T: AsyncWrite + Unpin> AsyncWrite for PingCounter<T> {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            let n = ready!(Pin::new(&mut self.io).poll_write(cx, buf))?;
+            self.written.extend_from_slice(&buf[..n]);
+            // Walk the complete frames after the 24-byte client preface.
+            let mut pings = 0;
+            let mut rest = self.written.get(24..).unwrap_or_default();
+            while rest.len() >= 9 {
+                let len =
+                    usize::from(rest[0]) << 16 | usize::from(rest[1]) << 8 | usize::from(rest[2]);
+                if rest.len() < 9 + len {
+                    break;
+                }
+                if rest[3] == TYPE_PING && rest[4] & FLAG_ACK == 0 {
+                    pings += 1;
+                }
+                rest = &rest[9 + len..];
+            }
+            *self.pings.lock().unwrap() = pings;
+            Poll::Ready(Ok(n))
+        }
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.io).poll_flush(cx)
+        }
+        fn poll_shutdown(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.io).poll_shutdown(cx)
+        }
+    }
+
+    struct Setup {
+        driver: DriverHandle,
+        pings: Arc<Mutex<usize>>,
+        /// Dropping it black-holes the server: it keeps the connection but stops reading.
+        serve: tokio::sync::oneshot::Sender<()>,
+        _server: tokio::task::JoinHandle<()>,
+    }
+
+    /// A pool connection (h2 client + driver, keepalive 10 s / 5 s) to a real h2 server over
+    /// an in-memory pipe.
+    async fn setup(while_idle: bool) -> Setup {
+        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+        let (serve, mut stop) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(async move {
+            let mut conn = h2::server::handshake(server_io).await.unwrap();
+            // Polling the connection answers PINGs; once told to stop it holds the
+            // connection without reading, like a peer that went silent.
+            tokio::select! {
+                _ = async { while conn.accept().await.is_some() {} } => {}
+                _ = &mut stop => {}
+            }
+            pending::<()>().await;
+        });
+        let pings = Arc::new(Mutex::new(0));
+        let counter = PingCounter {
+            io: client_io,
+            written: Vec::new(),
+            pings: pings.clone(),
+        };
+        let activity = Arc::new(ReadActivity::new());
+        let boxed: crate::connector::BoxedIo = Box::new(counter);
+        let (io, watched) = FrameWatch::new(boxed, Some(activity.clone()));
+        let (send, connection) = h2::client::handshake(io).await.unwrap();
+        let stats = Arc::new(ConnStats::new(Arc::new(InFlight::default())));
+        let ready = Arc::new(ReadyConn::new(
+            0,
+            "127.0.0.1:1".parse().unwrap(),
+            send,
+            stats,
+            watched.fate,
+            watched.limits,
+        ));
+        let plan = KeepAlivePlan {
+            interval: Duration::from_secs(10),
+            timeout: Duration::from_secs(5),
+            while_idle,
+            activity,
+        };
+        Setup {
+            driver: spawn(connection, ready, Some(plan)),
+            pings,
+            serve,
+            _server: server,
+        }
+    }
+
+    /// Without calls and without `keep_alive_while_idle`, no PING is ever sent.
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_connection_sends_no_ping() {
+        let mut setup = setup(false).await;
+        tokio::select! {
+            end = setup.driver.ended() => panic!("driver ended: {end:?}"),
+            _ = tokio::time::sleep(Duration::from_secs(95)) => {}
+        }
+        assert_eq!(*setup.pings.lock().unwrap(), 0);
+    }
+
+    /// With `keep_alive_while_idle`, one PING per quiet interval; acked PINGs keep the
+    /// connection.
+    #[tokio::test(start_paused = true)]
+    async fn pings_go_out_once_per_quiet_interval() {
+        let mut setup = setup(true).await;
+        tokio::select! {
+            end = setup.driver.ended() => panic!("driver ended: {end:?}"),
+            _ = tokio::time::sleep(Duration::from_secs(35)) => {}
+        }
+        // At 10, 20 and 30 s: each ack is a read, so the next PING waits a full interval.
+        assert_eq!(*setup.pings.lock().unwrap(), 3);
+    }
+
+    /// A peer that stops answering is declared dead one interval after its last word plus the
+    /// PING timeout, not later.
+    #[tokio::test(start_paused = true)]
+    async fn an_unanswered_ping_ends_the_connection_after_its_timeout() {
+        let mut setup = setup(true).await;
+        tokio::time::sleep(Duration::from_secs(12)).await;
+        assert_eq!(*setup.pings.lock().unwrap(), 1, "one PING, acked at 10 s");
+        // The server goes silent at 12 s; its last word was the ack at 10 s.
+        drop(setup.serve);
+        let silent = Instant::now();
+        let end = setup.driver.ended().await;
+        assert!(
+            matches!(end, DriverEnd::KeepAliveTimeout(t) if t == Duration::from_secs(5)),
+            "{end:?}"
+        );
+        // Next PING at 20 s (10 s after the last read), unanswered until 25 s.
+        assert_eq!(silent.elapsed(), Duration::from_secs(13));
+        assert_eq!(*setup.pings.lock().unwrap(), 2);
+    }
+}

@@ -106,6 +106,26 @@ pub(crate) struct ReadyConn {
 }
 
 impl ReadyConn {
+    pub(crate) fn new(
+        id: u64,
+        addr: SocketAddr,
+        send: h2::client::SendRequest<Bytes>,
+        stats: Arc<ConnStats>,
+        fate: Arc<ConnFate>,
+        limits: Arc<PeerLimits>,
+    ) -> Self {
+        Self {
+            id,
+            addr,
+            send,
+            stats,
+            in_flight: InFlight::default(),
+            closing: AtomicBool::new(false),
+            fate,
+            limits,
+        }
+    }
+
     pub(crate) fn mark_closing(&self) {
         self.closing.store(true, Ordering::Release);
     }
@@ -304,16 +324,7 @@ pub(crate) async fn run(slot: Slot) {
         };
         backoff.reset();
         stats.connects.fetch_add(1, Ordering::Relaxed);
-        let ready = Arc::new(ReadyConn {
-            id,
-            addr,
-            send,
-            stats: stats.clone(),
-            in_flight: InFlight::default(),
-            closing: AtomicBool::new(false),
-            fate,
-            limits,
-        });
+        let ready = Arc::new(ReadyConn::new(id, addr, send, stats.clone(), fate, limits));
         let mut driver = crate::driver::spawn(connection, ready.clone(), keepalive_plan);
         shared.transition(
             id,

@@ -53,8 +53,6 @@ use tokio::sync::{oneshot, watch};
 pub const ZONE: &str = "test.";
 /// TTL (and negative-caching TTL) of the zone's SOA record.
 const SOA_TTL: u32 = 1;
-/// How long [`TestDns::start`] waits for the server thread to bind.
-const START_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often [`TestDns::start`] tries to find a port free for both UDP and TCP.
 const BIND_TRIES: usize = 20;
 /// hickory-server closes a TCP connection idle for this long.
@@ -306,63 +304,34 @@ fn spawn_server(
     let bound = udp.local_addr()?;
     udp.set_nonblocking(true)?;
     tcp.set_nonblocking(true)?;
-    let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel::<io::Result<()>>(1);
     let (kill_tx, kill_rx) = oneshot::channel::<()>();
     let handler = Handler {
         shared: Arc::clone(shared),
     };
-
-    let thread = std::thread::Builder::new()
-        .name(format!("test-dns-{bound}"))
-        .spawn(move || {
-            let runtime = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(runtime) => runtime,
+    let (thread, ()) = super::thread::start(
+        format!("test-dns-{bound}"),
+        move |ready_tx| async move {
+            let sockets = UdpSocket::from_std(udp)
+                .and_then(|udp| Ok((udp, tokio::net::TcpListener::from_std(tcp)?)));
+            let (udp, tcp) = match sockets {
+                Ok(sockets) => sockets,
                 Err(err) => {
                     let _ = ready_tx.send(Err(err));
                     return;
                 }
             };
-            runtime.block_on(async move {
-                let sockets = UdpSocket::from_std(udp)
-                    .and_then(|udp| Ok((udp, tokio::net::TcpListener::from_std(tcp)?)));
-                let (udp, tcp) = match sockets {
-                    Ok(sockets) => sockets,
-                    Err(err) => {
-                        let _ = ready_tx.send(Err(err));
-                        return;
-                    }
-                };
-                let mut server = Server::new(handler);
-                server.register_socket(udp);
-                server.register_listener(tcp, TCP_IDLE_TIMEOUT, TCP_RESPONSE_BUFFER);
-                if ready_tx.send(Ok(())).is_err() {
-                    return; // The starter gave up waiting.
-                }
-                // Serve until killed (or the handle is gone).
-                let _ = kill_rx.await;
-                drop(server);
-            });
-            // Dropping the runtime drops every task and socket.
-            drop(runtime);
-        })?;
-
-    match ready_rx.recv_timeout(START_TIMEOUT) {
-        Ok(Ok(())) => {}
-        Ok(Err(err)) => {
-            let _ = thread.join();
-            return Err(err);
-        }
-        Err(_) => {
-            // Dropping kill_tx makes a late thread exit.
-            return Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "DNS server thread did not start in time",
-            ));
-        }
-    }
+            let mut server = Server::new(handler);
+            server.register_socket(udp);
+            server.register_listener(tcp, TCP_IDLE_TIMEOUT, TCP_RESPONSE_BUFFER);
+            if ready_tx.send(Ok(())).is_err() {
+                return; // The starter gave up waiting.
+            }
+            // Serve until killed (or the handle is gone).
+            let _ = kill_rx.await;
+            drop(server);
+        },
+        || {},
+    )?;
     Ok((
         Running {
             kill: kill_tx,

@@ -9,6 +9,9 @@
 //!   `cargo run --manifest-path tests/proto-gen/Cargo.toml`).
 //! - [`server`]: [`server::TestServer`], a real echo server on its own thread
 //!   and runtime, with connection and request counters.
+//! - [`proxy`], [`dns`], [`fake_h2`]: the fault proxy, the DNS server and a raw
+//!   HTTP/2 peer; [`thread`]: the "own thread, own runtime, wait until it
+//!   listens" start-up they share.
 
 // Each test binary uses only part of this module, and its items are `pub` so
 // that every binary can reach them.
@@ -23,6 +26,7 @@ pub mod echo {
 pub mod dns;
 pub mod proxy;
 pub mod server;
+pub mod thread;
 
 pub use server::{loopback, ServerOptions, TestServer};
 pub mod common;

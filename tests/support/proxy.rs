@@ -55,8 +55,6 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 
-/// How long [`TestProxy::try_start`] waits for the proxy thread to bind.
-const START_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a control call waits for the proxy thread to apply it.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the proxy waits for reset connections to finish closing.
@@ -340,43 +338,15 @@ impl Drop for TestProxy {
 
 /// Starts the proxy thread and waits until it listens; returns the bound address.
 fn spawn_proxy(listen: SocketAddr, shared: &Arc<Shared>) -> io::Result<(Running, SocketAddr)> {
-    let (bound_tx, bound_rx) = std::sync::mpsc::sync_channel::<io::Result<SocketAddr>>(1);
     let (kill_tx, kill_rx) = oneshot::channel::<()>();
     let (commands_tx, commands_rx) = mpsc::unbounded_channel::<Command>();
     let shared = Arc::clone(shared);
 
-    let thread = std::thread::Builder::new()
-        .name(format!("test-proxy-{listen}"))
-        .spawn(move || {
-            let runtime = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(runtime) => runtime,
-                Err(err) => {
-                    let _ = bound_tx.send(Err(err));
-                    return;
-                }
-            };
-            runtime.block_on(run(listen, shared, bound_tx, commands_rx, kill_rx));
-            // Dropping the runtime drops every connection task and socket.
-            drop(runtime);
-        })?;
-
-    let bound = match bound_rx.recv_timeout(START_TIMEOUT) {
-        Ok(Ok(bound)) => bound,
-        Ok(Err(err)) => {
-            let _ = thread.join();
-            return Err(err);
-        }
-        Err(_) => {
-            // Dropping bound_rx makes a late thread's report fail, so it exits.
-            return Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "proxy thread did not bind in time",
-            ));
-        }
-    };
+    let (thread, bound) = super::thread::start(
+        format!("test-proxy-{listen}"),
+        move |bound_tx| run(listen, shared, bound_tx, commands_rx, kill_rx),
+        || {},
+    )?;
     let running = Running {
         commands: commands_tx,
         kill: kill_tx,

@@ -31,8 +31,6 @@ use tonic::{Request, Response, Status, Streaming};
 use super::echo::echo_server::{Echo, EchoServer};
 use super::echo::{EchoReply, EchoRequest, StreamRequest};
 
-/// How long [`TestServer::start_with`] waits for the server thread to bind.
-const START_TIMEOUT: Duration = Duration::from_secs(10);
 /// Backlog of the listening socket.
 const LISTEN_BACKLOG: u32 = 1024;
 /// Buffer (in replies) between a streaming handler and its response stream.
@@ -296,46 +294,19 @@ fn spawn_server(
     options: &ServerOptions,
     stats: &Arc<Stats>,
 ) -> io::Result<(Running, SocketAddr)> {
-    let (bound_tx, bound_rx) = std::sync::mpsc::sync_channel::<io::Result<SocketAddr>>(1);
     let (kill_tx, kill_rx) = oneshot::channel::<()>();
     let (graceful_tx, graceful_rx) = oneshot::channel::<()>();
     let (done_tx, done_rx) = oneshot::channel::<()>();
     let options = options.clone();
     let stats = Arc::clone(stats);
 
-    let thread = std::thread::Builder::new()
-        .name(format!("test-server-{addr}"))
-        .spawn(move || {
-            let runtime = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(runtime) => runtime,
-                Err(err) => {
-                    let _ = bound_tx.send(Err(err));
-                    return;
-                }
-            };
-            runtime.block_on(serve(addr, options, stats, bound_tx, kill_rx, graceful_rx));
-            // Dropping the runtime drops every connection task and socket.
-            drop(runtime);
+    let (thread, bound) = super::thread::start(
+        format!("test-server-{addr}"),
+        move |bound_tx| serve(addr, options, stats, bound_tx, kill_rx, graceful_rx),
+        move || {
             let _ = done_tx.send(());
-        })?;
-
-    let bound = match bound_rx.recv_timeout(START_TIMEOUT) {
-        Ok(Ok(bound)) => bound,
-        Ok(Err(err)) => {
-            let _ = thread.join();
-            return Err(err);
-        }
-        Err(_) => {
-            // Dropping bound_rx makes a late thread's report fail, so it exits.
-            return Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "server thread did not bind in time",
-            ));
-        }
-    };
+        },
+    )?;
     let running = Running {
         kill: kill_tx,
         graceful: Some(graceful_tx),

@@ -172,74 +172,26 @@ async fn keep_alive(pings: Option<(KeepAlivePlan, h2::PingPong)>, ready: &ReadyC
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::pin::Pin;
     use std::sync::Mutex;
-    use std::task::{ready, Context, Poll};
-
-    use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
     use crate::registry::InFlight;
     use crate::subchannel::ConnStats;
+    use crate::test_io::{client_frames, Recorder};
 
     const TYPE_PING: u8 = 0x6;
     const FLAG_ACK: u8 = 0x1;
 
-    /// Counts the PING frames (not acks) the client writes.
-    struct PingCounter<T> {
-        io: T,
-        written: Vec<u8>,
-        pings: Arc<Mutex<usize>>,
-    }
-
-    impl<T: AsyncRead + Unpin> AsyncRead for PingCounter<T> {
-        fn poll_read(
-            mut self: Pin<&mut Self>,
-            cx: &mut Context<'_>,
-            buf: &mut ReadBuf<'_>,
-        ) -> Poll<std::io::Result<()>> {
-            Pin::new(&mut self.io).poll_read(cx, buf)
-        }
-    }
-
-    impl<T: AsyncWrite + Unpin> AsyncWrite for PingCounter<T> {
-        fn poll_write(
-            mut self: Pin<&mut Self>,
-            cx: &mut Context<'_>,
-            buf: &[u8],
-        ) -> Poll<std::io::Result<usize>> {
-            let n = ready!(Pin::new(&mut self.io).poll_write(cx, buf))?;
-            self.written.extend_from_slice(&buf[..n]);
-            // Walk the complete frames after the 24-byte client preface.
-            let mut pings = 0;
-            let mut rest = self.written.get(24..).unwrap_or_default();
-            while rest.len() >= 9 {
-                let len =
-                    usize::from(rest[0]) << 16 | usize::from(rest[1]) << 8 | usize::from(rest[2]);
-                if rest.len() < 9 + len {
-                    break;
-                }
-                if rest[3] == TYPE_PING && rest[4] & FLAG_ACK == 0 {
-                    pings += 1;
-                }
-                rest = &rest[9 + len..];
-            }
-            *self.pings.lock().unwrap() = pings;
-            Poll::Ready(Ok(n))
-        }
-        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-            Pin::new(&mut self.io).poll_flush(cx)
-        }
-        fn poll_shutdown(
-            mut self: Pin<&mut Self>,
-            cx: &mut Context<'_>,
-        ) -> Poll<std::io::Result<()>> {
-            Pin::new(&mut self.io).poll_shutdown(cx)
-        }
+    /// The PING frames (not acks) the client wrote so far.
+    fn pings(written: &Mutex<Vec<u8>>) -> usize {
+        client_frames(&written.lock().unwrap())
+            .iter()
+            .filter(|f| f.kind == TYPE_PING && f.flags & FLAG_ACK == 0)
+            .count()
     }
 
     struct Setup {
         driver: DriverHandle,
-        pings: Arc<Mutex<usize>>,
+        written: Arc<Mutex<Vec<u8>>>,
         /// Dropping it black-holes the server: it keeps the connection but stops reading.
         serve: tokio::sync::oneshot::Sender<()>,
         _server: tokio::task::JoinHandle<()>,
@@ -260,14 +212,9 @@ mod tests {
             }
             pending::<()>().await;
         });
-        let pings = Arc::new(Mutex::new(0));
-        let counter = PingCounter {
-            io: client_io,
-            written: Vec::new(),
-            pings: pings.clone(),
-        };
+        let (recorder, written) = Recorder::new(client_io);
         let activity = Arc::new(ReadActivity::new());
-        let boxed: crate::connector::BoxedIo = Box::new(counter);
+        let boxed: crate::connector::BoxedIo = Box::new(recorder);
         let (io, watched) = FrameWatch::new(boxed, Some(activity.clone()));
         let (send, connection) = h2::client::handshake(io).await.unwrap();
         let stats = Arc::new(ConnStats::new(Arc::new(InFlight::default())));
@@ -287,7 +234,7 @@ mod tests {
         };
         Setup {
             driver: spawn(connection, ready, Some(plan)),
-            pings,
+            written,
             serve,
             _server: server,
         }
@@ -301,7 +248,7 @@ mod tests {
             end = setup.driver.ended() => panic!("driver ended: {end:?}"),
             _ = tokio::time::sleep(Duration::from_secs(95)) => {}
         }
-        assert_eq!(*setup.pings.lock().unwrap(), 0);
+        assert_eq!(pings(&setup.written), 0);
     }
 
     /// With `keep_alive_while_idle`, one PING per quiet interval; acked PINGs keep the
@@ -314,7 +261,7 @@ mod tests {
             _ = tokio::time::sleep(Duration::from_secs(35)) => {}
         }
         // At 10, 20 and 30 s: each ack is a read, so the next PING waits a full interval.
-        assert_eq!(*setup.pings.lock().unwrap(), 3);
+        assert_eq!(pings(&setup.written), 3);
     }
 
     /// A peer that stops answering is declared dead one interval after its last word plus the
@@ -323,7 +270,7 @@ mod tests {
     async fn an_unanswered_ping_ends_the_connection_after_its_timeout() {
         let mut setup = setup(true).await;
         tokio::time::sleep(Duration::from_secs(12)).await;
-        assert_eq!(*setup.pings.lock().unwrap(), 1, "one PING, acked at 10 s");
+        assert_eq!(pings(&setup.written), 1, "one PING, acked at 10 s");
         // The server goes silent at 12 s; its last word was the ack at 10 s.
         drop(setup.serve);
         let silent = Instant::now();
@@ -334,6 +281,6 @@ mod tests {
         );
         // Next PING at 20 s (10 s after the last read), unanswered until 25 s.
         assert_eq!(silent.elapsed(), Duration::from_secs(13));
-        assert_eq!(*setup.pings.lock().unwrap(), 2);
+        assert_eq!(pings(&setup.written), 2);
     }
 }

@@ -259,45 +259,7 @@ impl Pipe {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::{Arc, Mutex};
-    use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-
-    /// A byte stream that keeps a copy of everything written to it.
-    struct Recorder<T> {
-        io: T,
-        written: Arc<Mutex<Vec<u8>>>,
-    }
-
-    impl<T: AsyncRead + Unpin> AsyncRead for Recorder<T> {
-        fn poll_read(
-            mut self: Pin<&mut Self>,
-            cx: &mut Context<'_>,
-            buf: &mut ReadBuf<'_>,
-        ) -> Poll<std::io::Result<()>> {
-            Pin::new(&mut self.io).poll_read(cx, buf)
-        }
-    }
-
-    impl<T: AsyncWrite + Unpin> AsyncWrite for Recorder<T> {
-        fn poll_write(
-            mut self: Pin<&mut Self>,
-            cx: &mut Context<'_>,
-            buf: &[u8],
-        ) -> Poll<std::io::Result<usize>> {
-            let n = ready!(Pin::new(&mut self.io).poll_write(cx, buf))?;
-            self.written.lock().unwrap().extend_from_slice(&buf[..n]);
-            Poll::Ready(Ok(n))
-        }
-        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-            Pin::new(&mut self.io).poll_flush(cx)
-        }
-        fn poll_shutdown(
-            mut self: Pin<&mut Self>,
-            cx: &mut Context<'_>,
-        ) -> Poll<std::io::Result<()>> {
-            Pin::new(&mut self.io).poll_shutdown(cx)
-        }
-    }
+    use crate::test_io::{client_frames, Recorder};
 
     /// A body like tonic's encoder: it does not know it has ended until polled once more.
     struct Chunks(std::collections::VecDeque<&'static [u8]>);
@@ -319,17 +281,11 @@ mod tests {
 
     /// (type, flags, payload length) of each frame on stream 1, after the client preface.
     fn frames_of_stream_1(bytes: &[u8]) -> Vec<(u8, u8, usize)> {
-        let mut rest = &bytes[24..];
-        let mut frames = Vec::new();
-        while rest.len() >= 9 {
-            let len = usize::from(rest[0]) << 16 | usize::from(rest[1]) << 8 | usize::from(rest[2]);
-            let stream = u32::from_be_bytes([rest[5], rest[6], rest[7], rest[8]]) & 0x7fff_ffff;
-            if stream == 1 {
-                frames.push((rest[3], rest[4], len));
-            }
-            rest = &rest[9 + len..];
-        }
-        frames
+        client_frames(bytes)
+            .into_iter()
+            .filter(|f| f.stream == 1)
+            .map(|f| (f.kind, f.flags, f.len))
+            .collect()
     }
 
     async fn sent_frames(chunks: &[&'static [u8]]) -> Vec<(u8, u8, usize)> {
@@ -359,11 +315,7 @@ mod tests {
                 });
             }
         });
-        let written = Arc::new(Mutex::new(Vec::new()));
-        let recorder = Recorder {
-            io: client_io,
-            written: written.clone(),
-        };
+        let (recorder, written) = Recorder::new(client_io);
         let (send, conn) = h2::client::handshake(recorder).await.unwrap();
         let driver = tokio::spawn(conn);
         let head = Request::post("http://test/echo.Echo/Unary")

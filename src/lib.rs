@@ -66,6 +66,9 @@ mod subchannel;
 pub mod target;
 mod worker;
 
+#[cfg(test)]
+mod test_io;
+
 /// Internals exposed for the criterion benches only (`--features bench-internals`); not a
 /// stable API.
 #[cfg(feature = "bench-internals")]

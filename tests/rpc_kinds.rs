@@ -160,3 +160,42 @@ async fn large_bodies_respect_flow_control() {
     assert_eq!(pool.snapshot().in_flight(), 0);
     pool.close().await.unwrap();
 }
+
+/// A server's error status (a trailers-only response) reaches the caller as the server sent
+/// it — code, message and metadata — and is not mistaken for a transport failure.
+#[tokio::test]
+async fn server_error_statuses_pass_through_unchanged() {
+    let server = TestServer::start(loopback(2));
+    let pool = builder(&static_target(&[&server])).build().unwrap();
+    wait_all_ready(&pool, 1).await;
+    let mut client = client(&pool);
+    for code in [
+        tonic::Code::InvalidArgument,
+        tonic::Code::NotFound,
+        tonic::Code::Unavailable,
+        tonic::Code::ResourceExhausted,
+        tonic::Code::Internal,
+    ] {
+        let status = client
+            .unary(echo(&format!("status:{}", code as i32)))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), code, "{status:?}");
+        assert_eq!(status.message(), format!("{code:?} as requested"));
+        assert_eq!(
+            status
+                .metadata()
+                .get("x-served-by")
+                .map(|v| v.to_str().unwrap()),
+            Some(server.name())
+        );
+    }
+    // Each error ended its call: nothing in flight, the connection still serves.
+    assert_eq!(pool.snapshot().in_flight(), 0);
+    assert_eq!(pool.snapshot().endpoints[0].connections[0].connects, 1);
+    assert_eq!(
+        client.unary(echo("ok")).await.unwrap().into_inner().message,
+        "ok"
+    );
+    pool.close().await.unwrap();
+}

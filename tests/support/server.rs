@@ -495,6 +495,15 @@ impl Echo for EchoService {
         self.record(&request);
         let req = request.into_inner();
         sleep_ms(req.sleep_ms).await;
+        // `status:N` asks for gRPC status code N instead of a reply, with its own metadata.
+        if let Some(code) = req.message.strip_prefix("status:") {
+            let code = tonic::Code::from(code.parse::<i32>().unwrap_or(2));
+            let mut status = Status::new(code, format!("{code:?} as requested"));
+            status
+                .metadata_mut()
+                .insert("x-served-by", self.name.parse().expect("ascii name"));
+            return Err(status);
+        }
         Ok(Response::new(self.reply(req.payload, req.message, 0)))
     }
 

@@ -124,6 +124,7 @@ async fn send(
                 .await?
                 .start_call(),
         };
+        let guard = make_room(shared, guard, wait_for_ready).await?;
         let ready = guard.conn();
         let (retry, error) = match exchange::attempt(&ready.send, &parts, &mut replay).await {
             Ok((response, unfinished, cursor)) => {
@@ -170,6 +171,79 @@ async fn send(
         retries += 1;
         tracing::debug!(addr = %ready.addr, conn = ready.id, ?retry, retries, "transparent retry");
     }
+}
+
+/// The longest a call waits in the pool for room before it queues on a full connection.
+const MAX_ROOM_WAIT: Duration = Duration::from_secs(1);
+
+/// When the call's connection is full at the server's stream limit and its endpoint can
+/// still grow, the call waits in the pool — for a call to end anywhere or for a new
+/// connection to be Ready — and picks again, instead of queueing in HTTP/2 behind the
+/// streams of that one connection (which, for long calls, can take as long as they do).
+/// Bounded: after [`MAX_ROOM_WAIT`] (and within the call's deadline), or as soon as no new
+/// connection is coming (at its maximum and all Ready, or one failed), the call goes to the
+/// connection it picked and HTTP/2 queues it.
+async fn make_room(
+    shared: &Shared,
+    mut guard: InFlightGuard,
+    wait_for_ready: bool,
+) -> Result<InFlightGuard, Error> {
+    let give_up = Instant::now() + MAX_ROOM_WAIT;
+    while Instant::now() < give_up {
+        let addr = guard.conn().addr;
+        if !guard.is_beyond_stream_limit() {
+            break;
+        }
+        if !shared.room_coming(addr) {
+            // The connection that made room may have come up since this call picked: look
+            // once more before queueing.
+            guard.requeue();
+            guard = wait_for_connection(shared, wait_for_ready)
+                .await?
+                .start_call();
+            break;
+        }
+        shared.request_growth(addr);
+        let mut version = shared.subscribe_version();
+        version.borrow_and_update();
+        // A connection may have come up (or a call ended) between the pick and the
+        // subscription, which then would not wake this wait: look before waiting.
+        if shared.load_picker().1.has_room() {
+            guard.requeue();
+            guard = wait_for_connection(shared, wait_for_ready)
+                .await?
+                .start_call();
+            continue;
+        }
+        let room = shared.room.wait();
+        tokio::pin!(room);
+        // Register as a waiter before giving the slot back, so that no ended call is missed.
+        let woken = poll_once(room.as_mut()).await.is_some();
+        guard.requeue();
+        if !woken {
+            tokio::select! {
+                _ = &mut room => {}
+                _ = version.changed() => {}
+                _ = tokio::time::sleep_until(give_up) => {}
+            }
+        }
+        guard = wait_for_connection(shared, wait_for_ready)
+            .await?
+            .start_call();
+    }
+    Ok(guard)
+}
+
+/// Polls `fut` once (registering its waker) without waiting for it.
+async fn poll_once<F: std::future::Future + Unpin>(fut: F) -> Option<F::Output> {
+    let mut fut = fut;
+    std::future::poll_fn(|cx| {
+        std::task::Poll::Ready(match std::pin::Pin::new(&mut fut).poll(cx) {
+            std::task::Poll::Ready(out) => Some(out),
+            std::task::Poll::Pending => None,
+        })
+    })
+    .await
 }
 
 /// Why a call may be sent again: it provably never reached the server's application.

@@ -189,19 +189,12 @@ async fn make_room(
     wait_for_ready: bool,
 ) -> Result<InFlightGuard, Error> {
     let give_up = Instant::now() + MAX_ROOM_WAIT;
-    while Instant::now() < give_up {
+    while guard.is_beyond_stream_limit() && Instant::now() < give_up {
         let addr = guard.conn().addr;
-        if !guard.is_beyond_stream_limit() {
-            break;
-        }
         if !shared.room_coming(addr) {
             // The connection that made room may have come up since this call picked: look
             // once more before queueing.
-            guard.requeue();
-            guard = wait_for_connection(shared, wait_for_ready)
-                .await?
-                .start_call();
-            break;
+            return repick(shared, guard, wait_for_ready).await;
         }
         shared.request_growth(addr);
         let mut version = shared.subscribe_version();
@@ -209,29 +202,43 @@ async fn make_room(
         // A connection may have come up (or a call ended) between the pick and the
         // subscription, which then would not wake this wait: look before waiting.
         if shared.load_picker().1.has_room() {
-            guard.requeue();
-            guard = wait_for_connection(shared, wait_for_ready)
-                .await?
-                .start_call();
+            guard = repick(shared, guard, wait_for_ready).await?;
             continue;
         }
         let room = shared.room.wait();
         tokio::pin!(room);
-        // Register as a waiter before giving the slot back, so that no ended call is missed.
-        let woken = poll_once(room.as_mut()).await.is_some();
-        guard.requeue();
-        if !woken {
-            tokio::select! {
-                _ = &mut room => {}
-                _ = version.changed() => {}
-                _ = tokio::time::sleep_until(give_up) => {}
-            }
+        // Register as a waiter before giving the place back, so that no ended call is missed.
+        if poll_once(room.as_mut()).await.is_none() {
+            let wait = async {
+                tokio::select! {
+                    _ = &mut room => {}
+                    _ = version.changed() => {}
+                    _ = tokio::time::sleep_until(give_up) => {}
+                }
+            };
+            // The place is given back for the wait, not kept: others may take it.
+            guard.requeue();
+            wait.await;
+            guard = wait_for_connection(shared, wait_for_ready)
+                .await?
+                .start_call();
+        } else {
+            guard = repick(shared, guard, wait_for_ready).await?;
         }
-        guard = wait_for_connection(shared, wait_for_ready)
-            .await?
-            .start_call();
     }
     Ok(guard)
+}
+
+/// Gives the call's place back and picks again.
+async fn repick(
+    shared: &Shared,
+    guard: InFlightGuard,
+    wait_for_ready: bool,
+) -> Result<InFlightGuard, Error> {
+    guard.requeue();
+    Ok(wait_for_connection(shared, wait_for_ready)
+        .await?
+        .start_call())
 }
 
 /// Polls `fut` once (registering its waker) without waiting for it.

@@ -1118,15 +1118,25 @@ fn print_bars(reports: &[ScenarioReport]) {
                     );
                 }
                 // Every fixed size of the run, not only the first (see `LOAD_POOL_SIZES`).
+                // BENCHMARKS.md asks for 0.95·N× only "until CPU is the limit"; a size whose
+                // bar lies above the closed-loop ceiling (callers / server sleep) cannot be
+                // judged by it, and says so instead of failing.
+                let scenario = Scenario::by_id("S3").expect("S3 exists");
+                let ceiling = scenario.concurrency as f64 * 1000.0 / f64::from(scenario.sleep_ms);
+                let channel = median(report.runs[0].iter().map(|r| r.rps));
                 for (i, m) in report.modes.iter().enumerate() {
                     let Mode::Pool(n) = *m else { continue };
                     let rps = stats(report.ratios(i, |r| r.rps));
                     let bar = 0.95 * n as f64;
-                    println!(
-                        "| S3 | {m} req/s ≥ {bar:.2}× | {} | {} |",
-                        ratio(rps),
-                        verdict(rps.0 >= bar)
-                    );
+                    let judged = if bar * channel > ceiling {
+                        format!(
+                            "— ({bar:.2}× the channel is {:.0} req/s, above the ceiling of {ceiling:.0})",
+                            bar * channel
+                        )
+                    } else {
+                        verdict(rps.0 >= bar).to_owned()
+                    };
+                    println!("| S3 | {m} req/s ≥ {bar:.2}× | {} | {judged} |", ratio(rps));
                 }
             }
             _ => {

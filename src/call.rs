@@ -183,74 +183,45 @@ const MAX_ROOM_WAIT: Duration = Duration::from_secs(1);
 /// Bounded: after [`MAX_ROOM_WAIT`] (and within the call's deadline), or as soon as no new
 /// connection is coming (at its maximum and all Ready, or one failed), the call goes to the
 /// connection it picked and HTTP/2 queues it.
+///
+/// Each round subscribes to both signals *before* it picks again: a connection that comes up
+/// or a call that ends before the subscription is seen by the pick, one after it wakes the
+/// wait, so no wake-up falls between the two.
 async fn make_room(
-    shared: &Shared,
-    mut guard: InFlightGuard,
-    wait_for_ready: bool,
-) -> Result<InFlightGuard, Error> {
-    let give_up = Instant::now() + MAX_ROOM_WAIT;
-    while guard.is_beyond_stream_limit() && Instant::now() < give_up {
-        let addr = guard.conn().addr;
-        if !shared.room_coming(addr) {
-            // The connection that made room may have come up since this call picked: look
-            // once more before queueing.
-            return repick(shared, guard, wait_for_ready).await;
-        }
-        shared.request_growth(addr);
-        let mut version = shared.subscribe_version();
-        version.borrow_and_update();
-        // A connection may have come up (or a call ended) between the pick and the
-        // subscription, which then would not wake this wait: look before waiting.
-        if shared.load_picker().1.has_room() {
-            guard = repick(shared, guard, wait_for_ready).await?;
-            continue;
-        }
-        let room = shared.room.wait();
-        tokio::pin!(room);
-        // Register as a waiter before giving the place back, so that no ended call is missed.
-        if poll_once(room.as_mut()).await.is_none() {
-            let wait = async {
-                tokio::select! {
-                    _ = &mut room => {}
-                    _ = version.changed() => {}
-                    _ = tokio::time::sleep_until(give_up) => {}
-                }
-            };
-            // The place is given back for the wait, not kept: others may take it.
-            guard.requeue();
-            wait.await;
-            guard = wait_for_connection(shared, wait_for_ready)
-                .await?
-                .start_call();
-        } else {
-            guard = repick(shared, guard, wait_for_ready).await?;
-        }
-    }
-    Ok(guard)
-}
-
-/// Gives the call's place back and picks again.
-async fn repick(
     shared: &Shared,
     guard: InFlightGuard,
     wait_for_ready: bool,
 ) -> Result<InFlightGuard, Error> {
-    guard.requeue();
-    Ok(wait_for_connection(shared, wait_for_ready)
-        .await?
-        .start_call())
-}
-
-/// Polls `fut` once (registering its waker) without waiting for it.
-async fn poll_once<F: std::future::Future + Unpin>(fut: F) -> Option<F::Output> {
-    let mut fut = fut;
-    std::future::poll_fn(|cx| {
-        std::task::Poll::Ready(match std::pin::Pin::new(&mut fut).poll(cx) {
-            std::task::Poll::Ready(out) => Some(out),
-            std::task::Poll::Pending => None,
-        })
-    })
-    .await
+    if !guard.is_beyond_stream_limit() {
+        return Ok(guard);
+    }
+    let give_up = Instant::now() + MAX_ROOM_WAIT;
+    // The place held from the last pick, given back only once the signals are subscribed.
+    let mut held = Some(guard);
+    loop {
+        let mut version = shared.subscribe_version();
+        version.borrow_and_update();
+        let room = shared.room.waiter();
+        if let Some(beyond) = held.take() {
+            beyond.requeue();
+        }
+        let guard = wait_for_connection(shared, wait_for_ready)
+            .await?
+            .start_call();
+        let addr = guard.conn().addr;
+        if !guard.is_beyond_stream_limit() || !shared.room_coming(addr) || Instant::now() >= give_up
+        {
+            return Ok(guard);
+        }
+        shared.request_growth(addr);
+        // The place is given back for the wait: others may take it meanwhile.
+        guard.requeue();
+        tokio::select! {
+            _ = room => {}
+            _ = version.changed() => {}
+            _ = tokio::time::sleep_until(give_up) => {}
+        }
+    }
 }
 
 /// Why a call may be sent again: it provably never reached the server's application.

@@ -70,13 +70,6 @@ impl<T: Pickable> Picker<T> {
         self.pick_reporting(cursor).map(|(entry, _)| entry)
     }
 
-    /// Whether some available entry has room (walks the entries: for the rare full path).
-    pub fn has_room(&self) -> bool {
-        self.entries
-            .iter()
-            .any(|e| e.is_available() && e.has_capacity())
-    }
-
     /// Like [`pick`](Self::pick), and says whether every available entry was full (a sign
     /// that the pool should open more connections).
     ///

@@ -88,21 +88,25 @@ impl Room {
         }
     }
 
-    /// Completes once a call has ended after this was first polled (or a wake-up was left
-    /// for a waiter that had gone).
-    pub(crate) async fn wait(&self) {
+    /// A future that completes once a call ends after this call (or when a wake-up was left
+    /// for a waiter that had gone). It is registered at once, not at its first poll, so that a
+    /// call ending between here and the `await` is not missed. Only slow paths wait, so the
+    /// one allocation (to pin the registration) is not on the common path.
+    pub(crate) fn waiter(&self) -> impl std::future::Future<Output = ()> + Send + '_ {
         struct Waiting<'a>(&'a AtomicUsize);
         impl Drop for Waiting<'_> {
             fn drop(&mut self) {
                 self.0.fetch_sub(1, Ordering::SeqCst);
             }
         }
-        let notified = self.freed.notified();
-        tokio::pin!(notified);
+        let mut notified = Box::pin(self.freed.notified());
         notified.as_mut().enable();
         self.waiters.fetch_add(1, Ordering::SeqCst);
-        let _waiting = Waiting(&self.waiters);
-        notified.await;
+        let waiting = Waiting(&self.waiters);
+        async move {
+            let _waiting = waiting;
+            notified.await;
+        }
     }
 }
 

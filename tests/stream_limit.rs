@@ -18,26 +18,36 @@ fn limited(streams: u32) -> ServerOptions {
     }
 }
 
-/// A server allowing 2 streams per connection and 20 concurrent slow calls: the pool, started
-/// with one connection and allowed 16, ends with at least 10 connections and no failed call.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn full_connections_make_the_endpoint_grow() {
-    let server = TestServer::start_with(loopback(2), limited(2));
-    let addr = server.addr();
-    let pool = builder(&format!("static:///{addr}"))
+/// A server allowing `streams` streams per connection, and a pool to it that starts with one
+/// connection and may grow to `max`, Ready and aware of the server's limit.
+async fn growing_pool(
+    streams: u32,
+    max: usize,
+    configure: impl FnOnce(tonic_pool::PoolBuilder) -> tonic_pool::PoolBuilder,
+) -> (TestServer, tonic_pool::Pool) {
+    let server = TestServer::start_with(loopback(2), limited(streams));
+    let builder = builder(&format!("static:///{}", server.addr()))
         .connections_per_endpoint(1)
-        .max_connections_per_endpoint(16)
-        .build()
-        .unwrap();
+        .max_connections_per_endpoint(max);
+    let pool = configure(builder).build().unwrap();
     pool.wait_ready(WAIT).await.unwrap();
     assert!(
         pool.wait_until(WAIT, |s| s.endpoints[0].connections[0]
             .max_concurrent_streams
-            == Some(2))
+            == Some(streams))
             .await,
         "the pool read the server's limit: {:#?}",
         pool.snapshot()
     );
+    (server, pool)
+}
+
+/// A server allowing 2 streams per connection and 20 concurrent slow calls: the pool, started
+/// with one connection and allowed 16, ends with at least 10 connections and no failed call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_connections_make_the_endpoint_grow() {
+    let (server, pool) = growing_pool(2, 16, |b| b).await;
+    let addr = server.addr();
 
     let grown = async {
         pool.wait_until(WAIT, |s| {
@@ -89,15 +99,9 @@ async fn full_connections_make_the_endpoint_grow() {
 /// connection stays, and a new burst grows the endpoint again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grown_connections_retire_when_idle() {
-    let server = TestServer::start_with(loopback(2), limited(2));
+    let (server, pool) =
+        growing_pool(2, 8, |b| b.grown_idle_timeout(Duration::from_millis(200))).await;
     let addr = server.addr();
-    let pool = builder(&format!("static:///{addr}"))
-        .connections_per_endpoint(1)
-        .max_connections_per_endpoint(8)
-        .grown_idle_timeout(Duration::from_millis(200))
-        .build()
-        .unwrap();
-    pool.wait_ready(WAIT).await.unwrap();
     let own = pool.snapshot().endpoints[0].connections[0].id;
     let mut events = pool.events();
 
@@ -165,20 +169,8 @@ async fn grown_connections_retire_when_idle() {
 /// run at once, two per connection (the server's limit), on four connections.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_waits_for_growth_instead_of_queueing_on_a_full_connection() {
-    let server = TestServer::start_with(loopback(2), limited(2));
+    let (server, pool) = growing_pool(2, 4, |b| b).await;
     let addr = server.addr();
-    let pool = builder(&format!("static:///{addr}"))
-        .connections_per_endpoint(1)
-        .max_connections_per_endpoint(4)
-        .build()
-        .unwrap();
-    pool.wait_ready(WAIT).await.unwrap();
-    assert!(
-        pool.wait_until(WAIT, |s| s.endpoints[0].connections[0]
-            .max_concurrent_streams
-            == Some(2))
-            .await
-    );
     // Eight calls of 3 s, made at once.
     let calls: Vec<_> = (0..8)
         .map(|i| {

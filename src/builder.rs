@@ -132,10 +132,12 @@ impl PoolBuilder {
 
     /// Lets an endpoint open more connections, up to `max`, when every one of its connections
     /// is full — carrying as many calls as the server's `MAX_CONCURRENT_STREAMS` allows. The
-    /// pool then finds the right size by itself instead of queueing calls behind the limit.
-    /// It never closes a busy connection to shrink; connections opened by growth are closed
-    /// once idle (see [`grown_idle_timeout`](Self::grown_idle_timeout)). Must be 1..=1024; a
-    /// value below an endpoint's own count means no growth for it.
+    /// pool then finds the right size by itself instead of queueing calls behind the limit:
+    /// a call that finds every connection full waits in the pool while the next one opens (at
+    /// most 1 s, within its deadline), then goes to the first connection with room. It never
+    /// closes a busy connection to shrink; connections opened by growth are closed once idle
+    /// (see [`grown_idle_timeout`](Self::grown_idle_timeout)). Must be 1..=1024; a value below
+    /// an endpoint's own count means no growth for it.
     ///
     /// Defaults to no growth (the count stays at `connections_per_endpoint`).
     pub fn max_connections_per_endpoint(mut self, max: usize) -> Self {

@@ -124,6 +124,7 @@ async fn send(
                 .await?
                 .start_call(),
         };
+        let guard = make_room(shared, guard, wait_for_ready).await?;
         let ready = guard.conn();
         let (retry, error) = match exchange::attempt(&ready.send, &parts, &mut replay).await {
             Ok((response, unfinished, cursor)) => {
@@ -169,6 +170,67 @@ async fn send(
         }
         retries += 1;
         tracing::debug!(addr = %ready.addr, conn = ready.id, ?retry, retries, "transparent retry");
+    }
+}
+
+/// The longest a call waits in the pool for room before it queues on a full connection.
+const MAX_ROOM_WAIT: Duration = Duration::from_secs(1);
+
+/// When the call's connection is full at the server's stream limit and its endpoint can
+/// still grow, the call waits in the pool — for a call to end anywhere or for a new
+/// connection to be Ready — and picks again, instead of queueing in HTTP/2 behind the
+/// streams of that one connection (which, for long calls, can take as long as they do).
+/// Bounded: after [`MAX_ROOM_WAIT`] (and within the call's deadline), or as soon as no new
+/// connection is coming (at its maximum and all Ready, or one failed), the call takes one
+/// last pick and goes where it lands; if that connection is full too, HTTP/2 queues it.
+///
+/// Each round subscribes to both signals *before* it picks again: a connection that comes up
+/// or a call that ends before the subscription is seen by the pick, one after it wakes the
+/// wait, so no wake-up falls between the two.
+async fn make_room(
+    shared: &Shared,
+    guard: InFlightGuard,
+    wait_for_ready: bool,
+) -> Result<InFlightGuard, Error> {
+    if !guard.is_beyond_stream_limit() {
+        return Ok(guard);
+    }
+    let give_up = Instant::now() + MAX_ROOM_WAIT;
+    // The place held from the last pick, given back only once the signals are subscribed.
+    let mut held = Some(guard);
+    loop {
+        let mut version = shared.subscribe_version();
+        version.borrow_and_update();
+        let room = shared.room.waiter();
+        if let Some(beyond) = held.take() {
+            beyond.requeue();
+        }
+        let guard = wait_for_connection(shared, wait_for_ready)
+            .await?
+            .start_call();
+        let addr = guard.conn().addr;
+        if !guard.is_beyond_stream_limit() || Instant::now() >= give_up {
+            return Ok(guard);
+        }
+        if !shared.room_coming(addr) {
+            // No connection is coming. But the pick above may predate the state that says
+            // so: the last connection growth may open can have become Ready (and calls can
+            // have ended) between that pick and this look. One last pick, on a picker at
+            // least as new as the state just read, finds such room; if there is none,
+            // HTTP/2 queues the call on a full connection.
+            guard.requeue();
+            return Ok(wait_for_connection(shared, wait_for_ready)
+                .await?
+                .start_call());
+        }
+        shared.request_growth(addr);
+        // The place is given back for the wait: others may take it meanwhile.
+        guard.requeue();
+        tokio::select! {
+            _ = room => {}
+            _ = version.changed() => {}
+            _ = tokio::time::sleep_until(give_up) => {}
+        }
     }
 }
 

@@ -217,7 +217,10 @@ mod tests {
         let boxed: crate::connector::BoxedIo = Box::new(recorder);
         let (io, watched) = FrameWatch::new(boxed, Some(activity.clone()));
         let (send, connection) = h2::client::handshake(io).await.unwrap();
-        let stats = Arc::new(ConnStats::new(Arc::new(InFlight::default())));
+        let stats = Arc::new(ConnStats::new(
+            Arc::new(InFlight::default()),
+            Arc::new(crate::registry::Room::default()),
+        ));
         let ready = Arc::new(ReadyConn::new(
             0,
             "127.0.0.1:1".parse().unwrap(),

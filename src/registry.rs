@@ -51,6 +51,8 @@ pub(crate) struct Shared {
     connect_tx: watch::Sender<bool>,
     /// Calls in flight over the whole pool.
     pub(crate) in_flight: Arc<InFlight>,
+    /// Signals ended calls to calls waiting for room (see [`Room`]).
+    pub(crate) room: Arc<Room>,
     /// Connections ask the worker for an early re-resolution through this.
     reresolve: Notify,
     /// Endpoints whose connections were all full when a call picked; the worker grows them.
@@ -68,6 +70,46 @@ pub(crate) struct Shared {
 /// before it checks the count, the last decrement checks `watched` after it lowered the
 /// count; with both sides `SeqCst` one of them always sees the other (the waiter sees zero,
 /// or the decrement sees the waiter).
+/// "A call ended somewhere": what a call waits for when every connection of its endpoint is
+/// full but the endpoint can still grow (see `call.rs`). One waiter is woken per ended call,
+/// and only when someone waits, so calls that never wait pay one atomic load.
+#[derive(Debug, Default)]
+pub(crate) struct Room {
+    waiters: AtomicUsize,
+    freed: Notify,
+}
+
+impl Room {
+    /// A call ended: wake one waiter, if any.
+    #[inline]
+    pub(crate) fn freed(&self) {
+        if self.waiters.load(Ordering::SeqCst) > 0 {
+            self.freed.notify_one();
+        }
+    }
+
+    /// A future that completes once a call ends after this call (or when a wake-up was left
+    /// for a waiter that had gone). It is registered at once, not at its first poll, so that a
+    /// call ending between here and the `await` is not missed. Only slow paths wait, so the
+    /// one allocation (to pin the registration) is not on the common path.
+    pub(crate) fn waiter(&self) -> impl std::future::Future<Output = ()> + Send + '_ {
+        struct Waiting<'a>(&'a AtomicUsize);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+        let mut notified = Box::pin(self.freed.notified());
+        notified.as_mut().enable();
+        self.waiters.fetch_add(1, Ordering::SeqCst);
+        let waiting = Waiting(&self.waiters);
+        async move {
+            let _waiting = waiting;
+            notified.await;
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 pub(crate) struct InFlight {
     count: AtomicUsize,
@@ -76,9 +118,10 @@ pub(crate) struct InFlight {
 }
 
 impl InFlight {
+    /// Counts one more; returns the count with it.
     #[inline]
-    pub(crate) fn inc(&self) {
-        self.count.fetch_add(1, Ordering::Relaxed);
+    pub(crate) fn inc(&self) -> usize {
+        self.count.fetch_add(1, Ordering::Relaxed) + 1
     }
 
     #[inline]
@@ -189,6 +232,7 @@ impl Shared {
             shut_down: AtomicBool::new(false),
             connect_tx,
             in_flight: Arc::new(InFlight::default()),
+            room: Arc::new(Room::default()),
             reresolve: Notify::new(),
             growth: Mutex::new(Vec::new()),
             grow: Notify::new(),
@@ -298,6 +342,34 @@ impl Shared {
             })
     }
 
+    /// Whether `addr` is about to get another Ready connection: one is connecting (for the
+    /// first time since it last failed, if ever), or it is below its maximum with every
+    /// connection Ready so that the worker will open one. A connection in backoff means no.
+    pub(crate) fn room_coming(&self, addr: SocketAddr) -> bool {
+        let max = self.config.max_connections_for(addr);
+        if max <= self.config.connections_for(addr) {
+            return false;
+        }
+        let reg = self.registry.lock();
+        reg.endpoints
+            .iter()
+            .find(|e| e.addr == addr && !e.draining)
+            .is_some_and(|e| {
+                let healthy = |c: &ConnEntry| {
+                    !c.failed
+                        && matches!(
+                            c.state,
+                            ConnectivityState::Ready | ConnectivityState::Connecting
+                        )
+                };
+                e.conns.iter().all(healthy)
+                    && (e.conns.len() < max
+                        || e.conns
+                            .iter()
+                            .any(|c| c.state == ConnectivityState::Connecting))
+            })
+    }
+
     /// The keepalive interval shared by `addr`'s connections.
     pub(crate) fn endpoint_keepalive(&self, addr: SocketAddr) -> Option<Arc<KeepAlive>> {
         let reg = self.registry.lock();
@@ -330,7 +402,7 @@ impl Shared {
         let mut reg = self.registry.lock();
         let id = reg.next_id;
         reg.next_id += 1;
-        let stats = Arc::new(ConnStats::new(self.in_flight.clone()));
+        let stats = Arc::new(ConnStats::new(self.in_flight.clone(), self.room.clone()));
         // Slots are only added once the pool was asked to connect; starting them as
         // Connecting keeps the aggregate from flapping back to Idle.
         let initial = if *self.connect_tx.borrow() {

@@ -35,7 +35,7 @@ use crate::driver::{DriverEnd, H2Connection, KeepAlivePlan, ReadActivity};
 use crate::error::BoxError;
 use crate::frames::{ConnFate, FrameWatch, GoAway, PeerLimits, Watched};
 use crate::picker::Pickable;
-use crate::registry::{InFlight, Shared};
+use crate::registry::{InFlight, Room, Shared};
 use crate::state::{wait_until, ConnectivityState};
 use crate::target::TargetKind;
 
@@ -46,14 +46,17 @@ pub(crate) struct ConnStats {
     connects: AtomicU64,
     /// The pool's count, which `close()` waits on.
     pool: Arc<InFlight>,
+    /// The pool's signal to calls waiting for room.
+    room: Arc<Room>,
 }
 
 impl ConnStats {
-    pub(crate) fn new(pool: Arc<InFlight>) -> Self {
+    pub(crate) fn new(pool: Arc<InFlight>, room: Arc<Room>) -> Self {
         Self {
             calls: AtomicU64::new(0),
             connects: AtomicU64::new(0),
             pool,
+            room,
         }
     }
 
@@ -71,6 +74,10 @@ impl ConnStats {
 #[derive(Debug)]
 pub(crate) struct InFlightGuard {
     conn: Arc<ReadyConn>,
+    /// How many calls the connection counted with this one, when it was picked.
+    place: usize,
+    /// Given back to pick again, not ended: wakes no call waiting for room.
+    requeued: bool,
 }
 
 impl InFlightGuard {
@@ -78,12 +85,26 @@ impl InFlightGuard {
     pub(crate) fn conn(&self) -> &Arc<ReadyConn> {
         &self.conn
     }
+
+    /// Whether the call came after the server's stream limit was already taken on its
+    /// connection: HTTP/2 would queue it until one of the calls before it ends.
+    pub(crate) fn is_beyond_stream_limit(&self) -> bool {
+        self.place as u64 > u64::from(self.conn.limits.max_concurrent_streams())
+    }
+
+    /// Gives the connection back without sending: the call will pick again.
+    pub(crate) fn requeue(mut self) {
+        self.requeued = true;
+    }
 }
 
 impl Drop for InFlightGuard {
     fn drop(&mut self) {
         self.conn.in_flight.dec();
         self.conn.stats.pool.dec();
+        if !self.requeued {
+            self.conn.stats.room.freed();
+        }
     }
 }
 
@@ -142,10 +163,12 @@ impl ReadyConn {
     /// A call starts on this connection.
     pub(crate) fn start_call(self: &Arc<Self>) -> InFlightGuard {
         self.stats.calls.fetch_add(1, Ordering::Relaxed);
-        self.in_flight.inc();
+        let place = self.in_flight.inc();
         self.stats.pool.inc();
         InFlightGuard {
             conn: Arc::clone(self),
+            place,
+            requeued: false,
         }
     }
 }

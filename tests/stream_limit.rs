@@ -164,6 +164,38 @@ async fn grown_connections_retire_when_idle() {
     pool.close().await.unwrap();
 }
 
+/// A burst of long calls on a full endpoint that can grow: the calls wait in the pool for the
+/// new connections instead of queueing behind the first connection's streams, so they all
+/// run at once, two per connection (the server's limit), on four connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_waits_for_growth_instead_of_queueing_on_a_full_connection() {
+    let (server, pool) = growing_pool(2, 4, |b| b).await;
+    let addr = server.addr();
+    // Eight calls of 3 s, made at once.
+    let calls: Vec<_> = (0..8)
+        .map(|i| {
+            let mut client = client(&pool);
+            tokio::spawn(async move { client.unary(slow_echo(&format!("{i}"), 3_000)).await })
+        })
+        .collect();
+    // The server sees all eight start while none has ended: they run at once, which its
+    // limit of two streams per connection allows only on four connections.
+    let all_started = server.wait_for_requests(8, WAIT).await;
+    let none_ended = calls.iter().all(|c| !c.is_finished());
+    let snapshot = pool.snapshot();
+    for call in calls {
+        call.await.unwrap().expect("no call fails");
+    }
+    assert!(all_started && none_ended, "{snapshot:#?}");
+    let endpoint = snapshot.endpoint(addr).unwrap();
+    assert_eq!(endpoint.connections.len(), 4, "{snapshot:#?}");
+    assert!(
+        endpoint.connections.iter().all(|c| c.in_flight == 2),
+        "{snapshot:#?}"
+    );
+    pool.close().await.unwrap();
+}
+
 /// Without growth enabled the connection count stays put, and full connections still take
 /// calls (HTTP/2 queues them) rather than failing them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

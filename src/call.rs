@@ -14,6 +14,12 @@
 //! A deadline that passes while waiting (or before the response headers) fails the call with
 //! DEADLINE_EXCEEDED. A request whose stream h2 would not open (its connection closed between
 //! the pick and the send) is sent again on another connection; it never reached a server.
+//!
+//! One more wait, for stream limits: a call that lands past the server's
+//! `MAX_CONCURRENT_STREAMS` on its connection, while its endpoint is growing, waits here for
+//! a call to end or the next connection to be Ready (at most a second) rather than queueing
+//! in HTTP/2 behind that one connection's streams — see `make_room`. A call queued inside h2
+//! can never move to another connection; a call waiting here still can.
 
 use std::sync::Arc;
 use std::time::Duration;

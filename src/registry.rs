@@ -62,14 +62,6 @@ pub(crate) struct Shared {
     resolve_errors: AtomicU64,
 }
 
-/// A counter of calls in flight with a wake-up when it reaches zero, for the pool as a whole
-/// (`close()` waits on it) and for each connection (draining waits on it).
-///
-/// The wake-up is only paid for when someone waits: `Notify::notify_waiters` takes a lock,
-/// and at one call in flight the count reaches zero on every call. A waiter raises `watched`
-/// before it checks the count, the last decrement checks `watched` after it lowered the
-/// count; with both sides `SeqCst` one of them always sees the other (the waiter sees zero,
-/// or the decrement sees the waiter).
 /// "A call ended somewhere": what a call waits for when every connection of its endpoint is
 /// full but the endpoint can still grow (see `call.rs`). One waiter is woken per ended call,
 /// and only when someone waits, so calls that never wait pay one atomic load.
@@ -110,6 +102,14 @@ impl Room {
     }
 }
 
+/// A counter of calls in flight with a wake-up when it reaches zero, for the pool as a whole
+/// (`close()` waits on it) and for each connection (draining waits on it).
+///
+/// The wake-up is only paid for when someone waits: `Notify::notify_waiters` takes a lock,
+/// and at one call in flight the count reaches zero on every call. A waiter raises `watched`
+/// before it checks the count, the last decrement checks `watched` after it lowered the
+/// count; with both sides `SeqCst` one of them always sees the other (the waiter sees zero,
+/// or the decrement sees the waiter).
 #[derive(Debug, Default)]
 pub(crate) struct InFlight {
     count: AtomicUsize,

@@ -99,6 +99,11 @@ impl Config {
             .max(self.connections_for(addr))
     }
 
+    /// Whether `addr` may open connections beyond its own count when they are all full.
+    pub(crate) fn may_grow(&self, addr: SocketAddr) -> bool {
+        self.max_connections_for(addr) > self.connections_for(addr)
+    }
+
     /// How many connections `addr` gets.
     pub(crate) fn connections_for(&self, addr: SocketAddr) -> usize {
         self.connections_override

@@ -194,6 +194,22 @@ impl ConnEntry {
     }
 }
 
+impl Registry {
+    /// The endpoint at `addr` that is in the address set (a draining one may share its
+    /// address while its calls finish).
+    fn active(&self, addr: SocketAddr) -> Option<&EndpointEntry> {
+        self.endpoints
+            .iter()
+            .find(|e| e.addr == addr && !e.draining)
+    }
+
+    fn active_mut(&mut self, addr: SocketAddr) -> Option<&mut EndpointEntry> {
+        self.endpoints
+            .iter_mut()
+            .find(|e| e.addr == addr && !e.draining)
+    }
+}
+
 impl EndpointEntry {
     fn aggregate(&self) -> ConnectivityState {
         aggregate(self.conns.iter().map(ConnEntry::effective))
@@ -314,7 +330,7 @@ impl Shared {
 
     /// Every connection was full when a call picked one of `addr`'s: ask for another.
     pub(crate) fn request_growth(&self, addr: SocketAddr) {
-        if self.config.max_connections_for(addr) <= self.config.connections_for(addr) {
+        if !self.config.may_grow(addr) {
             return;
         }
         let mut growth = self.growth.lock();
@@ -333,50 +349,41 @@ impl Shared {
     /// way), and how many it has.
     pub(crate) fn endpoint_settled(&self, addr: SocketAddr) -> Option<(bool, usize)> {
         let reg = self.registry.lock();
-        reg.endpoints
-            .iter()
-            .find(|e| e.addr == addr && !e.draining)
-            .map(|e| {
-                let settled = e.conns.iter().all(|c| c.state == ConnectivityState::Ready);
-                (settled, e.conns.len())
-            })
+        reg.active(addr).map(|e| {
+            let settled = e.conns.iter().all(|c| c.state == ConnectivityState::Ready);
+            (settled, e.conns.len())
+        })
     }
 
     /// Whether `addr` is about to get another Ready connection: one is connecting (for the
     /// first time since it last failed, if ever), or it is below its maximum with every
     /// connection Ready so that the worker will open one. A connection in backoff means no.
     pub(crate) fn room_coming(&self, addr: SocketAddr) -> bool {
-        let max = self.config.max_connections_for(addr);
-        if max <= self.config.connections_for(addr) {
+        if !self.config.may_grow(addr) {
             return false;
         }
+        let max = self.config.max_connections_for(addr);
         let reg = self.registry.lock();
-        reg.endpoints
-            .iter()
-            .find(|e| e.addr == addr && !e.draining)
-            .is_some_and(|e| {
-                let healthy = |c: &ConnEntry| {
-                    !c.failed
-                        && matches!(
-                            c.state,
-                            ConnectivityState::Ready | ConnectivityState::Connecting
-                        )
-                };
-                e.conns.iter().all(healthy)
-                    && (e.conns.len() < max
-                        || e.conns
-                            .iter()
-                            .any(|c| c.state == ConnectivityState::Connecting))
-            })
+        reg.active(addr).is_some_and(|e| {
+            let healthy = |c: &ConnEntry| {
+                !c.failed
+                    && matches!(
+                        c.state,
+                        ConnectivityState::Ready | ConnectivityState::Connecting
+                    )
+            };
+            e.conns.iter().all(healthy)
+                && (e.conns.len() < max
+                    || e.conns
+                        .iter()
+                        .any(|c| c.state == ConnectivityState::Connecting))
+        })
     }
 
     /// The keepalive interval shared by `addr`'s connections.
     pub(crate) fn endpoint_keepalive(&self, addr: SocketAddr) -> Option<Arc<KeepAlive>> {
         let reg = self.registry.lock();
-        reg.endpoints
-            .iter()
-            .find(|e| e.addr == addr && !e.draining)
-            .map(|e| e.keepalive.clone())
+        reg.active(addr).map(|e| e.keepalive.clone())
     }
 
     /// Records a failed resolution (the last good addresses stay in use).
@@ -418,11 +425,7 @@ impl Shared {
             stats: stats.clone(),
             last_error: None,
         };
-        match reg
-            .endpoints
-            .iter_mut()
-            .find(|e| e.addr == addr && !e.draining)
-        {
+        match reg.active_mut(addr) {
             Some(endpoint) => endpoint.conns.push(conn),
             None => reg.endpoints.push(EndpointEntry {
                 addr,
@@ -439,11 +442,7 @@ impl Shared {
     /// Marks an endpoint as leaving the address set: it is no longer picked.
     pub(crate) fn set_draining(&self, addr: SocketAddr) {
         let mut reg = self.registry.lock();
-        if let Some(endpoint) = reg
-            .endpoints
-            .iter_mut()
-            .find(|e| e.addr == addr && !e.draining)
-        {
+        if let Some(endpoint) = reg.active_mut(addr) {
             endpoint.draining = true;
             tracing::debug!(target = %self.target, %addr, "endpoint draining");
             self.publish_picker(&reg);

@@ -248,10 +248,77 @@ impl Pool {
         }
         *req.uri_mut() = Uri::from_parts(parts)
             .map_err(|e| Error::invalid_config(format!("cannot build request URI: {e}")))?;
-        req.headers_mut()
-            .entry(http::header::USER_AGENT)
-            .or_insert_with(|| self.inner.user_agent.clone());
+        let headers = req.headers_mut();
+        strip_connection_headers(headers);
+        // As tonic does: the caller's user agent first, the pool's after it.
+        match headers.try_insert(http::header::USER_AGENT, self.inner.user_agent.clone()) {
+            Ok(Some(theirs)) => {
+                let mut both = theirs.as_bytes().to_vec();
+                both.push(b' ');
+                both.extend_from_slice(self.inner.user_agent.as_bytes());
+                if let Ok(value) = HeaderValue::from_bytes(&both) {
+                    headers.insert(http::header::USER_AGENT, value);
+                }
+            }
+            Ok(None) => {}
+            Err(_) => {
+                // Too many headers for the map: h2 will refuse the request with a clear error.
+            }
+        }
         Ok(())
+    }
+}
+
+/// Removes the headers HTTP/2 forbids in a request (RFC 9113 §8.2.2), as hyper does before it
+/// hands a request to h2: `connection` and the headers it names, `keep-alive`,
+/// `proxy-connection`, `transfer-encoding`, `upgrade`, and `te` unless it is `trailers`.
+///
+/// h2 refuses a request that carries any of them, and a user can add them as metadata; the
+/// call must not fail for it (a `Channel` sends the same request fine). One pass over the
+/// headers, without allocation, on every call: the removal itself only runs when one is there.
+fn strip_connection_headers(headers: &mut http::HeaderMap) {
+    use http::header::{CONNECTION, TE, TRANSFER_ENCODING, UPGRADE};
+    let forbidden = |name: &http::HeaderName, value: &HeaderValue| {
+        name == CONNECTION
+            || name == TRANSFER_ENCODING
+            || name == UPGRADE
+            || name == "keep-alive"
+            || name == "proxy-connection"
+            || (name == TE && value != "trailers")
+    };
+    if !headers.iter().any(|(name, value)| forbidden(name, value)) {
+        return;
+    }
+    if let Some(connection) = headers.remove(CONNECTION) {
+        tracing::debug!(
+            header = "connection",
+            "connection-specific header removed (illegal in HTTP/2)"
+        );
+        if let Ok(names) = connection.to_str() {
+            for name in names.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+                headers.remove(name);
+            }
+        }
+    }
+    for name in [
+        "keep-alive",
+        "proxy-connection",
+        "transfer-encoding",
+        "upgrade",
+    ] {
+        if headers.remove(name).is_some() {
+            tracing::debug!(
+                header = name,
+                "connection-specific header removed (illegal in HTTP/2)"
+            );
+        }
+    }
+    if headers.get(TE).is_some_and(|te| te != "trailers") {
+        tracing::debug!(
+            header = "te",
+            "te other than \"trailers\" removed (illegal in HTTP/2)"
+        );
+        headers.remove(TE);
     }
 }
 

@@ -199,3 +199,68 @@ async fn server_error_statuses_pass_through_unchanged() {
     );
     pool.close().await.unwrap();
 }
+
+/// Metadata that HTTP/2 forbids in a request (connection-specific headers, RFC 9113 §8.2.2)
+/// is stripped, as hyper does for a `Channel`: the call succeeds, and the connection it went
+/// on keeps serving. (It used to be refused by h2 and taken for a closing connection — one
+/// such call left a one-connection pool Ready with no usable connection, and the next
+/// ordinary call hung.)
+#[tokio::test]
+async fn forbidden_connection_headers_are_stripped_and_poison_nothing() {
+    let server = TestServer::start(loopback(2));
+    for connections in [1, 3] {
+        let pool = builder(&static_target(&[&server]))
+            .connections_per_endpoint(connections)
+            .build()
+            .unwrap();
+        wait_all_ready(&pool, connections).await;
+        let mut client = client(&pool);
+        for (name, value) in [
+            ("connection", "keep-alive, x-hop"),
+            ("x-hop", "named by connection"),
+            ("keep-alive", "timeout=5"),
+            ("upgrade", "h2c"),
+            ("transfer-encoding", "chunked"),
+            ("proxy-connection", "keep-alive"),
+            ("te", "gzip"),
+        ] {
+            let mut request = tonic::Request::new(echo(name));
+            request.metadata_mut().insert(name, value.parse().unwrap());
+            request.set_timeout(WAIT);
+            let reply = client.unary(request).await;
+            assert!(reply.is_ok(), "{name}: {reply:?}");
+        }
+        // Ordinary calls still go through, on the same connections as before.
+        for _ in 0..2 * connections {
+            let mut request = tonic::Request::new(echo("plain"));
+            request.set_timeout(WAIT);
+            client.unary(request).await.unwrap();
+        }
+        let snapshot = pool.snapshot();
+        let connects: u64 = snapshot
+            .endpoints
+            .iter()
+            .flat_map(|e| &e.connections)
+            .map(|c| c.connects)
+            .sum();
+        assert_eq!(connects, connections as u64, "{snapshot:#?}");
+        assert_eq!(snapshot.ready_connections(), connections);
+        pool.close().await.unwrap();
+    }
+}
+
+/// A caller's own user agent is kept, with the pool's appended, as tonic does.
+#[tokio::test]
+async fn a_callers_user_agent_gets_the_pools_appended() {
+    let server = TestServer::start(loopback(2));
+    let pool = builder(&static_target(&[&server])).build().unwrap();
+    let mut request = tonic::Request::new(echo("user-agent?"));
+    request
+        .metadata_mut()
+        .insert("user-agent", "my-app/1.0".parse().unwrap());
+    request.set_timeout(WAIT);
+    let reply = client(&pool).unary(request).await.unwrap().into_inner();
+    let ours = concat!("tonic-pool/", env!("CARGO_PKG_VERSION"));
+    assert_eq!(reply.message, format!("my-app/1.0 {ours}"));
+    pool.close().await.unwrap();
+}

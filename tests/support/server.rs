@@ -493,8 +493,18 @@ async fn sleep_ms(ms: u32) {
 impl Echo for EchoService {
     async fn unary(&self, request: Request<EchoRequest>) -> Result<Response<EchoReply>, Status> {
         self.record(&request);
+        let user_agent = request
+            .metadata()
+            .get("user-agent")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
         let req = request.into_inner();
         sleep_ms(req.sleep_ms).await;
+        // `user-agent?` asks for the request's user agent as the reply's message.
+        if req.message == "user-agent?" {
+            return Ok(Response::new(self.reply(Vec::new(), user_agent, 0)));
+        }
         // `status:N` asks for gRPC status code N instead of a reply, with its own metadata.
         if let Some(code) = req.message.strip_prefix("status:") {
             let code = tonic::Code::from(code.parse::<i32>().unwrap_or(2));

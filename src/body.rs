@@ -24,26 +24,35 @@ pub struct ResponseBody {
     inner: RecvStream,
     data_done: bool,
     guard: Option<InFlightGuard>,
-    /// Stops the task still writing the request body (a bidirectional stream) when dropped.
-    _request_body: Option<oneshot::Sender<()>>,
+    /// The task still writing the request body (a client or bidirectional stream), if any:
+    /// handed the in-flight mark when the response completes first (it stops writing and
+    /// resets the stream with NO_ERROR), cancelled when dropped.
+    request_body: Option<oneshot::Sender<InFlightGuard>>,
 }
 
 impl ResponseBody {
     pub(crate) fn new(
         inner: RecvStream,
         guard: InFlightGuard,
-        request_body: Option<oneshot::Sender<()>>,
+        request_body: Option<oneshot::Sender<InFlightGuard>>,
     ) -> Self {
         Self {
             inner,
             data_done: false,
             guard: Some(guard),
-            _request_body: request_body,
+            request_body,
         }
     }
 
-    fn end(&mut self) {
-        self.guard.take();
+    /// The response ended: `complete` with its trailers (or end of stream), else with an error.
+    fn end(&mut self, complete: bool) {
+        let guard = self.guard.take();
+        let request_body = self.request_body.take();
+        if let (true, Some(guard), Some(request_body)) = (complete, guard, request_body) {
+            // The server ended the call while the request was still streaming. If the request
+            // body task already finished, the guard comes back and is dropped here.
+            drop(request_body.send(guard));
+        }
     }
 }
 
@@ -64,7 +73,7 @@ impl Body for ResponseBody {
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
                 Poll::Ready(Some(Err(e))) => {
-                    this.end();
+                    this.end(false);
                     return Poll::Ready(Some(Err(transport_error(e))));
                 }
                 Poll::Ready(None) => this.data_done = true,
@@ -74,11 +83,11 @@ impl Body for ResponseBody {
         match this.inner.poll_trailers(cx) {
             Poll::Ready(Ok(trailers)) => {
                 // Trailers (or the end of the stream) end a gRPC response: the call is done.
-                this.end();
+                this.end(true);
                 Poll::Ready(trailers.map(|t| Ok(Frame::trailers(t))))
             }
             Poll::Ready(Err(e)) => {
-                this.end();
+                this.end(false);
                 Poll::Ready(Some(Err(transport_error(e))))
             }
             Poll::Pending => Poll::Pending,
@@ -97,14 +106,27 @@ pub(crate) fn transport_error(err: h2::Error) -> Error {
 
 /// The gRPC status for a transport error, following gRPC's `PROTOCOL-HTTP2.md`.
 ///
-/// A stream reset by the peer maps by its HTTP/2 code (`CANCEL` → CANCELLED, `REFUSED_STREAM`
-/// → UNAVAILABLE, `ENHANCE_YOUR_CALM` → RESOURCE_EXHAUSTED, …). Everything that means *the
-/// connection is gone* — I/O errors, GOAWAY, keepalive timeout, a connection closed under the
-/// call — is UNAVAILABLE: the server may be fine, the call may be retried. tonic alone reports
-/// most of these as UNKNOWN or INTERNAL.
+/// - A stream reset (by the peer, or by h2 for the peer's protocol error on it) maps by its
+///   HTTP/2 code: `CANCEL` → CANCELLED, `REFUSED_STREAM` → UNAVAILABLE, `ENHANCE_YOUR_CALM` →
+///   RESOURCE_EXHAUSTED, `INADEQUATE_SECURITY` → PERMISSION_DENIED, anything else INTERNAL.
+/// - *The connection is gone* — I/O errors, the server's GOAWAY, a keepalive timeout, a
+///   connection closed under the call — is UNAVAILABLE: the server may be fine, the call may
+///   be retried. tonic alone reports most of these as UNKNOWN or INTERNAL.
+/// - A protocol error found on our side is INTERNAL, not UNAVAILABLE (which invites retries
+///   that would fail the same way): a request h2 refused to send (malformed), or a
+///   connection h2 closed because the peer broke the protocol (a GOAWAY of our own with an
+///   error code: a frame too large, a bad header block).
 pub(crate) fn status_from_h2(err: &h2::Error) -> Status {
     let message = format!("transport error: {}", crate::subchannel::error_chain(err));
-    let code = if err.is_reset() {
+    let code = if err.is_io() {
+        Code::Unavailable
+    } else if err.is_go_away() {
+        if err.is_remote() || err.reason() == Some(h2::Reason::NO_ERROR) {
+            Code::Unavailable
+        } else {
+            Code::Internal
+        }
+    } else if err.is_reset() {
         match err.reason() {
             Some(h2::Reason::REFUSED_STREAM) => Code::Unavailable,
             Some(h2::Reason::CANCEL) => Code::Cancelled,
@@ -113,7 +135,8 @@ pub(crate) fn status_from_h2(err: &h2::Error) -> Status {
             _ => Code::Internal,
         }
     } else {
-        Code::Unavailable
+        // A user error of h2's (the request could not be sent as it was) or a bare reason.
+        Code::Internal
     };
     Status::new(code, message)
 }

@@ -59,6 +59,9 @@ pub(crate) struct Config {
     pub(crate) resolve_ttl_floor: Duration,
     pub(crate) resolve_ttl_ceiling: Duration,
     pub(crate) min_reresolve_interval: Duration,
+    /// The first stream id of every connection (unit tests only: ids running out).
+    #[cfg(test)]
+    pub(crate) initial_stream_id: Option<u32>,
 }
 
 impl Default for Config {
@@ -87,6 +90,8 @@ impl Default for Config {
             resolve_ttl_floor: Duration::from_secs(5),
             resolve_ttl_ceiling: Duration::from_secs(30),
             min_reresolve_interval: Duration::from_secs(5),
+            #[cfg(test)]
+            initial_stream_id: None,
         }
     }
 }

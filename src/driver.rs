@@ -73,21 +73,44 @@ pub(crate) enum DriverEnd {
     Closed(Result<(), h2::Error>),
     /// A keepalive PING went unanswered.
     KeepAliveTimeout(Duration),
-    /// Retired by its slot and its last call ended.
+    /// Retired by its slot, and closed once its last call ended.
     Retired,
 }
 
 /// The slot's handle on its connection's driver.
 #[derive(Debug)]
 pub(crate) struct DriverHandle {
-    ended: oneshot::Receiver<DriverEnd>,
+    /// `None` once the end was taken.
+    ended: Option<oneshot::Receiver<DriverEnd>>,
     retire: Option<oneshot::Sender<()>>,
 }
 
 impl DriverHandle {
-    /// Waits for the driver to end.
+    /// Waits for the driver to end; says how, the first time (later calls return at once).
+    ///
+    /// # Cancel safety
+    /// Cancel safe: dropped before it completes, the end is still there for the next call.
     pub(crate) async fn ended(&mut self) -> DriverEnd {
-        (&mut self.ended).await.unwrap_or(DriverEnd::Closed(Ok(())))
+        let Some(rx) = &mut self.ended else {
+            return DriverEnd::Retired;
+        };
+        let end = rx.await.unwrap_or(DriverEnd::Closed(Ok(())));
+        self.ended = None;
+        end
+    }
+
+    /// Whether the driver has ended (its task is gone).
+    pub(crate) fn has_ended(&mut self) -> bool {
+        let Some(rx) = &mut self.ended else {
+            return true;
+        };
+        match rx.try_recv() {
+            Err(oneshot::error::TryRecvError::Empty) => false,
+            _ => {
+                self.ended = None;
+                true
+            }
+        }
     }
 
     /// Lets the connection end once its last call ends.
@@ -110,10 +133,14 @@ pub(crate) fn spawn(
         let _ = end_tx.send(end);
     });
     DriverHandle {
-        ended,
+        ended: Some(ended),
         retire: Some(retire),
     }
 }
+
+/// How long a retired connection with no call left may take to send its GOAWAY and close
+/// (h2 writes it and any pending RST_STREAM, then shuts the stream down) before it is dropped.
+const RETIRE_FLUSH: Duration = Duration::from_secs(5);
 
 async fn drive(
     mut connection: H2Connection,
@@ -132,9 +159,18 @@ async fn drive(
             _ = &mut retire, if !retiring => {
                 retiring = true;
                 ready.mark_closing();
+                // With no handle left, h2 closes the connection by itself — GOAWAY(NO_ERROR)
+                // first — as soon as its last stream has ended (RFC 9113 §6.8).
+                ready.release_sender();
             }
-            _ = ready.wait_idle(), if retiring => return DriverEnd::Retired,
+            _ = ready.wait_idle(), if retiring => break,
         }
+    }
+    // Every call has ended: h2 is closing (or about to, once the streams of the calls that
+    // just ended are gone). Bounded, for a peer that stops reading.
+    match tokio::time::timeout(RETIRE_FLUSH, &mut connection).await {
+        Ok(Err(error)) => DriverEnd::Closed(Err(error)),
+        Ok(Ok(())) | Err(_) => DriverEnd::Retired,
     }
 }
 

@@ -44,14 +44,23 @@ pub(crate) struct Unfinished {
 }
 
 impl Unfinished {
-    /// Writes the rest of the body on a task of its own, until it ends, the stream ends, or
-    /// `cancel` (held by the response body) is dropped.
-    pub(crate) fn spawn(mut self, runtime: &tokio::runtime::Handle) -> oneshot::Sender<()> {
-        let (cancel, mut cancelled) = oneshot::channel::<()>();
+    /// Writes the rest of the body on a task of its own, until it ends or the returned
+    /// sender speaks for the response:
+    ///
+    /// - a value sent means the response is complete (the server ended the stream before the
+    ///   request did): stop writing and reset the stream with `NO_ERROR`, as gRPC's HTTP/2
+    ///   protocol asks; the value (the call's in-flight mark) is dropped only then, so the
+    ///   call counts until its stream is really done;
+    /// - the sender dropped means the response was abandoned: reset with `CANCEL`.
+    pub(crate) fn spawn<T: Send + 'static>(
+        mut self,
+        runtime: &tokio::runtime::Handle,
+    ) -> oneshot::Sender<T> {
+        let (done, mut response_done) = oneshot::channel::<T>();
         runtime.spawn(async move {
-            let finished = poll_fn(|cx| {
-                if Pin::new(&mut cancelled).poll(cx).is_ready() {
-                    return Poll::Ready(false);
+            let stopped = poll_fn(|cx| {
+                if let Poll::Ready(complete) = Pin::new(&mut response_done).poll(cx) {
+                    return Poll::Ready(Some(complete.ok()));
                 }
                 self.pipe
                     .poll(&mut self.replay, &mut self.cursor, cx)
@@ -65,22 +74,28 @@ impl Unfinished {
                                 tracing::debug!(%status, "request body failed after the response started");
                             }
                         }
-                        true
+                        None
                     })
             })
             .await;
-            if !finished {
-                self.pipe.stream.send_reset(h2::Reason::CANCEL);
+            match stopped {
+                // The body ended by itself (or failed and reset the stream).
+                None => {}
+                Some(Some(in_flight)) => {
+                    self.pipe.stream.send_reset(h2::Reason::NO_ERROR);
+                    drop(in_flight);
+                }
+                Some(None) => self.pipe.stream.send_reset(h2::Reason::CANCEL),
             }
         });
-        cancel
+        done
     }
 }
 
 /// Sends the request `head` with the body in `replay` on `sender`'s connection and waits for
 /// the response headers. The body must be replayable from the start (or not yet read).
 pub(crate) async fn attempt(
-    sender: &SendRequest<Bytes>,
+    mut sender: SendRequest<Bytes>,
     head: &Parts,
     replay: &mut Replay,
 ) -> Result<(Response<RecvStream>, Option<Pipe>, Cursor), AttemptError> {
@@ -94,7 +109,6 @@ pub(crate) async fn attempt(
     // A fresh handle has no stream pending open, so it needs no `poll_ready`; it only checks
     // that the connection has not failed, which `send_request` checks too.
     let (mut response, stream) = sender
-        .clone()
         .send_request(request, end_of_stream)
         .map_err(AttemptError::Unsent)?;
     let mut pipe = (!end_of_stream).then(|| Pipe::new(stream));
@@ -326,7 +340,7 @@ mod tests {
         let mut replay = Replay::new(body);
         let attempted = tokio::time::timeout(
             std::time::Duration::from_secs(5),
-            attempt(&send, &head, &mut replay),
+            attempt(send.clone(), &head, &mut replay),
         )
         .await;
         let Ok(attempted) = attempted else {

@@ -6,8 +6,9 @@
 //! code and debug data* (a graceful GOAWAY sends the connection to Idle, `ENHANCE_YOUR_CALM` with
 //! `too_many_pings` means our keepalive is too eager). Rather than patching h2, the pool reads
 //! the frame headers as they pass: each read walks the 9-byte headers and skips payloads by
-//! length, so the cost is a few instructions per frame, not per byte. It sits under TLS (the
-//! connector's stream is wrapped), so it sees plaintext frames.
+//! length, so the cost is a few instructions per frame, not per byte. It wraps the stream the
+//! connector returns — with TLS, the decrypted stream above the TLS session — so it always sees
+//! plaintext frames.
 
 use std::io;
 use std::pin::Pin;
@@ -26,9 +27,13 @@ const FRAME_HEADER_LEN: usize = 9;
 const TYPE_SETTINGS: u8 = 0x4;
 const TYPE_GOAWAY: u8 = 0x7;
 const FLAG_ACK: u8 = 0x1;
-/// How many payload bytes are kept of the frames whose payload matters (GOAWAY with enough
-/// debug data for `too_many_pings`, PING, SETTINGS with up to 32 parameters).
+/// How many payload bytes are kept of a GOAWAY (its ids and enough debug data for
+/// `too_many_pings`) or a PING (8 bytes).
 const PAYLOAD_CAP: usize = 192;
+/// How many payload bytes are kept of a SETTINGS frame: all of it, up to the largest frame the
+/// client accepts (`SETTINGS_MAX_FRAME_SIZE`, 16 KiB by default; h2 fails a larger frame).
+/// A server may list many parameters, and `MAX_CONCURRENT_STREAMS` may come last.
+const SETTINGS_PAYLOAD_CAP: usize = 16 * 1024;
 /// SETTINGS parameter `SETTINGS_MAX_CONCURRENT_STREAMS`.
 const SETTINGS_MAX_CONCURRENT_STREAMS: u16 = 0x3;
 
@@ -121,7 +126,12 @@ impl FrameWalker {
             if let Some(head) = self.current {
                 let take = self.remaining.min(bytes.len());
                 if let Some(payload) = &mut self.payload {
-                    let room = PAYLOAD_CAP.saturating_sub(payload.len());
+                    let cap = if head.kind == TYPE_SETTINGS {
+                        SETTINGS_PAYLOAD_CAP
+                    } else {
+                        PAYLOAD_CAP
+                    };
+                    let room = cap.saturating_sub(payload.len());
                     payload.extend_from_slice(&bytes[..take.min(room)]);
                 }
                 self.remaining -= take;
@@ -256,13 +266,22 @@ impl StreamLedger {
 
     /// After a GOAWAY, no stream still open can have been processed by the server (gRFC A6's
     /// condition for a transparent retry).
+    ///
+    /// The shutdown-PING cutoff only stands in for the final GOAWAY while that has not come:
+    /// once the server names its last stream (any GOAWAY below the maximum id), that id alone
+    /// decides, since the server may have taken streams that went out after our PING ack.
     pub(crate) fn only_unprocessed_open(&self) -> bool {
         let Some(last) = self.goaway_last else {
             return false;
         };
+        let cutoff = if last == MAX_STREAM_ID {
+            self.cutoff
+        } else {
+            None
+        };
         self.open
             .iter()
-            .all(|id| *id > last || self.cutoff.is_some_and(|cutoff| *id > cutoff))
+            .all(|id| *id > last || cutoff.is_some_and(|cutoff| *id > cutoff))
     }
 }
 
@@ -355,6 +374,8 @@ const FATE_LOCAL_SHUTDOWN: u8 = 4;
 const FATE_ONLY_UNPROCESSED_OPEN: u8 = 8;
 /// A write or flush failed (the peer is gone).
 const FATE_WRITE_FAILED: u8 = 16;
+/// A GOAWAY (any) arrived.
+const FATE_GOAWAY: u8 = 32;
 
 impl ConnFate {
     fn set(&self, flag: u8) {
@@ -369,6 +390,15 @@ impl ConnFate {
             flags |= FATE_ONLY_UNPROCESSED_OPEN;
         }
         self.flags.fetch_or(flags, Ordering::AcqRel);
+    }
+
+    /// Whether the server sent a GOAWAY. Set by the reader the moment the frame arrives — before
+    /// the slot hears of it — so that picks stop sending calls there at once: a call sent after
+    /// the server's GOAWAY may be above its last stream id, and such a call may be retried
+    /// only once (gRFC A6).
+    #[inline]
+    pub(crate) fn goaway_received(&self) -> bool {
+        self.flags.load(Ordering::Acquire) & FATE_GOAWAY != 0
     }
 
     /// The raw flags, for logs.
@@ -454,9 +484,11 @@ impl Wire {
                 .flatten();
             ledger.on_inbound(head, payload, goaway.as_ref());
             if let Some(g) = goaway {
-                if g.is_graceful() {
-                    fate.set(FATE_GRACEFUL_GOAWAY);
-                }
+                fate.set(if g.is_graceful() {
+                    FATE_GOAWAY | FATE_GRACEFUL_GOAWAY
+                } else {
+                    FATE_GOAWAY
+                });
                 observed.goaway.get_or_insert(g);
             }
         });
@@ -784,6 +816,51 @@ mod tests {
         // The server ends stream 1; stream 3 went out after the ack.
         wire.read(&headers(1, 0x5));
         assert!(wire.ledger.only_unprocessed_open());
+    }
+
+    /// A final GOAWAY that names a stream written after our ack of the shutdown PING overrides
+    /// the cutoff: the server took that stream, so it is not safe to send again.
+    #[test]
+    fn the_final_goaway_overrides_the_shutdown_ping_cutoff() {
+        let mut wire = wire();
+        wire.wrote(&[0u8; CLIENT_PREFACE_LEN]);
+        let mut inbound = frame(
+            TYPE_GOAWAY,
+            0,
+            &goaway_payload(MAX_STREAM_ID, NO_ERROR, b""),
+        );
+        // A PING after the announcing GOAWAY (a keepalive, or the shutdown PING).
+        inbound.extend(frame(TYPE_PING, 0, &[9; 8]));
+        wire.read(&inbound);
+        let mut later = frame(TYPE_PING, FLAG_ACK, &[9; 8]);
+        later.extend(headers(1, 0x4));
+        wire.wrote(&later);
+        assert!(
+            wire.ledger.only_unprocessed_open(),
+            "before the final GOAWAY, stream 1 (after the ack) counts as unprocessed"
+        );
+        wire.read(&frame(TYPE_GOAWAY, 0, &goaway_payload(1, NO_ERROR, b"")));
+        assert!(
+            !wire.ledger.only_unprocessed_open(),
+            "the final GOAWAY says stream 1 was taken"
+        );
+        wire.ended(FATE_READ_ENDED);
+        assert!(!wire.fate.broken_streams_unprocessed());
+    }
+
+    /// A SETTINGS frame with many parameters (past the 192 bytes kept of other frames) still
+    /// yields MAX_CONCURRENT_STREAMS when it comes last.
+    #[test]
+    fn a_long_settings_frame_still_yields_the_stream_limit() {
+        let mut payload = Vec::new();
+        for _ in 0..40 {
+            payload.extend_from_slice(&[0, 4, 0, 1, 0, 0]); // INITIAL_WINDOW_SIZE, repeated
+        }
+        payload.extend_from_slice(&[0, 3, 0, 0, 0, 7]);
+        assert!(payload.len() > PAYLOAD_CAP);
+        let (signals, wire) = inbound(&frame(TYPE_SETTINGS, 0, &payload), &[5, 100, 200]);
+        assert!(signals.settings);
+        assert_eq!(wire.limits.max_concurrent_streams(), 7);
     }
 
     proptest! {

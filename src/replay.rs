@@ -6,13 +6,16 @@
 //! request body again, but sending consumes it. So the call keeps the body in a [`Replay`]:
 //! every attempt reads through its own cursor, and the data frames read so far are kept — up to
 //! [`REPLAY_BUFFER_LIMIT`] (gRPC's default per-call retry buffer, 256 KiB). A call whose body
-//! outgrew the buffer is not retried; once the response headers arrive the call is committed
-//! and the buffer is freed.
+//! outgrew the buffer is not retried; once the response headers arrive the call is committed:
+//! nothing more is kept, and what the live attempt has already sent is freed — but not what
+//! it has yet to send again (an attempt that follows a retry may still be replaying frames an
+//! earlier one read).
 //!
 //! The `Replay` is owned by the call's future and lent to one attempt at a time, so the happy
 //! path costs no lock and no shared allocation: one `Vec` push per data frame (a reference
 //! count, not a copy of the bytes).
 
+use std::collections::VecDeque;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -27,9 +30,10 @@ pub(crate) const REPLAY_BUFFER_LIMIT: usize = 256 * 1024;
 #[derive(Debug)]
 pub(crate) struct Replay {
     original: tonic::body::Body,
-    /// Data frames read from `original` so far, while replay is possible (then
-    /// `kept.len() == read`); empty once it is not.
-    kept: Vec<Bytes>,
+    /// Data frames read from `original`, from frame number `first_kept` on: all of them while
+    /// replay is possible; after a commit, those the live attempt has yet to send.
+    kept: VecDeque<Bytes>,
+    first_kept: usize,
     /// How many data frames were read from `original` in all.
     read: usize,
     buffered: usize,
@@ -53,7 +57,8 @@ impl Replay {
     pub(crate) fn new(original: tonic::body::Body) -> Self {
         Self {
             original,
-            kept: Vec::new(),
+            kept: VecDeque::new(),
+            first_kept: 0,
             read: 0,
             buffered: 0,
             trailers: None,
@@ -68,10 +73,17 @@ impl Replay {
         !self.no_replay && !self.failed
     }
 
-    /// The response has started: no more retries, free the buffer.
-    pub(crate) fn commit(&mut self) {
+    /// The response has started on the attempt at `live`: no more retries. Frees what that
+    /// attempt already sent and keeps only what it has yet to send (gRFC A6: after a commit,
+    /// only what the committed attempt sent may be freed).
+    pub(crate) fn commit(&mut self, live: &Cursor) {
         self.no_replay = true;
-        self.kept = Vec::new();
+        let sent = live
+            .next
+            .saturating_sub(self.first_kept)
+            .min(self.kept.len());
+        self.kept.drain(..sent);
+        self.first_kept += sent;
     }
 
     /// Whether an attempt at `cursor` has nothing (more) to send: not even trailers.
@@ -93,14 +105,23 @@ impl Replay {
         }
         if cursor.next < self.read {
             // What an earlier attempt already read: replay it, if it was kept.
-            if self.no_replay {
+            let Some(frame) = cursor
+                .next
+                .checked_sub(self.first_kept)
+                .and_then(|i| self.kept.get(i))
+                .cloned()
+            else {
                 cursor.done = true;
                 return Poll::Ready(Some(Err(tonic::Status::unavailable(
                     "request body already sent and not kept for a retry",
                 ))));
-            }
-            let frame = self.kept[cursor.next].clone();
+            };
             cursor.next += 1;
+            if self.no_replay && cursor.next == self.first_kept + 1 {
+                // Committed: no other attempt will need it again.
+                self.kept.pop_front();
+                self.first_kept += 1;
+            }
             return Poll::Ready(Some(Ok(Frame::data(frame))));
         }
         if self.ended {
@@ -127,10 +148,13 @@ impl Replay {
                         if !self.no_replay {
                             if self.buffered + data.len() <= REPLAY_BUFFER_LIMIT {
                                 self.buffered += data.len();
-                                self.kept.push(data.clone());
+                                self.kept.push_back(data.clone());
                             } else {
+                                // Only the attempt that reads the body's new frames gets here,
+                                // so it has read every kept frame: none is still to send.
                                 self.no_replay = true;
-                                self.kept = Vec::new();
+                                self.first_kept = self.read;
+                                self.kept = VecDeque::new();
                             }
                         }
                         Frame::data(data)
@@ -176,7 +200,10 @@ mod tests {
         assert_eq!(collect(&mut replay).await, b"hello world");
         assert!(replay.can_replay());
         assert_eq!(collect(&mut replay).await, b"hello world");
-        replay.commit();
+        replay.commit(&Cursor {
+            next: usize::MAX,
+            done: true,
+        });
         assert!(!replay.can_replay());
     }
 
@@ -199,11 +226,43 @@ mod tests {
     #[tokio::test]
     async fn a_committed_body_is_not_sent_again() {
         let mut replay = Replay::new(tonic::body::Body::new(http_body_full(b"x")));
-        assert_eq!(collect(&mut replay).await, b"x");
-        replay.commit();
+        let mut first = Cursor::default();
+        while poll_fn(|cx| replay.poll_frame(&mut first, cx))
+            .await
+            .is_some()
+        {}
+        replay.commit(&first);
         let mut again = Cursor::default();
         let frame = poll_fn(|cx| replay.poll_frame(&mut again, cx)).await;
         assert!(frame.unwrap().is_err());
+    }
+
+    /// A retry after the first attempt read part of a client stream, committed while it is
+    /// still replaying what the first attempt read: the frames it has yet to re-send are kept,
+    /// and the whole body goes out (it used to end "already sent and not kept").
+    #[tokio::test]
+    async fn a_commit_keeps_what_the_live_attempt_has_yet_to_send() {
+        let frames: Vec<Result<Frame<Bytes>, std::convert::Infallible>> = [b"ab", b"cd", b"ef"]
+            .iter()
+            .map(|c| Ok(Frame::data(Bytes::from_static(*c))))
+            .collect();
+        let mut replay = Replay::new(tonic::body::Body::new(http_body_stream(frames)));
+        // The first attempt reads two frames and is refused.
+        let mut first = Cursor::default();
+        for _ in 0..2 {
+            poll_fn(|cx| replay.poll_frame(&mut first, cx)).await;
+        }
+        // The retry re-sends one frame; the response starts: commit.
+        let mut live = Cursor::default();
+        let frame = poll_fn(|cx| replay.poll_frame(&mut live, cx)).await;
+        assert_eq!(frame.unwrap().unwrap().into_data().unwrap(), "ab");
+        replay.commit(&live);
+        let mut rest = Vec::new();
+        while let Some(frame) = poll_fn(|cx| replay.poll_frame(&mut live, cx)).await {
+            rest.extend_from_slice(&frame.expect("kept, not lost").into_data().unwrap());
+        }
+        assert_eq!(rest, b"cdef");
+        assert!(replay.kept.is_empty(), "sent frames are freed");
     }
 
     #[tokio::test]

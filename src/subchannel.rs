@@ -27,13 +27,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::sync::watch;
+use parking_lot::{Mutex, RwLock};
+use tokio::sync::{watch, Notify};
 
 use crate::backoff::Backoff;
 use crate::connector::{Connect, Destination};
-use crate::driver::{DriverEnd, H2Connection, KeepAlivePlan, ReadActivity};
+use crate::driver::{DriverEnd, DriverHandle, H2Connection, KeepAlivePlan, ReadActivity};
 use crate::error::BoxError;
-use crate::frames::{ConnFate, FrameWatch, GoAway, PeerLimits, Watched};
+use crate::frames::{ConnFate, FrameWatch, GoAway, KillSwitch, PeerLimits, Watched};
 use crate::picker::Pickable;
 use crate::registry::{InFlight, Room, Shared};
 use crate::state::{wait_until, ConnectivityState};
@@ -113,13 +114,20 @@ impl Drop for InFlightGuard {
 pub(crate) struct ReadyConn {
     pub(crate) id: u64,
     pub(crate) addr: SocketAddr,
-    pub(crate) send: h2::client::SendRequest<Bytes>,
+    /// The handle that opens streams; taken away when the connection retires, so that h2,
+    /// holding no handle and no stream any more, sends GOAWAY(NO_ERROR) and closes by itself.
+    /// A read lock per call (uncontended: a writer comes once, at retirement).
+    send: RwLock<Option<h2::client::SendRequest<Bytes>>>,
     pub(crate) stats: Arc<ConnStats>,
     /// Calls on this connection; its capacity, draining and retirement go by it.
     in_flight: InFlight,
     /// Set the moment the connection must take no new call (GOAWAY seen, draining, lost,
     /// retired), before the registry republishes the picker.
     closing: AtomicBool,
+    /// Set by a call that found the connection unable to open streams (its ids are used up,
+    /// it failed): the slot replaces it. Wakes the slot through `replace`.
+    replace_reason: Mutex<Option<String>>,
+    replace: Notify,
     /// How its byte stream ended, for classifying the calls it broke.
     pub(crate) fate: Arc<ConnFate>,
     /// The server's stream limit on this connection.
@@ -138,17 +146,52 @@ impl ReadyConn {
         Self {
             id,
             addr,
-            send,
+            send: RwLock::new(Some(send)),
             stats,
             in_flight: InFlight::default(),
             closing: AtomicBool::new(false),
+            replace_reason: Mutex::new(None),
+            replace: Notify::new(),
             fate,
             limits,
         }
     }
 
+    /// A handle to open one stream, or `None` once the connection has retired.
+    pub(crate) fn sender(&self) -> Option<h2::client::SendRequest<Bytes>> {
+        self.send.read().clone()
+    }
+
+    /// Gives up the handle that opens streams: h2 closes the connection gracefully (GOAWAY
+    /// with NO_ERROR, pending frames flushed) once its last stream has ended.
+    pub(crate) fn release_sender(&self) {
+        self.send.write().take();
+    }
+
     pub(crate) fn mark_closing(&self) {
         self.closing.store(true, Ordering::Release);
+    }
+
+    /// Takes the connection out of use and asks its slot to replace it: a call found that it
+    /// cannot open streams any more. Calls in flight on it still finish.
+    pub(crate) fn request_replacement(&self, reason: impl Into<String>) {
+        self.mark_closing();
+        let mut slot = self.replace_reason.lock();
+        if slot.is_none() {
+            *slot = Some(reason.into());
+            // `notify_one` keeps a permit if the slot is not waiting at this instant.
+            self.replace.notify_one();
+        }
+    }
+
+    /// Completes once a call asked for this connection to be replaced; returns why.
+    async fn replacement_requested(&self) -> String {
+        loop {
+            if let Some(reason) = self.replace_reason.lock().clone() {
+                return reason;
+            }
+            self.replace.notified().await;
+        }
     }
 
     pub(crate) fn in_flight(&self) -> usize {
@@ -176,7 +219,7 @@ impl ReadyConn {
 impl Pickable for Arc<ReadyConn> {
     #[inline]
     fn is_available(&self) -> bool {
-        !self.closing.load(Ordering::Acquire)
+        !self.closing.load(Ordering::Acquire) && !self.fate.goaway_received()
     }
 
     #[inline]
@@ -246,6 +289,9 @@ enum ServeEnd {
     Shutdown,
     /// A grown connection carried no call for its idle timeout.
     Idle,
+    /// A call found that the connection cannot open streams any more (e.g. its stream ids
+    /// are used up): replace it.
+    Replace(String),
 }
 
 /// Everything a slot's task is started with.
@@ -274,8 +320,31 @@ impl ServeEnd {
     }
 }
 
-/// The slot's task. Ends on `Drain` (after its calls finish) or `Shutdown`.
+/// The slot's task. Ends on `Drain` (after its calls finish), `Shutdown`, or (a grown
+/// connection) idle retirement — and only once every connection it opened has ended, so that
+/// `close()` returning means no connection task is left.
 pub(crate) async fn run(slot: Slot) {
+    let mut retired = Retired::default();
+    let reason = serve(&slot, &mut retired).await;
+    let Slot {
+        shared,
+        id,
+        mut control,
+        ..
+    } = slot;
+    let ended = retired
+        .wind_down(&mut control, shared.config.drain_timeout)
+        .await;
+    let reason = match (reason, ended) {
+        ("drained", WindDown::Cut) => "drain cut short",
+        (reason, _) => reason,
+    };
+    finish(&shared, id, reason);
+}
+
+/// Connects, serves and reconnects until the slot must end; returns why. Connections that
+/// stop serving are handed to `retired`, where their calls finish.
+async fn serve(slot: &Slot, retired: &mut Retired) -> &'static str {
     let Slot {
         shared,
         id,
@@ -283,16 +352,18 @@ pub(crate) async fn run(slot: Slot) {
         stats,
         connector,
         keepalive,
-        mut control,
+        control,
         seed,
         retire_when_idle,
     } = slot;
-    let mut backoff = Backoff::new(shared.config.backoff.clone(), seed);
+    let (shared, id, addr) = (&**shared, *id, *addr);
+    let mut control = control.clone();
+    let mut backoff = Backoff::new(shared.config.backoff.clone(), *seed);
     let mut connect_rx = shared.subscribe_connect();
     // Stay Idle until the pool is asked to connect (at once unless it is lazy).
     tokio::select! {
         biased;
-        _ = wait_until(&mut control, |c| *c != Control::Run) => return finish(&shared, id, "closed while idle"),
+        _ = wait_until(&mut control, |c| *c != Control::Run) => return "closed while idle",
         _ = wait_until(&mut connect_rx, |requested| *requested) => {}
     }
     let host = match shared.target.kind() {
@@ -306,7 +377,7 @@ pub(crate) async fn run(slot: Slot) {
     };
     loop {
         if *control.borrow() != Control::Run {
-            return finish(&shared, id, "closed");
+            return "closed";
         }
         shared.transition(id, ConnectivityState::Connecting, "connecting", None);
         let timeout = shared
@@ -315,11 +386,11 @@ pub(crate) async fn run(slot: Slot) {
             .unwrap_or_else(|| backoff.connect_timeout());
         let attempt = tokio::time::timeout(
             timeout,
-            connect(&shared, &*connector, &dst, keepalive.interval()),
+            connect(shared, &**connector, &dst, keepalive.interval()),
         );
         let result = tokio::select! {
             biased;
-            _ = wait_until(&mut control, |c| *c != Control::Run) => return finish(&shared, id, "closed while connecting"),
+            _ = wait_until(&mut control, |c| *c != Control::Run) => return "closed while connecting",
             r = attempt => r,
         };
         let (
@@ -336,12 +407,12 @@ pub(crate) async fn run(slot: Slot) {
             Ok(Ok(connected)) => connected,
             Ok(Err(e)) => {
                 let reason = format!("connect error: {}", error_chain(&*e));
-                fail_and_wait(&shared, id, &reason, &mut backoff, &mut control).await;
+                fail_and_wait(shared, id, &reason, &mut backoff, &mut control).await;
                 continue;
             }
             Err(_) => {
                 let reason = format!("connect timeout after {timeout:?}");
-                fail_and_wait(&shared, id, &reason, &mut backoff, &mut control).await;
+                fail_and_wait(shared, id, &reason, &mut backoff, &mut control).await;
                 continue;
             }
         };
@@ -377,16 +448,26 @@ pub(crate) async fn run(slot: Slot) {
             g = wait_until(&mut goaway_rx, |s| s.goaway.is_some()) => {
                 ServeEnd::after(g.and_then(|s| s.goaway), || "connection closed".to_owned())
             }
-            _ = idle_for(&ready, retire_when_idle) => ServeEnd::Idle,
+            reason = ready.replacement_requested() => ServeEnd::Replace(reason),
+            _ = idle_for(&ready, *retire_when_idle) => ServeEnd::Idle,
         };
         // No new call goes to this connection from here on, even through stale pickers.
         ready.mark_closing();
+        // Calls in flight finish on it; the slot keeps it until it has ended.
+        driver.retire();
+        retired.push(Live {
+            ready,
+            driver,
+            kill,
+        });
         match end {
             ServeEnd::GracefulGoAway => {
                 shared.transition(id, ConnectivityState::Idle, "GOAWAY from server", None);
                 shared.request_reresolve();
-                // Calls in flight finish on the old connection; reconnect at once.
-                driver.retire();
+            }
+            ServeEnd::Replace(reason) => {
+                // Nothing is wrong with the server: reconnect at once.
+                shared.transition(id, ConnectivityState::Idle, &reason, None);
             }
             ServeEnd::TooManyPings => {
                 let interval = keepalive.double();
@@ -398,48 +479,130 @@ pub(crate) async fn run(slot: Slot) {
                     None,
                 );
                 shared.request_reresolve();
-                driver.retire();
             }
             ServeEnd::Lost(reason) => {
                 shared.transition(id, ConnectivityState::TransientFailure, &reason, None);
                 shared.request_reresolve();
-                driver.retire();
             }
-            ServeEnd::Drain => {
-                // Out of the picker already (the endpoint is draining); let calls finish.
-                let drained = tokio::select! {
-                    biased;
-                    _ = wait_until(&mut control, |c| *c == Control::Shutdown) => false,
-                    _ = ready.wait_idle() => true,
-                    _ = tokio::time::sleep(shared.config.drain_timeout) => false,
-                    _ = driver.ended() => true,
-                };
-                // Calls still running when the drain was cut short are cut with it.
-                if !drained {
-                    kill.kill();
-                }
-                driver.retire();
-                return finish(
-                    &shared,
-                    id,
-                    if drained {
-                        "drained"
+            // Out of the picker already (the endpoint is draining); calls finish in the
+            // wind-down, bounded by the drain timeout.
+            ServeEnd::Drain => return "drained",
+            // Not needed any more: calls that picked it just now still finish on it.
+            ServeEnd::Idle => return "idle: grown connection retired",
+            // close() already gave calls in flight their time (or the last handle was
+            // dropped): whatever still runs is cut in the wind-down, so that no connection
+            // outlives the pool.
+            ServeEnd::Shutdown => return "pool closed",
+        }
+    }
+}
+
+/// A connection the slot opened, with the handles to end it.
+struct Live {
+    ready: Arc<ReadyConn>,
+    driver: DriverHandle,
+    kill: Arc<KillSwitch>,
+}
+
+/// The connections a slot has retired whose calls may still be running. The pool tracks
+/// every live connection until it ends: `close()` and draining can cut them, and the slot
+/// does not end before they have.
+#[derive(Default)]
+struct Retired(Vec<Live>);
+
+/// How a slot's retired connections ended.
+#[derive(Debug, PartialEq, Eq)]
+enum WindDown {
+    /// Each ended once its calls were done.
+    Finished,
+    /// Calls were still running when the pool closed or the drain timed out: they were cut.
+    Cut,
+}
+
+/// How long connections with nothing in flight may take to close gracefully at shutdown
+/// before they are cut (h2 needs one flush of its GOAWAY).
+const SHUTDOWN_FLUSH: Duration = Duration::from_secs(2);
+
+impl Retired {
+    /// Adds a retired connection, forgetting those that have ended meanwhile.
+    fn push(&mut self, live: Live) {
+        self.0.retain_mut(|l| !l.driver.has_ended());
+        self.0.push(live);
+    }
+
+    /// Waits until every retired connection has ended.
+    async fn all_ended(&mut self) {
+        for live in &mut self.0 {
+            live.driver.ended().await;
+        }
+    }
+
+    /// Cuts every connection that still carries calls (or all of them).
+    fn cut(&self, all: bool) -> bool {
+        let mut cut = false;
+        for live in &self.0 {
+            if all || live.ready.in_flight() > 0 {
+                live.kill.kill();
+                cut = true;
+            }
+        }
+        cut
+    }
+
+    /// Lets the retired connections end the way `control` says: on `Shutdown` at once (calls
+    /// still running are cut; idle connections close with GOAWAY); on `Drain` once their calls
+    /// end, cut after `drain_timeout`; while still running (an idle retirement) once their
+    /// calls end, however long that takes — unless a drain or shutdown comes first.
+    async fn wind_down(
+        &mut self,
+        control: &mut watch::Receiver<Control>,
+        drain_timeout: Duration,
+    ) -> WindDown {
+        let drain_deadline = tokio::time::Instant::now() + drain_timeout;
+        loop {
+            let mode = *control.borrow_and_update();
+            match mode {
+                Control::Shutdown => {
+                    let mut cut = self.cut(false);
+                    if tokio::time::timeout(SHUTDOWN_FLUSH, self.all_ended())
+                        .await
+                        .is_err()
+                    {
+                        cut |= self.cut(true);
+                        self.all_ended().await;
+                    }
+                    return if cut {
+                        WindDown::Cut
                     } else {
-                        "drain cut short"
-                    },
-                );
-            }
-            ServeEnd::Idle => {
-                // Not needed any more: calls that picked it just now still finish on it.
-                driver.retire();
-                return finish(&shared, id, "idle: grown connection retired");
-            }
-            ServeEnd::Shutdown => {
-                // close() already gave calls in flight their time (or the last handle was
-                // dropped): whatever still runs is cut, so that no connection outlives the pool.
-                kill.kill();
-                driver.retire();
-                return finish(&shared, id, "pool closed");
+                        WindDown::Finished
+                    };
+                }
+                Control::Drain => {
+                    tokio::select! {
+                        biased;
+                        _ = control.changed() => continue,
+                        _ = self.all_ended() => return WindDown::Finished,
+                        _ = tokio::time::sleep_until(drain_deadline) => {
+                            self.cut(true);
+                            self.all_ended().await;
+                            return WindDown::Cut;
+                        }
+                    }
+                }
+                Control::Run => {
+                    tokio::select! {
+                        biased;
+                        changed = control.changed() => {
+                            if changed.is_err() {
+                                // The worker is gone without a word: treat it as a shutdown.
+                                self.cut(true);
+                                self.all_ended().await;
+                                return WindDown::Cut;
+                            }
+                        }
+                        _ = self.all_ended() => return WindDown::Finished,
+                    }
+                }
             }
         }
     }
@@ -485,6 +648,13 @@ async fn fail_and_wait(
     }
 }
 
+/// How many streams we reset (cancelled calls) h2 remembers per connection, so that the
+/// server's late frames for them are ignored rather than counted as protocol errors: 10 s of
+/// 400 cancellations a second per connection.
+const RESET_STREAMS_REMEMBERED: usize = 4096;
+/// How long h2 remembers a stream we reset (late frames take about one round trip).
+const RESET_STREAM_MEMORY: Duration = Duration::from_secs(10);
+
 /// What a successful connect hands the slot.
 type Connected = (
     h2::client::SendRequest<Bytes>,
@@ -517,7 +687,20 @@ async fn connect(
         )
         .max_header_list_size(16 * 1024)
         .max_send_buffer_size(1024 * 1024)
-        .enable_push(false);
+        .enable_push(false)
+        // Cancelling a call resets its stream; the server's frames already on their way for
+        // it arrive after. h2 ignores them only while it remembers the reset (by default 50
+        // streams for 1 s); past that it resets the "unknown" stream again and counts that as
+        // a protocol error of the peer's, closing the connection (ENHANCE_YOUR_CALM,
+        // `too_many_internal_resets`) after 1 024 — under a storm of deadlines that took every
+        // connection down every half minute. Remembering more resets for longer keeps ordinary
+        // cancellation from counting, while the limit on real protocol errors stays as it is.
+        .max_concurrent_reset_streams(RESET_STREAMS_REMEMBERED)
+        .reset_stream_duration(RESET_STREAM_MEMORY);
+    #[cfg(test)]
+    if let Some(id) = config.initial_stream_id {
+        builder.initial_stream_id(id);
+    }
     let (send, mut connection) = builder.handshake::<_, Bytes>(io).await?;
     let mut settings_rx = watched.signals.clone();
     let settings = tokio::select! {

@@ -6,7 +6,7 @@ mod support;
 use std::time::Duration;
 
 use support::common::{builder, client, echo, slow_echo, static_target, wait_all_ready, WAIT};
-use support::{loopback, TestServer};
+use support::{loopback, ServerOptions, TestServer};
 use tonic::Code;
 use tonic_pool::{ConnectivityState, Pool};
 
@@ -75,6 +75,47 @@ async fn close_reports_calls_cut_by_the_timeout() {
     );
     let status = call.await.unwrap().unwrap_err();
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+}
+
+/// A connection retired after a GOAWAY stays the pool's until it ends: a call still running
+/// on it is cut by close() like any other (it used to be detached and run on after close()
+/// said it had cut everything), and close() reports it.
+#[tokio::test]
+async fn close_cuts_calls_on_connections_retired_by_goaway() {
+    let server = TestServer::start_with(
+        loopback(2),
+        ServerOptions {
+            max_connection_age: Some(Duration::from_millis(300)),
+            max_connection_age_grace: Some(Duration::from_secs(60)),
+            ..ServerOptions::default()
+        },
+    );
+    let pool = builder(&static_target(&[&server]))
+        .close_timeout(Duration::from_millis(100))
+        .build()
+        .unwrap();
+    pool.wait_ready(WAIT).await.unwrap();
+    let mut slow = client(&pool);
+    let call = tokio::spawn(async move { slow.unary(slow_echo("slow", 60_000)).await });
+    assert!(server.wait_for_requests(1, WAIT).await);
+    // The GOAWAY retires the first connection; the pool opens a second one.
+    assert!(server.wait_for_accepted(2, WAIT).await);
+    wait_all_ready(&pool, 1).await;
+    let err = pool.close().await.unwrap_err();
+    assert!(
+        err.to_string().contains("1 call(s) still in flight"),
+        "{err}"
+    );
+    let status = tokio::time::timeout(WAIT, call)
+        .await
+        .expect("the call on the retired connection was cut")
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(
+        server.wait_for_open_connections(0, WAIT).await,
+        "every connection closed"
+    );
 }
 
 /// Dropping the last handle ends the worker and every connection task: the pool's runtime

@@ -85,8 +85,8 @@ async fn close_cuts_calls_on_connections_retired_by_goaway() {
     let server = TestServer::start_with(
         loopback(2),
         ServerOptions {
+            // GOAWAY after 300 ms, then wait for the connection's calls however long they run.
             max_connection_age: Some(Duration::from_millis(300)),
-            max_connection_age_grace: Some(Duration::from_secs(60)),
             ..ServerOptions::default()
         },
     );

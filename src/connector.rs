@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use crate::resolve::BoxFuture;
+use crate::BoxFuture;
 
 /// A byte stream the pool can run HTTP/2 over.
 pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}

@@ -233,6 +233,22 @@ impl StdError for Error {
     }
 }
 
+/// Renders an error with its sources: `a: b: c`, without repeating a part that a source
+/// already spells out (hyper's "connection error" over h2's "connection error: …").
+pub(crate) fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts = vec![err.to_string()];
+    for source in sources(err) {
+        let text = source.to_string();
+        let last = parts.last_mut().expect("never empty");
+        if text.starts_with(last.as_str()) {
+            *last = text;
+        } else if !last.ends_with(&text) {
+            parts.push(text);
+        }
+    }
+    parts.join(": ")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

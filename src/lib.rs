@@ -46,25 +46,27 @@
 //!
 //! [tonic]: https://docs.rs/tonic
 
-mod backoff;
-mod body;
+// The face: what users hold.
 mod builder;
-mod call;
-pub mod connector;
-mod driver;
-mod error;
-mod exchange;
-mod frames;
-mod picker;
 mod pool;
+// The call path, the balancer, the endpoint set and the one background task.
+mod balance;
+mod call;
+mod endpoint;
+mod growth;
 mod registry;
-mod replay;
+mod worker;
+// One connection.
+mod conn;
+// Leaves: every layer may use them.
+mod backoff;
+mod config;
+pub mod connector;
+mod error;
 pub mod resolve;
 pub mod state;
 pub mod stream;
-mod subchannel;
 pub mod target;
-mod worker;
 
 #[cfg(test)]
 mod test_io;
@@ -74,7 +76,7 @@ mod test_io;
 #[cfg(feature = "bench-internals")]
 #[doc(hidden)]
 pub mod __bench {
-    pub use crate::picker::{Pickable, Picker};
+    pub use crate::balance::{Pickable, Picker};
 }
 
 /// Hooks for the fuzz targets in `fuzz/` (built with `--cfg fuzzing`); not an API.
@@ -83,15 +85,23 @@ pub mod __bench {
 pub mod __fuzz {
     /// Feeds `data` through the frame readers, split at the positions its first bytes name.
     pub fn feed_frames(data: &[u8]) {
-        crate::frames::fuzz_feed(data);
+        crate::conn::frames::fuzz_feed(data);
     }
 }
 
 pub use backoff::BackoffConfig;
-pub use body::ResponseBody;
+/// A boxed, sendable future, as resolvers ([`resolve::Resolve`]) and connectors
+/// ([`connector::Connect`]) return.
+pub type BoxFuture<'a, T> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+
 pub use builder::PoolBuilder;
-pub use call::WaitForReady;
+pub use call::{ResponseBody, WaitForReady};
 pub use error::Error;
 pub use pool::{Pool, ResponseFuture};
-pub use state::{ConnectivityState, PoolSnapshot, StateEvent, StateWatch};
+pub use state::{
+    ConnectionSnapshot, ConnectivityState, EndpointSnapshot, PoolSnapshot, Scope, StateEvent,
+    StateWatch,
+};
+pub use stream::{ResilientStream, StreamEvent};
 pub use target::{Target, TargetError};

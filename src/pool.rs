@@ -10,12 +10,10 @@ use std::time::Duration;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderValue, Request, Response, Uri};
 use tokio::sync::{broadcast, mpsc, oneshot};
-use tokio::time::Instant;
 use tracing::Instrument;
 
-use crate::body::ResponseBody;
-use crate::builder::{Config, PoolBuilder};
-use crate::call::{self, CallOptions};
+use crate::call::{self, CallOptions, ResponseBody};
+use crate::config::Config;
 use crate::connector::Connect;
 use crate::error::Error;
 use crate::registry::{ReadyPicker, Shared};
@@ -60,12 +58,6 @@ struct Inner {
 }
 
 impl Pool {
-    /// Starts building a pool for `target` (see [`Target`] for the grammar), e.g.
-    /// `"static:///127.0.0.2:50051,127.0.0.3:50051"` or `"dns:///svc.ns.svc.cluster.local:50051"`.
-    pub fn builder(target: impl Into<String>) -> PoolBuilder {
-        PoolBuilder::new(target)
-    }
-
     pub(crate) fn start(
         target: Target,
         config: Config,
@@ -114,15 +106,13 @@ impl Pool {
         self.shared().subscribe_events()
     }
 
-    /// Waits until the state differs from `from`, or `deadline` passes. Returns whether it
-    /// changed (gRPC's `WaitForStateChange`). Returns at once if the state is already not `from`.
-    pub async fn wait_for_state_change(&self, from: ConnectivityState, deadline: Instant) -> bool {
+    /// Waits until the state differs from `from`, for at most `timeout`. Returns whether it
+    /// changed (gRPC's `WaitForStateChange`, with a timeout rather than a deadline, like every
+    /// wait of the pool). Returns at once if the state is already not `from`.
+    pub async fn wait_for_state_change(&self, from: ConnectivityState, timeout: Duration) -> bool {
         let mut rx = self.shared().subscribe_state();
         let changed = crate::state::wait_until(&mut rx, |s| *s != from);
-        matches!(
-            tokio::time::timeout_at(deadline, changed).await,
-            Ok(Some(_))
-        )
+        matches!(tokio::time::timeout(timeout, changed).await, Ok(Some(_)))
     }
 
     /// Leaves Idle: starts resolving and connecting if the pool was built with
@@ -224,7 +214,7 @@ impl Pool {
     /// Picks a Ready connection without waiting, refreshing this handle's picker if needed.
     /// Picks a connection and counts the call on it at once, so that a burst of calls made
     /// before any of them is polled still sees connections fill up (and grows the endpoint).
-    fn pick(&mut self) -> Option<crate::subchannel::InFlightGuard> {
+    fn pick(&mut self) -> Option<crate::conn::InFlightGuard> {
         let shared = &self.inner.shared;
         if shared.generation() != self.cached_generation {
             let (generation, picker) = shared.load_picker();
@@ -392,7 +382,7 @@ impl tower_service::Service<Request<tonic::body::Body>> for Pool {
         if let Err(e) = self.prepare(&mut req) {
             return ResponseFuture::ready(Err(e));
         }
-        let options = CallOptions::from_request(&req, &shared);
+        let options = CallOptions::from_request(&req, &shared.config);
         let first = self.pick();
         ResponseFuture {
             inner: Box::pin(call::run(shared, first, req, options)),

@@ -4,7 +4,11 @@
 //! state, the aggregate states above it, the published picker and the notifications to
 //! watchers are one consistent step. Changes are rare (connects, failures, resolutions); the
 //! call path never takes this lock — it reads the picker through a generation number (see
-//! [`crate::picker`]).
+//! [`crate::balance`]).
+//!
+//! It is the one owner of the endpoint set ([`EndpointEntry`]): the worker adds and drains
+//! endpoints, slots report their connections' states through [`SlotEvents`], which the
+//! registry implements.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -13,13 +17,15 @@ use std::sync::Arc;
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::{broadcast, watch, Notify};
 
-use crate::builder::Config;
-use crate::picker::Picker;
+use crate::balance::Picker;
+use crate::config::Config;
+use crate::conn::{ConnStats, InFlight, ReadyConn, SlotEvents};
+use crate::endpoint::{ConnEntry, EndpointEntry, KeepAlive};
+use crate::growth::{GrowthRequests, Room};
 use crate::state::{
     aggregate, ConnectionSnapshot, ConnectivityState, EndpointSnapshot, PoolSnapshot, Scope,
     StateEvent,
 };
-use crate::subchannel::{ConnStats, KeepAlive, ReadyConn};
 use crate::target::Target;
 
 /// How many state events a slow [`Pool::events`](crate::Pool::events) receiver may lag.
@@ -30,7 +36,7 @@ pub(crate) type ReadyPicker = Picker<Arc<ReadyConn>>;
 /// The state every pool handle, call, connection task and the worker share.
 #[derive(Debug)]
 pub(crate) struct Shared {
-    pub(crate) config: Config,
+    pub(crate) config: Arc<Config>,
     pub(crate) target: Target,
     /// The runtime the pool's tasks run on (also the request-body tasks of streaming calls,
     /// whatever the caller's context).
@@ -56,99 +62,9 @@ pub(crate) struct Shared {
     /// Connections ask the worker for an early re-resolution through this.
     reresolve: Notify,
     /// Endpoints whose connections were all full when a call picked; the worker grows them.
-    growth: Mutex<Vec<SocketAddr>>,
-    grow: Notify,
+    pub(crate) growth: GrowthRequests,
     /// Failed resolutions so far.
     resolve_errors: AtomicU64,
-}
-
-/// "A call ended somewhere": what a call waits for when every connection of its endpoint is
-/// full but the endpoint can still grow (see `call.rs`). One waiter is woken per ended call,
-/// and only when someone waits, so calls that never wait pay one atomic load.
-#[derive(Debug, Default)]
-pub(crate) struct Room {
-    waiters: AtomicUsize,
-    freed: Notify,
-}
-
-impl Room {
-    /// A call ended: wake one waiter, if any.
-    #[inline]
-    pub(crate) fn freed(&self) {
-        if self.waiters.load(Ordering::SeqCst) > 0 {
-            self.freed.notify_one();
-        }
-    }
-
-    /// A future that completes once a call ends after this call (or when a wake-up was left
-    /// for a waiter that had gone). It is registered at once, not at its first poll, so that a
-    /// call ending between here and the `await` is not missed. Only slow paths wait, so the
-    /// one allocation (to pin the registration) is not on the common path.
-    pub(crate) fn waiter(&self) -> impl std::future::Future<Output = ()> + Send + '_ {
-        struct Waiting<'a>(&'a AtomicUsize);
-        impl Drop for Waiting<'_> {
-            fn drop(&mut self) {
-                self.0.fetch_sub(1, Ordering::SeqCst);
-            }
-        }
-        let mut notified = Box::pin(self.freed.notified());
-        notified.as_mut().enable();
-        self.waiters.fetch_add(1, Ordering::SeqCst);
-        let waiting = Waiting(&self.waiters);
-        async move {
-            let _waiting = waiting;
-            notified.await;
-        }
-    }
-}
-
-/// A counter of calls in flight with a wake-up when it reaches zero, for the pool as a whole
-/// (`close()` waits on it) and for each connection (draining waits on it).
-///
-/// The wake-up is only paid for when someone waits: `Notify::notify_waiters` takes a lock,
-/// and at one call in flight the count reaches zero on every call. A waiter raises `watched`
-/// before it checks the count, the last decrement checks `watched` after it lowered the
-/// count; with both sides `SeqCst` one of them always sees the other (the waiter sees zero,
-/// or the decrement sees the waiter).
-#[derive(Debug, Default)]
-pub(crate) struct InFlight {
-    count: AtomicUsize,
-    watched: AtomicBool,
-    zero: Notify,
-}
-
-impl InFlight {
-    /// Counts one more; returns the count with it.
-    #[inline]
-    pub(crate) fn inc(&self) -> usize {
-        self.count.fetch_add(1, Ordering::Relaxed) + 1
-    }
-
-    #[inline]
-    pub(crate) fn dec(&self) {
-        if self.count.fetch_sub(1, Ordering::SeqCst) == 1 && self.watched.load(Ordering::SeqCst) {
-            self.zero.notify_waiters();
-        }
-    }
-
-    pub(crate) fn get(&self) -> usize {
-        self.count.load(Ordering::SeqCst)
-    }
-
-    /// Waits until no call is in flight.
-    pub(crate) async fn wait_zero(&self) {
-        self.watched.store(true, Ordering::SeqCst);
-        loop {
-            let notified = self.zero.notified();
-            tokio::pin!(notified);
-            // Register before checking, so a decrement between the check and the await is seen.
-            notified.as_mut().enable();
-            if self.get() == 0 {
-                return;
-            }
-            notified.await;
-        }
-    }
 }
 
 #[derive(Debug)]
@@ -162,36 +78,6 @@ struct Registry {
     version: u64,
     last_error: Option<String>,
     last_resolve_error: Option<String>,
-}
-
-#[derive(Debug)]
-struct EndpointEntry {
-    addr: SocketAddr,
-    draining: bool,
-    state: ConnectivityState,
-    conns: Vec<ConnEntry>,
-    keepalive: Arc<KeepAlive>,
-}
-
-#[derive(Debug)]
-struct ConnEntry {
-    id: u64,
-    state: ConnectivityState,
-    /// Failed since it was last Ready: counts as TransientFailure in aggregates.
-    failed: bool,
-    ready: Option<Arc<ReadyConn>>,
-    stats: Arc<ConnStats>,
-    last_error: Option<String>,
-}
-
-impl ConnEntry {
-    fn effective(&self) -> ConnectivityState {
-        match self.state {
-            ConnectivityState::Ready | ConnectivityState::Shutdown => self.state,
-            _ if self.failed => ConnectivityState::TransientFailure,
-            s => s,
-        }
-    }
 }
 
 impl Registry {
@@ -210,12 +96,6 @@ impl Registry {
     }
 }
 
-impl EndpointEntry {
-    fn aggregate(&self) -> ConnectivityState {
-        aggregate(self.conns.iter().map(ConnEntry::effective))
-    }
-}
-
 impl Shared {
     pub(crate) fn new(config: Config, target: Target, runtime: tokio::runtime::Handle) -> Self {
         let initial = ConnectivityState::Idle;
@@ -225,7 +105,7 @@ impl Shared {
         let (connect_tx, _) = watch::channel(false);
         let seed = crate::backoff::FastRng::random_seed();
         Self {
-            config,
+            config: Arc::new(config),
             target,
             runtime,
             registry: Mutex::new(Registry {
@@ -250,8 +130,7 @@ impl Shared {
             in_flight: Arc::new(InFlight::default()),
             room: Arc::new(Room::default()),
             reresolve: Notify::new(),
-            growth: Mutex::new(Vec::new()),
-            grow: Notify::new(),
+            growth: GrowthRequests::default(),
             resolve_errors: AtomicU64::new(0),
         }
     }
@@ -330,54 +209,27 @@ impl Shared {
 
     /// Every connection was full when a call picked one of `addr`'s: ask for another.
     pub(crate) fn request_growth(&self, addr: SocketAddr) {
-        if !self.config.may_grow(addr) {
-            return;
+        if self.config.may_grow(addr) {
+            self.growth.request(addr);
         }
-        let mut growth = self.growth.lock();
-        if !growth.contains(&addr) {
-            growth.push(addr);
-            self.grow.notify_one();
-        }
-    }
-
-    pub(crate) async fn growth_requested(&self) -> Vec<SocketAddr> {
-        self.grow.notified().await;
-        std::mem::take(&mut *self.growth.lock())
     }
 
     /// Whether every connection of the active endpoint at `addr` is Ready (no connect under
     /// way), and how many it has.
     pub(crate) fn endpoint_settled(&self, addr: SocketAddr) -> Option<(bool, usize)> {
         let reg = self.registry.lock();
-        reg.active(addr).map(|e| {
-            let settled = e.conns.iter().all(|c| c.state == ConnectivityState::Ready);
-            (settled, e.conns.len())
-        })
+        reg.active(addr).map(|e| (e.settled(), e.conns.len()))
     }
 
-    /// Whether `addr` is about to get another Ready connection: one is connecting (for the
-    /// first time since it last failed, if ever), or it is below its maximum with every
-    /// connection Ready so that the worker will open one. A connection in backoff means no.
+    /// Whether `addr` is about to get another Ready connection (see
+    /// [`growth::room_coming`](crate::growth::room_coming)).
     pub(crate) fn room_coming(&self, addr: SocketAddr) -> bool {
         if !self.config.may_grow(addr) {
             return false;
         }
         let max = self.config.max_connections_for(addr);
         let reg = self.registry.lock();
-        reg.active(addr).is_some_and(|e| {
-            let healthy = |c: &ConnEntry| {
-                !c.failed
-                    && matches!(
-                        c.state,
-                        ConnectivityState::Ready | ConnectivityState::Connecting
-                    )
-            };
-            e.conns.iter().all(healthy)
-                && (e.conns.len() < max
-                    || e.conns
-                        .iter()
-                        .any(|c| c.state == ConnectivityState::Connecting))
-        })
+        reg.active(addr).is_some_and(|e| e.room_coming(max))
     }
 
     /// The keepalive interval shared by `addr`'s connections.
@@ -614,30 +466,22 @@ impl Shared {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::InFlight;
-    use std::sync::Arc;
+impl SlotEvents for Shared {
+    fn transition(
+        &self,
+        id: u64,
+        to: ConnectivityState,
+        reason: &str,
+        ready: Option<Arc<ReadyConn>>,
+    ) {
+        Shared::transition(self, id, to, reason, ready);
+    }
 
-    /// The last decrement wakes a waiter, whether the waiter came before or after it.
-    #[tokio::test]
-    async fn zero_wakes_waiters() {
-        let count = Arc::new(InFlight::default());
-        count.inc();
-        count.inc();
-        let waiter = tokio::spawn({
-            let count = count.clone();
-            async move { count.wait_zero().await }
-        });
-        tokio::task::yield_now().await;
-        count.dec();
-        assert!(!waiter.is_finished());
-        count.dec();
-        tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
-            .await
-            .expect("woken")
-            .unwrap();
-        // Nothing in flight: returns at once.
-        count.wait_zero().await;
+    fn removed(&self, id: u64) {
+        self.remove_connection(id);
+    }
+
+    fn reresolve(&self) {
+        self.request_reresolve();
     }
 }

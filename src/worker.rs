@@ -23,14 +23,19 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use crate::backoff::{Backoff, FastRng};
 use crate::connector::Connect;
 use crate::error::Error;
 use crate::registry::Shared;
-use crate::resolve::{BoxFuture, Resolution, Resolve, ResolveError};
+use crate::resolve::{Resolution, Resolve, ResolveError};
+use crate::BoxFuture;
 use crate::state::{wait_until, ConnectivityState};
-use crate::subchannel::{self, Control, KeepAlive};
+use crate::conn::{self, Control};
+use crate::connector::Destination;
+use crate::endpoint::KeepAlive;
+use crate::target::TargetKind;
 
 /// What pool handles ask of the worker.
 #[derive(Debug)]
@@ -141,7 +146,7 @@ impl Worker {
                         }
                     }
                 }
-                addrs = shared.growth_requested() => {
+                addrs = shared.growth.taken() => {
                     for addr in addrs {
                         self.grow(addr);
                     }
@@ -277,19 +282,33 @@ impl Worker {
         keepalive: Arc<KeepAlive>,
         retire_when_idle: Option<Duration>,
     ) -> SlotHandle {
-        let (id, stats) = self.shared.add_connection(addr, &keepalive);
+        let shared = &self.shared;
+        let (id, stats) = shared.add_connection(addr, &keepalive);
         let (control, control_rx) = watch::channel(Control::Run);
-        self.tasks.spawn(subchannel::run(subchannel::Slot {
-            shared: self.shared.clone(),
+        let host = match shared.target.kind() {
+            TargetKind::Dns { host, .. } => host.clone(),
+            TargetKind::Static(_) => addr.ip().to_string(),
+        };
+        let slot = conn::Slot {
             id,
-            addr,
+            dst: Destination {
+                addr,
+                host,
+                tls: shared.target.is_tls(),
+            },
+            config: shared.config.clone(),
+            events: shared.clone(),
+            connect_requested: shared.subscribe_connect(),
             stats,
             connector: self.connector.clone(),
             keepalive,
             control: control_rx,
             seed: self.rng.next_u64(),
             retire_when_idle,
-        }));
+        };
+        // Every event of a connection carries its address and slot id, inside the pool's span.
+        let span = tracing::debug_span!("conn", %addr, id);
+        self.tasks.spawn(conn::slot::run(slot).instrument(span));
         SlotHandle { control }
     }
 

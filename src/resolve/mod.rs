@@ -11,9 +11,7 @@ mod fixed;
 mod system;
 
 use std::fmt;
-use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::time::Duration;
 
 pub use dns::DnsResolver;
@@ -22,8 +20,7 @@ pub use system::SystemResolver;
 
 use crate::target::Target;
 
-/// A boxed, sendable future, as resolvers and connectors return.
-pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+pub use crate::BoxFuture;
 
 /// The answer of one resolution.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -12,16 +12,17 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
+use std::time::Duration;
 
 use parking_lot::Mutex;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::watch;
+use tokio::time::Instant;
 
-use crate::driver::ReadActivity;
 
 const FRAME_HEADER_LEN: usize = 9;
 const TYPE_SETTINGS: u8 = 0x4;
@@ -505,6 +506,35 @@ impl Wire {
     /// The byte stream ended in the way `flag` says.
     fn ended(&self, flag: u8) {
         self.fate.ended(flag, &self.ledger);
+    }
+}
+
+/// When bytes were last read from a connection, for keepalive.
+#[derive(Debug)]
+pub(crate) struct ReadActivity {
+    base: Instant,
+    /// Milliseconds after `base` of the last read.
+    last_read_ms: AtomicU64,
+}
+
+impl ReadActivity {
+    pub(crate) fn new() -> Self {
+        Self {
+            base: Instant::now(),
+            last_read_ms: AtomicU64::new(0),
+        }
+    }
+
+    #[inline]
+    pub(crate) fn touch(&self) {
+        let ms = Instant::now()
+            .saturating_duration_since(self.base)
+            .as_millis() as u64;
+        self.last_read_ms.store(ms, Ordering::Relaxed);
+    }
+
+    pub(crate) fn last_read(&self) -> Instant {
+        self.base + Duration::from_millis(self.last_read_ms.load(Ordering::Relaxed))
     }
 }
 

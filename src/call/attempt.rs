@@ -22,7 +22,7 @@ use http::request::Parts;
 use http::{HeaderMap, Request, Response};
 use tokio::sync::oneshot;
 
-use crate::replay::{Cursor, Replay};
+use crate::call::replay::{Cursor, Replay};
 
 /// Why an attempt ended without response headers.
 #[derive(Debug)]

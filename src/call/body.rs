@@ -1,5 +1,6 @@
 //! The response body: h2's receive stream, with the call's in-flight mark and gRPC error codes.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -7,10 +8,11 @@ use bytes::Bytes;
 use h2::RecvStream;
 use http_body::{Body, Frame};
 use tokio::sync::oneshot;
+use tokio::time::{Instant, Sleep};
 use tonic::{Code, Status};
 
 use crate::error::Error;
-use crate::subchannel::InFlightGuard;
+use crate::conn::InFlightGuard;
 
 /// The body of a response from the pool.
 ///
@@ -19,9 +21,14 @@ use crate::subchannel::InFlightGuard;
 /// HTTP/2 flow control as it is read. Transport errors while reading it carry the gRPC code
 /// that fits them: UNAVAILABLE when the connection is gone, the reset code's meaning when the
 /// server reset the stream (`CANCEL` → CANCELLED, `ENHANCE_YOUR_CALM` → RESOURCE_EXHAUSTED, …).
+///
+/// The call's deadline bounds the body too, as gRPC's deadline bounds the whole call: a
+/// response still streaming when it passes ends with DEADLINE_EXCEEDED and its stream is reset.
 #[derive(Debug)]
 pub struct ResponseBody {
     inner: RecvStream,
+    /// The call's deadline, if it has one (boxed: only calls with a deadline pay for it).
+    deadline: Option<Pin<Box<Sleep>>>,
     data_done: bool,
     guard: Option<InFlightGuard>,
     /// The task still writing the request body (a client or bidirectional stream), if any:
@@ -35,9 +42,11 @@ impl ResponseBody {
         inner: RecvStream,
         guard: InFlightGuard,
         request_body: Option<oneshot::Sender<InFlightGuard>>,
+        deadline: Option<Instant>,
     ) -> Self {
         Self {
             inner,
+            deadline: deadline.map(|at| Box::pin(tokio::time::sleep_until(at))),
             data_done: false,
             guard: Some(guard),
             request_body,
@@ -56,6 +65,17 @@ impl ResponseBody {
     }
 }
 
+impl Drop for ResponseBody {
+    fn drop(&mut self) {
+        // A response that arrived whole but was not read to its end (tonic takes the status of
+        // a trailers-only response from its headers and drops the body) is complete all the
+        // same: a request still streaming stops with NO_ERROR, not CANCEL.
+        if self.guard.is_some() && self.inner.is_end_stream() {
+            self.end(true);
+        }
+    }
+}
+
 impl Body for ResponseBody {
     type Data = Bytes;
     type Error = Error;
@@ -65,6 +85,15 @@ impl Body for ResponseBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
         let this = &mut *self;
+        if let Some(deadline) = &mut this.deadline {
+            if this.guard.is_some() && deadline.as_mut().poll(cx).is_ready() {
+                this.end(false);
+                this.deadline = None;
+                return Poll::Ready(Some(Err(Error::deadline_exceeded(
+                    "deadline exceeded while reading the response",
+                ))));
+            }
+        }
         if !this.data_done {
             match this.inner.poll_data(cx) {
                 Poll::Ready(Some(Ok(data))) => {
@@ -117,7 +146,7 @@ pub(crate) fn transport_error(err: h2::Error) -> Error {
 ///   connection h2 closed because the peer broke the protocol (a GOAWAY of our own with an
 ///   error code: a frame too large, a bad header block).
 pub(crate) fn status_from_h2(err: &h2::Error) -> Status {
-    let message = format!("transport error: {}", crate::subchannel::error_chain(err));
+    let message = format!("transport error: {}", crate::error::error_chain(err));
     let code = if err.is_io() {
         Code::Unavailable
     } else if err.is_go_away() {

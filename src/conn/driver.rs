@@ -13,7 +13,6 @@
 //! was read, and (unless `keep_alive_while_idle`) only while calls are in flight.
 
 use std::future::{pending, poll_fn};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,40 +21,11 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use crate::connector::BoxedIo;
-use crate::frames::FrameWatch;
-use crate::subchannel::ReadyConn;
+use crate::conn::frames::{FrameWatch, ReadActivity};
+use crate::conn::ready::ReadyConn;
 
 /// The h2 connection future of one pool connection.
 pub(crate) type H2Connection = h2::client::Connection<FrameWatch<BoxedIo>, Bytes>;
-
-/// When bytes were last read from a connection, for keepalive.
-#[derive(Debug)]
-pub(crate) struct ReadActivity {
-    base: Instant,
-    /// Milliseconds after `base` of the last read.
-    last_read_ms: AtomicU64,
-}
-
-impl ReadActivity {
-    pub(crate) fn new() -> Self {
-        Self {
-            base: Instant::now(),
-            last_read_ms: AtomicU64::new(0),
-        }
-    }
-
-    #[inline]
-    pub(crate) fn touch(&self) {
-        let ms = Instant::now()
-            .saturating_duration_since(self.base)
-            .as_millis() as u64;
-        self.last_read_ms.store(ms, Ordering::Relaxed);
-    }
-
-    fn last_read(&self) -> Instant {
-        self.base + Duration::from_millis(self.last_read_ms.load(Ordering::Relaxed))
-    }
-}
 
 /// Keepalive settings of one connection.
 #[derive(Debug)]
@@ -210,8 +180,7 @@ mod tests {
     use super::*;
     use std::sync::Mutex;
 
-    use crate::registry::InFlight;
-    use crate::subchannel::ConnStats;
+    use crate::conn::ready::{ConnStats, InFlight};
     use crate::test_io::{client_frames, Recorder};
 
     const TYPE_PING: u8 = 0x6;
@@ -255,7 +224,7 @@ mod tests {
         let (send, connection) = h2::client::handshake(io).await.unwrap();
         let stats = Arc::new(ConnStats::new(
             Arc::new(InFlight::default()),
-            Arc::new(crate::registry::Room::default()),
+            Arc::new(crate::growth::Room::default()),
         ));
         let ready = Arc::new(ReadyConn::new(
             0,

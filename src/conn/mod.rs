@@ -1,0 +1,30 @@
+//! One connection: its state machine, how it is opened, the task that drives it, and what
+//! the pool reads off its bytes.
+//!
+//! Each connection *slot* runs as its own task, owned by the worker, and keeps one HTTP/2
+//! connection to its address open: connect (with gRPC's backoff), serve, and on a GOAWAY, a
+//! lost connection or a request to replace it, open the next while the old one's calls
+//! finish. The pool drives h2's client directly rather than a tonic `Channel`: a `Channel`
+//! hides its connection behind a `Buffer` and a `Reconnect` with no backoff that reports a
+//! failed connection as ready, which would fight this state machine. Owning the connection
+//! gives the pool exact facts — when the server's SETTINGS arrived, when a GOAWAY came, when
+//! the connection is gone — and lets calls open their streams from their own task.
+//!
+//! | file | what it owns |
+//! |---|---|
+//! | `slot.rs` | the state machine (Idle → Connecting → Ready → …), backoff, retirement and wind-down |
+//! | `connect.rs` | byte stream + HTTP/2 handshake with the pool's settings, until the server's SETTINGS |
+//! | `driver.rs` | the task that does the connection's I/O, keepalive PINGs and graceful close |
+//! | `frames.rs` | the frame watcher: SETTINGS, GOAWAY, the stream ledger, the kill switch |
+//! | `ready.rs` | a Ready connection as calls see it, and the in-flight guard a call holds |
+//!
+//! A slot reports its states through [`SlotEvents`]; it names nothing above this module.
+
+pub(crate) mod connect;
+pub(crate) mod driver;
+pub(crate) mod frames;
+pub(crate) mod ready;
+pub(crate) mod slot;
+
+pub(crate) use ready::{ConnStats, InFlight, InFlightGuard, ReadyConn};
+pub(crate) use slot::{Control, Slot, SlotEvents};

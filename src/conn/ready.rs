@@ -1,0 +1,288 @@
+//! A Ready connection as calls see it: the handle that opens streams, the calls in flight on
+//! it, its counters, and whether it still takes calls.
+//!
+//! The picker holds `Arc<ReadyConn>`s; a call that picks one holds an [`InFlightGuard`] until
+//! its response ends, which is what capacity, draining, retirement and `close()` count.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use parking_lot::{Mutex, RwLock};
+use tokio::sync::Notify;
+
+use crate::balance::Pickable;
+use crate::conn::frames::{ConnFate, PeerLimits};
+use crate::growth::Room;
+
+/// Counters of one connection slot, kept across its reconnects.
+#[derive(Debug)]
+pub(crate) struct ConnStats {
+    calls: AtomicU64,
+    connects: AtomicU64,
+    /// The pool's count, which `close()` waits on.
+    pool: Arc<InFlight>,
+    /// The pool's signal to calls waiting for room.
+    room: Arc<Room>,
+}
+
+impl ConnStats {
+    pub(crate) fn new(pool: Arc<InFlight>, room: Arc<Room>) -> Self {
+        Self {
+            calls: AtomicU64::new(0),
+            connects: AtomicU64::new(0),
+            pool,
+            room,
+        }
+    }
+
+    pub(crate) fn calls(&self) -> u64 {
+        self.calls.load(Ordering::Relaxed)
+    }
+
+    /// A connection of this slot became Ready.
+    pub(crate) fn connected(&self) {
+        self.connects.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn connects(&self) -> u64 {
+        self.connects.load(Ordering::Relaxed)
+    }
+}
+
+/// Held by a call from the moment it picks a connection until its response body ends or is
+/// dropped (a transparent retry drops it and takes a new one).
+#[derive(Debug)]
+pub(crate) struct InFlightGuard {
+    conn: Arc<ReadyConn>,
+    /// How many calls the connection counted with this one, when it was picked.
+    place: usize,
+    /// Given back to pick again, not ended: wakes no call waiting for room.
+    requeued: bool,
+}
+
+impl InFlightGuard {
+    /// The connection the call is on.
+    pub(crate) fn conn(&self) -> &Arc<ReadyConn> {
+        &self.conn
+    }
+
+    /// Whether the call came after the server's stream limit was already taken on its
+    /// connection: HTTP/2 would queue it until one of the calls before it ends.
+    pub(crate) fn is_beyond_stream_limit(&self) -> bool {
+        self.place as u64 > u64::from(self.conn.limits.max_concurrent_streams())
+    }
+
+    /// Gives the connection back without sending: the call will pick again.
+    pub(crate) fn requeue(mut self) {
+        self.requeued = true;
+    }
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        self.conn.in_flight.dec();
+        self.conn.stats.pool.dec();
+        if !self.requeued {
+            self.conn.stats.room.freed();
+        }
+    }
+}
+
+/// A Ready connection as the picker holds it.
+#[derive(Debug)]
+pub(crate) struct ReadyConn {
+    pub(crate) id: u64,
+    pub(crate) addr: SocketAddr,
+    /// The handle that opens streams; taken away when the connection retires, so that h2,
+    /// holding no handle and no stream any more, sends GOAWAY(NO_ERROR) and closes by itself.
+    /// A read lock per call (uncontended: a writer comes once, at retirement).
+    send: RwLock<Option<h2::client::SendRequest<Bytes>>>,
+    pub(crate) stats: Arc<ConnStats>,
+    /// Calls on this connection; its capacity, draining and retirement go by it.
+    in_flight: InFlight,
+    /// Set the moment the connection must take no new call (GOAWAY seen, draining, lost,
+    /// retired), before the registry republishes the picker.
+    closing: AtomicBool,
+    /// Set by a call that found the connection unable to open streams (its ids are used up,
+    /// it failed): the slot replaces it. Wakes the slot through `replace`.
+    replace_reason: Mutex<Option<String>>,
+    replace: Notify,
+    /// How its byte stream ended, for classifying the calls it broke.
+    pub(crate) fate: Arc<ConnFate>,
+    /// The server's stream limit on this connection.
+    pub(crate) limits: Arc<PeerLimits>,
+}
+
+impl ReadyConn {
+    pub(crate) fn new(
+        id: u64,
+        addr: SocketAddr,
+        send: h2::client::SendRequest<Bytes>,
+        stats: Arc<ConnStats>,
+        fate: Arc<ConnFate>,
+        limits: Arc<PeerLimits>,
+    ) -> Self {
+        Self {
+            id,
+            addr,
+            send: RwLock::new(Some(send)),
+            stats,
+            in_flight: InFlight::default(),
+            closing: AtomicBool::new(false),
+            replace_reason: Mutex::new(None),
+            replace: Notify::new(),
+            fate,
+            limits,
+        }
+    }
+
+    /// A handle to open one stream, or `None` once the connection has retired.
+    pub(crate) fn sender(&self) -> Option<h2::client::SendRequest<Bytes>> {
+        self.send.read().clone()
+    }
+
+    /// Gives up the handle that opens streams: h2 closes the connection gracefully (GOAWAY
+    /// with NO_ERROR, pending frames flushed) once its last stream has ended.
+    pub(crate) fn release_sender(&self) {
+        self.send.write().take();
+    }
+
+    pub(crate) fn mark_closing(&self) {
+        self.closing.store(true, Ordering::Release);
+    }
+
+    /// Takes the connection out of use and asks its slot to replace it: a call found that it
+    /// cannot open streams any more. Calls in flight on it still finish.
+    pub(crate) fn request_replacement(&self, reason: impl Into<String>) {
+        self.mark_closing();
+        let mut slot = self.replace_reason.lock();
+        if slot.is_none() {
+            *slot = Some(reason.into());
+            // `notify_one` keeps a permit if the slot is not waiting at this instant.
+            self.replace.notify_one();
+        }
+    }
+
+    /// Completes once a call asked for this connection to be replaced; returns why.
+    pub(crate) async fn replacement_requested(&self) -> String {
+        loop {
+            if let Some(reason) = self.replace_reason.lock().clone() {
+                return reason;
+            }
+            self.replace.notified().await;
+        }
+    }
+
+    pub(crate) fn in_flight(&self) -> usize {
+        self.in_flight.get()
+    }
+
+    /// Waits until no call is in flight on this connection.
+    pub(crate) async fn wait_idle(&self) {
+        self.in_flight.wait_zero().await;
+    }
+
+    /// A call starts on this connection.
+    pub(crate) fn start_call(self: &Arc<Self>) -> InFlightGuard {
+        self.stats.calls.fetch_add(1, Ordering::Relaxed);
+        let place = self.in_flight.inc();
+        self.stats.pool.inc();
+        InFlightGuard {
+            conn: Arc::clone(self),
+            place,
+            requeued: false,
+        }
+    }
+}
+
+impl Pickable for Arc<ReadyConn> {
+    #[inline]
+    fn is_available(&self) -> bool {
+        !self.closing.load(Ordering::Acquire) && !self.fate.goaway_received()
+    }
+
+    #[inline]
+    fn has_capacity(&self) -> bool {
+        (self.in_flight() as u64) < u64::from(self.limits.max_concurrent_streams())
+    }
+}
+
+
+/// A counter of calls in flight with a wake-up when it reaches zero, for the pool as a whole
+/// (`close()` waits on it) and for each connection (draining waits on it).
+///
+/// The wake-up is only paid for when someone waits: `Notify::notify_waiters` takes a lock,
+/// and at one call in flight the count reaches zero on every call. A waiter raises `watched`
+/// before it checks the count, the last decrement checks `watched` after it lowered the
+/// count; with both sides `SeqCst` one of them always sees the other (the waiter sees zero,
+/// or the decrement sees the waiter).
+#[derive(Debug, Default)]
+pub(crate) struct InFlight {
+    count: AtomicUsize,
+    watched: AtomicBool,
+    zero: Notify,
+}
+
+impl InFlight {
+    /// Counts one more; returns the count with it.
+    #[inline]
+    pub(crate) fn inc(&self) -> usize {
+        self.count.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    #[inline]
+    pub(crate) fn dec(&self) {
+        if self.count.fetch_sub(1, Ordering::SeqCst) == 1 && self.watched.load(Ordering::SeqCst) {
+            self.zero.notify_waiters();
+        }
+    }
+
+    pub(crate) fn get(&self) -> usize {
+        self.count.load(Ordering::SeqCst)
+    }
+
+    /// Waits until no call is in flight.
+    pub(crate) async fn wait_zero(&self) {
+        self.watched.store(true, Ordering::SeqCst);
+        loop {
+            let notified = self.zero.notified();
+            tokio::pin!(notified);
+            // Register before checking, so a decrement between the check and the await is seen.
+            notified.as_mut().enable();
+            if self.get() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::InFlight;
+    use std::sync::Arc;
+
+    /// The last decrement wakes a waiter, whether the waiter came before or after it.
+    #[tokio::test]
+    async fn zero_wakes_waiters() {
+        let count = Arc::new(InFlight::default());
+        count.inc();
+        count.inc();
+        let waiter = tokio::spawn({
+            let count = count.clone();
+            async move { count.wait_zero().await }
+        });
+        tokio::task::yield_now().await;
+        count.dec();
+        assert!(!waiter.is_finished());
+        count.dec();
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+            .await
+            .expect("woken")
+            .unwrap();
+        // Nothing in flight: returns at once.
+        count.wait_zero().await;
+    }
+}

@@ -1,0 +1,410 @@
+//! One connection slot: its state machine, its backoff and its HTTP/2 connection.
+//!
+//! Each slot runs as its own task, owned by the worker. It drives h2's client connection
+//! directly rather than a tonic `Channel`: a `Channel` hides its connection behind a `Buffer`
+//! and a `Reconnect` with no backoff that reports a failed connection as ready, which would
+//! fight this state machine. Owning the connection gives the pool exact facts: when the
+//! server's SETTINGS arrived, when a GOAWAY came, when the connection is gone. Calls are sent
+//! from the caller's task (`exchange.rs`); the connection's I/O runs on its driver task
+//! (`driver.rs`).
+//!
+//! ```text
+//! loop:
+//!   Connecting ── TCP + handshake + server SETTINGS (bounded by the connect timeout)
+//!     ├─ ok  → Ready (published to the picker); backoff reset
+//!     │        wait: connection ends │ GOAWAY │ drain │ shutdown
+//!     │        GOAWAY(NO_ERROR) → Idle, reconnect at once
+//!     │        lost             → TransientFailure, reconnect at once (first attempt is free)
+//!     └─ err → TransientFailure; sleep backoff; retry
+//! ```
+//!
+//! When a connection leaves the picker, calls already on it keep running: the slot *retires* its
+//! driver, which lives on until the connection's last call ends.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use crate::backoff::Backoff;
+use crate::config::Config;
+use crate::conn::connect::connect;
+use crate::conn::driver::{DriverEnd, DriverHandle};
+use crate::conn::frames::{GoAway, KillSwitch, Watched};
+use crate::conn::ready::{ConnStats, ReadyConn};
+use crate::connector::{Connect, Destination};
+use crate::endpoint::KeepAlive;
+use crate::error::error_chain;
+use crate::growth::idle_for;
+use crate::state::{wait_until, ConnectivityState};
+
+/// What the worker asks of a slot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Control {
+    Run,
+    /// The address left the set: finish calls in flight (bounded), then end.
+    Drain,
+    /// The pool is closing: end now.
+    Shutdown,
+}
+
+/// Why a Ready connection stopped serving.
+enum ServeEnd {
+    /// GOAWAY with NO_ERROR (max connection age, graceful server shutdown).
+    GracefulGoAway,
+    /// GOAWAY `ENHANCE_YOUR_CALM` / `too_many_pings`.
+    TooManyPings,
+    /// The connection failed or closed without a graceful GOAWAY.
+    Lost(String),
+    Drain,
+    Shutdown,
+    /// A grown connection carried no call for its idle timeout.
+    Idle,
+    /// A call found that the connection cannot open streams any more (e.g. its stream ids
+    /// are used up): replace it.
+    Replace(String),
+}
+
+/// What a slot tells the pool, which it knows only through this: its connection's state
+/// changes (with the connection itself when Ready), its end, and a wish to resolve again. The
+/// registry implements it, so that a change reaches the picker and the aggregate states in
+/// the same step (a connection that went away leaves the picker before another call can
+/// pick it). Like grpc-go's SubConn state listener: the slot names no layer above it.
+pub(crate) trait SlotEvents: Send + Sync + 'static {
+    /// The connection of slot `id` is now in state `to`; `ready` with it when Ready.
+    fn transition(&self, id: u64, to: ConnectivityState, reason: &str, ready: Option<Arc<ReadyConn>>);
+    /// Slot `id` has ended (after its last transition, to Shutdown).
+    fn removed(&self, id: u64);
+    /// A connection was lost or refused: resolve the target again soon.
+    fn reresolve(&self);
+}
+
+/// Everything a slot's task is started with.
+pub(crate) struct Slot {
+    pub(crate) id: u64,
+    pub(crate) dst: Destination,
+    pub(crate) config: Arc<Config>,
+    pub(crate) events: Arc<dyn SlotEvents>,
+    /// Turns true when the pool is asked to leave Idle.
+    pub(crate) connect_requested: watch::Receiver<bool>,
+    pub(crate) stats: Arc<ConnStats>,
+    pub(crate) connector: Arc<dyn Connect>,
+    pub(crate) keepalive: Arc<KeepAlive>,
+    pub(crate) control: watch::Receiver<Control>,
+    pub(crate) seed: u64,
+    /// For a connection opened by growth: retire it after this long without a call.
+    pub(crate) retire_when_idle: Option<Duration>,
+}
+
+impl ServeEnd {
+    /// How a connection ended, given the GOAWAY it received (if any) and otherwise `lost`.
+    fn after(goaway: Option<GoAway>, lost: impl FnOnce() -> String) -> Self {
+        match goaway {
+            Some(g) if g.is_graceful() => Self::GracefulGoAway,
+            Some(g) if g.is_too_many_pings() => Self::TooManyPings,
+            Some(g) => Self::Lost(format!("GOAWAY with error code {:#x}", g.error_code)),
+            None => Self::Lost(lost()),
+        }
+    }
+}
+
+/// The slot's task. Ends on `Drain` (after its calls finish), `Shutdown`, or (a grown
+/// connection) idle retirement — and only once every connection it opened has ended, so that
+/// `close()` returning means no connection task is left.
+pub(crate) async fn run(slot: Slot) {
+    let mut retired = Retired::default();
+    let reason = serve(&slot, &mut retired).await;
+    let Slot {
+        id,
+        config,
+        events,
+        mut control,
+        ..
+    } = slot;
+    let ended = retired
+        .wind_down(&mut control, config.drain_timeout)
+        .await;
+    let reason = match (reason, ended) {
+        ("drained", WindDown::Cut) => "drain cut short",
+        (reason, _) => reason,
+    };
+    events.transition(id, ConnectivityState::Shutdown, reason, None);
+    events.removed(id);
+}
+
+/// Connects, serves and reconnects until the slot must end; returns why. Connections that
+/// stop serving are handed to `retired`, where their calls finish.
+async fn serve(slot: &Slot, retired: &mut Retired) -> &'static str {
+    let Slot {
+        id,
+        dst,
+        config,
+        events,
+        connect_requested,
+        stats,
+        connector,
+        keepalive,
+        control,
+        seed,
+        retire_when_idle,
+    } = slot;
+    let (events, id, addr) = (&**events, *id, dst.addr);
+    let mut control = control.clone();
+    let mut backoff = Backoff::new(config.backoff.clone(), *seed);
+    let mut connect_rx = connect_requested.clone();
+    // Stay Idle until the pool is asked to connect (at once unless it is lazy).
+    tokio::select! {
+        biased;
+        _ = wait_until(&mut control, |c| *c != Control::Run) => return "closed while idle",
+        _ = wait_until(&mut connect_rx, |requested| *requested) => {}
+    }
+    loop {
+        if *control.borrow() != Control::Run {
+            return "closed";
+        }
+        events.transition(id, ConnectivityState::Connecting, "connecting", None);
+        let timeout = config
+            .connect_timeout
+            .unwrap_or_else(|| backoff.connect_timeout());
+        let attempt = tokio::time::timeout(
+            timeout,
+            connect(config, &**connector, dst, keepalive.interval()),
+        );
+        let result = tokio::select! {
+            biased;
+            _ = wait_until(&mut control, |c| *c != Control::Run) => return "closed while connecting",
+            r = attempt => r,
+        };
+        let (
+            send,
+            connection,
+            Watched {
+                signals,
+                kill,
+                fate,
+                limits,
+            },
+            keepalive_plan,
+        ) = match result {
+            Ok(Ok(connected)) => connected,
+            Ok(Err(e)) => {
+                let reason = format!("connect error: {}", error_chain(&*e));
+                fail_and_wait(events, id, &reason, &mut backoff, &mut control).await;
+                continue;
+            }
+            Err(_) => {
+                let reason = format!("connect timeout after {timeout:?}");
+                fail_and_wait(events, id, &reason, &mut backoff, &mut control).await;
+                continue;
+            }
+        };
+        backoff.reset();
+        stats.connected();
+        let ready = Arc::new(ReadyConn::new(id, addr, send, stats.clone(), fate, limits));
+        let mut driver = crate::conn::driver::spawn(connection, ready.clone(), keepalive_plan);
+        events.transition(
+            id,
+            ConnectivityState::Ready,
+            "server settings received",
+            Some(ready.clone()),
+        );
+
+        let mut goaway_rx = signals.clone();
+        let end = tokio::select! {
+            biased;
+            c = wait_until(&mut control, |c| *c != Control::Run) => match c {
+                Some(Control::Drain) => ServeEnd::Drain,
+                _ => ServeEnd::Shutdown,
+            },
+            end = driver.ended() => {
+                // A GOAWAY read just before the end explains it better than h2's result.
+                let goaway = signals.borrow().goaway.clone();
+                ServeEnd::after(goaway, || match end {
+                    DriverEnd::Closed(Ok(())) | DriverEnd::Retired => "connection closed".to_owned(),
+                    DriverEnd::Closed(Err(e)) => format!("connection lost: {}", error_chain(&e)),
+                    DriverEnd::KeepAliveTimeout(t) => {
+                        format!("connection lost: keepalive PING not acknowledged within {t:?}")
+                    }
+                })
+            }
+            g = wait_until(&mut goaway_rx, |s| s.goaway.is_some()) => {
+                ServeEnd::after(g.and_then(|s| s.goaway), || "connection closed".to_owned())
+            }
+            reason = ready.replacement_requested() => ServeEnd::Replace(reason),
+            _ = idle_for(*retire_when_idle, || (ready.stats.calls(), ready.in_flight())) => ServeEnd::Idle,
+        };
+        // No new call goes to this connection from here on, even through stale pickers.
+        ready.mark_closing();
+        // Calls in flight finish on it; the slot keeps it until it has ended.
+        driver.retire();
+        retired.push(Live {
+            ready,
+            driver,
+            kill,
+        });
+        match end {
+            ServeEnd::GracefulGoAway => {
+                events.transition(id, ConnectivityState::Idle, "GOAWAY from server", None);
+                events.reresolve();
+            }
+            ServeEnd::Replace(reason) => {
+                // Nothing is wrong with the server: reconnect at once.
+                events.transition(id, ConnectivityState::Idle, &reason, None);
+            }
+            ServeEnd::TooManyPings => {
+                let interval = keepalive.double();
+                tracing::warn!(%addr, ?interval, "server sent GOAWAY too_many_pings; keepalive interval doubled for this endpoint");
+                events.transition(
+                    id,
+                    ConnectivityState::TransientFailure,
+                    "GOAWAY ENHANCE_YOUR_CALM too_many_pings",
+                    None,
+                );
+                events.reresolve();
+            }
+            ServeEnd::Lost(reason) => {
+                events.transition(id, ConnectivityState::TransientFailure, &reason, None);
+                events.reresolve();
+            }
+            // Out of the picker already (the endpoint is draining); calls finish in the
+            // wind-down, bounded by the drain timeout.
+            ServeEnd::Drain => return "drained",
+            // Not needed any more: calls that picked it just now still finish on it.
+            ServeEnd::Idle => return "idle: grown connection retired",
+            // close() already gave calls in flight their time (or the last handle was
+            // dropped): whatever still runs is cut in the wind-down, so that no connection
+            // outlives the pool.
+            ServeEnd::Shutdown => return "pool closed",
+        }
+    }
+}
+
+/// A connection the slot opened, with the handles to end it.
+struct Live {
+    ready: Arc<ReadyConn>,
+    driver: DriverHandle,
+    kill: Arc<KillSwitch>,
+}
+
+/// The connections a slot has retired whose calls may still be running. The pool tracks
+/// every live connection until it ends: `close()` and draining can cut them, and the slot
+/// does not end before they have.
+#[derive(Default)]
+struct Retired(Vec<Live>);
+
+/// How a slot's retired connections ended.
+#[derive(Debug, PartialEq, Eq)]
+enum WindDown {
+    /// Each ended once its calls were done.
+    Finished,
+    /// Calls were still running when the pool closed or the drain timed out: they were cut.
+    Cut,
+}
+
+/// How long connections with nothing in flight may take to close gracefully at shutdown
+/// before they are cut (h2 needs one flush of its GOAWAY).
+const SHUTDOWN_FLUSH: Duration = Duration::from_secs(2);
+
+impl Retired {
+    /// Adds a retired connection, forgetting those that have ended meanwhile.
+    fn push(&mut self, live: Live) {
+        self.0.retain_mut(|l| !l.driver.has_ended());
+        self.0.push(live);
+    }
+
+    /// Waits until every retired connection has ended.
+    async fn all_ended(&mut self) {
+        for live in &mut self.0 {
+            live.driver.ended().await;
+        }
+    }
+
+    /// Cuts every connection that still carries calls (or all of them).
+    fn cut(&self, all: bool) -> bool {
+        let mut cut = false;
+        for live in &self.0 {
+            if all || live.ready.in_flight() > 0 {
+                live.kill.kill();
+                cut = true;
+            }
+        }
+        cut
+    }
+
+    /// Lets the retired connections end the way `control` says: on `Shutdown` at once (calls
+    /// still running are cut; idle connections close with GOAWAY); on `Drain` once their calls
+    /// end, cut after `drain_timeout`; while still running (an idle retirement) once their
+    /// calls end, however long that takes — unless a drain or shutdown comes first.
+    async fn wind_down(
+        &mut self,
+        control: &mut watch::Receiver<Control>,
+        drain_timeout: Duration,
+    ) -> WindDown {
+        let drain_deadline = tokio::time::Instant::now() + drain_timeout;
+        loop {
+            let mode = *control.borrow_and_update();
+            match mode {
+                Control::Shutdown => {
+                    let mut cut = self.cut(false);
+                    if tokio::time::timeout(SHUTDOWN_FLUSH, self.all_ended())
+                        .await
+                        .is_err()
+                    {
+                        cut |= self.cut(true);
+                        self.all_ended().await;
+                    }
+                    return if cut {
+                        WindDown::Cut
+                    } else {
+                        WindDown::Finished
+                    };
+                }
+                Control::Drain => {
+                    tokio::select! {
+                        biased;
+                        _ = control.changed() => continue,
+                        _ = self.all_ended() => return WindDown::Finished,
+                        _ = tokio::time::sleep_until(drain_deadline) => {
+                            self.cut(true);
+                            self.all_ended().await;
+                            return WindDown::Cut;
+                        }
+                    }
+                }
+                Control::Run => {
+                    tokio::select! {
+                        biased;
+                        changed = control.changed() => {
+                            if changed.is_err() {
+                                // The worker is gone without a word: treat it as a shutdown.
+                                self.cut(true);
+                                self.all_ended().await;
+                                return WindDown::Cut;
+                            }
+                        }
+                        _ = self.all_ended() => return WindDown::Finished,
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn fail_and_wait(
+    events: &dyn SlotEvents,
+    id: u64,
+    reason: &str,
+    backoff: &mut Backoff,
+    control: &mut watch::Receiver<Control>,
+) {
+    events.transition(id, ConnectivityState::TransientFailure, reason, None);
+    events.reresolve();
+    let delay = backoff.next_delay();
+    tracing::debug!(conn = id, ?delay, "backing off");
+    tokio::select! {
+        biased;
+        _ = wait_until(control, |c| *c != Control::Run) => {}
+        _ = tokio::time::sleep(delay) => {}
+    }
+}
+

@@ -1,0 +1,104 @@
+//! One resolved address and everything the pool keeps about it: its connections' states,
+//! whether it is draining (out of the address set, calls finishing), and the keepalive
+//! interval its connections share.
+//!
+//! The registry keeps the endpoints (it is their one owner, under its lock); the worker
+//! decides what to add and remove; slots report their connection's states.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::conn::{ConnStats, ReadyConn};
+use crate::growth;
+use crate::state::{aggregate, ConnectivityState};
+
+/// One address of the pool, as the registry keeps it.
+#[derive(Debug)]
+pub(crate) struct EndpointEntry {
+    pub(crate) addr: SocketAddr,
+    pub(crate) draining: bool,
+    pub(crate) state: ConnectivityState,
+    pub(crate) conns: Vec<ConnEntry>,
+    pub(crate) keepalive: Arc<KeepAlive>,
+}
+
+#[derive(Debug)]
+pub(crate) struct ConnEntry {
+    pub(crate) id: u64,
+    pub(crate) state: ConnectivityState,
+    /// Failed since it was last Ready: counts as TransientFailure in aggregates.
+    pub(crate) failed: bool,
+    pub(crate) ready: Option<Arc<ReadyConn>>,
+    pub(crate) stats: Arc<ConnStats>,
+    pub(crate) last_error: Option<String>,
+}
+
+impl ConnEntry {
+    pub(crate) fn effective(&self) -> ConnectivityState {
+        match self.state {
+            ConnectivityState::Ready | ConnectivityState::Shutdown => self.state,
+            _ if self.failed => ConnectivityState::TransientFailure,
+            s => s,
+        }
+    }
+}
+
+impl EndpointEntry {
+    pub(crate) fn aggregate(&self) -> ConnectivityState {
+        aggregate(self.conns.iter().map(ConnEntry::effective))
+    }
+}
+
+
+impl EndpointEntry {
+    /// Whether another Ready connection is coming for this endpoint (see [`growth::room_coming`]).
+    pub(crate) fn room_coming(&self, max: usize) -> bool {
+        growth::room_coming(self.conns.iter().map(|c| (c.state, c.failed)), max)
+    }
+
+    /// Whether every connection is Ready (no connect under way).
+    pub(crate) fn settled(&self) -> bool {
+        self.conns.iter().all(|c| c.state == ConnectivityState::Ready)
+    }
+}
+
+/// The HTTP/2 keepalive interval shared by the connections of one endpoint.
+///
+/// gRFC A8: a server that finds our PINGs too frequent answers with GOAWAY
+/// `ENHANCE_YOUR_CALM` / `too_many_pings`; the client must then double its interval (for that
+/// endpoint's new connections) instead of being disconnected again and again.
+#[derive(Debug)]
+pub(crate) struct KeepAlive {
+    /// The interval in milliseconds; 0 when keepalive is off.
+    millis: AtomicU64,
+}
+
+impl KeepAlive {
+    pub(crate) fn new(interval: Option<Duration>) -> Self {
+        let millis = interval.map_or(0, |d| (d.as_millis() as u64).max(1));
+        Self {
+            millis: AtomicU64::new(millis),
+        }
+    }
+
+    pub(crate) fn interval(&self) -> Option<Duration> {
+        match self.millis.load(Ordering::Relaxed) {
+            0 => None,
+            ms => Some(Duration::from_millis(ms)),
+        }
+    }
+
+    /// Doubles the interval (if keepalive is on); returns the new one.
+    pub(crate) fn double(&self) -> Option<Duration> {
+        let doubled = self
+            .millis
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |ms| {
+                (ms != 0).then(|| ms.saturating_mul(2))
+            });
+        doubled
+            .ok()
+            .map(|ms| Duration::from_millis(ms.saturating_mul(2)))
+    }
+}

@@ -10,7 +10,8 @@
 //! - [`server`]: [`server::TestServer`], a real echo server on its own thread
 //!   and runtime, with connection and request counters.
 //! - [`proxy`], [`dns`], [`fake_h2`]: the fault proxy, the DNS server and a raw
-//!   HTTP/2 peer; [`thread`]: the "own thread, own runtime, wait until it
+//!   HTTP/2 peer; [`hostile`]: a scriptable raw HTTP/2 server that can send
+//!   anything; [`thread`]: the "own thread, own runtime, wait until it
 //!   listens" start-up they share.
 
 // Each test binary uses only part of this module, and its items are `pub` so
@@ -31,3 +32,4 @@ pub mod thread;
 pub use server::{loopback, ServerOptions, TestServer};
 pub mod common;
 pub mod fake_h2;
+pub mod hostile;

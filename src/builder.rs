@@ -15,7 +15,6 @@ use crate::pool::Pool;
 use crate::resolve::{DnsResolver, Resolve, SystemResolver};
 use crate::target::Target;
 
-
 /// Builds a [`Pool`]. Made by [`Pool::builder`].
 ///
 /// Connection settings mirror `tonic::transport::Endpoint`'s and apply to every connection;

@@ -96,4 +96,3 @@ impl Config {
             .unwrap_or(self.connections_per_endpoint)
     }
 }
-

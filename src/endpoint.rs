@@ -51,7 +51,6 @@ impl EndpointEntry {
     }
 }
 
-
 impl EndpointEntry {
     /// Whether another Ready connection is coming for this endpoint (see [`growth::room_coming`]).
     pub(crate) fn room_coming(&self, max: usize) -> bool {
@@ -60,7 +59,9 @@ impl EndpointEntry {
 
     /// Whether every connection is Ready (no connect under way).
     pub(crate) fn settled(&self) -> bool {
-        self.conns.iter().all(|c| c.state == ConnectivityState::Ready)
+        self.conns
+            .iter()
+            .all(|c| c.state == ConnectivityState::Ready)
     }
 }
 

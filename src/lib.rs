@@ -92,8 +92,7 @@ pub mod __fuzz {
 pub use backoff::BackoffConfig;
 /// A boxed, sendable future, as resolvers ([`resolve::Resolve`]) and connectors
 /// ([`connector::Connect`]) return.
-pub type BoxFuture<'a, T> =
-    std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
 
 pub use builder::PoolBuilder;
 pub use call::{ResponseBody, WaitForReady};

@@ -211,8 +211,8 @@ impl Pool {
         }
     }
 
-    /// Picks a Ready connection without waiting, refreshing this handle's picker if needed.
-    /// Picks a connection and counts the call on it at once, so that a burst of calls made
+    /// Picks a Ready connection without waiting, refreshing this handle's picker only when its
+    /// generation moved, and counts the call on it at once, so that a burst of calls made
     /// before any of them is polled still sees connections fill up (and grows the endpoint).
     fn pick(&mut self) -> Option<crate::conn::InFlightGuard> {
         let shared = &self.inner.shared;

@@ -26,16 +26,16 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::backoff::{Backoff, FastRng};
+use crate::conn::{self, Control};
 use crate::connector::Connect;
+use crate::connector::Destination;
+use crate::endpoint::KeepAlive;
 use crate::error::Error;
 use crate::registry::Shared;
 use crate::resolve::{Resolution, Resolve, ResolveError};
-use crate::BoxFuture;
 use crate::state::{wait_until, ConnectivityState};
-use crate::conn::{self, Control};
-use crate::connector::Destination;
-use crate::endpoint::KeepAlive;
 use crate::target::TargetKind;
+use crate::BoxFuture;
 
 /// What pool handles ask of the worker.
 #[derive(Debug)]

@@ -8,9 +8,6 @@ mod support;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
-use hickory_resolver::config::{NameServerConfig, ResolverConfig, ResolverOpts};
-use hickory_resolver::net::runtime::TokioRuntimeProvider;
-use hickory_resolver::TokioResolver;
 use support::dns::{Mode, TestDns};
 use tonic_pool::resolve::{DnsResolver, Resolution, Resolve, ResolveError};
 use tonic_pool::Target;
@@ -331,8 +328,13 @@ async fn concurrent_resolves_all_succeed() {
     assert_eq!(dns.queries(), 32);
 }
 
+#[cfg(feature = "hickory-types")]
 #[tokio::test]
 async fn from_resolver_uses_the_given_resolver() {
+    use hickory_resolver::config::{NameServerConfig, ResolverConfig, ResolverOpts};
+    use hickory_resolver::net::runtime::TokioRuntimeProvider;
+    use hickory_resolver::TokioResolver;
+
     let dns = TestDns::start();
     dns.set_a("svc.test", &[v4(2)], 5);
     let mut server = NameServerConfig::udp(dns.addr().ip());

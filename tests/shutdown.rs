@@ -140,7 +140,7 @@ fn dropping_the_last_handle_ends_every_task() {
         client(&clone).unary(echo("x")).await.unwrap();
         assert!(
             metrics.num_alive_tasks() >= 4,
-            "worker + 3 slots + hyper tasks"
+            "worker + 3 slots + their connection drivers"
         );
         drop(pool);
         assert!(

@@ -63,10 +63,7 @@ async fn state_sequence_through_startup_loss_recovery_and_close() {
         next_pool_event(&mut events).await,
         (TransientFailure, Ready)
     );
-    assert!(
-        pool.wait_for_state_change(TransientFailure, WAIT)
-            .await
-    );
+    assert!(pool.wait_for_state_change(TransientFailure, WAIT).await);
     assert_eq!(pool.state(), Ready);
 
     pool.close().await.unwrap();

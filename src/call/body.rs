@@ -11,8 +11,8 @@ use tokio::sync::oneshot;
 use tokio::time::{Instant, Sleep};
 use tonic::{Code, Status};
 
-use crate::error::Error;
 use crate::conn::InFlightGuard;
+use crate::error::Error;
 
 /// The body of a response from the pool.
 ///

@@ -55,7 +55,13 @@ pub(crate) async fn run(
     req: Request<tonic::body::Body>,
     options: CallOptions,
 ) -> Result<Response<ResponseBody>, Error> {
-    let send = send(&shared, first, req, options.wait_for_ready, options.deadline);
+    let send = send(
+        &shared,
+        first,
+        req,
+        options.wait_for_ready,
+        options.deadline,
+    );
     match options.deadline {
         None => send.await,
         Some(deadline) => match tokio::time::timeout_at(deadline, send).await {
@@ -99,7 +105,9 @@ async fn send(
                 replay.commit(&cursor);
                 let request_body =
                     unfinished.map(|pipe| pipe.unfinished(replay, cursor).spawn(&shared.runtime));
-                return Ok(response.map(|body| ResponseBody::new(body, guard, request_body, deadline)));
+                return Ok(
+                    response.map(|body| ResponseBody::new(body, guard, request_body, deadline))
+                );
             }
             Err(AttemptError::Body(status)) => {
                 // The caller's own request stream failed: its status is the call's.
@@ -164,9 +172,9 @@ mod pool_tests {
     use http_body::Body as _;
     use tower_service::Service;
 
+    use crate::call::retry::{unsent_cause, Unsent};
     use crate::connector::{BoxedIo, Connect, Destination};
     use crate::BoxFuture;
-    use crate::call::retry::{unsent_cause, Unsent};
     use crate::Pool;
 
     use super::*;

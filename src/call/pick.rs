@@ -122,4 +122,3 @@ pub(crate) async fn wait_for_connection(
         }
     }
 }
-

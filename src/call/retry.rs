@@ -135,5 +135,4 @@ mod tests {
         assert!(!retries.allows(Retry::GoAway));
         assert!(retries.count(Retry::NotOpened, None).is_err());
     }
-
 }

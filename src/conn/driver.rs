@@ -20,9 +20,9 @@ use bytes::Bytes;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use crate::connector::BoxedIo;
 use crate::conn::frames::{FrameWatch, ReadActivity};
 use crate::conn::ready::ReadyConn;
+use crate::connector::BoxedIo;
 
 /// The h2 connection future of one pool connection.
 pub(crate) type H2Connection = h2::client::Connection<FrameWatch<BoxedIo>, Bytes>;

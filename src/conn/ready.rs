@@ -209,7 +209,6 @@ impl Pickable for Arc<ReadyConn> {
     }
 }
 
-
 /// A counter of calls in flight with a wake-up when it reaches zero, for the pool as a whole
 /// (`close()` waits on it) and for each connection (draining waits on it).
 ///

@@ -1,25 +1,21 @@
-//! One connection slot: its state machine, its backoff and its HTTP/2 connection.
-//!
-//! Each slot runs as its own task, owned by the worker. It drives h2's client connection
-//! directly rather than a tonic `Channel`: a `Channel` hides its connection behind a `Buffer`
-//! and a `Reconnect` with no backoff that reports a failed connection as ready, which would
-//! fight this state machine. Owning the connection gives the pool exact facts: when the
-//! server's SETTINGS arrived, when a GOAWAY came, when the connection is gone. Calls are sent
-//! from the caller's task (`exchange.rs`); the connection's I/O runs on its driver task
-//! (`driver.rs`).
+//! A connection slot: gRPC's connectivity state machine for one connection to one address,
+//! with its own backoff.
 //!
 //! ```text
 //! loop:
 //!   Connecting ── TCP + handshake + server SETTINGS (bounded by the connect timeout)
 //!     ├─ ok  → Ready (published to the picker); backoff reset
-//!     │        wait: connection ends │ GOAWAY │ drain │ shutdown
-//!     │        GOAWAY(NO_ERROR) → Idle, reconnect at once
-//!     │        lost             → TransientFailure, reconnect at once (first attempt is free)
+//!     │        wait: connection ends │ GOAWAY │ replacement asked │ drain │ shutdown │ idle (grown)
+//!     │        GOAWAY(NO_ERROR), replacement → Idle, reconnect at once
+//!     │        lost, GOAWAY with an error    → TransientFailure, reconnect at once (first try free)
 //!     └─ err → TransientFailure; sleep backoff; retry
 //! ```
 //!
-//! When a connection leaves the picker, calls already on it keep running: the slot *retires* its
-//! driver, which lives on until the connection's last call ends.
+//! A connection that stops serving is *retired*, not dropped: it takes no new call, its calls
+//! in flight finish, and once the last one has it closes with GOAWAY(NO_ERROR). The slot keeps
+//! every connection it retired until that connection has ended — `close()` and a drain's
+//! timeout cut them like the current one, and the slot task (so `close()`) ends only after
+//! all of them have.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -72,7 +68,13 @@ enum ServeEnd {
 /// pick it). Like grpc-go's SubConn state listener: the slot names no layer above it.
 pub(crate) trait SlotEvents: Send + Sync + 'static {
     /// The connection of slot `id` is now in state `to`; `ready` with it when Ready.
-    fn transition(&self, id: u64, to: ConnectivityState, reason: &str, ready: Option<Arc<ReadyConn>>);
+    fn transition(
+        &self,
+        id: u64,
+        to: ConnectivityState,
+        reason: &str,
+        ready: Option<Arc<ReadyConn>>,
+    );
     /// Slot `id` has ended (after its last transition, to Shutdown).
     fn removed(&self, id: u64);
     /// A connection was lost or refused: resolve the target again soon.
@@ -121,9 +123,7 @@ pub(crate) async fn run(slot: Slot) {
         mut control,
         ..
     } = slot;
-    let ended = retired
-        .wind_down(&mut control, config.drain_timeout)
-        .await;
+    let ended = retired.wind_down(&mut control, config.drain_timeout).await;
     let reason = match (reason, ended) {
         ("drained", WindDown::Cut) => "drain cut short",
         (reason, _) => reason,
@@ -407,4 +407,3 @@ async fn fail_and_wait(
         _ = tokio::time::sleep(delay) => {}
     }
 }
-

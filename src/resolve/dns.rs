@@ -91,6 +91,7 @@ enum Source {
     /// One server.
     Server(SocketAddr),
     /// A resolver configured by the caller.
+    #[cfg_attr(not(feature = "hickory-types"), allow(dead_code))]
     Custom,
 }
 
@@ -123,6 +124,11 @@ impl DnsResolver {
     /// every `resolve` reaches the server. Each `resolve` is still cut at 1.25 ×
     /// [`timeout`](Self::timeout). Targets that name their server (`dns://server/…`) get a
     /// resolver built here, with this type's defaults.
+    ///
+    /// Behind the `hickory-types` feature: it takes hickory-resolver's own type, and hickory
+    /// is not 1.0 yet — its next release may change that type in a release of this crate that
+    /// is not otherwise breaking.
+    #[cfg(feature = "hickory-types")]
     pub fn from_resolver(resolver: TokioResolver) -> Self {
         Self {
             source: Source::Custom,

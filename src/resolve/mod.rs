@@ -2,9 +2,10 @@
 //!
 //! The pool only knows the small [`Resolve`] trait: one call returns the current addresses and
 //! how long they may be trusted. The worker decides *when* to ask (at start, on connection loss,
-//! periodically); resolvers never cache. Two implementations ship here:
-//! [`StaticResolver`] for address lists and IP literals, and [`SystemResolver`], the operating
-//! system's resolver (`getaddrinfo` through tokio), used for host names.
+//! periodically); resolvers never cache. Three implementations ship here: [`StaticResolver`]
+//! for address lists and IP literals, [`DnsResolver`] (hickory, with the answer's TTL, used for
+//! host names by default) and [`SystemResolver`], the operating system's resolver
+//! (`getaddrinfo` through tokio, no TTL).
 
 mod dns;
 mod fixed;

@@ -10,6 +10,7 @@
 //! restarts it, and ends with a summary. It finishes by itself in about 12 s.
 
 #[path = "../tests/support/mod.rs"]
+#[allow(dead_code, unused_imports)] // each example uses a part of the tests' support
 mod support;
 
 use std::sync::atomic::{AtomicU64, Ordering};

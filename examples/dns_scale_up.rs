@@ -9,6 +9,7 @@
 //! It finishes by itself in about 10 s.
 
 #[path = "../tests/support/mod.rs"]
+#[allow(dead_code, unused_imports)] // each example uses a part of the tests' support
 mod support;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};

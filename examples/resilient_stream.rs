@@ -8,6 +8,7 @@
 //! twice; the subscriber sees a reconnect signal each time and keeps reading.
 
 #[path = "../tests/support/mod.rs"]
+#[allow(dead_code, unused_imports)] // each example uses a part of the tests' support
 mod support;
 
 use std::time::Duration;

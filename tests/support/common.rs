@@ -29,12 +29,6 @@ pub fn static_target(servers: &[&TestServer]) -> String {
     format!("static:///{}", addrs.join(","))
 }
 
-/// `static:///a,b,…` for these addresses.
-pub fn static_target_of(addrs: &[SocketAddr]) -> String {
-    let addrs: Vec<String> = addrs.iter().map(|a| a.to_string()).collect();
-    format!("static:///{}", addrs.join(","))
-}
-
 /// A pool builder with the fast test backoff.
 pub fn builder(target: &str) -> PoolBuilder {
     Pool::builder(target).backoff(fast_backoff())

@@ -68,6 +68,7 @@ pub const ACK: u8 = 0x1;
 pub const END_HEADERS: u8 = 0x4;
 
 /// HTTP/2 error codes (RFC 9113 §7), for RST_STREAM and GOAWAY.
+#[allow(dead_code)] // the whole table, so that a script can name any of them
 pub mod code {
     /// NO_ERROR.
     pub const NO_ERROR: u32 = 0x0;
@@ -100,6 +101,7 @@ pub mod code {
 }
 
 /// SETTINGS parameters (RFC 9113 §6.5.2).
+#[allow(dead_code)] // the whole table, so that a script can name any of them
 pub mod setting {
     /// SETTINGS_HEADER_TABLE_SIZE.
     pub const HEADER_TABLE_SIZE: u16 = 0x1;
@@ -241,11 +243,6 @@ impl HostileServer {
             stop: Some(stop),
             thread: Some(thread),
         }
-    }
-
-    /// The address it listens on.
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
     }
 
     /// `static:///<addr>`, the pool target for this server.
@@ -563,11 +560,6 @@ impl Peer {
         self.reading.send_replace(false);
     }
 
-    /// Reads from the socket again.
-    pub fn resume_reading(&self) {
-        self.reading.send_replace(true);
-    }
-
     /// Keeps the connection open, doing nothing more, until the server stops.
     pub async fn hold(&self) -> io::Result<()> {
         std::future::pending().await
@@ -596,19 +588,9 @@ impl Peer {
         self.send_raw(&settings(params)).await
     }
 
-    /// A SETTINGS ack.
-    pub async fn send_settings_ack(&self) -> io::Result<()> {
-        self.send_frame(kind::SETTINGS, ACK, 0, &[]).await
-    }
-
     /// A PING.
     pub async fn send_ping(&self, data: [u8; 8]) -> io::Result<()> {
         self.send_frame(kind::PING, 0, 0, &data).await
-    }
-
-    /// A PING ack.
-    pub async fn send_ping_ack(&self, data: [u8; 8]) -> io::Result<()> {
-        self.send_frame(kind::PING, ACK, 0, &data).await
     }
 
     /// A GOAWAY.
@@ -655,16 +637,6 @@ impl Peer {
     /// One gRPC message (length-prefixed, uncompressed) in a DATA frame.
     pub async fn send_message(&self, stream: u32, message: &[u8]) -> io::Result<()> {
         self.send_data(stream, &grpc_frame(message), false).await
-    }
-
-    /// Trailers `grpc-status` (and `grpc-message` unless empty), ending the stream.
-    pub async fn send_trailers(&self, stream: u32, status: u32, message: &str) -> io::Result<()> {
-        let status = status.to_string();
-        let mut fields = vec![("grpc-status", status.as_str())];
-        if !message.is_empty() {
-            fields.push(("grpc-message", message));
-        }
-        self.send_headers(stream, &fields, true).await
     }
 
     /// A whole successful response: headers, one message, `grpc-status 0`.

@@ -1,8 +1,8 @@
 //! Shared test support for tonic-pool's integration tests, examples and benches.
 //!
-//! Use it from an integration test with `mod support;`, or from an example or
-//! bench with `#[path = "../tests/support/mod.rs"] mod support;`. It is
-//! self-contained: nothing here refers to `crate::` outside this directory.
+//! The integration tests (`tests/it/`) use all of it; an example or bench includes it with
+//! `#[path = "../tests/support/mod.rs"] #[allow(dead_code)] mod support;` (each uses a part).
+//! It is self-contained: nothing here refers to `crate::` outside this directory.
 //!
 //! - [`echo`]: the generated `echo.Echo` client and server (see
 //!   `proto/echo.proto`; regenerate with
@@ -14,9 +14,9 @@
 //!   anything; [`thread`]: the "own thread, own runtime, wait until it
 //!   listens" start-up they share.
 
-// Each test binary uses only part of this module, and its items are `pub` so
-// that every binary can reach them.
-#![allow(dead_code, unreachable_pub, unused_imports)]
+// Its items are `pub` so that the examples and benches that include this module by path can
+// reach them too; within the test crate that is `pub` in a private module.
+#![allow(unreachable_pub)]
 
 /// Generated code for `tests/support/proto/echo.proto` (package `echo`).
 pub mod echo {

@@ -1,6 +1,6 @@
 //! Long-lived streams across server restarts, with `ResilientStream`.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

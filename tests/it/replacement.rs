@@ -1,7 +1,7 @@
 //! Recovery: a dead server's connections leave the picker at once, are replaced in the
 //! background with backoff, and come back when the server does.
 
-mod support;
+use crate::support;
 
 use support::common::{builder, client, echo, static_target, wait_all_ready, wait_endpoint, WAIT};
 use support::{loopback, TestServer};

@@ -1,6 +1,6 @@
 //! Keepalive: PINGs that a server finds too eager double the interval (gRFC A8).
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

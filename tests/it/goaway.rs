@@ -1,7 +1,7 @@
 //! Server lifecycle without failed calls: max connection age (GOAWAY), graceful shutdown,
 //! and servers that limit concurrent streams.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

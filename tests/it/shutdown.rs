@@ -1,7 +1,7 @@
 //! Shutdown: close() drains calls and reports every failure; dropping the last handle ends
 //! every task of the pool.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

@@ -1,7 +1,7 @@
 //! Stream-limit awareness: connections full at the server's MAX_CONCURRENT_STREAMS are
 //! skipped, and an endpoint grows its connections up to a bound instead of queueing calls.
 
-mod support;
+use crate::support;
 
 use std::collections::HashSet;
 use std::time::Duration;

@@ -1,6 +1,6 @@
 //! The pool is a drop-in for a Channel: every RPC kind works through a generated client.
 
-mod support;
+use crate::support;
 
 use support::common::{builder, client, echo, static_target, wait_all_ready, WAIT};
 use support::echo::StreamRequest;

@@ -1,6 +1,6 @@
 //! What a call does when nothing is Ready: wait, fail fast, or run out of deadline.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

@@ -3,7 +3,7 @@
 //!
 //! Every query goes to a `TestDns` on 127.0.0.1; nothing here asks the system's DNS servers.
 
-mod support;
+use crate::support;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};

@@ -1,6 +1,6 @@
 //! Visibility: the pool's states through the watch API and the event stream.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

@@ -1,6 +1,6 @@
 //! Balance: N connections per address, and an even round-robin over all of them.
 
-mod support;
+use crate::support;
 
 use std::collections::HashMap;
 

@@ -4,7 +4,7 @@
 //! Each test uses its own loopback addresses, so a port the proxy frees in
 //! `Mode::Refuse` is not taken by another test running in parallel.
 
-mod support;
+use crate::support;
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};

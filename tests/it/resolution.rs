@@ -8,7 +8,7 @@
 //! 127.0.N.2, 127.0.N.3, … sharing one port P (a DNS name carries no port); every test has its
 //! own N, so tests running in parallel never compete for an address. Nothing leaves 127/8.
 
-mod support;
+use crate::support;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};

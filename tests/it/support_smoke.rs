@@ -1,6 +1,6 @@
 //! Smoke tests for `tests/support`: the echo server, its counters, stop and restart.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

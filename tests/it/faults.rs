@@ -1,6 +1,6 @@
 //! Network faults from a proxy of our own: a black-holed peer, and connections reset mid-call.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

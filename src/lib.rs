@@ -68,6 +68,8 @@ mod worker;
 
 #[cfg(test)]
 mod test_io;
+#[cfg(test)]
+mod test_model;
 
 /// Internals exposed for the criterion benches only (`--features bench-internals`); not a
 /// stable API.

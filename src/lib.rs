@@ -70,6 +70,8 @@ pub mod target;
 
 #[cfg(test)]
 mod test_io;
+#[cfg(test)]
+mod test_model;
 
 /// Internals exposed for the criterion benches only (`--features bench-internals`); not a
 /// stable API.

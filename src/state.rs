@@ -15,7 +15,9 @@
 //!
 //! An endpoint (one address) and the pool aggregate the states below them with gRPC's rule:
 //! any Ready → Ready; else any Connecting → Connecting; else any Idle → Idle; else
-//! TransientFailure. A pool without endpoints is TransientFailure. A connection that failed
+//! TransientFailure. A pool without endpoints is Idle until it is asked to connect, Connecting
+//! while it resolves, and TransientFailure once resolution failed with no good answer ever (or
+//! the address set emptied after one). A connection that failed
 //! counts as TransientFailure until it is Ready again, so that its reconnect attempts do not make
 //! the aggregate flap back to Connecting (and calls keep failing fast while a server is down).
 
@@ -250,9 +252,18 @@ impl PoolSnapshot {
             .sum()
     }
 
-    /// The snapshot of the endpoint at `addr`, if there is one.
+    /// The snapshot of the endpoint at `addr`, if there is one: the active one (in the address
+    /// set, taking new calls) when an address was removed and listed again while its old
+    /// endpoint still drains; otherwise the draining one.
     pub fn endpoint(&self, addr: SocketAddr) -> Option<&EndpointSnapshot> {
-        self.endpoints.iter().find(|e| e.addr == addr)
+        let mut at = self.endpoints.iter().filter(|e| e.addr == addr);
+        let first = at.next()?;
+        Some(
+            std::iter::once(first)
+                .chain(at)
+                .find(|e| !e.draining)
+                .unwrap_or(first),
+        )
     }
 }
 

@@ -50,13 +50,16 @@ use proptest::test_runner::TestCaseError;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 use tokio::sync::{mpsc, watch};
 
-use crate::builder::Config;
+use crate::config::Config;
+use crate::conn::driver::{DriverHandle, H2Connection};
+use crate::conn::frames::{
+    FrameSignals, FrameWatch, KillSwitch, Watched, ENHANCE_YOUR_CALM, NO_ERROR,
+};
+use crate::conn::{ConnStats, InFlightGuard, ReadyConn};
 use crate::connector::BoxedIo;
-use crate::driver::{DriverHandle, H2Connection};
-use crate::frames::{FrameSignals, FrameWatch, KillSwitch, Watched, ENHANCE_YOUR_CALM, NO_ERROR};
+use crate::endpoint::KeepAlive;
 use crate::registry::Shared;
 use crate::state::{wait_until, ConnectivityState as State};
-use crate::subchannel::{ConnStats, InFlightGuard, KeepAlive, ReadyConn};
 use crate::target::Target;
 
 /// The port of every address; the addresses are 127.0.0.1 to 127.0.0.4.
@@ -694,7 +697,7 @@ impl Case {
             watched.fate,
             watched.limits,
         ));
-        let driver = crate::driver::spawn(connection, ready.clone(), None);
+        let driver = crate::conn::driver::spawn(connection, ready.clone(), None);
         self.shared.transition(
             slot.id,
             State::Ready,
@@ -1190,7 +1193,6 @@ fn the_models_rule_is_grpcs() {
 /// `PoolSnapshot::endpoint(addr)` answers with the address's active endpoint, the one new
 /// calls go to — not with the draining one.
 #[test]
-#[ignore = "fails until PoolSnapshot::endpoint prefers the active endpoint: it returns the first entry with the address, and after Resolve([A]), A Ready, Resolve([B]), Resolve([A]) that is A's older draining entry"]
 fn endpoint_lookup_finds_the_active_endpoint_of_a_relisted_address() {
     let events = [
         Event::Resolve(vec![0]),

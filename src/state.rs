@@ -16,8 +16,9 @@
 //! An endpoint (one address) and the pool aggregate the states below them with gRPC's rule:
 //! any Ready → Ready; else any Connecting → Connecting; else any Idle → Idle; else
 //! TransientFailure. A pool without endpoints is Idle until it is asked to connect, Connecting
-//! while it resolves, and TransientFailure once resolution failed with no good answer ever (or
-//! the address set emptied after one). A connection that failed
+//! while it resolves, and TransientFailure once resolution failed with no good answer ever (an
+//! empty or failed answer after a good one keeps the last good addresses). A connection that
+//! failed
 //! counts as TransientFailure until it is Ready again, so that its reconnect attempts do not make
 //! the aggregate flap back to Connecting (and calls keep failing fast while a server is down).
 

@@ -24,6 +24,7 @@ pub(crate) struct EndpointEntry {
     pub(crate) keepalive: Arc<KeepAlive>,
 }
 
+/// One connection slot of an endpoint, as the registry keeps it.
 #[derive(Debug)]
 pub(crate) struct ConnEntry {
     pub(crate) id: u64,
@@ -36,6 +37,9 @@ pub(crate) struct ConnEntry {
 }
 
 impl ConnEntry {
+    /// The state it counts as in aggregates: a connection that failed counts as
+    /// TransientFailure until it is Ready again, so that its reconnects do not flap the
+    /// aggregate back to Connecting.
     pub(crate) fn effective(&self) -> ConnectivityState {
         match self.state {
             ConnectivityState::Ready | ConnectivityState::Shutdown => self.state,

@@ -29,13 +29,19 @@
 //! ## Design
 //!
 //! ```text
-//! target ──parse──▶ Target ──▶ Resolve ──addresses──▶ worker ──▶ connection slots (N per address)
-//!                                                        │        state machine, backoff, HTTP/2
+//! target ──parse──▶ Target ──▶ Resolve ──addresses──▶ worker ──▶ endpoints ──▶ connection slots
+//!                                                        │        (one per       state machine, backoff,
+//!                                                        │         address)      h2 + driver + frame watch
 //!                                                        ▼
-//!       generated client ──▶ Pool (Clone, tower::Service) ──pick──▶ picker (Ready only) + cursor
+//!       generated client ──▶ Pool (Clone, tower::Service) ──▶ call ──pick──▶ picker (Ready, with room)
 //! ```
 //!
-//! - [`target`]: the target grammar; [`resolve`]: the resolver trait and its implementations.
+//! Layers point down only: the face ([`Pool`], [`PoolBuilder`]) → the call path (pick or
+//! wait, attempt on h2, transparent retry) → the worker and the registry (the endpoint set,
+//! states, the published picker) → one connection (state machine, connect, driver, frame
+//! watch) → the leaves ([`connector`], [`resolve`], [`target`], [`state`], config, errors).
+//! `ARCHITECTURE.md` in the repository gives each module's one job.
+//!
 //! - The worker (one task per pool) owns resolution and the connection slots; each slot owns
 //!   one h2 connection (driven by its own task) and runs gRPC's state machine with its own
 //!   backoff. Calls open their HTTP/2 streams from the caller's task.

@@ -116,7 +116,7 @@ impl Pool {
     }
 
     /// Leaves Idle: starts resolving and connecting if the pool was built with
-    /// [`connect_lazily`](PoolBuilder::connect_lazily). Does nothing otherwise.
+    /// [`connect_lazily`](crate::PoolBuilder::connect_lazily). Does nothing otherwise.
     pub fn connect(&self) {
         self.shared().request_connect();
     }
@@ -177,7 +177,7 @@ impl Pool {
     }
 
     /// Closes the pool: new calls fail at once with a shutdown error (UNAVAILABLE), calls in
-    /// flight may finish for up to the [close timeout](PoolBuilder::close_timeout), then
+    /// flight may finish for up to the [close timeout](crate::PoolBuilder::close_timeout), then
     /// every connection is closed and the worker ends.
     ///
     /// Returns an error listing every failure (calls cut by the timeout, connection tasks

@@ -6,6 +6,10 @@
 //! decide what to ask for on a reopen, e.g. "resume after sequence n"), with gRPC connection
 //! backoff between failed attempts, and tells you each time it did so.
 //!
+//! It uses no part of the pool (only its backoff): it works the same over a generated client
+//! on a plain tonic `Channel`. It lives in this crate because a pool makes reopening cheap —
+//! the new stream goes to a Ready connection at once — not because it needs one.
+//!
 //! ```no_run
 //! # use tonic_pool::stream::{ResilientStream, StreamEvent};
 //! # async fn demo(

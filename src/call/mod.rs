@@ -11,9 +11,23 @@
 //! | TransientFailure | fails fast with UNAVAILABLE | waits |
 //! | Shutdown | fails at once (shutdown error, UNAVAILABLE) | same |
 //!
-//! A deadline that passes while waiting (or before the response headers) fails the call with
-//! DEADLINE_EXCEEDED. A request whose stream h2 would not open (its connection closed between
-//! the pick and the send) is sent again on another connection; it never reached a server.
+//! A deadline that passes while waiting, before the response headers or while the response
+//! body still streams fails the call with DEADLINE_EXCEEDED.
+//!
+//! What goes wrong on the wire is classified from h2's error (`retry.rs`): a request h2
+//! refuses fails that call alone (INTERNAL); a connection that cannot open streams is taken
+//! out of use and replaced, and the call goes to another one; a stream the server refused goes
+//! again once; a stream no connection took goes again on another connection, a bounded number
+//! of times. Everything else is the call's result.
+//!
+//! | file | what it owns |
+//! |---|---|
+//! | `options.rs` | the call's deadline and wait-for-ready, from its request |
+//! | `pick.rs` | picking a connection or waiting for one, and for room beside a full one |
+//! | `attempt.rs` | one attempt on h2: HEADERS, the body one frame ahead, the response head |
+//! | `retry.rs` | when a call may go again (gRFC A6), from h2's errors |
+//! | `replay.rs` | the bounded buffer that lets a request body be sent again |
+//! | `body.rs` | the response body: in-flight mark, deadline, gRPC status of transport errors |
 //!
 //! One more wait, for stream limits: a call that lands past the server's
 //! `MAX_CONCURRENT_STREAMS` on its connection, while its endpoint is growing, waits here for

@@ -27,8 +27,12 @@ use crate::error::Error;
 #[derive(Debug)]
 pub struct ResponseBody {
     inner: RecvStream,
-    /// The call's deadline, if it has one (boxed: only calls with a deadline pay for it).
-    deadline: Option<Pin<Box<Sleep>>>,
+    /// The call's deadline, if it has one.
+    deadline: Option<Instant>,
+    /// Its timer, armed only once the body waits or brings a second data frame: a unary
+    /// response (one message, then trailers, already there) never pays for a timer.
+    timer: Option<Pin<Box<Sleep>>>,
+    data_frames: u8,
     data_done: bool,
     guard: Option<InFlightGuard>,
     /// The task still writing the request body (a client or bidirectional stream), if any:
@@ -46,10 +50,43 @@ impl ResponseBody {
     ) -> Self {
         Self {
             inner,
-            deadline: deadline.map(|at| Box::pin(tokio::time::sleep_until(at))),
+            deadline,
+            timer: None,
+            data_frames: 0,
             data_done: false,
             guard: Some(guard),
             request_body,
+        }
+    }
+
+    /// The next frame of the response, ending the call on its trailers or an error.
+    fn poll_response(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
+        if !self.data_done {
+            match self.inner.poll_data(cx) {
+                Poll::Ready(Some(Ok(data))) => {
+                    // Reading it is consuming it: let the server send more.
+                    let _ = self.inner.flow_control().release_capacity(data.len());
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    self.end(false);
+                    return Poll::Ready(Some(Err(transport_error(e))));
+                }
+                Poll::Ready(None) => self.data_done = true,
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        match self.inner.poll_trailers(cx) {
+            Poll::Ready(Ok(trailers)) => {
+                // Trailers (or the end of the stream) end a gRPC response: the call is done.
+                self.end(true);
+                Poll::Ready(trailers.map(|t| Ok(Frame::trailers(t))))
+            }
+            Poll::Ready(Err(e)) => {
+                self.end(false);
+                Poll::Ready(Some(Err(transport_error(e))))
+            }
+            Poll::Pending => Poll::Pending,
         }
     }
 
@@ -85,42 +122,33 @@ impl Body for ResponseBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
         let this = &mut *self;
-        if let Some(deadline) = &mut this.deadline {
-            if this.guard.is_some() && deadline.as_mut().poll(cx).is_ready() {
+        let frame = this.poll_response(cx);
+        let arm = match &frame {
+            Poll::Pending => true,
+            Poll::Ready(Some(Ok(frame))) if frame.is_data() => {
+                this.data_frames = this.data_frames.saturating_add(1);
+                this.data_frames > 1
+            }
+            Poll::Ready(_) => false,
+        };
+        if let (true, Some(at), true) = (
+            arm || this.timer.is_some(),
+            this.deadline,
+            this.guard.is_some(),
+        ) {
+            let timer = this
+                .timer
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
+            if timer.as_mut().poll(cx).is_ready() {
                 this.end(false);
                 this.deadline = None;
+                this.timer = None;
                 return Poll::Ready(Some(Err(Error::deadline_exceeded(
                     "deadline exceeded while reading the response",
                 ))));
             }
         }
-        if !this.data_done {
-            match this.inner.poll_data(cx) {
-                Poll::Ready(Some(Ok(data))) => {
-                    // Reading it is consuming it: let the server send more.
-                    let _ = this.inner.flow_control().release_capacity(data.len());
-                    return Poll::Ready(Some(Ok(Frame::data(data))));
-                }
-                Poll::Ready(Some(Err(e))) => {
-                    this.end(false);
-                    return Poll::Ready(Some(Err(transport_error(e))));
-                }
-                Poll::Ready(None) => this.data_done = true,
-                Poll::Pending => return Poll::Pending,
-            }
-        }
-        match this.inner.poll_trailers(cx) {
-            Poll::Ready(Ok(trailers)) => {
-                // Trailers (or the end of the stream) end a gRPC response: the call is done.
-                this.end(true);
-                Poll::Ready(trailers.map(|t| Ok(Frame::trailers(t))))
-            }
-            Poll::Ready(Err(e)) => {
-                this.end(false);
-                Poll::Ready(Some(Err(transport_error(e))))
-            }
-            Poll::Pending => Poll::Pending,
-        }
+        frame
     }
 
     fn is_end_stream(&self) -> bool {

@@ -19,6 +19,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use crate::conn::frames::{FrameWatch, ReadActivity};
 use crate::conn::ready::ReadyConn;
@@ -97,11 +98,13 @@ pub(crate) fn spawn(
 ) -> DriverHandle {
     let (end_tx, ended) = oneshot::channel();
     let (retire, retire_rx) = oneshot::channel();
-    tokio::spawn(async move {
+    // The driver's events carry its connection's span (address, slot id), as the slot's do.
+    let task = async move {
         let end = drive(connection, &ready, keepalive, retire_rx).await;
         ready.mark_closing();
         let _ = end_tx.send(end);
-    });
+    };
+    tokio::spawn(task.instrument(tracing::Span::current()));
     DriverHandle {
         ended: Some(ended),
         retire: Some(retire),

@@ -8,7 +8,8 @@
 //!   clock: a hang is a timeout, not a stuck fuzzer); the harness reads the body until that
 //!   same deadline and drops it, as a caller with a deadline does;
 //! - once every call has ended, the pool counts no call in flight;
-//! - `pool.close()` returns, and afterwards the pool holds none of its connections' pipes.
+//! - `pool.close()` returns, and the pool then holds none of its connections' pipes (see
+//!   [`Release`] for when).
 
 use std::collections::VecDeque;
 use std::io;
@@ -22,7 +23,7 @@ use tokio::time::Instant;
 use tower_service::Service;
 
 use crate::input::{Input, Output};
-use crate::pipe::{PipeConnector, PIPE_CAPACITY};
+use crate::pipe::{PipeConnector, Release, PIPE_CAPACITY};
 use crate::wire::{self, flag, kind};
 
 /// At most this many script operations are read from one input.
@@ -638,11 +639,16 @@ fn request(deadline: Duration) -> http::Request<tonic::body::Body> {
 /// Runs one input: builds the pool, makes the calls, checks the invariants (panics if one
 /// does not hold).
 pub fn run(data: &[u8]) {
-    let plan = Plan::decode(data);
-    crate::paused_runtime().block_on(run_plan(plan));
+    run_with(data, Release::AfterCloseSettles);
 }
 
-async fn run_plan(plan: Plan) {
+/// Runs one input, checking that the closed pool holds no pipe by the time `release` says.
+pub fn run_with(data: &[u8], release: Release) {
+    let plan = Plan::decode(data);
+    crate::paused_runtime().block_on(run_plan(plan, release));
+}
+
+async fn run_plan(plan: Plan, release: Release) {
     let scripts = Arc::new(Mutex::new(VecDeque::from(plan.connections)));
     let connector = PipeConnector::new(move |_dst| {
         let script = scripts
@@ -742,11 +748,14 @@ async fn run_plan(plan: Plan) {
     );
     let closed = tokio::time::timeout(Duration::from_secs(60), pool.close()).await;
     let result = closed.expect("close() returned");
+    if crate::tracing() {
+        eprintln!("close: {result:?}; pipes held: {}", connector.live());
+    }
     if let Err(e) = &result {
         assert!(
             !format!("{e:?}").contains("panicked"),
             "a pool task panicked: {e:?}"
         );
     }
-    assert_eq!(connector.live(), 0, "pipes still held after close()");
+    connector.assert_released(release).await;
 }

@@ -19,6 +19,8 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
   cargo install cargo-fuzz --locked
 fi
 export RUSTC_BOOTSTRAP=1
+# The fuzz build has its own flags: never share the main crate's target directory.
+unset CARGO_TARGET_DIR
 
 start=$(date +%s)
 cargo fuzz build "${flags[@]}"

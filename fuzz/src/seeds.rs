@@ -328,7 +328,7 @@ fn resolver_answers_seeds() -> Vec<(&'static str, ResolverPlan)> {
                     },
                     Answer::Addresses(vec![v4(7, 0, 1, 40002)], 1),
                     Answer::Many {
-                        count: 300,
+                        count: 200,
                         seed: 8,
                         dup_every: 0,
                         port_base: 1,

@@ -617,11 +617,8 @@ async fn serve(io: DuplexStream, script: Vec<Op>) {
         let _ = to_client.shutdown().await;
         return;
     }
-    // Script over, connection kept open and silent until the client closes it.
-    if let Ok(from_client) = reader.await {
-        drop(from_client);
-    }
-    drop(to_client);
+    // Script over: the connection stays open, silent, until the client closes it.
+    let _ = reader.await;
 }
 
 fn request(deadline: Duration) -> http::Request<tonic::body::Body> {

@@ -463,7 +463,11 @@ impl Soak<'_> {
 /// quarter, and once the pool is closed the runtime's alive tasks, the servers' open
 /// connections and the process's file descriptors are back to their levels before the pool.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "a soak: runs for SOAK_SECS seconds (default 20); run it with --ignored"]
+#[ignore = "a soak, run on demand (SOAK_SECS seconds, default 20); and fails until calls cut \
+            when a server drops its connections are understood: runs of 160 s and more saw \
+            bursts of plain calls fail UNAVAILABLE 'stream closed because of a broken pipe' \
+            once cancellations start (write failed or EOF, no GOAWAY read, both connections \
+            of one server at the same millisecond)"]
 async fn churn_leaves_nothing_behind() {
     // Logs per `RUST_LOG` (off by default), for diagnosing a failure.
     let _ = tracing_subscriber::fmt()

@@ -636,7 +636,7 @@ fn request(deadline: Duration) -> http::Request<tonic::body::Body> {
 /// Runs one input: builds the pool, makes the calls, checks the invariants (panics if one
 /// does not hold).
 pub fn run(data: &[u8]) {
-    run_with(data, Release::AfterCloseSettles);
+    run_with(data, Release::AtCloseReturn);
 }
 
 /// Runs one input, checking that the closed pool holds no pipe by the time `release` says.

@@ -45,7 +45,6 @@ fn resolver_answers_inputs() {
 /// when it returns. Minimized from the first `resolver_answers` finding (59 addresses, two
 /// connections each, about half of them Ready).
 #[test]
-#[ignore = "fails until close() waits for connection drivers: the slot's Shutdown kills and retires its driver task without awaiting it, so close() returns while up to every Ready connection's driver still holds its byte stream (released a scheduler turn later)"]
 fn close_returns_before_drivers_end() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("regressions/resolver_answers/close_returns_before_drivers_end");

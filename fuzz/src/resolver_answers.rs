@@ -308,7 +308,7 @@ async fn serve_nothing(io: DuplexStream) {
 
 /// Runs one input, panicking if an invariant does not hold.
 pub fn run(data: &[u8]) {
-    run_with(data, Release::AfterCloseSettles);
+    run_with(data, Release::AtCloseReturn);
 }
 
 /// Runs one input, checking that the closed pool holds no pipe by the time `release` says.

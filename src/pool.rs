@@ -52,6 +52,8 @@ struct Inner {
     shared: Arc<Shared>,
     /// Dropping the last `Inner` closes this, which ends the worker.
     commands: mpsc::UnboundedSender<Command>,
+    /// The worker's task, awaited by the first `close()`: it returns once that task has ended.
+    worker: parking_lot::Mutex<Option<tokio::task::JoinHandle<()>>>,
     scheme: Scheme,
     authority: Authority,
     user_agent: HeaderValue,
@@ -71,12 +73,13 @@ impl Pool {
         let (commands, commands_rx) = mpsc::unbounded_channel();
         let worker = Worker::new(shared.clone(), connector, resolver, commands_rx);
         let span = tracing::info_span!("tonic_pool", target = %shared.target);
-        runtime.spawn(worker.run().instrument(span));
+        let worker = runtime.spawn(worker.run().instrument(span));
         let (cached_generation, cached) = shared.load_picker();
         Self {
             inner: Arc::new(Inner {
                 shared,
                 commands,
+                worker: parking_lot::Mutex::new(Some(worker)),
                 scheme,
                 authority,
                 user_agent,
@@ -202,6 +205,16 @@ impl Pool {
             // An error means another close() got there first and the worker is gone.
             if let Ok(worker_failures) = answer.await {
                 failures.extend(worker_failures);
+            }
+        }
+        // The worker answered as its last act; wait for its task to be gone too, so that no
+        // task of the pool outlives close() (its connection tasks ended before it answered).
+        let worker = self.inner.worker.lock().take();
+        if let Some(worker) = worker {
+            if let Err(e) = worker.await {
+                if e.is_panic() {
+                    failures.push(Error::close_failure(format!("pool worker panicked: {e}")));
+                }
             }
         }
         if failures.is_empty() {

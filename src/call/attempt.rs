@@ -29,8 +29,8 @@ use crate::call::replay::{Cursor, Replay};
 pub(crate) enum AttemptError {
     /// h2 refused to open the stream: nothing was sent.
     Unsent(h2::Error),
-    /// The stream failed after it was opened.
-    Stream(h2::Error),
+    /// The stream (its id given) failed after it was opened.
+    Stream(h2::Error, u32),
     /// The request body failed.
     Body(tonic::Status),
 }
@@ -124,9 +124,15 @@ pub(crate) async fn attempt(
                 Poll::Pending => {}
             }
         }
-        Pin::new(&mut response)
-            .poll(cx)
-            .map_err(AttemptError::Stream)
+        match Pin::new(&mut response).poll(cx) {
+            Poll::Ready(Err(error)) => {
+                // Only on failure: reading the id takes h2's stream-store lock.
+                let id = u32::from(response.stream_id());
+                Poll::Ready(Err(AttemptError::Stream(error, id)))
+            }
+            Poll::Ready(Ok(head)) => Poll::Ready(Ok(head)),
+            Poll::Pending => Poll::Pending,
+        }
     })
     .await?;
     Ok((head, pipe, cursor))

@@ -146,9 +146,9 @@ async fn send(
                     (Retry::Unsent, error)
                 }
             },
-            Err(AttemptError::Stream(error)) => {
+            Err(AttemptError::Stream(error, stream_id)) => {
                 let never = never_processed(&error).or_else(|| {
-                    (is_broken_pipe(&error) && ready.fate.broken_streams_unprocessed())
+                    (is_broken_pipe(&error) && ready.fate.stream_unprocessed(stream_id))
                         .then_some(Retry::NotOpened)
                 });
                 match never {

@@ -271,17 +271,18 @@ impl StreamLedger {
     /// once the server names its last stream (any GOAWAY below the maximum id), that id alone
     /// decides, since the server may have taken streams that went out after our PING ack.
     pub(crate) fn only_unprocessed_open(&self) -> bool {
-        let Some(last) = self.goaway_last else {
-            return false;
-        };
-        let cutoff = if last == MAX_STREAM_ID {
-            self.cutoff
-        } else {
-            None
-        };
-        self.open
-            .iter()
-            .all(|id| *id > last || cutoff.is_some_and(|cutoff| *id > cutoff))
+        self.unprocessed_above()
+            .is_some_and(|above| self.open.iter().all(|id| *id > above))
+    }
+
+    /// The stream id above which no stream can have been processed: the last stream id of the
+    /// server's final GOAWAY, or — while only the announcing GOAWAY(2^31-1) has come — the
+    /// highest stream written before our ack of the shutdown PING. `None` before a GOAWAY.
+    fn unprocessed_above(&self) -> Option<u32> {
+        match self.goaway_last? {
+            MAX_STREAM_ID => self.cutoff,
+            last => Some(last),
+        }
     }
 }
 
@@ -362,9 +363,30 @@ impl KillSwitch {
 /// So a call that failed on a connection that *we* shut down cleanly after a graceful GOAWAY,
 /// before the server closed it or failed, is safe to send again; one cut by the server's
 /// close is not (the server may have processed it).
-#[derive(Debug, Default)]
+///
+/// Besides, each broken stream is judged on its own id: a stream whose HEADERS never went out
+/// (above the highest id written) never left the client, and one above the server's last
+/// stream id (or our shutdown-PING cutoff) never reached its application — whatever else was
+/// open on the connection. A server that closes its socket right after its final GOAWAY can
+/// make the client lose the bytes still in flight (the GOAWAY, responses), so a connection-wide
+/// verdict would wrongly keep a safe call from going again.
+#[derive(Debug)]
 pub(crate) struct ConnFate {
     flags: std::sync::atomic::AtomicU8,
+    /// The highest client stream id written when the byte stream ended.
+    max_written: std::sync::atomic::AtomicU32,
+    /// [`StreamLedger::unprocessed_above`] when the byte stream ended; `u32::MAX` for none.
+    unprocessed_above: std::sync::atomic::AtomicU32,
+}
+
+impl Default for ConnFate {
+    fn default() -> Self {
+        Self {
+            flags: Default::default(),
+            max_written: std::sync::atomic::AtomicU32::new(u32::MAX),
+            unprocessed_above: std::sync::atomic::AtomicU32::new(u32::MAX),
+        }
+    }
 }
 
 const FATE_GRACEFUL_GOAWAY: u8 = 1;
@@ -389,6 +411,13 @@ impl ConnFate {
         if ledger.only_unprocessed_open() {
             flags |= FATE_ONLY_UNPROCESSED_OPEN;
         }
+        // Stored before the flags: a reader that sees the end sees the ids too.
+        self.max_written
+            .fetch_min(ledger.max_written, Ordering::AcqRel);
+        self.unprocessed_above.fetch_min(
+            ledger.unprocessed_above().unwrap_or(u32::MAX),
+            Ordering::AcqRel,
+        );
         self.flags.fetch_or(flags, Ordering::AcqRel);
     }
 
@@ -417,6 +446,21 @@ impl ConnFate {
             && flags & FATE_LOCAL_SHUTDOWN != 0
             && flags & FATE_READ_ENDED == 0;
         closed_by_us || flags & FATE_ONLY_UNPROCESSED_OPEN != 0
+    }
+
+    /// Whether the stream `id`, broken when this connection's byte stream ended, provably
+    /// never reached the server's application: by the connection-wide verdict above, or on its
+    /// own id — its HEADERS never went out, or it is above the last stream the server took.
+    pub(crate) fn stream_unprocessed(&self, id: u32) -> bool {
+        if self.broken_streams_unprocessed() {
+            return true;
+        }
+        let ended = self.flags.load(Ordering::Acquire)
+            & (FATE_READ_ENDED | FATE_WRITE_FAILED | FATE_LOCAL_SHUTDOWN)
+            != 0;
+        ended
+            && (id > self.max_written.load(Ordering::Acquire)
+                || id > self.unprocessed_above.load(Ordering::Acquire))
     }
 }
 
@@ -875,6 +919,34 @@ mod tests {
         );
         wire.ended(FATE_READ_ENDED);
         assert!(!wire.fate.broken_streams_unprocessed());
+    }
+
+    /// Each broken stream is judged on its own id: the server closed its socket after its
+    /// announcing GOAWAY and our PING ack, with stream 1 (sent before the ack) still open, so
+    /// the connection-wide verdict is "maybe processed" — yet stream 3, sent after the ack, and
+    /// stream 5, never written, provably did not reach the server's application.
+    #[test]
+    fn broken_streams_are_judged_by_their_own_ids() {
+        let mut wire = wire();
+        let mut bytes = vec![0u8; CLIENT_PREFACE_LEN];
+        bytes.extend(headers(1, 0x4));
+        wire.wrote(&bytes);
+        let mut inbound = frame(
+            TYPE_GOAWAY,
+            0,
+            &goaway_payload(MAX_STREAM_ID, NO_ERROR, b""),
+        );
+        inbound.extend(frame(TYPE_PING, 0, &[9; 8]));
+        wire.read(&inbound);
+        let mut later = frame(TYPE_PING, FLAG_ACK, &[9; 8]);
+        later.extend(headers(3, 0x4));
+        wire.wrote(&later);
+        // The server's close makes our next write fail; its final GOAWAY was lost.
+        wire.ended(FATE_WRITE_FAILED);
+        assert!(!wire.fate.broken_streams_unprocessed());
+        assert!(!wire.fate.stream_unprocessed(1), "sent before the ack");
+        assert!(wire.fate.stream_unprocessed(3), "sent after the ack");
+        assert!(wire.fate.stream_unprocessed(5), "never written");
     }
 
     /// A SETTINGS frame with many parameters (past the 192 bytes kept of other frames) still

@@ -170,9 +170,6 @@ fn dropping_the_last_handle_ends_every_task() {
 /// close() returns only once every task the pool started has ended: right after it returns,
 /// the runtime's alive tasks are back to their number before the pool was built.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "fails until close() waits for the connection drivers: on shutdown each slot task \
-            kills its h2 connection and returns without awaiting its detached driver task, \
-            and the worker answers close() before its own task ends"]
 async fn close_returns_after_every_connection_task_ended() {
     let a = TestServer::start(loopback(2));
     let b = TestServer::start(loopback(3));

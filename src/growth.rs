@@ -3,10 +3,9 @@
 //!
 //! The pieces, and where each runs:
 //!
-//! - a pick that finds every connection of an endpoint full asks for growth
-//!   ([`GrowthRequests::request`], from the call path); the worker takes the requests
-//!   ([`GrowthRequests::taken`]) and opens one connection at a time, the next only once that
-//!   one is Ready (`Worker::grow`);
+//! - a pick that finds every connection of an endpoint full asks for growth (once per address
+//!   until the worker takes it, [`GrowthRequests`]); the worker opens one connection at a time,
+//!   the next only once that one is Ready (`Worker::grow`);
 //! - whether another connection is coming for an address ([`room_coming`]) decides whether a
 //!   call beyond a full connection waits in the pool for room — for a call to end ([`Room`])
 //!   or a new connection — rather than queue inside HTTP/2, where it could never move to
@@ -65,29 +64,29 @@ impl Room {
     }
 }
 
-/// Endpoints whose connections were all full when a call picked one of theirs; the worker
-/// grows them. Each address is queued once until the worker takes it, so a burst of full
-/// picks costs one lock each and one wake-up in all.
+/// Endpoints whose connections were all full when a call picked one of theirs, not yet
+/// handled by the worker. An address is asked for once until the worker takes it, so a burst
+/// of full picks costs one lock each and one message in all.
 #[derive(Debug, Default)]
 pub(crate) struct GrowthRequests {
-    queued: Mutex<Vec<SocketAddr>>,
-    wake: Notify,
+    pending: Mutex<Vec<SocketAddr>>,
 }
 
 impl GrowthRequests {
-    /// Asks for another connection to `addr`.
-    pub(crate) fn request(&self, addr: SocketAddr) {
-        let mut queued = self.queued.lock();
-        if !queued.contains(&addr) {
-            queued.push(addr);
-            self.wake.notify_one();
+    /// Notes a request for another connection to `addr`; true if it is new (then the caller
+    /// tells the worker).
+    pub(crate) fn note(&self, addr: SocketAddr) -> bool {
+        let mut pending = self.pending.lock();
+        if pending.contains(&addr) {
+            return false;
         }
+        pending.push(addr);
+        true
     }
 
-    /// Waits for requests and takes them all.
-    pub(crate) async fn taken(&self) -> Vec<SocketAddr> {
-        self.wake.notified().await;
-        std::mem::take(&mut *self.queued.lock())
+    /// The worker takes the request for `addr`: later full picks ask again.
+    pub(crate) fn take(&self, addr: SocketAddr) {
+        self.pending.lock().retain(|a| *a != addr);
     }
 }
 

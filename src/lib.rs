@@ -60,6 +60,7 @@ mod balance;
 mod call;
 mod endpoint;
 mod growth;
+mod mailbox;
 mod registry;
 mod worker;
 // One connection.

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderValue, Request, Response, Uri};
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{broadcast, oneshot};
 use tracing::Instrument;
 
 use crate::call::{self, CallOptions, ResponseBody};
@@ -20,7 +20,8 @@ use crate::registry::{ReadyPicker, Shared};
 use crate::resolve::Resolve;
 use crate::state::{ConnectivityState, PoolSnapshot, StateEvent, StateWatch};
 use crate::target::Target;
-use crate::worker::{Command, Worker};
+use crate::mailbox::{mailbox, Mail, Mailbox, WeakMailbox};
+use crate::worker::Worker;
 
 /// A pool of HTTP/2 connections behind one `tower::Service`, for tonic clients.
 ///
@@ -50,8 +51,8 @@ pub struct Pool {
 
 struct Inner {
     shared: Arc<Shared>,
-    /// Dropping the last `Inner` closes this, which ends the worker.
-    commands: mpsc::UnboundedSender<Command>,
+    /// The worker's mailbox; dropping the last `Inner` closes it, which ends the worker.
+    mailbox: Mailbox,
     /// The worker's task, awaited by the first `close()`: it returns once that task has ended.
     worker: parking_lot::Mutex<Option<tokio::task::JoinHandle<()>>>,
     scheme: Scheme,
@@ -69,16 +70,21 @@ impl Pool {
     ) -> Self {
         let (scheme, authority) = origin(&target, &config);
         let user_agent = user_agent(&config);
-        let shared = Arc::new(Shared::new(config, target, runtime.clone()));
-        let (commands, commands_rx) = mpsc::unbounded_channel();
-        let worker = Worker::new(shared.clone(), connector, resolver, commands_rx);
+        let (mailbox, inbox) = mailbox();
+        let shared = Arc::new(Shared::new(
+            config,
+            target,
+            runtime.clone(),
+            WeakMailbox::new(&mailbox),
+        ));
+        let worker = Worker::new(shared.clone(), connector, resolver, inbox);
         let span = tracing::info_span!("tonic_pool", target = %shared.target);
         let worker = runtime.spawn(worker.run().instrument(span));
         let (cached_generation, cached) = shared.load_picker();
         Self {
             inner: Arc::new(Inner {
                 shared,
-                commands,
+                mailbox,
                 worker: parking_lot::Mutex::new(Some(worker)),
                 scheme,
                 authority,
@@ -201,7 +207,7 @@ impl Pool {
             )));
         }
         let (reply, answer) = oneshot::channel();
-        if self.inner.commands.send(Command::Close(reply)).is_ok() {
+        if self.inner.mailbox.send(Mail::Close(reply)).is_ok() {
             // An error means another close() got there first and the worker is gone.
             if let Ok(worker_failures) = answer.await {
                 failures.extend(worker_failures);

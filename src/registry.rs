@@ -15,13 +15,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock};
-use tokio::sync::{broadcast, watch, Notify};
+use tokio::sync::{broadcast, watch};
 
 use crate::balance::Picker;
 use crate::config::Config;
 use crate::conn::{ConnStats, InFlight, ReadyConn, SlotEvents};
 use crate::endpoint::{ConnEntry, EndpointEntry, KeepAlive};
 use crate::growth::{GrowthRequests, Room};
+use crate::mailbox::{Mail, WeakMailbox};
 use crate::state::{
     aggregate, ConnectionSnapshot, ConnectivityState, EndpointSnapshot, PoolSnapshot, Scope,
     StateEvent,
@@ -59,8 +60,8 @@ pub(crate) struct Shared {
     pub(crate) in_flight: Arc<InFlight>,
     /// Signals ended calls to calls waiting for room (see [`Room`]).
     pub(crate) room: Arc<Room>,
-    /// Connections ask the worker for an early re-resolution through this.
-    reresolve: Notify,
+    /// The worker's mailbox, weakly: re-resolution and growth requests go there.
+    mailbox: WeakMailbox,
     /// Endpoints whose connections were all full when a call picked; the worker grows them.
     pub(crate) growth: GrowthRequests,
     /// Failed resolutions so far.
@@ -97,7 +98,12 @@ impl Registry {
 }
 
 impl Shared {
-    pub(crate) fn new(config: Config, target: Target, runtime: tokio::runtime::Handle) -> Self {
+    pub(crate) fn new(
+        config: Config,
+        target: Target,
+        runtime: tokio::runtime::Handle,
+        mailbox: WeakMailbox,
+    ) -> Self {
         let initial = ConnectivityState::Idle;
         let (state_tx, _) = watch::channel(initial);
         let (version_tx, _) = watch::channel(0);
@@ -129,7 +135,7 @@ impl Shared {
             connect_tx,
             in_flight: Arc::new(InFlight::default()),
             room: Arc::new(Room::default()),
-            reresolve: Notify::new(),
+            mailbox,
             growth: GrowthRequests::default(),
             resolve_errors: AtomicU64::new(0),
         }
@@ -200,17 +206,13 @@ impl Shared {
 
     /// Asks the worker to resolve again soon (rate-limited there).
     pub(crate) fn request_reresolve(&self) {
-        self.reresolve.notify_one();
-    }
-
-    pub(crate) async fn reresolve_requested(&self) {
-        self.reresolve.notified().await;
+        self.mailbox.post(Mail::Reresolve);
     }
 
     /// Every connection was full when a call picked one of `addr`'s: ask for another.
     pub(crate) fn request_growth(&self, addr: SocketAddr) {
-        if self.config.may_grow(addr) {
-            self.growth.request(addr);
+        if self.config.may_grow(addr) && self.growth.note(addr) {
+            self.mailbox.post(Mail::Grow(addr));
         }
     }
 

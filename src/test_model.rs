@@ -540,10 +540,14 @@ impl Case {
             ..Config::default()
         };
         let target = Target::parse("dns:///localhost:50051").expect("target");
+        // The worker is played by the test: nothing reads its mailbox, so requests to it
+        // (re-resolution, growth) go nowhere.
+        let (mailbox, _) = crate::mailbox::mailbox();
         let shared = Arc::new(Shared::new(
             config,
             target,
             tokio::runtime::Handle::current(),
+            crate::mailbox::WeakMailbox::new(&mailbox),
         ));
         Self {
             shared,

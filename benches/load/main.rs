@@ -1,0 +1,323 @@
+//! Load scenarios S1–S4 of `benches/README.md`: a closed-loop load generator against echo
+//! servers in separate processes, comparing a plain tonic `Channel`, tonic's
+//! `Channel::balance_channel` and the [`Pool`](tonic_pool::Pool) side by side in one run.
+//! Prints a markdown table and the bars.
+//!
+//! ```sh
+//! cargo bench --bench load                                   # every scenario, ~5 minutes
+//! LOAD_SCENARIOS=S1,S2 LOAD_SECS=3 LOAD_ROUNDS=3 cargo bench --bench load
+//! ```
+//!
+//! | variable | default | meaning |
+//! |---|---|---|
+//! | `LOAD_SCENARIOS` | `S1,S2,S3,S4` | which scenarios to run, in this order |
+//! | `LOAD_SECS` | 3 | measured seconds per mode and round |
+//! | `LOAD_WARMUP_SECS` | 1 | unmeasured load before each measurement (connections warm) |
+//! | `LOAD_ROUNDS` | 5 | rounds; each round runs every mode of the scenario once |
+//! | `LOAD_CLIENT_THREADS` | 2 | tokio worker threads of the load generator |
+//! | `LOAD_MODES` | all | only these modes, by kind or kind and count, e.g. `channel,pool1` (to profile one); ratios and bars need `channel` |
+//! | `LOAD_POOL_SIZES` | — | replaces each scenario's `pool ×N` modes by these sizes, e.g. `1,2,4,8,16`; with three or more, the bench also writes `target/load/<scenario>-connections.svg`, req/s against connection count |
+//!
+//! Run without `--bench` (as `cargo test --benches` does) it is a smoke run: one round of
+//! 0.3 s per mode, to check that the harness works, not to measure anything.
+//!
+//! # Method
+//!
+//! - **Servers** run in separate processes: this binary re-executes itself
+//!   ([`std::env::current_exe`]) with `TONIC_POOL_BENCH_SERVER=ip:0` (and
+//!   `TONIC_POOL_BENCH_MCS` for `max_concurrent_streams`). A server runs a tonic echo service
+//!   on a **current-thread** tokio runtime (one thread does all its work), prints
+//!   `listening <addr>` on stdout, answers `stats` on stdin with its request count, and exits
+//!   when its stdin closes (so it never outlives the bench). Server CPU is read from
+//!   `/proc/<pid>/stat`. Its thread is named `bench-server` and the load generator's
+//!   `load-client`, so that `perf` can tell them apart.
+//! - **Load**: C tasks on a multi-thread runtime (`LOAD_CLIENT_THREADS` workers), each with
+//!   its own clone of a generated `EchoClient`, call `Unary` (32-byte payload, the scenario's
+//!   server sleep) back to back for warm-up + D seconds. A call *started* inside the measured
+//!   window is counted: its latency (µs, start to decoded reply) goes into a plain `Vec<u32>`,
+//!   or its status code into the error counts. req/s = successful calls / D. Percentiles are
+//!   nearest-rank over that round's sorted latencies.
+//! - **CPU**: client CPU is `utime + stime` of this process (`/proc/self/stat`, clock ticks of
+//!   1/100 s) at the window's start and end, divided by the calls in the window; likewise for
+//!   the servers. Each server's share comes from its own request counter (`stats`) at the
+//!   window's edges; "share min/max" is the least-served server's count over the most-served.
+//!   The machine is shared, so each window also records how much CPU everything else used
+//!   (busy time of `/proc/stat` minus this process and its servers), in cores: a run where
+//!   that is not near 0 was disturbed.
+//! - **Modes** alternate inside each round (A B C, A B C, …), each with fresh connections, so
+//!   every mode sees the same machine conditions. A mode's figure is the **median over the
+//!   rounds** (min–max alongside). The ratio is computed per round against that round's plain
+//!   `Channel`, then the median (min–max) of those ratios is reported; the bars use the same
+//!   paired ratios. The default is five short rounds rather than three long ones: a
+//!   neighbour's burst then spoils one round of five and the medians hold.
+//! - **Modes**: `channel` = one `Endpoint::connect()` (to the first server in S4);
+//!   `balance ×N` = `Channel::balance_channel` with N endpoints per server under distinct keys
+//!   (not `balance_list`, which keys by URI and would open one connection); `pool ×N` =
+//!   `Pool` with `connections_per_endpoint(N)`, measured once every connection is Ready.
+//!
+//! | id | servers | C | sleep | modes |
+//! |---|---|---|---|---|
+//! | S1 | 127.0.0.2 | 1 | 0 | channel, balance ×1, pool ×1 |
+//! | S2 | 127.0.0.2 | 64 | 0 | channel, balance ×1, pool ×1, pool ×4 |
+//! | S3 | 127.0.0.2, `max_concurrent_streams` 100 | 1000 | 20 ms | channel, balance ×4, pool ×4, pool ×16, pool 1→16 |
+//! | S4 | 127.0.0.2/3/4 | 64 | 1 ms | channel (one server), balance ×1/addr, pool ×1/addr |
+//!
+//! `pool 1→16` starts with one connection and may grow to 16 when its connections are full
+//! (stream-limit awareness); the bench prints how far it grew.
+//!
+//! # Code
+//!
+//! - `main.rs` (this file): the settings, the modes and the scenario table;
+//! - `server.rs`: the server processes (start, request counter, stop) and the `/proc` CPU
+//!   readings, and what this binary does when it runs as a server;
+//! - `drive.rs`: connecting in each mode and the closed-loop driver of one measured window;
+//! - `report.rs`: medians over rounds, the tables, the bars and the SVG plot.
+
+use std::error::Error;
+use std::fmt;
+use std::time::Duration;
+
+// The shared bench code lives beside the bench targets, not inside this one's directory.
+#[path = "../common/mod.rs"]
+mod common;
+mod drive;
+mod report;
+mod server;
+
+use drive::run_scenario;
+use report::{print_report, write_connections_plot};
+
+type BoxError = Box<dyn Error + Send + Sync>;
+
+fn main() {
+    if let Ok(addr) = std::env::var(server::SERVER_ENV) {
+        if let Err(e) = server::run(&addr) {
+            eprintln!("bench server {addr}: {e}");
+            std::process::exit(1);
+        }
+        return;
+    }
+    if let Err(e) = run() {
+        eprintln!("load bench failed: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<(), BoxError> {
+    let bench = std::env::args().any(|a| a == "--bench");
+    let settings = Settings::from_env(bench)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(settings.client_threads)
+        .thread_name("load-client")
+        .enable_all()
+        .build()?;
+    let load_before = loadavg();
+    let mut reports = Vec::new();
+    for id in &settings.scenarios {
+        let mut scenario = Scenario::by_id(id).ok_or_else(|| format!("unknown scenario {id}"))?;
+        if let Some(sizes) = &settings.pool_sizes {
+            let at = scenario
+                .modes
+                .iter()
+                .position(|m| matches!(m, Mode::Pool(_)))
+                .unwrap_or(scenario.modes.len());
+            scenario.modes.retain(|m| !matches!(m, Mode::Pool(_)));
+            for (i, &n) in sizes.iter().enumerate() {
+                scenario.modes.insert(at + i, Mode::Pool(n));
+            }
+        }
+        if let Some(kinds) = &settings.modes {
+            scenario
+                .modes
+                .retain(|m| kinds.iter().any(|k| m.matches(k)));
+            if scenario.modes.is_empty() {
+                continue;
+            }
+        }
+        reports.push(run_scenario(&rt, &scenario, &settings)?);
+    }
+    print_report(&settings, &reports, &load_before, &loadavg());
+    for report in &reports {
+        write_connections_plot(report)?;
+    }
+    Ok(())
+}
+
+/// The machine's load averages (`/proc/loadavg`: 1, 5 and 15 minutes), to show how busy the
+/// shared machine was around the run.
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".to_owned())
+}
+
+// === settings and scenarios ===
+
+/// What to run, from the `LOAD_*` environment variables.
+#[derive(Debug)]
+struct Settings {
+    scenarios: Vec<String>,
+    /// Only these modes (see [`Mode::matches`]), when set.
+    modes: Option<Vec<String>>,
+    warmup: Duration,
+    measure: Duration,
+    rounds: usize,
+    client_threads: usize,
+    smoke: bool,
+    /// `LOAD_POOL_SIZES`: the `pool ×N` modes to run instead of each scenario's own.
+    pool_sizes: Option<Vec<usize>>,
+}
+
+impl Settings {
+    fn from_env(bench: bool) -> Result<Self, BoxError> {
+        fn var<T: std::str::FromStr>(name: &str, default: T) -> Result<T, BoxError> {
+            match std::env::var(name) {
+                Ok(v) => v
+                    .trim()
+                    .parse()
+                    .map_err(|_| format!("{name}={v:?}: bad value").into()),
+                Err(_) => Ok(default),
+            }
+        }
+        let (secs, warmup, rounds) = if bench { (3.0, 1.0, 5) } else { (0.3, 0.2, 1) };
+        let scenarios = var("LOAD_SCENARIOS", "S1,S2,S3,S4".to_owned())?
+            .split(',')
+            .map(|s| s.trim().to_uppercase())
+            .filter(|s| !s.is_empty())
+            .collect();
+        let modes = std::env::var("LOAD_MODES").ok().map(|v| {
+            v.split(',')
+                .map(|s| s.trim().to_lowercase())
+                .filter(|s| !s.is_empty())
+                .collect()
+        });
+        let pool_sizes = match std::env::var("LOAD_POOL_SIZES") {
+            Ok(v) => Some(
+                v.split(',')
+                    .map(|s| s.trim().parse::<usize>())
+                    .collect::<Result<Vec<_>, _>>()
+                    .ok()
+                    .filter(|sizes| {
+                        !sizes.is_empty() && sizes.iter().all(|&n| (1..=1024).contains(&n))
+                    })
+                    .ok_or_else(|| {
+                        format!("LOAD_POOL_SIZES={v:?}: expected sizes in 1..=1024, e.g. 1,2,4")
+                    })?,
+            ),
+            Err(_) => None,
+        };
+        let settings = Self {
+            pool_sizes,
+            scenarios,
+            modes,
+            measure: Duration::try_from_secs_f64(var("LOAD_SECS", secs)?)?,
+            warmup: Duration::try_from_secs_f64(var("LOAD_WARMUP_SECS", warmup)?)?,
+            rounds: var("LOAD_ROUNDS", rounds)?,
+            client_threads: var("LOAD_CLIENT_THREADS", 2)?,
+            smoke: !bench,
+        };
+        if settings.rounds == 0 || settings.client_threads == 0 || settings.measure.is_zero() {
+            return Err("LOAD_ROUNDS, LOAD_CLIENT_THREADS and LOAD_SECS must be > 0".into());
+        }
+        Ok(settings)
+    }
+}
+
+/// How the load generator reaches the servers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    /// One tonic `Channel` (one connection) to the first server.
+    Channel,
+    /// `Channel::balance_channel` with this many endpoints (connections) per server.
+    Balance(usize),
+    /// `tonic_pool::Pool` with this many connections per server.
+    Pool(usize),
+    /// `tonic_pool::Pool` starting with one connection per server and allowed to grow to this
+    /// many when its connections are full (stream-limit awareness).
+    PoolGrow(usize),
+}
+
+impl Mode {
+    /// Whether `LOAD_MODES`' `token` names this mode: its kind (`channel`, `balance`,
+    /// `pool`) or its kind and connection count (`balance4`, `pool1`).
+    fn matches(self, token: &str) -> bool {
+        let (kind, n) = match self {
+            Mode::Channel => ("channel", 1),
+            Mode::Balance(n) => ("balance", n),
+            Mode::Pool(n) => ("pool", n),
+            Mode::PoolGrow(n) => ("grow", n),
+        };
+        token == kind || token == format!("{kind}{n}")
+    }
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Mode::Channel => f.write_str("channel"),
+            Mode::Balance(n) => write!(f, "balance ×{n}"),
+            Mode::Pool(n) => write!(f, "pool ×{n}"),
+            Mode::PoolGrow(n) => write!(f, "pool 1→{n}"),
+        }
+    }
+}
+
+/// One load scenario of `benches/README.md`.
+#[derive(Debug)]
+struct Scenario {
+    id: &'static str,
+    /// Last octets of the servers' loopback addresses (127.0.0.x).
+    servers: &'static [u8],
+    concurrency: usize,
+    sleep_ms: u32,
+    max_concurrent_streams: Option<u32>,
+    /// The modes; the first is the plain `Channel` baseline, the first `Pool` is the one the
+    /// bars judge.
+    modes: Vec<Mode>,
+}
+
+impl Scenario {
+    /// The scenarios of `benches/README.md`.
+    fn all() -> Vec<Self> {
+        let scenario = |id, servers, concurrency, sleep_ms, max_concurrent_streams, modes| Self {
+            id,
+            servers,
+            concurrency,
+            sleep_ms,
+            max_concurrent_streams,
+            modes,
+        };
+        use Mode::{Balance, Channel, Pool, PoolGrow};
+        vec![
+            scenario("S1", &[2], 1, 0, None, vec![Channel, Balance(1), Pool(1)]),
+            scenario(
+                "S2",
+                &[2],
+                64,
+                0,
+                None,
+                vec![Channel, Balance(1), Pool(1), Pool(4)],
+            ),
+            scenario(
+                "S3",
+                &[2],
+                1000,
+                20,
+                Some(100),
+                vec![Channel, Balance(4), Pool(4), Pool(16), PoolGrow(16)],
+            ),
+            scenario(
+                "S4",
+                &[2, 3, 4],
+                64,
+                1,
+                None,
+                vec![Channel, Balance(1), Pool(1)],
+            ),
+        ]
+    }
+
+    fn by_id(id: &str) -> Option<Self> {
+        Self::all().into_iter().find(|s| s.id == id)
+    }
+}

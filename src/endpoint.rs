@@ -10,7 +10,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::conn::{ConnStats, ReadyConn};
+use tokio::sync::watch;
+
+use crate::conn::{ConnStats, Control, ReadyConn};
 use crate::growth;
 use crate::state::{aggregate, ConnectivityState};
 
@@ -34,6 +36,8 @@ pub(crate) struct ConnEntry {
     pub(crate) ready: Option<Arc<ReadyConn>>,
     pub(crate) stats: Arc<ConnStats>,
     pub(crate) last_error: Option<String>,
+    /// What the worker asks of the slot's task (run, drain, shut down).
+    pub(crate) control: watch::Sender<Control>,
 }
 
 impl ConnEntry {

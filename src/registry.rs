@@ -19,7 +19,7 @@ use tokio::sync::{broadcast, watch};
 
 use crate::balance::Picker;
 use crate::config::Config;
-use crate::conn::{ConnStats, InFlight, ReadyConn, SlotEvents};
+use crate::conn::{ConnStats, Control, InFlight, ReadyConn, SlotEvents};
 use crate::endpoint::{ConnEntry, EndpointEntry, KeepAlive};
 use crate::growth::{GrowthRequests, Room};
 use crate::mailbox::{Mail, WeakMailbox};
@@ -259,6 +259,7 @@ impl Shared {
         &self,
         addr: SocketAddr,
         keepalive: &Arc<KeepAlive>,
+        control: watch::Sender<Control>,
     ) -> (u64, Arc<ConnStats>) {
         let mut reg = self.registry.lock();
         let id = reg.next_id;
@@ -278,6 +279,7 @@ impl Shared {
             ready: None,
             stats: stats.clone(),
             last_error: None,
+            control,
         };
         match reg.active_mut(addr) {
             Some(endpoint) => endpoint.conns.push(conn),
@@ -293,11 +295,38 @@ impl Shared {
         (id, stats)
     }
 
-    /// Marks an endpoint as leaving the address set: it is no longer picked.
+    /// Whether `addr` has an endpoint in the address set.
+    pub(crate) fn is_active(&self, addr: SocketAddr) -> bool {
+        self.registry.lock().active(addr).is_some()
+    }
+
+    /// The addresses of the endpoints in the address set.
+    pub(crate) fn active_addresses(&self) -> Vec<SocketAddr> {
+        let reg = self.registry.lock();
+        reg.endpoints
+            .iter()
+            .filter(|e| !e.draining)
+            .map(|e| e.addr)
+            .collect()
+    }
+
+    /// Tells every connection slot, draining ones included, what to do (the pool closes).
+    pub(crate) fn control_all(&self, control: Control) {
+        let reg = self.registry.lock();
+        for conn in reg.endpoints.iter().flat_map(|e| &e.conns) {
+            conn.control.send_replace(control);
+        }
+    }
+
+    /// Marks an endpoint as leaving the address set: it is no longer picked, and its slots
+    /// drain (calls in flight finish, bounded by the drain timeout).
     pub(crate) fn set_draining(&self, addr: SocketAddr) {
         let mut reg = self.registry.lock();
         if let Some(endpoint) = reg.active_mut(addr) {
             endpoint.draining = true;
+            for conn in &endpoint.conns {
+                conn.control.send_replace(Control::Drain);
+            }
             tracing::debug!(target = %self.target, %addr, "endpoint draining");
             self.publish_picker(&reg);
             self.recompute(&mut reg, "endpoint removed from the address set");

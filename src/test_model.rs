@@ -635,7 +635,9 @@ impl Case {
             let keepalive = Arc::new(KeepAlive::new(self.shared.config.keep_alive_interval));
             let mut slots = Vec::new();
             for _ in 0..self.shared.config.connections_for(addr) {
-                let (id, stats) = self.shared.add_connection(addr, &keepalive);
+                // The slot is played by the test: its control handle goes nowhere.
+                let (control, _) = tokio::sync::watch::channel(crate::conn::Control::Run);
+                let (id, stats) = self.shared.add_connection(addr, &keepalive, control);
                 slots.push(self.model.add_slot(id, addr, stats));
                 self.check("connection added")?;
             }

@@ -1,6 +1,8 @@
 //! The worker: the one background task of a pool.
 //!
-//! It owns resolution, the map from addresses to connection slots, and the slots' tasks:
+//! It owns resolution and the slots' tasks, and decides what the endpoint set should be; the
+//! registry keeps that set (each connection slot with its control handle), so it has one
+//! owner:
 //!
 //! - it resolves the target when the pool leaves Idle, then again when the answer's TTL
 //!   (clamped to the configured floor and ceiling) runs out, and early when a connection is
@@ -11,11 +13,11 @@
 //! - a failed or empty answer keeps the last good set and is retried with backoff; the pool
 //!   is TransientFailure only if no good answer ever came.
 //!
-//! It ends as soon as the last [`Pool`](crate::Pool) handle is dropped (its command channel
-//! closes) or [`Pool::close`](crate::Pool::close) asks — checked first in every turn, not at
-//! the next timer — and takes every slot task with it.
+//! Everything that asks it for something arrives in its one mailbox (`mailbox.rs`). It ends as
+//! soon as the last [`Pool`](crate::Pool) handle is dropped (the mailbox closes) or
+//! [`Pool::close`](crate::Pool::close) asks — checked first in every turn, not at the next
+//! timer — and takes every slot task with it.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -38,22 +40,12 @@ use crate::state::{wait_until, ConnectivityState};
 use crate::target::TargetKind;
 use crate::BoxFuture;
 
-/// One connection slot as the worker tracks it.
-#[derive(Debug)]
-struct SlotHandle {
-    control: watch::Sender<Control>,
-}
-
 #[derive(Debug)]
 pub(crate) struct Worker {
     shared: Arc<Shared>,
     connector: Arc<dyn Connect>,
     resolver: Arc<dyn Resolve>,
     inbox: Inbox,
-    /// Active addresses and their slots.
-    endpoints: HashMap<SocketAddr, Vec<SlotHandle>>,
-    /// Slots of removed addresses, still finishing their calls.
-    draining: Vec<SlotHandle>,
     tasks: JoinSet<()>,
     rng: FastRng,
     failures: Vec<Error>,
@@ -73,8 +65,6 @@ impl Worker {
             connector,
             resolver,
             inbox,
-            endpoints: HashMap::new(),
-            draining: Vec::new(),
             tasks: JoinSet::new(),
             rng: FastRng::new(FastRng::random_seed()),
             failures: Vec::new(),
@@ -154,7 +144,6 @@ impl Worker {
                             self.failures.push(Error::close_failure(format!("connection task panicked: {e}")));
                         }
                     }
-                    self.draining.retain(|s| !s.control.is_closed());
                 }
                 _ = sleep, if resolving.is_none() => {
                     self.last_resolution = Some(Instant::now());
@@ -225,29 +214,20 @@ impl Worker {
     fn apply(&mut self, addresses: &[SocketAddr]) {
         let shared = self.shared.clone();
         for &addr in addresses {
-            if self.endpoints.contains_key(&addr) {
+            if shared.is_active(addr) {
                 continue;
             }
             let n = shared.config.connections_for(addr);
             tracing::info!(target = %shared.target, %addr, connections = n, "address added");
             let keepalive = Arc::new(KeepAlive::new(shared.config.keep_alive_interval));
-            let slots = (0..n)
-                .map(|_| self.spawn_slot(addr, keepalive.clone()))
-                .collect();
-            self.endpoints.insert(addr, slots);
+            for _ in 0..n {
+                self.spawn_slot(addr, keepalive.clone(), None);
+            }
         }
-        let removed: Vec<SocketAddr> = self
-            .endpoints
-            .keys()
-            .filter(|a| !addresses.contains(a))
-            .copied()
-            .collect();
-        for addr in removed {
-            tracing::info!(target = %shared.target, %addr, "address removed; draining");
-            shared.set_draining(addr);
-            for slot in self.endpoints.remove(&addr).unwrap_or_default() {
-                slot.control.send_replace(Control::Drain);
-                self.draining.push(slot);
+        for addr in shared.active_addresses() {
+            if !addresses.contains(&addr) {
+                tracing::info!(target = %shared.target, %addr, "address removed; draining");
+                shared.set_draining(addr);
             }
         }
     }
@@ -260,7 +240,7 @@ impl Worker {
         let Some((settled, count)) = shared.endpoint_settled(addr) else {
             return;
         };
-        if !settled || count >= max || !self.endpoints.contains_key(&addr) {
+        if !settled || count >= max {
             return;
         }
         let keepalive = match shared.endpoint_keepalive(addr) {
@@ -268,28 +248,20 @@ impl Worker {
             None => return,
         };
         tracing::info!(target = %shared.target, %addr, connections = count + 1, max, "every connection full; opening another");
-        let slot = self.spawn_slot_with(addr, keepalive, shared.config.grown_idle_timeout);
-        if let Some(slots) = self.endpoints.get_mut(&addr) {
-            // Forget grown slots that retired themselves when idle.
-            slots.retain(|s| !s.control.is_closed());
-            slots.push(slot);
-        }
+        self.spawn_slot(addr, keepalive, shared.config.grown_idle_timeout);
     }
 
-    fn spawn_slot(&mut self, addr: SocketAddr, keepalive: Arc<KeepAlive>) -> SlotHandle {
-        self.spawn_slot_with(addr, keepalive, None)
-    }
-
-    /// Starts a slot; `retire_when_idle` is set for the slots that growth adds.
-    fn spawn_slot_with(
+    /// Starts a slot and registers it (with its control handle) in the registry, which keeps
+    /// the endpoint set; `retire_when_idle` is set for the slots that growth adds.
+    fn spawn_slot(
         &mut self,
         addr: SocketAddr,
         keepalive: Arc<KeepAlive>,
         retire_when_idle: Option<Duration>,
-    ) -> SlotHandle {
+    ) {
         let shared = &self.shared;
-        let (id, stats) = shared.add_connection(addr, &keepalive);
         let (control, control_rx) = watch::channel(Control::Run);
+        let (id, stats) = shared.add_connection(addr, &keepalive, control);
         let host = match shared.target.kind() {
             TargetKind::Dns { host, .. } => host.clone(),
             TargetKind::Static(_) => addr.ip().to_string(),
@@ -314,7 +286,6 @@ impl Worker {
         // Every event of a connection carries its address and slot id, inside the pool's span.
         let span = tracing::debug_span!("conn", %addr, id);
         self.tasks.spawn(conn::slot::run(slot).instrument(span));
-        SlotHandle { control }
     }
 
     /// Stops every slot, waits for their tasks, marks the pool Shutdown and answers `close()`.
@@ -325,9 +296,7 @@ impl Worker {
         } else {
             "last pool handle dropped"
         });
-        for slot in self.endpoints.values().flatten().chain(&self.draining) {
-            slot.control.send_replace(Control::Shutdown);
-        }
+        shared.control_all(Control::Shutdown);
         // Slot tasks end at their next poll once told; bound the wait all the same.
         let joined = tokio::time::timeout(Duration::from_secs(10), async {
             while let Some(joined) = self.tasks.join_next().await {

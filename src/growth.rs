@@ -5,11 +5,12 @@
 //!
 //! - a pick that finds every connection of an endpoint full asks for growth (once per address
 //!   until the worker takes it, [`GrowthRequests`]); the worker opens one connection at a time,
-//!   the next only once that one is Ready (`Worker::grow`);
+//!   the next only once that one is Ready ([`should_grow`], applied by `Worker::grow`);
 //! - whether another connection is coming for an address ([`room_coming`]) decides whether a
 //!   call beyond a full connection waits in the pool for room — for a call to end ([`Room`])
 //!   or a new connection — rather than queue inside HTTP/2, where it could never move to
-//!   another connection (`call::pick::make_room`);
+//!   another connection ([`make_room`], given the pool by the call path through
+//!   [`RoomSource`]);
 //! - a connection opened by growth retires after it carried no call for the grown idle
 //!   timeout ([`idle_for`], in its slot).
 //!
@@ -22,6 +23,9 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
+use tokio::time::Instant;
+
+use crate::error::Error;
 use crate::state::ConnectivityState;
 
 /// "A call ended somewhere": what a call waits for when every connection of its endpoint is
@@ -110,6 +114,95 @@ pub(crate) fn room_coming(
             || connections
                 .into_iter()
                 .any(|(state, _)| state == ConnectivityState::Connecting))
+}
+
+/// A call's place on a connection, as waiting for room sees it.
+pub(crate) trait Place: Send {
+    /// The address of the connection.
+    fn addr(&self) -> SocketAddr;
+    /// Whether the call came after the server's stream limit on its connection was taken.
+    fn is_beyond_stream_limit(&self) -> bool;
+    /// Gives the place back without sending: the call will pick again.
+    fn requeue(self);
+}
+
+/// What waiting for room needs from the pool: its changes, the ended-call signal, a pick, and
+/// the growth rules for an address.
+pub(crate) trait RoomSource: Sync {
+    /// A call's place.
+    type Place: Place;
+    /// Changes of any state (a connection Ready, one gone), marked seen on subscription.
+    fn changes(&self) -> tokio::sync::watch::Receiver<u64>;
+    /// Calls ending.
+    fn room(&self) -> &Room;
+    /// Picks a connection (waiting for one as the call's wait-for-ready says).
+    fn pick(&self) -> impl std::future::Future<Output = Result<Self::Place, Error>> + Send;
+    /// Whether another Ready connection is coming for `addr` ([`room_coming`]).
+    fn room_coming(&self, addr: SocketAddr) -> bool;
+    /// Asks for another connection to `addr`.
+    fn request_growth(&self, addr: SocketAddr);
+}
+
+/// The longest a call waits in the pool for room before it queues on a full connection.
+const MAX_ROOM_WAIT: Duration = Duration::from_secs(1);
+
+/// When the call's connection is full at the server's stream limit and its endpoint can
+/// still grow, the call waits in the pool — for a call to end anywhere or for a new
+/// connection to be Ready — and picks again, instead of queueing in HTTP/2 behind the
+/// streams of that one connection (which, for long calls, can take as long as they do).
+/// Bounded: after [`MAX_ROOM_WAIT`] (and within the call's deadline), or as soon as no new
+/// connection is coming (at its maximum and all Ready, or one failed), the call takes one
+/// last pick and goes where it lands; if that connection is full too, HTTP/2 queues it.
+///
+/// Each round subscribes to both signals *before* it picks again: a connection that comes up
+/// or a call that ends before the subscription is seen by the pick, one after it wakes the
+/// wait, so no wake-up falls between the two.
+pub(crate) async fn make_room<S: RoomSource>(
+    source: &S,
+    guard: S::Place,
+) -> Result<S::Place, Error> {
+    if !guard.is_beyond_stream_limit() {
+        return Ok(guard);
+    }
+    let give_up = Instant::now() + MAX_ROOM_WAIT;
+    // The place held from the last pick, given back only once the signals are subscribed.
+    let mut held = Some(guard);
+    loop {
+        let mut version = source.changes();
+        version.borrow_and_update();
+        let room = source.room().waiter();
+        if let Some(beyond) = held.take() {
+            beyond.requeue();
+        }
+        let guard = source.pick().await?;
+        let addr = guard.addr();
+        if !guard.is_beyond_stream_limit() || Instant::now() >= give_up {
+            return Ok(guard);
+        }
+        if !source.room_coming(addr) {
+            // No connection is coming. But the pick above may predate the state that says
+            // so: the last connection growth may open can have become Ready (and calls can
+            // have ended) between that pick and this look. One last pick, on a picker at
+            // least as new as the state just read, finds such room; if there is none,
+            // HTTP/2 queues the call on a full connection.
+            guard.requeue();
+            return source.pick().await;
+        }
+        source.request_growth(addr);
+        // The place is given back for the wait: others may take it meanwhile.
+        guard.requeue();
+        tokio::select! {
+            _ = room => {}
+            _ = version.changed() => {}
+            _ = tokio::time::sleep_until(give_up) => {}
+        }
+    }
+}
+
+/// Whether the worker opens one more connection to an endpoint: only once every connection
+/// it has is Ready (one at a time) and it is below its maximum.
+pub(crate) fn should_grow(settled: bool, connections: usize, max: usize) -> bool {
+    settled && connections < max
 }
 
 /// Completes once a connection has carried no call for `idle` — `activity` gives its calls so

@@ -33,6 +33,7 @@ use crate::connector::Connect;
 use crate::connector::Destination;
 use crate::endpoint::KeepAlive;
 use crate::error::Error;
+use crate::growth;
 use crate::mailbox::{Inbox, Mail};
 use crate::registry::Shared;
 use crate::resolve::{Resolution, Resolve, ResolveError};
@@ -240,7 +241,7 @@ impl Worker {
         let Some((settled, count)) = shared.endpoint_settled(addr) else {
             return;
         };
-        if !settled || count >= max {
+        if !growth::should_grow(settled, count, max) {
             return;
         }
         let keepalive = match shared.endpoint_keepalive(addr) {

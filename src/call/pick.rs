@@ -1,75 +1,65 @@
 //! Picking a connection for a call, or waiting for one: the wait-for-ready table of the
 //! module docs above, and the wait for room beside a full connection while its endpoint grows.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
-use tokio::time::Instant;
+use tokio::sync::watch;
 
 use crate::conn::{InFlightGuard, ReadyConn};
 use crate::error::Error;
+use crate::growth::{self, Room, RoomSource};
 use crate::registry::Shared;
 use crate::state::ConnectivityState;
 
-/// The longest a call waits in the pool for room before it queues on a full connection.
-const MAX_ROOM_WAIT: Duration = Duration::from_secs(1);
+/// Waiting for room beside a full connection, as the call path sees the pool (the rule and
+/// its wait live in [`crate::growth::make_room`]).
+struct CallRoom<'a> {
+    shared: &'a Shared,
+    wait_for_ready: bool,
+}
 
-/// When the call's connection is full at the server's stream limit and its endpoint can
-/// still grow, the call waits in the pool — for a call to end anywhere or for a new
-/// connection to be Ready — and picks again, instead of queueing in HTTP/2 behind the
-/// streams of that one connection (which, for long calls, can take as long as they do).
-/// Bounded: after [`MAX_ROOM_WAIT`] (and within the call's deadline), or as soon as no new
-/// connection is coming (at its maximum and all Ready, or one failed), the call takes one
-/// last pick and goes where it lands; if that connection is full too, HTTP/2 queues it.
-///
-/// Each round subscribes to both signals *before* it picks again: a connection that comes up
-/// or a call that ends before the subscription is seen by the pick, one after it wakes the
-/// wait, so no wake-up falls between the two.
+impl RoomSource for CallRoom<'_> {
+    type Place = InFlightGuard;
+
+    fn changes(&self) -> watch::Receiver<u64> {
+        self.shared.subscribe_version()
+    }
+
+    fn room(&self) -> &Room {
+        &self.shared.room
+    }
+
+    async fn pick(&self) -> Result<InFlightGuard, Error> {
+        Ok(wait_for_connection(self.shared, self.wait_for_ready, None)
+            .await?
+            .start_call())
+    }
+
+    fn room_coming(&self, addr: SocketAddr) -> bool {
+        self.shared.room_coming(addr)
+    }
+
+    fn request_growth(&self, addr: SocketAddr) {
+        self.shared.request_growth(addr);
+    }
+}
+
+/// Takes the call's place on a connection, or — when that connection is full and its endpoint
+/// is growing — waits in the pool for a better one (see [`crate::growth::make_room`]).
 pub(crate) async fn make_room(
     shared: &Shared,
     guard: InFlightGuard,
     wait_for_ready: bool,
 ) -> Result<InFlightGuard, Error> {
-    if !guard.is_beyond_stream_limit() {
-        return Ok(guard);
-    }
-    let give_up = Instant::now() + MAX_ROOM_WAIT;
-    // The place held from the last pick, given back only once the signals are subscribed.
-    let mut held = Some(guard);
-    loop {
-        let mut version = shared.subscribe_version();
-        version.borrow_and_update();
-        let room = shared.room.waiter();
-        if let Some(beyond) = held.take() {
-            beyond.requeue();
-        }
-        let guard = wait_for_connection(shared, wait_for_ready, None)
-            .await?
-            .start_call();
-        let addr = guard.conn().addr;
-        if !guard.is_beyond_stream_limit() || Instant::now() >= give_up {
-            return Ok(guard);
-        }
-        if !shared.room_coming(addr) {
-            // No connection is coming. But the pick above may predate the state that says
-            // so: the last connection growth may open can have become Ready (and calls can
-            // have ended) between that pick and this look. One last pick, on a picker at
-            // least as new as the state just read, finds such room; if there is none,
-            // HTTP/2 queues the call on a full connection.
-            guard.requeue();
-            return Ok(wait_for_connection(shared, wait_for_ready, None)
-                .await?
-                .start_call());
-        }
-        shared.request_growth(addr);
-        // The place is given back for the wait: others may take it meanwhile.
-        guard.requeue();
-        tokio::select! {
-            _ = room => {}
-            _ = version.changed() => {}
-            _ = tokio::time::sleep_until(give_up) => {}
-        }
-    }
+    growth::make_room(
+        &CallRoom {
+            shared,
+            wait_for_ready,
+        },
+        guard,
+    )
+    .await
 }
 
 /// Waits until a connection can take the call, per the table in the module docs. A connection

@@ -80,6 +80,20 @@ impl InFlightGuard {
     }
 }
 
+impl crate::growth::Place for InFlightGuard {
+    fn addr(&self) -> SocketAddr {
+        self.conn.addr
+    }
+
+    fn is_beyond_stream_limit(&self) -> bool {
+        InFlightGuard::is_beyond_stream_limit(self)
+    }
+
+    fn requeue(self) {
+        InFlightGuard::requeue(self);
+    }
+}
+
 impl Drop for InFlightGuard {
     fn drop(&mut self) {
         self.conn.in_flight.dec();

@@ -6,7 +6,7 @@
 //! ```
 //!
 //! - **`pick/single/N`**: one [`Picker::pick`] over `N` Ready entries (1 … 1024), one thread.
-//!   Entries are `Arc`s to a struct with an `AtomicBool`, as the pool's are (`Arc<ReadyConn>`,
+//!   Entries are `Arc`s to a struct with an `AtomicBool`, as the pool's are (`Arc<Connection>`,
 //!   whose availability is an atomic load); the bench wraps the `Arc` in a newtype only
 //!   because the orphan rule forbids implementing `Pickable` for a foreign `Arc<_>`.
 //! - **`pick/contended/N`**: 2 OS threads pick from one picker through one shared cursor, the
@@ -88,7 +88,7 @@ struct Conn {
 }
 
 /// `Arc<Conn>` in a newtype, only to be allowed to implement `Pickable` (same size and
-/// indirection as the pool's `Arc<ReadyConn>`).
+/// indirection as the pool's `Arc<Connection>`).
 #[derive(Debug, Clone)]
 struct Entry(Arc<Conn>);
 
@@ -162,7 +162,7 @@ fn bench_republish(c: &mut Criterion) {
     const N: usize = 1024;
     let mut group = c.benchmark_group("republish");
     group.throughput(Throughput::Elements(1));
-    // The registry keeps one `Option<Arc<ReadyConn>>` per connection slot and collects the
+    // The registry keeps one `Option<Arc<Connection>>` per connection slot and collects the
     // Ready ones; these slots are all Ready.
     let slots: Vec<Option<Entry>> = entries(N).into_iter().map(Some).collect();
     let collect = || -> Vec<Entry> { slots.iter().flatten().cloned().collect() };

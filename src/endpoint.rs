@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use crate::conn::{ConnStats, Control, ReadyConn};
+use crate::conn::{ConnStats, Connection, Control};
 use crate::growth;
 use crate::state::{aggregate, ConnectivityState};
 
@@ -33,7 +33,7 @@ pub(crate) struct ConnEntry {
     pub(crate) state: ConnectivityState,
     /// Failed since it was last Ready: counts as TransientFailure in aggregates.
     pub(crate) failed: bool,
-    pub(crate) ready: Option<Arc<ReadyConn>>,
+    pub(crate) ready: Option<Arc<Connection>>,
     pub(crate) stats: Arc<ConnStats>,
     pub(crate) last_error: Option<String>,
     /// What the worker asks of the slot's task (run, drain, shut down).

@@ -19,7 +19,7 @@ use tokio::sync::{broadcast, watch};
 
 use crate::balance::Picker;
 use crate::config::Config;
-use crate::conn::{ConnStats, Control, InFlight, ReadyConn, SlotEvents};
+use crate::conn::{ConnStats, Connection, Control, InFlight, SlotEvents};
 use crate::endpoint::{ConnEntry, EndpointEntry, KeepAlive};
 use crate::growth::{GrowthRequests, Room};
 use crate::mailbox::{Mail, WeakMailbox};
@@ -32,7 +32,7 @@ use crate::target::Target;
 /// How many state events a slow [`Pool::events`](crate::Pool::events) receiver may lag.
 const EVENT_CAPACITY: usize = 4096;
 
-pub(crate) type ReadyPicker = Picker<Arc<ReadyConn>>;
+pub(crate) type ReadyPicker = Picker<Arc<Connection>>;
 
 /// The state every pool handle, call, connection task and the worker share.
 #[derive(Debug)]
@@ -156,7 +156,7 @@ impl Shared {
     }
 
     fn publish_picker(&self, registry: &Registry) {
-        let ready: Vec<Arc<ReadyConn>> = registry
+        let ready: Vec<Arc<Connection>> = registry
             .endpoints
             .iter()
             .filter(|e| !e.draining)
@@ -356,7 +356,7 @@ impl Shared {
         id: u64,
         to: ConnectivityState,
         reason: &str,
-        ready: Option<Arc<ReadyConn>>,
+        ready: Option<Arc<Connection>>,
     ) {
         let mut reg = self.registry.lock();
         let Some((addr, conn)) = reg.endpoints.iter_mut().find_map(|e| {
@@ -503,7 +503,7 @@ impl SlotEvents for Shared {
         id: u64,
         to: ConnectivityState,
         reason: &str,
-        ready: Option<Arc<ReadyConn>>,
+        ready: Option<Arc<Connection>>,
     ) {
         Shared::transition(self, id, to, reason, ready);
     }

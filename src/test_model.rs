@@ -9,8 +9,8 @@
 //!
 //! What is real and what is played:
 //!
-//! - The registry, the picker it publishes, the `ReadyConn`s with their in-flight guards and
-//!   their drivers are the crate's own. Every `ReadyConn` is a real h2 client connection over
+//! - The registry, the picker it publishes, the `Connection`s with their in-flight guards and
+//!   their drivers are the crate's own. Every `Connection` is a real h2 client connection over
 //!   `tokio::io::duplex`, read through the real `FrameWatch`, to a scripted server. The
 //!   server writes raw frames rather than being h2's: h2's server sets
 //!   `MAX_CONCURRENT_STREAMS` only through its builder, for its first SETTINGS, but a server may change it at any
@@ -55,7 +55,7 @@ use crate::conn::driver::{DriverHandle, H2Connection};
 use crate::conn::frames::{
     FrameSignals, FrameWatch, KillSwitch, Watched, ENHANCE_YOUR_CALM, NO_ERROR,
 };
-use crate::conn::{ConnStats, InFlightGuard, ReadyConn};
+use crate::conn::{ConnStats, Connection, InFlightGuard};
 use crate::connector::BoxedIo;
 use crate::endpoint::KeepAlive;
 use crate::registry::Shared;
@@ -254,7 +254,7 @@ impl SlotModel {
 /// One h2 connection a slot opened, current or retired.
 #[derive(Debug)]
 struct ConnModel {
-    ready: Arc<ReadyConn>,
+    ready: Arc<Connection>,
     /// The server's `MAX_CONCURRENT_STREAMS` (`u32::MAX`: none).
     limit: u32,
     /// The server's GOAWAY has been read.
@@ -394,7 +394,7 @@ impl Model {
         (!candidates.is_empty()).then(|| candidates[usize::from(selector) % candidates.len()])
     }
 
-    fn conn_of(&self, ready: &Arc<ReadyConn>) -> Option<usize> {
+    fn conn_of(&self, ready: &Arc<Connection>) -> Option<usize> {
         self.conns.iter().position(|c| Arc::ptr_eq(&c.ready, ready))
     }
 }
@@ -695,7 +695,7 @@ impl Case {
             server,
         } = open(limit).await?;
         let slot = &self.model.slots[s];
-        let ready = Arc::new(ReadyConn::new(
+        let ready = Arc::new(Connection::new(
             slot.id,
             slot.addr,
             send,

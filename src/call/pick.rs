@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use tokio::sync::watch;
 
-use crate::conn::{InFlightGuard, ReadyConn};
+use crate::conn::{Connection, InFlightGuard};
 use crate::error::Error;
 use crate::growth::{self, Room, RoomSource};
 use crate::registry::Shared;
@@ -68,7 +68,7 @@ pub(crate) async fn wait_for_connection(
     shared: &Shared,
     wait_for_ready: bool,
     avoid: Option<u64>,
-) -> Result<Arc<ReadyConn>, Error> {
+) -> Result<Arc<Connection>, Error> {
     let mut version = shared.subscribe_version();
     loop {
         // Mark the current version seen *before* looking, so that a change between the look

@@ -22,7 +22,7 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::conn::frames::{FrameWatch, ReadActivity};
-use crate::conn::ready::ReadyConn;
+use crate::conn::ready::Connection;
 use crate::connector::BoxedIo;
 
 /// The h2 connection future of one pool connection.
@@ -93,7 +93,7 @@ impl DriverHandle {
 /// Starts the driver of a Ready connection.
 pub(crate) fn spawn(
     connection: H2Connection,
-    ready: Arc<ReadyConn>,
+    ready: Arc<Connection>,
     keepalive: Option<KeepAlivePlan>,
 ) -> DriverHandle {
     let (end_tx, ended) = oneshot::channel();
@@ -117,7 +117,7 @@ const RETIRE_FLUSH: Duration = Duration::from_secs(5);
 
 async fn drive(
     mut connection: H2Connection,
-    ready: &ReadyConn,
+    ready: &Connection,
     keepalive: Option<KeepAlivePlan>,
     mut retire: oneshot::Receiver<()>,
 ) -> DriverEnd {
@@ -148,7 +148,7 @@ async fn drive(
 }
 
 /// Sends keepalive PINGs; completes only when one goes unanswered.
-async fn keep_alive(pings: Option<(KeepAlivePlan, h2::PingPong)>, ready: &ReadyConn) -> DriverEnd {
+async fn keep_alive(pings: Option<(KeepAlivePlan, h2::PingPong)>, ready: &Connection) -> DriverEnd {
     let Some((plan, mut ping_pong)) = pings else {
         return pending().await;
     };
@@ -229,7 +229,7 @@ mod tests {
             Arc::new(InFlight::default()),
             Arc::new(crate::growth::Room::default()),
         ));
-        let ready = Arc::new(ReadyConn::new(
+        let ready = Arc::new(Connection::new(
             0,
             "127.0.0.1:1".parse().unwrap(),
             send,

@@ -18,7 +18,11 @@
 //! | `frames.rs` | the frame watcher: SETTINGS, GOAWAY, the stream ledger, the kill switch |
 //! | `ready.rs` | a Ready connection as calls see it, and the in-flight guard a call holds |
 //!
-//! A slot reports its states through [`SlotEvents`]; it names nothing above this module.
+//! Two words, one meaning each: a **connection** ([`Connection`]) is one HTTP/2 connection that
+//! reached Ready; its **slot** is the task that keeps one connection to an address open, across
+//! reconnects (its id is the slot's, and the connection states of snapshots and events are the
+//! slot's). A slot reports its states through [`SlotEvents`]; it names nothing above this
+//! module.
 
 pub(crate) mod connect;
 pub(crate) mod driver;
@@ -26,5 +30,5 @@ pub(crate) mod frames;
 pub(crate) mod ready;
 pub(crate) mod slot;
 
-pub(crate) use ready::{ConnStats, InFlight, InFlightGuard, ReadyConn};
+pub(crate) use ready::{ConnStats, Connection, InFlight, InFlightGuard};
 pub(crate) use slot::{Control, Slot, SlotEvents};

@@ -1,7 +1,7 @@
 //! A Ready connection as calls see it: the handle that opens streams, the calls in flight on
 //! it, its counters, and whether it still takes calls.
 //!
-//! The picker holds `Arc<ReadyConn>`s; a call that picks one holds an [`InFlightGuard`] until
+//! The picker holds `Arc<Connection>`s; a call that picks one holds an [`InFlightGuard`] until
 //! its response ends, which is what capacity, draining, retirement and `close()` count.
 
 use std::net::SocketAddr;
@@ -55,7 +55,7 @@ impl ConnStats {
 /// dropped (a transparent retry drops it and takes a new one).
 #[derive(Debug)]
 pub(crate) struct InFlightGuard {
-    conn: Arc<ReadyConn>,
+    conn: Arc<Connection>,
     /// How many calls the connection counted with this one, when it was picked.
     place: usize,
     /// Given back to pick again, not ended: wakes no call waiting for room.
@@ -64,7 +64,7 @@ pub(crate) struct InFlightGuard {
 
 impl InFlightGuard {
     /// The connection the call is on.
-    pub(crate) fn conn(&self) -> &Arc<ReadyConn> {
+    pub(crate) fn conn(&self) -> &Arc<Connection> {
         &self.conn
     }
 
@@ -106,7 +106,7 @@ impl Drop for InFlightGuard {
 
 /// A Ready connection as the picker holds it.
 #[derive(Debug)]
-pub(crate) struct ReadyConn {
+pub(crate) struct Connection {
     pub(crate) id: u64,
     pub(crate) addr: SocketAddr,
     /// The handle that opens streams; taken away when the connection retires, so that h2,
@@ -129,7 +129,7 @@ pub(crate) struct ReadyConn {
     pub(crate) limits: Arc<PeerLimits>,
 }
 
-impl ReadyConn {
+impl Connection {
     pub(crate) fn new(
         id: u64,
         addr: SocketAddr,
@@ -211,7 +211,7 @@ impl ReadyConn {
     }
 }
 
-impl Pickable for Arc<ReadyConn> {
+impl Pickable for Arc<Connection> {
     #[inline]
     fn is_available(&self) -> bool {
         !self.closing.load(Ordering::Acquire) && !self.fate.goaway_received()

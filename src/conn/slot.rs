@@ -27,7 +27,7 @@ use crate::config::Config;
 use crate::conn::connect::connect;
 use crate::conn::driver::{DriverEnd, DriverHandle};
 use crate::conn::frames::{GoAway, KillSwitch, Watched};
-use crate::conn::ready::{ConnStats, ReadyConn};
+use crate::conn::ready::{ConnStats, Connection};
 use crate::connector::{Connect, Destination};
 use crate::endpoint::KeepAlive;
 use crate::error::error_chain;
@@ -73,7 +73,7 @@ pub(crate) trait SlotEvents: Send + Sync + 'static {
         id: u64,
         to: ConnectivityState,
         reason: &str,
-        ready: Option<Arc<ReadyConn>>,
+        ready: Option<Arc<Connection>>,
     );
     /// Slot `id` has ended (after its last transition, to Shutdown).
     fn removed(&self, id: u64);
@@ -200,7 +200,7 @@ async fn serve(slot: &Slot, retired: &mut Retired) -> &'static str {
         };
         backoff.reset();
         stats.connected();
-        let ready = Arc::new(ReadyConn::new(id, addr, send, stats.clone(), fate, limits));
+        let ready = Arc::new(Connection::new(id, addr, send, stats.clone(), fate, limits));
         let mut driver = crate::conn::driver::spawn(connection, ready.clone(), keepalive_plan);
         events.transition(
             id,
@@ -281,7 +281,7 @@ async fn serve(slot: &Slot, retired: &mut Retired) -> &'static str {
 
 /// A connection the slot opened, with the handles to end it.
 struct Live {
-    ready: Arc<ReadyConn>,
+    ready: Arc<Connection>,
     driver: DriverHandle,
     kill: Arc<KillSwitch>,
 }

@@ -891,12 +891,15 @@ mod tests {
         assert!(wire.ledger.only_unprocessed_open());
     }
 
-    /// A final GOAWAY that names a stream written after our ack of the shutdown PING overrides
-    /// the cutoff: the server took that stream, so it is not safe to send again.
-    #[test]
-    fn the_final_goaway_overrides_the_shutdown_ping_cutoff() {
+    /// A graceful shutdown up to our ack: `before` is written (one HEADERS per id), the
+    /// server's GOAWAY(2^31-1) and PING are read, then our PING ack and `after` are written.
+    fn acked_shutdown_ping(before: &[u32], after: &[u32]) -> Wire {
         let mut wire = wire();
-        wire.wrote(&[0u8; CLIENT_PREFACE_LEN]);
+        let mut bytes = vec![0u8; CLIENT_PREFACE_LEN];
+        for id in before {
+            bytes.extend(headers(*id, 0x4));
+        }
+        wire.wrote(&bytes);
         let mut inbound = frame(
             TYPE_GOAWAY,
             0,
@@ -906,8 +909,18 @@ mod tests {
         inbound.extend(frame(TYPE_PING, 0, &[9; 8]));
         wire.read(&inbound);
         let mut later = frame(TYPE_PING, FLAG_ACK, &[9; 8]);
-        later.extend(headers(1, 0x4));
+        for id in after {
+            later.extend(headers(*id, 0x4));
+        }
         wire.wrote(&later);
+        wire
+    }
+
+    /// A final GOAWAY that names a stream written after our ack of the shutdown PING overrides
+    /// the cutoff: the server took that stream, so it is not safe to send again.
+    #[test]
+    fn the_final_goaway_overrides_the_shutdown_ping_cutoff() {
+        let mut wire = acked_shutdown_ping(&[], &[1]);
         assert!(
             wire.ledger.only_unprocessed_open(),
             "before the final GOAWAY, stream 1 (after the ack) counts as unprocessed"
@@ -927,20 +940,7 @@ mod tests {
     /// stream 5, never written, provably did not reach the server's application.
     #[test]
     fn broken_streams_are_judged_by_their_own_ids() {
-        let mut wire = wire();
-        let mut bytes = vec![0u8; CLIENT_PREFACE_LEN];
-        bytes.extend(headers(1, 0x4));
-        wire.wrote(&bytes);
-        let mut inbound = frame(
-            TYPE_GOAWAY,
-            0,
-            &goaway_payload(MAX_STREAM_ID, NO_ERROR, b""),
-        );
-        inbound.extend(frame(TYPE_PING, 0, &[9; 8]));
-        wire.read(&inbound);
-        let mut later = frame(TYPE_PING, FLAG_ACK, &[9; 8]);
-        later.extend(headers(3, 0x4));
-        wire.wrote(&later);
+        let wire = acked_shutdown_ping(&[1], &[3]);
         // The server's close makes our next write fail; its final GOAWAY was lost.
         wire.ended(FATE_WRITE_FAILED);
         assert!(!wire.fate.broken_streams_unprocessed());

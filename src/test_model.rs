@@ -58,6 +58,7 @@ use crate::conn::frames::{
 use crate::conn::{ConnStats, Connection, InFlightGuard};
 use crate::connector::BoxedIo;
 use crate::endpoint::KeepAlive;
+use crate::growth::Place;
 use crate::registry::Shared;
 use crate::state::{wait_until, ConnectivityState as State};
 use crate::target::Target;
@@ -182,7 +183,7 @@ fn grpc_aggregate(states: impl IntoIterator<Item = State>) -> State {
         .unwrap_or(State::TransientFailure)
 }
 
-/// Where a slot is in its state machine (`subchannel::serve`).
+/// Where a slot is in its state machine (`conn::slot::serve`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Phase {
     /// Added by the worker; its task has not started its first attempt.
@@ -953,7 +954,7 @@ impl Case {
         self.check("slot stopped")
     }
 
-    /// A stopped slot's wind-down ends: `subchannel::finish`.
+    /// A stopped slot's wind-down ends: the end of `conn::slot::run`.
     fn finish(&mut self, selector: u8) -> Result<(), TestCaseError> {
         let Some(s) = self.model.slot_where(selector, |s| s.stopped) else {
             return Ok(());

@@ -67,17 +67,6 @@ impl InFlightGuard {
     pub(crate) fn conn(&self) -> &Arc<Connection> {
         &self.conn
     }
-
-    /// Whether the call came after the server's stream limit was already taken on its
-    /// connection: HTTP/2 would queue it until one of the calls before it ends.
-    pub(crate) fn is_beyond_stream_limit(&self) -> bool {
-        self.place as u64 > u64::from(self.conn.limits.max_concurrent_streams())
-    }
-
-    /// Gives the connection back without sending: the call will pick again.
-    pub(crate) fn requeue(mut self) {
-        self.requeued = true;
-    }
 }
 
 impl crate::growth::Place for InFlightGuard {
@@ -85,12 +74,13 @@ impl crate::growth::Place for InFlightGuard {
         self.conn.addr
     }
 
+    /// HTTP/2 would queue the call until one of the calls before it on its connection ends.
     fn is_beyond_stream_limit(&self) -> bool {
-        InFlightGuard::is_beyond_stream_limit(self)
+        self.place as u64 > u64::from(self.conn.limits.max_concurrent_streams())
     }
 
-    fn requeue(self) {
-        InFlightGuard::requeue(self);
+    fn requeue(mut self) {
+        self.requeued = true;
     }
 }
 

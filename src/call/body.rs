@@ -24,9 +24,15 @@ use crate::error::Error;
 ///
 /// The call's deadline bounds the body too, as gRPC's deadline bounds the whole call: a
 /// response still streaming when it passes ends with DEADLINE_EXCEEDED and its stream is reset.
-#[derive(Debug)]
+///
+/// [`ResponseBody::default()`] is an empty body that ends at once, without trailers. tonic's
+/// generated `with_interceptor` constructors require `Default` of the service's response body
+/// (a bound left from tonic versions whose `InterceptedService` built the response of a
+/// rejected call from it; tonic 0.14 builds that one itself), so the pool must offer it.
+#[derive(Debug, Default)]
 pub struct ResponseBody {
-    inner: RecvStream,
+    /// h2's stream; `None` only in the empty default body.
+    inner: Option<RecvStream>,
     /// The call's deadline, if it has one.
     deadline: Option<Instant>,
     /// Its timer, armed only once the body waits or brings a second data frame: a unary
@@ -49,7 +55,7 @@ impl ResponseBody {
         deadline: Option<Instant>,
     ) -> Self {
         Self {
-            inner,
+            inner: Some(inner),
             deadline,
             timer: None,
             data_frames: 0,
@@ -61,11 +67,15 @@ impl ResponseBody {
 
     /// The next frame of the response, ending the call on its trailers or an error.
     fn poll_response(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
+        let Some(inner) = self.inner.as_mut() else {
+            // The empty default body.
+            return Poll::Ready(None);
+        };
         if !self.data_done {
-            match self.inner.poll_data(cx) {
+            match inner.poll_data(cx) {
                 Poll::Ready(Some(Ok(data))) => {
                     // Reading it is consuming it: let the server send more.
-                    let _ = self.inner.flow_control().release_capacity(data.len());
+                    let _ = inner.flow_control().release_capacity(data.len());
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
                 Poll::Ready(Some(Err(e))) => {
@@ -76,7 +86,7 @@ impl ResponseBody {
                 Poll::Pending => return Poll::Pending,
             }
         }
-        match self.inner.poll_trailers(cx) {
+        match inner.poll_trailers(cx) {
             Poll::Ready(Ok(trailers)) => {
                 // Trailers (or the end of the stream) end a gRPC response: the call is done.
                 self.end(true);
@@ -107,7 +117,7 @@ impl Drop for ResponseBody {
         // A response that arrived whole but was not read to its end (tonic takes the status of
         // a trailers-only response from its headers and drops the body) is complete all the
         // same: a request still streaming stops with NO_ERROR, not CANCEL.
-        if self.guard.is_some() && self.inner.is_end_stream() {
+        if self.guard.is_some() && self.inner.as_ref().is_some_and(RecvStream::is_end_stream) {
             self.end(true);
         }
     }
@@ -152,7 +162,7 @@ impl Body for ResponseBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.guard.is_none() || self.inner.is_end_stream()
+        self.guard.is_none() || self.inner.as_ref().is_none_or(RecvStream::is_end_stream)
     }
 }
 
@@ -196,4 +206,20 @@ pub(crate) fn status_from_h2(err: &h2::Error) -> Status {
         Code::Internal
     };
     Status::new(code, message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The default body (what tonic's `with_interceptor` bound asks for) is empty and ends at
+    /// once: no data, no trailers, no error.
+    #[tokio::test]
+    async fn default_body_is_empty_and_ended() {
+        let mut body = ResponseBody::default();
+        assert!(body.is_end_stream());
+        let frame = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await;
+        assert!(frame.is_none(), "no data and no trailers");
+        assert!(body.is_end_stream());
+    }
 }

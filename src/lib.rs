@@ -26,6 +26,55 @@
 //! # Ok(()) }
 //! ```
 //!
+//! ## Interceptors and tower layers
+//!
+//! Everything a generated client does with a `Channel` it does with a pool:
+//! `GreeterClient::with_interceptor(pool, f)`, `with_origin` (as with a `Channel`, the
+//! request's scheme and authority are the pool's: set them with [`PoolBuilder::origin`]),
+//! `send_compressed`/`accept_compressed`, `max_decoding_message_size`. An interceptor is
+//! tonic's `InterceptedService` around the pool, which is what `with_interceptor` builds:
+//!
+//! ```no_run
+//! use tonic::service::interceptor::InterceptedService;
+//! use tonic_pool::Pool;
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let pool = Pool::builder("dns:///api.internal:50051").build()?;
+//! let token: tonic::metadata::MetadataValue<_> = "Bearer my-token".parse()?;
+//! let authed = InterceptedService::new(pool, move |mut req: tonic::Request<()>| {
+//!     req.metadata_mut().insert("authorization", token.clone());
+//!     Ok(req)
+//! });
+//! // A generated client takes it in place of the pool (`GreeterClient::new(authed)`), as
+//! // tonic's own client does:
+//! let mut grpc = tonic::client::Grpc::new(authed);
+//! grpc.ready().await?;
+//! # Ok(()) }
+//! ```
+//!
+//! tower layers go around the pool as around a `Channel` (`tower::ServiceBuilder`'s
+//! `timeout`, `concurrency_limit`, `rate_limit`; the pool's own [`PoolBuilder::timeout`] and
+//! a call's `grpc-timeout` give DEADLINE_EXCEEDED where tower's timeout gives UNKNOWN).
+//! `tower::retry` needs a request it can clone, which an HTTP request with a streaming body
+//! is not: retry idempotent calls one level up, around a `tower::service_fn` that calls the
+//! generated client with the (cloneable) message. The integration tests in
+//! `tests/it/generated_clients.rs` show each, with a `TpsBudget` for the retries.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use tower::ServiceBuilder;
+//!
+//! # fn run() -> Result<(), tonic_pool::Error> {
+//! let pool = tonic_pool::Pool::builder("dns:///api.internal:50051").build()?;
+//! let layered = ServiceBuilder::new()
+//!     .concurrency_limit(256)
+//!     .timeout(Duration::from_secs(5))
+//!     .service(pool);
+//! let grpc = tonic::client::Grpc::new(layered); // or GreeterClient::new(layered)
+//! # drop(grpc);
+//! # Ok(()) }
+//! ```
+//!
 //! ## Design
 //!
 //! ```text

@@ -7,6 +7,7 @@ mod support;
 
 mod dns_resolver;
 mod faults;
+mod generated_clients;
 mod goaway;
 mod hostile;
 mod keepalive;

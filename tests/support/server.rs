@@ -31,6 +31,8 @@ use tonic::{Request, Response, Status, Streaming};
 use super::echo::echo_server::{Echo, EchoServer};
 use super::echo::{EchoReply, EchoRequest, StreamRequest};
 
+/// The header the server copies each request's `:authority` into (see `authority?`).
+const AUTHORITY_HEADER: &str = "x-test-authority";
 /// Backlog of the listening socket.
 const LISTEN_BACKLOG: u32 = 1024;
 /// Buffer (in replies) between a streaming handler and its response stream.
@@ -69,6 +71,12 @@ struct Stats {
     requests: watch::Sender<u64>,
     /// RPCs started so far, per client peer address.
     by_peer: Mutex<HashMap<SocketAddr, u64>>,
+    /// Unary RPCs running right now.
+    unary_in_flight: watch::Sender<u64>,
+    /// The most unary RPCs that ever ran at once.
+    max_unary_in_flight: watch::Sender<u64>,
+    /// The keys of `unavailable-once:KEY` requests already failed once.
+    failed_once: Mutex<std::collections::HashSet<String>>,
 }
 
 impl Stats {
@@ -78,7 +86,18 @@ impl Stats {
             open: watch::Sender::new(0),
             requests: watch::Sender::new(0),
             by_peer: Mutex::new(HashMap::new()),
+            unary_in_flight: watch::Sender::new(0),
+            max_unary_in_flight: watch::Sender::new(0),
+            failed_once: Mutex::new(std::collections::HashSet::new()),
         }
+    }
+
+    /// Whether this is the first request with `key` (and remembers it).
+    fn first_time(&self, key: &str) -> bool {
+        self.failed_once
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(key.to_owned())
     }
 
     fn by_peer(&self) -> MutexGuard<'_, HashMap<SocketAddr, u64>> {
@@ -211,6 +230,11 @@ impl TestServer {
     /// RPCs started so far per client peer address (one entry per client connection).
     pub fn requests_by_peer(&self) -> HashMap<SocketAddr, u64> {
         self.stats.by_peer().clone()
+    }
+
+    /// The most unary RPCs that ran at once so far (across restarts).
+    pub fn max_concurrent_unary(&self) -> u64 {
+        *self.stats.max_unary_in_flight.borrow()
     }
 
     /// Waits until at least `n` connections were accepted; false on timeout.
@@ -371,7 +395,26 @@ async fn serve(
     }
     let service = EchoService { name, stats };
     let server = builder
-        .add_service(EchoServer::new(service))
+        // The `:authority` is not part of a tonic request's metadata; copy it into a header
+        // so that `authority?` can answer with it.
+        .layer(tower::util::MapRequestLayer::new(
+            |mut req: http::Request<tonic::body::Body>| {
+                if let Some(value) = req
+                    .uri()
+                    .authority()
+                    .and_then(|a| http::HeaderValue::from_str(a.as_str()).ok())
+                {
+                    req.headers_mut().insert(AUTHORITY_HEADER, value);
+                }
+                req
+            },
+        ))
+        // gzip both ways when the client asks; plain otherwise.
+        .add_service(
+            EchoServer::new(service)
+                .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
+                .send_compressed(tonic::codec::CompressionEncoding::Gzip),
+        )
         .serve_with_incoming_shutdown(incoming, async move {
             // Fires on a graceful stop (or if the handle is gone).
             let _ = graceful_rx.await;
@@ -482,6 +525,29 @@ impl EchoService {
     }
 }
 
+/// Counts a unary RPC as running while it lives (the handler's future is dropped when the
+/// client resets the call, so a cancelled call stops counting too).
+struct UnaryInFlight<'a>(&'a Stats);
+
+impl<'a> UnaryInFlight<'a> {
+    fn new(stats: &'a Stats) -> Self {
+        stats.unary_in_flight.send_modify(|n| *n += 1);
+        let now = *stats.unary_in_flight.borrow();
+        stats
+            .max_unary_in_flight
+            .send_modify(|max| *max = (*max).max(now));
+        Self(stats)
+    }
+}
+
+impl Drop for UnaryInFlight<'_> {
+    fn drop(&mut self) {
+        self.0
+            .unary_in_flight
+            .send_modify(|n| *n = n.saturating_sub(1));
+    }
+}
+
 /// Sleeps `ms` milliseconds (no-op for 0).
 async fn sleep_ms(ms: u32) {
     if ms > 0 {
@@ -493,17 +559,42 @@ async fn sleep_ms(ms: u32) {
 impl Echo for EchoService {
     async fn unary(&self, request: Request<EchoRequest>) -> Result<Response<EchoReply>, Status> {
         self.record(&request);
-        let user_agent = request
-            .metadata()
-            .get("user-agent")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_owned();
+        let _running = UnaryInFlight::new(&self.stats);
+        let metadata = request.metadata().clone();
+        let header = |name: &str| {
+            metadata
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_owned()
+        };
         let req = request.into_inner();
         sleep_ms(req.sleep_ms).await;
         // `user-agent?` asks for the request's user agent as the reply's message.
         if req.message == "user-agent?" {
-            return Ok(Response::new(self.reply(Vec::new(), user_agent, 0)));
+            return Ok(Response::new(self.reply(
+                Vec::new(),
+                header("user-agent"),
+                0,
+            )));
+        }
+        // `authority?` asks for the request's `:authority`.
+        if req.message == "authority?" {
+            return Ok(Response::new(self.reply(
+                Vec::new(),
+                header(AUTHORITY_HEADER),
+                0,
+            )));
+        }
+        // `header?NAME` asks for the request's metadata NAME (empty when absent).
+        if let Some(name) = req.message.strip_prefix("header?") {
+            return Ok(Response::new(self.reply(req.payload, header(name), 0)));
+        }
+        // `unavailable-once:KEY` fails with UNAVAILABLE the first time KEY is seen, then echoes.
+        if let Some(key) = req.message.strip_prefix("unavailable-once:") {
+            if self.stats.first_time(key) {
+                return Err(Status::unavailable(format!("{key}: unavailable once")));
+            }
         }
         // `status:N` asks for gRPC status code N instead of a reply, with its own metadata.
         if let Some(code) = req.message.strip_prefix("status:") {

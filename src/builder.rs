@@ -12,8 +12,8 @@ use crate::config::{Config, MAX_CONNECTIONS_PER_ENDPOINT};
 use crate::connector::{Connect, TcpConnector};
 use crate::error::Error;
 use crate::pool::Pool;
-use crate::resolve::{DnsResolver, Resolve, SystemResolver};
-use crate::target::Target;
+use crate::resolve::{DnsResolver, Push, Resolve, Source, SystemResolver};
+use crate::target::{Target, TargetKind};
 
 /// Builds a [`Pool`]. Made by [`Pool::builder`].
 ///
@@ -25,6 +25,10 @@ pub struct PoolBuilder {
     pub(crate) config: Config,
     connector: Option<Arc<dyn Connect>>,
     resolver: Option<Arc<dyn Resolve>>,
+    /// Resolvers of the user's own, by the scheme each owns (lower case).
+    scheme_resolvers: Vec<(String, Arc<dyn Resolve>)>,
+    /// The pushed address set, when the caller discovers the addresses.
+    discovery: Option<Push>,
     runtime: Option<tokio::runtime::Handle>,
     /// A setter's input that could not be taken; reported by `build()`.
     invalid: Option<String>,
@@ -45,6 +49,8 @@ impl PoolBuilder {
             config: Config::default(),
             connector: None,
             resolver: None,
+            scheme_resolvers: Vec::new(),
+            discovery: None,
             runtime: None,
             invalid: None,
         }
@@ -286,6 +292,57 @@ impl PoolBuilder {
         self
     }
 
+    /// Registers a resolver of your own for targets of its own scheme, e.g. `"k8s"` for
+    /// `k8s:///ns/svc:8080` or `"consul"` for `consul:///billing`: such a target then parses
+    /// into [`TargetKind::Custom`](crate::target::TargetKind::Custom) (gRPC's
+    /// `scheme://authority/endpoint`) and this resolver resolves it. Register as many schemes
+    /// as you like; a target whose scheme nobody registered stays an unknown-scheme error.
+    /// The built-in schemes (`dns`, `static`, `ipv4`, `ipv6`, `http`, `https`) cannot be
+    /// taken over: [`resolver`](Self::resolver) replaces the resolver of those.
+    ///
+    /// What such a target carries as `:authority`, and the host name a TLS connector
+    /// verifies, come from its endpoint when that is a `host[:port]` (see
+    /// [`Target::host`]); [`origin`](Self::origin) sets them otherwise.
+    ///
+    /// Defaults to no schemes of your own.
+    pub fn resolver_for_scheme(mut self, scheme: &str, resolver: impl Resolve) -> Self {
+        let valid = scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+            && scheme
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'));
+        if !valid {
+            self.invalid = Some(format!(
+                "resolver_for_scheme: {scheme:?} is not a URI scheme (a letter, then letters, \
+                 digits, '+', '-' or '.')"
+            ));
+        } else if crate::target::BUILT_IN_SCHEMES
+            .iter()
+            .any(|b| b.eq_ignore_ascii_case(scheme))
+        {
+            self.invalid = Some(format!(
+                "resolver_for_scheme: {scheme:?} is a built-in scheme (use .resolver(…) to \
+                 replace its resolver)"
+            ));
+        } else {
+            let scheme = scheme.to_ascii_lowercase();
+            self.scheme_resolvers.retain(|(s, _)| *s != scheme);
+            self.scheme_resolvers.push((scheme, Arc::new(resolver)));
+        }
+        self
+    }
+
+    /// Takes the pool's addresses from `addresses`, a set the caller pushes to as its own
+    /// discovery sees servers come and go, instead of resolving the target; see
+    /// [`Push`](crate::resolve::Push). The target still names the service: its host is the
+    /// `:authority` and the TLS host name, but it is never resolved. Cannot be combined with
+    /// a resolver.
+    ///
+    /// Defaults to resolving the target.
+    pub fn discovery(mut self, addresses: Push) -> Self {
+        self.discovery = Some(addresses);
+        self
+    }
+
     /// The tokio runtime the pool's background tasks run on.
     ///
     /// Defaults to the runtime `build()` is called in.
@@ -299,9 +356,17 @@ impl PoolBuilder {
     /// It does not wait for connections: use [`Pool::wait_ready`] for that. Errors (never
     /// panics) on a malformed target, an out-of-range setting, or when there is no runtime.
     pub fn build(self) -> Result<Pool, Error> {
-        let target = Target::parse(&self.target).map_err(Error::invalid_target)?;
+        let schemes: Vec<&str> = self.scheme_resolvers.iter().map(|(s, _)| s.as_str()).collect();
+        let target =
+            Target::parse_with_schemes(&self.target, &schemes).map_err(Error::invalid_target)?;
         if let Some(invalid) = self.invalid {
             return Err(Error::invalid_config(invalid));
+        }
+        if self.discovery.is_some() && (self.resolver.is_some() || !schemes.is_empty()) {
+            return Err(Error::invalid_config(
+                "discovery(…) and a resolver are both set: a pool's addresses come from one \
+                 of them",
+            ));
         }
         validate(&self.config)?;
         let connector: Arc<dyn Connect> = match self.connector {
@@ -317,9 +382,20 @@ impl PoolBuilder {
                  (give the builder a TLS connector)"
             )));
         }
-        let resolver: Arc<dyn Resolve> = match self.resolver {
-            Some(r) => r,
-            None => default_resolver(&target),
+        // A custom target goes to the resolver of its scheme (parsing let it through only
+        // because one is registered).
+        let scheme_resolver = match target.kind() {
+            TargetKind::Custom { scheme, .. } => self
+                .scheme_resolvers
+                .iter()
+                .find(|(s, _)| s == scheme)
+                .map(|(_, r)| r.clone()),
+            _ => None,
+        };
+        let addresses = match (self.discovery, scheme_resolver, self.resolver) {
+            (Some(push), _, _) => Source::Push(push),
+            (None, Some(r), _) | (None, None, Some(r)) => Source::Resolver(r),
+            (None, None, None) => Source::Resolver(default_resolver(&target)),
         };
         let runtime = match self.runtime {
             Some(handle) => handle,
@@ -329,7 +405,7 @@ impl PoolBuilder {
             target,
             self.config,
             connector,
-            resolver,
+            addresses,
             runtime,
         ))
     }
@@ -342,7 +418,7 @@ fn default_resolver(target: &Target) -> Arc<dyn Resolve> {
     if crate::resolve::StaticResolver::literal(target).is_some() {
         return Arc::new(crate::resolve::StaticResolver::new());
     }
-    if let crate::target::TargetKind::Dns {
+    if let TargetKind::Dns {
         server: Some(server),
         ..
     } = target.kind()
@@ -418,6 +494,8 @@ impl fmt::Debug for PoolBuilder {
             .field("config", &self.config)
             .field("connector", &self.connector)
             .field("resolver", &self.resolver)
+            .field("scheme_resolvers", &self.scheme_resolvers)
+            .field("discovery", &self.discovery)
             .finish()
     }
 }

@@ -11,6 +11,7 @@ use std::net::SocketAddr;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::error::Error;
+use crate::resolve::AddressSink;
 
 /// A request to the worker.
 #[derive(Debug)]
@@ -21,6 +22,9 @@ pub(crate) enum Mail {
     Reresolve,
     /// Every connection of this address was full when a call picked one: open another.
     Grow(SocketAddr),
+    /// The whole new address set of a pool whose addresses are pushed
+    /// ([`Push`](crate::resolve::Push)); applied as a resolver's answer is.
+    Addresses(Vec<SocketAddr>),
 }
 
 /// The strong sender, held by pool handles.
@@ -38,11 +42,20 @@ impl WeakMailbox {
         Self(mailbox.downgrade())
     }
 
-    /// Posts `mail`, unless the worker is gone (then nobody needs it).
-    pub(crate) fn post(&self, mail: Mail) {
-        if let Some(mailbox) = self.0.upgrade() {
-            let _ = mailbox.send(mail);
+    /// Posts `mail`, unless the worker is gone (then nobody needs it); returns whether the
+    /// worker was there.
+    pub(crate) fn post(&self, mail: Mail) -> bool {
+        match self.0.upgrade() {
+            Some(mailbox) => mailbox.send(mail).is_ok(),
+            None => false,
         }
+    }
+}
+
+/// A pushed address set reaches the worker as mail.
+impl AddressSink for WeakMailbox {
+    fn send(&self, addresses: Vec<SocketAddr>) -> bool {
+        self.post(Mail::Addresses(addresses))
     }
 }
 

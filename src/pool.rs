@@ -18,7 +18,7 @@ use crate::connector::Connect;
 use crate::error::Error;
 use crate::mailbox::{mailbox, Mail, Mailbox, WeakMailbox};
 use crate::registry::{ReadyPicker, Shared};
-use crate::resolve::Resolve;
+use crate::resolve::Source;
 use crate::state::{ConnectivityState, PoolSnapshot, StateEvent, StateWatch};
 use crate::target::Target;
 use crate::worker::Worker;
@@ -65,7 +65,7 @@ impl Pool {
         target: Target,
         config: Config,
         connector: Arc<dyn Connect>,
-        resolver: Arc<dyn Resolve>,
+        addresses: Source,
         runtime: tokio::runtime::Handle,
     ) -> Self {
         let (scheme, authority) = origin(&target, &config);
@@ -77,7 +77,7 @@ impl Pool {
             runtime.clone(),
             WeakMailbox::new(&mailbox),
         ));
-        let worker = Worker::new(shared.clone(), connector, resolver, inbox);
+        let worker = Worker::new(shared.clone(), connector, addresses, inbox);
         let span = tracing::info_span!("tonic_pool", target = %shared.target);
         let worker = runtime.spawn(worker.run().instrument(span));
         let (cached_generation, cached) = shared.load_picker();

@@ -204,6 +204,11 @@ impl Shared {
         self.connect_tx.subscribe()
     }
 
+    /// The worker's mailbox, weakly (what a pushed address set is posted to).
+    pub(crate) fn mailbox(&self) -> &WeakMailbox {
+        &self.mailbox
+    }
+
     /// Asks the worker to resolve again soon (rate-limited there).
     pub(crate) fn request_reresolve(&self) {
         self.mailbox.post(Mail::Reresolve);

@@ -11,9 +11,27 @@
 //! | `http://host:port`, `https://host:port` | DNS as above; the scheme sets plaintext or TLS; default ports 80 and 443 |
 //! | `static:///1.2.3.4:50051,[::1]:50051` | exactly these addresses, never resolved; ports required |
 //! | `ipv4:1.2.3.4[:port],…`, `ipv6:[::1][:port],…` | gRPC's literal lists; port 443 when omitted |
+//! | `scheme://[authority]/endpoint`, `scheme:endpoint` | a scheme of your own, e.g. `k8s:///ns/svc:8080`: [`TargetKind::Custom`], resolved by the resolver registered for it |
 //!
 //! A host that is an IP literal is used as is, without a DNS query. IPv6 literals go in
 //! brackets. Every malformed target is a [`TargetError`] that names the problem.
+//!
+//! ## Schemes of your own
+//!
+//! A resolver registered with
+//! [`PoolBuilder::resolver_for_scheme`](crate::PoolBuilder::resolver_for_scheme) owns its
+//! scheme: targets with it parse (with [`Target::parse_with_schemes`]) into
+//! [`TargetKind::Custom`], split as gRPC's naming document splits them —
+//! `scheme://authority/endpoint`, or `scheme:endpoint` without an authority — and the
+//! resolver makes sense of the authority and the endpoint. A scheme nobody registered stays a
+//! [`TargetError::UnknownScheme`]; the built-in schemes cannot be taken over (a resolver for
+//! them is given with [`PoolBuilder::resolver`](crate::PoolBuilder::resolver)).
+//!
+//! A custom target's host — what requests carry as `:authority` and what a TLS connector
+//! verifies — is its endpoint when the endpoint is a `host[:port]` (`consul:///billing`,
+//! `mesh:///billing.internal:443`); otherwise (`k8s:///ns/svc:8080`) it names no host, the
+//! `:authority` is `localhost` (as gRPC does for targets without one), and
+//! [`PoolBuilder::origin`](crate::PoolBuilder::origin) sets a real one.
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -47,7 +65,22 @@ pub enum TargetKind {
         /// The port every resolved address gets.
         port: u16,
     },
+    /// A target of a scheme a user's resolver registered
+    /// ([`PoolBuilder::resolver_for_scheme`](crate::PoolBuilder::resolver_for_scheme)), in
+    /// gRPC's `scheme://authority/endpoint` form; only that resolver gives it meaning.
+    Custom {
+        /// The scheme, in lower case (`k8s`).
+        scheme: String,
+        /// The authority between `//` and the next `/`; empty when the target has none
+        /// (`k8s:///ns/svc`, `k8s:ns/svc`).
+        authority: String,
+        /// Everything after the authority (`ns/svc:8080`); never empty.
+        endpoint: String,
+    },
 }
+
+/// The schemes the parser knows itself; a resolver cannot register them.
+pub(crate) const BUILT_IN_SCHEMES: &[&str] = &["dns", "static", "ipv4", "ipv6", "http", "https"];
 
 /// Why a target string could not be parsed.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -55,8 +88,11 @@ pub enum TargetKind {
 pub enum TargetError {
     /// The target is empty or only white space.
     Empty,
-    /// The scheme is not one of `dns`, `static`, `ipv4`, `ipv6`, `http`, `https`.
+    /// The scheme is not one of `dns`, `static`, `ipv4`, `ipv6`, `http`, `https`, nor one a
+    /// resolver registered.
     UnknownScheme(String),
+    /// A target of a registered scheme has nothing after its scheme and authority.
+    MissingEndpoint(String),
     /// A host is missing (e.g. `dns:///:50051`).
     MissingHost,
     /// The host is not a valid DNS name or IP literal.
@@ -84,8 +120,10 @@ impl fmt::Display for TargetError {
             Self::Empty => f.write_str("target is empty"),
             Self::UnknownScheme(s) => write!(
                 f,
-                "unknown target scheme {s:?} (expected dns, static, ipv4, ipv6, http or https)"
+                "unknown target scheme {s:?} (expected dns, static, ipv4, ipv6, http, https, \
+                 or a scheme registered with PoolBuilder::resolver_for_scheme)"
             ),
+            Self::MissingEndpoint(t) => write!(f, "target {t:?} has no endpoint after its scheme"),
             Self::MissingHost => f.write_str("target has no host"),
             Self::InvalidHost(h) => write!(f, "invalid host {h:?}"),
             Self::InvalidIpv6(h) => {
@@ -106,11 +144,24 @@ impl std::error::Error for TargetError {}
 impl Target {
     /// Parses a target string; see the [module docs](self) for the grammar.
     pub fn parse(target: &str) -> Result<Self, TargetError> {
+        Self::parse_with_schemes::<&str>(target, &[])
+    }
+
+    /// Parses a target string, letting these schemes of resolvers of your own through as
+    /// [`TargetKind::Custom`] (see the [module docs](self#schemes-of-your-own)). Schemes
+    /// match without regard to case; a built-in scheme in `schemes` changes nothing.
+    pub fn parse_with_schemes<S: AsRef<str>>(
+        target: &str,
+        schemes: &[S],
+    ) -> Result<Self, TargetError> {
         let source = target.trim();
         if source.is_empty() {
             return Err(TargetError::Empty);
         }
-        let (kind, tls) = parse_kind(source)?;
+        let custom = |scheme: &str| {
+            !is_built_in(scheme) && schemes.iter().any(|s| s.as_ref().eq_ignore_ascii_case(scheme))
+        };
+        let (kind, tls) = parse_kind(source, &custom)?;
         Ok(Self {
             source: source.to_owned(),
             kind,
@@ -134,7 +185,8 @@ impl Target {
     }
 
     /// The `:authority` requests carry by default: `host:port` for DNS targets, the first
-    /// address for static lists.
+    /// address for static lists; for a custom target its endpoint when that is a
+    /// `host[:port]`, else `localhost`.
     pub fn authority(&self) -> String {
         match &self.kind {
             TargetKind::Dns { host, port, .. } => {
@@ -145,6 +197,22 @@ impl Target {
                 }
             }
             TargetKind::Static(addrs) => addrs[0].to_string(),
+            TargetKind::Custom { endpoint, .. } => match endpoint_host(endpoint) {
+                Some(_) => endpoint.clone(),
+                None => "localhost".to_owned(),
+            },
+        }
+    }
+
+    /// The host name (or IP literal) the target names, which a TLS connector verifies the
+    /// server's certificate against: the host of a DNS target; the endpoint's host for a
+    /// custom target whose endpoint is a `host[:port]`; `None` for address lists and other
+    /// custom targets.
+    pub fn host(&self) -> Option<&str> {
+        match &self.kind {
+            TargetKind::Dns { host, .. } => Some(host),
+            TargetKind::Static(_) => None,
+            TargetKind::Custom { endpoint, .. } => endpoint_host(endpoint),
         }
     }
 }
@@ -163,8 +231,41 @@ impl fmt::Display for Target {
     }
 }
 
-fn parse_kind(s: &str) -> Result<(TargetKind, bool), TargetError> {
-    let Some((scheme, rest)) = split_scheme(s) else {
+fn is_built_in(scheme: &str) -> bool {
+    BUILT_IN_SCHEMES
+        .iter()
+        .any(|b| b.eq_ignore_ascii_case(scheme))
+}
+
+/// The host of a custom target's endpoint, when the endpoint is a valid `host[:port]`.
+fn endpoint_host(endpoint: &str) -> Option<&str> {
+    match parse_dns_host_port(None, endpoint, DEFAULT_GRPC_PORT) {
+        Ok(_) => split_host_port(endpoint).ok().map(|(host, _)| host),
+        Err(_) => None,
+    }
+}
+
+/// `scheme://authority/endpoint` or `scheme:endpoint`, for a scheme a resolver registered.
+fn parse_custom(scheme: &str, rest: &str, source: &str) -> Result<TargetKind, TargetError> {
+    let (authority, endpoint) = match rest.strip_prefix("//") {
+        Some(after) => after.split_once('/').unwrap_or((after, "")),
+        None => ("", rest),
+    };
+    if endpoint.is_empty() {
+        return Err(TargetError::MissingEndpoint(source.to_owned()));
+    }
+    Ok(TargetKind::Custom {
+        scheme: scheme.to_ascii_lowercase(),
+        authority: authority.to_owned(),
+        endpoint: endpoint.to_owned(),
+    })
+}
+
+fn parse_kind(
+    s: &str,
+    custom: &dyn Fn(&str) -> bool,
+) -> Result<(TargetKind, bool), TargetError> {
+    let Some((scheme, rest)) = split_scheme(s, custom) else {
         // No scheme: `host:port` or `host` means DNS.
         return Ok((parse_dns_host_port(None, s, DEFAULT_GRPC_PORT)?, false));
     };
@@ -233,13 +334,15 @@ fn parse_kind(s: &str) -> Result<(TargetKind, bool), TargetError> {
             })?;
             Ok((TargetKind::Static(addrs), false))
         }
+        other if custom(other) => Ok((parse_custom(other, rest, s)?, false)),
         other => Err(TargetError::UnknownScheme(other.to_owned())),
     }
 }
 
 /// Splits `scheme:rest` when `s` starts with a URI scheme. `host:port` is not a scheme: a
-/// scheme is followed by `//`, or is one of gRPC's schemes that take an opaque part.
-fn split_scheme(s: &str) -> Option<(&str, &str)> {
+/// scheme is followed by `//`, or is one of gRPC's schemes that take an opaque part, or a
+/// registered one (`custom`).
+fn split_scheme<'a>(s: &'a str, custom: &dyn Fn(&str) -> bool) -> Option<(&'a str, &'a str)> {
     let (scheme, rest) = s.split_once(':')?;
     let valid = !scheme.is_empty()
         && scheme.starts_with(|c: char| c.is_ascii_alphabetic())
@@ -249,10 +352,7 @@ fn split_scheme(s: &str) -> Option<(&str, &str)> {
     if !valid {
         return None;
     }
-    let opaque = matches!(
-        scheme.to_ascii_lowercase().as_str(),
-        "dns" | "ipv4" | "ipv6" | "static" | "http" | "https"
-    );
+    let opaque = is_built_in(scheme) || custom(scheme);
     if rest.starts_with("//") || opaque {
         Some((scheme, rest))
     } else {
@@ -581,5 +681,74 @@ mod tests {
     fn duplicates_in_a_list_collapse() {
         let t = Target::parse("static:///127.0.0.1:1,127.0.0.1:1").unwrap();
         assert_eq!(t.kind(), &TargetKind::Static(vec![sa("127.0.0.1:1")]));
+    }
+
+    /// A registered scheme's targets split into scheme, authority and endpoint (gRPC's
+    /// naming), with the host and `:authority` their endpoint gives; unregistered, the same
+    /// targets are unknown schemes; a built-in scheme cannot be registered over.
+    #[test]
+    fn custom_schemes() {
+        let schemes = ["k8s", "consul", "mesh"];
+        let custom = |scheme: &str, authority: &str, endpoint: &str| TargetKind::Custom {
+            scheme: scheme.into(),
+            authority: authority.into(),
+            endpoint: endpoint.into(),
+        };
+        let cases = [
+            // target, kind, host, authority()
+            (
+                "k8s:///ns/svc:8080",
+                custom("k8s", "", "ns/svc:8080"),
+                None,
+                "localhost",
+            ),
+            (
+                "K8S:ns/svc",
+                custom("k8s", "", "ns/svc"),
+                None,
+                "localhost",
+            ),
+            (
+                "consul://127.0.0.1:8500/billing",
+                custom("consul", "127.0.0.1:8500", "billing"),
+                Some("billing"),
+                "billing",
+            ),
+            (
+                "mesh:///billing.internal:443",
+                custom("mesh", "", "billing.internal:443"),
+                Some("billing.internal"),
+                "billing.internal:443",
+            ),
+        ];
+        for (input, kind, host, authority) in cases {
+            let t = Target::parse_with_schemes(input, &schemes)
+                .unwrap_or_else(|e| panic!("{input}: {e}"));
+            assert_eq!(t.kind(), &kind, "{input}");
+            assert_eq!(t.host(), host, "{input}");
+            assert_eq!(t.authority(), authority, "{input}");
+            assert!(!t.is_tls());
+            // (`k8s:ns/svc`, without `//`, reads as a host and port when unregistered.)
+            let scheme = input.split(':').next().unwrap().to_ascii_lowercase();
+            if !input.contains("//") {
+                continue;
+            }
+            assert_eq!(
+                Target::parse(input),
+                Err(TargetError::UnknownScheme(scheme)),
+                "{input} unregistered"
+            );
+        }
+        for input in ["k8s://", "k8s://authority", "k8s:", "k8s:///"] {
+            assert_eq!(
+                Target::parse_with_schemes(input, &schemes),
+                Err(TargetError::MissingEndpoint(input.into())),
+                "{input}"
+            );
+        }
+        let dns = Target::parse_with_schemes("dns:///svc:1", &["dns"]).unwrap();
+        assert!(matches!(dns.kind(), TargetKind::Dns { .. }));
+        assert_eq!(dns.host(), Some("svc"));
+        assert_eq!(Target::parse("static:///127.0.0.1:1").unwrap().host(), None);
     }
 }

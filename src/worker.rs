@@ -11,7 +11,10 @@
 //!   still listed keep their connections, removed ones drain (no new calls; calls in flight
 //!   finish, bounded by the drain timeout);
 //! - a failed or empty answer keeps the last good set and is retried with backoff; the pool
-//!   is TransientFailure only if no good answer ever came.
+//!   is TransientFailure only if no good answer ever came;
+//! - a pool whose addresses are pushed ([`Push`](crate::resolve::Push)) resolves nothing: each
+//!   pushed set arrives as mail and is applied as an answer is, except that an empty set is
+//!   taken at its word (every address drains, the pool is TransientFailure).
 //!
 //! Everything that asks it for something arrives in its one mailbox (`mailbox.rs`). It ends as
 //! soon as the last [`Pool`](crate::Pool) handle is dropped (the mailbox closes) or
@@ -36,16 +39,16 @@ use crate::error::Error;
 use crate::growth;
 use crate::mailbox::{Inbox, Mail};
 use crate::registry::Shared;
-use crate::resolve::{Resolution, Resolve, ResolveError};
+use crate::resolve::{Resolution, Resolve, ResolveError, Source};
 use crate::state::{wait_until, ConnectivityState};
-use crate::target::TargetKind;
 use crate::BoxFuture;
 
 #[derive(Debug)]
 pub(crate) struct Worker {
     shared: Arc<Shared>,
     connector: Arc<dyn Connect>,
-    resolver: Arc<dyn Resolve>,
+    /// The resolver; `None` when the addresses are pushed (they arrive as mail).
+    resolver: Option<Arc<dyn Resolve>>,
     inbox: Inbox,
     tasks: JoinSet<()>,
     rng: FastRng,
@@ -58,9 +61,17 @@ impl Worker {
     pub(crate) fn new(
         shared: Arc<Shared>,
         connector: Arc<dyn Connect>,
-        resolver: Arc<dyn Resolve>,
+        addresses: Source,
         inbox: Inbox,
     ) -> Self {
+        let resolver = match addresses {
+            Source::Resolver(resolver) => Some(resolver),
+            Source::Push(push) => {
+                // From now on every change of the set is posted to this worker.
+                push.attach(Box::new(shared.mailbox().clone()));
+                None
+            }
+        };
         Self {
             shared,
             connector,
@@ -81,6 +92,8 @@ impl Worker {
             shared.request_connect();
         }
         let mut connect_rx = shared.subscribe_connect();
+        // The last pushed set that arrived while Idle, applied on leaving it.
+        let mut pushed_while_idle = None;
         // Idle until asked to connect.
         loop {
             tokio::select! {
@@ -91,16 +104,29 @@ impl Worker {
                     None => return self.shutdown(None).await,
                     // Nothing to resolve or grow while Idle.
                     Some(Mail::Reresolve | Mail::Grow(_)) => {}
+                    // Each set is whole: only the last one counts.
+                    Some(Mail::Addresses(set)) => pushed_while_idle = Some(set),
                 },
                 _ = wait_until(&mut connect_rx, |requested| *requested) => break,
             }
         }
         let reply;
-        shared.set_no_endpoints_state(ConnectivityState::Connecting, "resolving");
+        shared.set_no_endpoints_state(
+            ConnectivityState::Connecting,
+            if self.resolver.is_some() {
+                "resolving"
+            } else {
+                "waiting for pushed addresses"
+            },
+        );
 
         let mut resolve_backoff = Backoff::new(config.backoff.clone(), self.rng.next_u64());
-        // Resolve at once; afterwards this holds when to resolve next.
-        let mut next_resolution = Some(Instant::now());
+        if let Some(set) = pushed_while_idle {
+            self.on_push(set, &mut resolve_backoff);
+        }
+        // Resolve at once (pushed addresses are not resolved); afterwards this holds when to
+        // resolve next.
+        let mut next_resolution = self.resolver.is_some().then(Instant::now);
         // A lookup under way. It is polled inside the select below, not awaited in a branch,
         // so that close() or the last handle's drop is seen even while a lookup hangs.
         let mut resolving: Option<BoxFuture<'static, Result<Resolution, ResolveError>>> = None;
@@ -137,6 +163,7 @@ impl Worker {
                         shared.growth.take(addr);
                         self.grow(addr);
                     }
+                    Some(Mail::Addresses(set)) => self.on_push(set, &mut resolve_backoff),
                 },
                 Some(joined) = self.tasks.join_next(), if !self.tasks.is_empty() => {
                     if let Err(e) = joined {
@@ -147,8 +174,10 @@ impl Worker {
                     }
                 }
                 _ = sleep, if resolving.is_none() => {
-                    self.last_resolution = Some(Instant::now());
-                    resolving = Some(self.resolver.resolve(&shared.target));
+                    if let Some(resolver) = &self.resolver {
+                        self.last_resolution = Some(Instant::now());
+                        resolving = Some(resolver.resolve(&shared.target));
+                    }
                 }
                 answer = async { resolving.as_mut().expect("guarded by the branch condition").await }, if resolving.is_some() => {
                     resolving = None;
@@ -159,9 +188,31 @@ impl Worker {
         self.shutdown(reply).await
     }
 
-    /// Whether the target can change over time (literal addresses cannot).
+    /// Whether the target is resolved again over time (literal addresses are not, and
+    /// pushed ones are never resolved).
     fn is_dynamic(&self) -> bool {
-        crate::resolve::StaticResolver::literal(&self.shared.target).is_none()
+        self.resolver.is_some()
+            && crate::resolve::StaticResolver::literal(&self.shared.target).is_none()
+    }
+
+    /// Applies a pushed address set. A non-empty one takes the path of a resolver's answer;
+    /// an empty one is the caller saying there are no servers (not a failed lookup, which
+    /// keeps the last good set): every address drains and the pool is TransientFailure
+    /// until an address comes.
+    fn on_push(&mut self, addresses: Vec<SocketAddr>, backoff: &mut Backoff) {
+        if addresses.is_empty() {
+            tracing::info!(target = %self.shared.target, "every pushed address removed");
+            // Before the drain, so that the pool goes straight there, not through Connecting.
+            self.shared.set_no_endpoints_state(
+                ConnectivityState::TransientFailure,
+                "every pushed address was removed",
+            );
+            self.apply(&[]);
+        } else {
+            // Pushed pools are not dynamic: this never schedules a resolution.
+            let next = self.on_resolution(Ok(Resolution::new(addresses, None)), backoff);
+            debug_assert!(next.is_none());
+        }
     }
 
     /// Applies a resolution; returns when to resolve next.
@@ -263,10 +314,11 @@ impl Worker {
         let shared = &self.shared;
         let (control, control_rx) = watch::channel(Control::Run);
         let (id, stats) = shared.add_connection(addr, &keepalive, control);
-        let host = match shared.target.kind() {
-            TargetKind::Dns { host, .. } => host.clone(),
-            TargetKind::Static(_) => addr.ip().to_string(),
-        };
+        // The name the target gives the servers, else the address itself.
+        let host = shared
+            .target
+            .host()
+            .map_or_else(|| addr.ip().to_string(), str::to_owned);
         let slot = conn::Slot {
             id,
             dst: Destination {

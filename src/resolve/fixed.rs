@@ -26,6 +26,8 @@ impl StaticResolver {
                 .parse::<IpAddr>()
                 .ok()
                 .map(|ip| vec![SocketAddr::new(ip, *port)]),
+            // Only its own resolver knows what a custom target means.
+            TargetKind::Custom { .. } => None,
         }
     }
 }

@@ -6,17 +6,26 @@
 //! for address lists and IP literals, [`DnsResolver`] (hickory, with the answer's TTL, used for
 //! host names by default) and [`SystemResolver`], the operating system's resolver
 //! (`getaddrinfo` through tokio, no TTL).
+//!
+//! A resolver of your own can own a scheme of its own (`k8s:///ns/svc:8080`, see
+//! [`PoolBuilder::resolver_for_scheme`](crate::PoolBuilder::resolver_for_scheme)). Callers
+//! who already have a discovery stream push addresses instead, with a [`Push`] handle (see
+//! the [`push`] module docs): the pool then resolves nothing.
 
 mod dns;
 mod fixed;
+pub mod push;
 mod system;
 
 use std::fmt;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 pub use dns::DnsResolver;
 pub use fixed::StaticResolver;
+pub(crate) use push::AddressSink;
+pub use push::Push;
 pub use system::SystemResolver;
 
 use crate::target::Target;
@@ -102,4 +111,13 @@ impl std::error::Error for ResolveError {
 pub trait Resolve: fmt::Debug + Send + Sync + 'static {
     /// Resolves `target` once.
     fn resolve(&self, target: &Target) -> BoxFuture<'static, Result<Resolution, ResolveError>>;
+}
+
+/// Where a pool's addresses come from.
+#[derive(Debug)]
+pub(crate) enum Source {
+    /// A resolver the worker asks when it wants a fresh answer.
+    Resolver(Arc<dyn Resolve>),
+    /// A set the caller pushes ([`Push`]); nothing is resolved.
+    Push(Push),
 }

@@ -356,7 +356,11 @@ impl PoolBuilder {
     /// It does not wait for connections: use [`Pool::wait_ready`] for that. Errors (never
     /// panics) on a malformed target, an out-of-range setting, or when there is no runtime.
     pub fn build(self) -> Result<Pool, Error> {
-        let schemes: Vec<&str> = self.scheme_resolvers.iter().map(|(s, _)| s.as_str()).collect();
+        let schemes: Vec<&str> = self
+            .scheme_resolvers
+            .iter()
+            .map(|(s, _)| s.as_str())
+            .collect();
         let target =
             Target::parse_with_schemes(&self.target, &schemes).map_err(Error::invalid_target)?;
         if let Some(invalid) = self.invalid {

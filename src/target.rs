@@ -159,7 +159,10 @@ impl Target {
             return Err(TargetError::Empty);
         }
         let custom = |scheme: &str| {
-            !is_built_in(scheme) && schemes.iter().any(|s| s.as_ref().eq_ignore_ascii_case(scheme))
+            !is_built_in(scheme)
+                && schemes
+                    .iter()
+                    .any(|s| s.as_ref().eq_ignore_ascii_case(scheme))
         };
         let (kind, tls) = parse_kind(source, &custom)?;
         Ok(Self {
@@ -261,10 +264,7 @@ fn parse_custom(scheme: &str, rest: &str, source: &str) -> Result<TargetKind, Ta
     })
 }
 
-fn parse_kind(
-    s: &str,
-    custom: &dyn Fn(&str) -> bool,
-) -> Result<(TargetKind, bool), TargetError> {
+fn parse_kind(s: &str, custom: &dyn Fn(&str) -> bool) -> Result<(TargetKind, bool), TargetError> {
     let Some((scheme, rest)) = split_scheme(s, custom) else {
         // No scheme: `host:port` or `host` means DNS.
         return Ok((parse_dns_host_port(None, s, DEFAULT_GRPC_PORT)?, false));
@@ -702,12 +702,7 @@ mod tests {
                 None,
                 "localhost",
             ),
-            (
-                "K8S:ns/svc",
-                custom("k8s", "", "ns/svc"),
-                None,
-                "localhost",
-            ),
+            ("K8S:ns/svc", custom("k8s", "", "ns/svc"), None, "localhost"),
             (
                 "consul://127.0.0.1:8500/billing",
                 custom("consul", "127.0.0.1:8500", "billing"),

@@ -79,8 +79,7 @@ impl Pushed {
     fn publish(&mut self) {
         self.changed = true;
         let addresses = &self.addresses;
-        self.pools
-            .retain(|pool| pool.send(addresses.clone()));
+        self.pools.retain(|pool| pool.send(addresses.clone()));
     }
 }
 
@@ -194,7 +193,10 @@ mod tests {
         );
         pool.gone.store(true, std::sync::atomic::Ordering::Relaxed);
         push.insert(sa("127.0.0.5:1"));
-        assert!(push.inner.lock().pools.is_empty(), "the closed pool is dropped");
+        assert!(
+            push.inner.lock().pools.is_empty(),
+            "the closed pool is dropped"
+        );
     }
 
     /// A pool attached to a handle nobody changed gets nothing (it waits for an address); one

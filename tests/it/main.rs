@@ -5,6 +5,7 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod discovery;
 mod dns_resolver;
 mod faults;
 mod generated_clients;

@@ -297,8 +297,9 @@ impl PoolBuilder {
     /// into [`TargetKind::Custom`](crate::target::TargetKind::Custom) (gRPC's
     /// `scheme://authority/endpoint`) and this resolver resolves it. Register as many schemes
     /// as you like; a target whose scheme nobody registered stays an unknown-scheme error.
-    /// The built-in schemes (`dns`, `static`, `ipv4`, `ipv6`, `http`, `https`) cannot be
-    /// taken over: [`resolver`](Self::resolver) replaces the resolver of those.
+    /// The built-in schemes (`dns`, `static`, `ipv4`, `ipv6`, `http`, `https`, and gRPC's
+    /// `unix`, `unix-abstract`) cannot be taken over: [`resolver`](Self::resolver) replaces
+    /// the resolver of the first six.
     ///
     /// What such a target carries as `:authority`, and the host name a TLS connector
     /// verifies, come from its endpoint when that is a `host[:port]` (see
@@ -320,8 +321,8 @@ impl PoolBuilder {
             .any(|b| b.eq_ignore_ascii_case(scheme))
         {
             self.invalid = Some(format!(
-                "resolver_for_scheme: {scheme:?} is a built-in scheme (use .resolver(…) to \
-                 replace its resolver)"
+                "resolver_for_scheme: {scheme:?} is a scheme of the target syntax's own (use \
+                 .resolver(…) to replace the resolver of dns, static, ipv4, ipv6, http, https)"
             ));
         } else {
             let scheme = scheme.to_ascii_lowercase();

@@ -11,6 +11,7 @@
 //! | `http://host:port`, `https://host:port` | DNS as above; the scheme sets plaintext or TLS; default ports 80 and 443 |
 //! | `static:///1.2.3.4:50051,[::1]:50051` | exactly these addresses, never resolved; ports required |
 //! | `ipv4:1.2.3.4[:port],…`, `ipv6:[::1][:port],…` | gRPC's literal lists; port 443 when omitted |
+//! | `unix:path`, `unix:///abs/path`, `unix-abstract:name` | refused: [`TargetError::UnsupportedScheme`] (endpoints are IP socket addresses) |
 //! | `scheme://[authority]/endpoint`, `scheme:endpoint` | a scheme of your own, e.g. `k8s:///ns/svc:8080`: [`TargetKind::Custom`], resolved by the resolver registered for it |
 //!
 //! A host that is an IP literal is used as is, without a DNS query. IPv6 literals go in
@@ -79,8 +80,18 @@ pub enum TargetKind {
     },
 }
 
-/// The schemes the parser knows itself; a resolver cannot register them.
-pub(crate) const BUILT_IN_SCHEMES: &[&str] = &["dns", "static", "ipv4", "ipv6", "http", "https"];
+/// The schemes the parser knows itself (the last two only to refuse them clearly); a resolver
+/// cannot register them.
+pub(crate) const BUILT_IN_SCHEMES: &[&str] = &[
+    "dns",
+    "static",
+    "ipv4",
+    "ipv6",
+    "http",
+    "https",
+    "unix",
+    "unix-abstract",
+];
 
 /// Why a target string could not be parsed.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -93,6 +104,9 @@ pub enum TargetError {
     UnknownScheme(String),
     /// A target of a registered scheme has nothing after its scheme and authority.
     MissingEndpoint(String),
+    /// A scheme of gRPC's naming that the pool does not support: `unix` and `unix-abstract`
+    /// (its endpoints are IP socket addresses).
+    UnsupportedScheme(String),
     /// A host is missing (e.g. `dns:///:50051`).
     MissingHost,
     /// The host is not a valid DNS name or IP literal.
@@ -124,6 +138,11 @@ impl fmt::Display for TargetError {
                  or a scheme registered with PoolBuilder::resolver_for_scheme)"
             ),
             Self::MissingEndpoint(t) => write!(f, "target {t:?} has no endpoint after its scheme"),
+            Self::UnsupportedScheme(s) => write!(
+                f,
+                "target scheme {s:?} is not supported (the pool connects to IP addresses; \
+                 Unix domain socket targets are not implemented)"
+            ),
             Self::MissingHost => f.write_str("target has no host"),
             Self::InvalidHost(h) => write!(f, "invalid host {h:?}"),
             Self::InvalidIpv6(h) => {
@@ -333,6 +352,9 @@ fn parse_kind(s: &str, custom: &dyn Fn(&str) -> bool) -> Result<(TargetKind, boo
                     .map_err(|_| TargetError::InvalidAddress(host.to_owned()))
             })?;
             Ok((TargetKind::Static(addrs), false))
+        }
+        scheme @ ("unix" | "unix-abstract") => {
+            Err(TargetError::UnsupportedScheme(scheme.to_owned()))
         }
         other if custom(other) => Ok((parse_custom(other, rest, s)?, false)),
         other => Err(TargetError::UnknownScheme(other.to_owned())),
@@ -618,7 +640,12 @@ mod tests {
             ("", Empty),
             ("   ", Empty),
             ("ftp://host:1", UnknownScheme("ftp".into())),
-            ("unix:///tmp/sock", UnknownScheme("unix".into())),
+            ("unix:///tmp/sock", UnsupportedScheme("unix".into())),
+            ("unix:relative/sock", UnsupportedScheme("unix".into())),
+            (
+                "unix-abstract:name",
+                UnsupportedScheme("unix-abstract".into()),
+            ),
             ("dns:///:50051", MissingHost),
             ("dns://", MissingHost),
             ("dns:///", MissingHost),

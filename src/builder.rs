@@ -305,6 +305,34 @@ impl PoolBuilder {
     /// verifies, come from its endpoint when that is a `host[:port]` (see
     /// [`Target::host`]); [`origin`](Self::origin) sets them otherwise.
     ///
+    /// ```no_run
+    /// use tonic_pool::resolve::{BoxFuture, Resolution, Resolve, ResolveError};
+    /// use tonic_pool::target::{Target, TargetKind};
+    ///
+    /// /// Resolves `k8s:///namespace/service:port` (from an EndpointSlice watch, elided).
+    /// #[derive(Debug)]
+    /// struct K8s;
+    ///
+    /// impl Resolve for K8s {
+    ///     fn resolve(&self, target: &Target) -> BoxFuture<'static, Result<Resolution, ResolveError>> {
+    ///         let TargetKind::Custom { endpoint, .. } = target.kind() else {
+    ///             return Box::pin(async { Err(ResolveError::new("not a k8s target")) });
+    ///         };
+    ///         let endpoint = endpoint.clone(); // "billing/api:50051"
+    ///         Box::pin(async move {
+    ///             let addresses: Vec<std::net::SocketAddr> = Vec::new(); // look `endpoint` up
+    ///             Ok(Resolution::new(addresses, None))
+    ///         })
+    ///     }
+    /// }
+    ///
+    /// # fn run() -> Result<(), tonic_pool::Error> {
+    /// let pool = tonic_pool::Pool::builder("k8s:///billing/api:50051")
+    ///     .resolver_for_scheme("k8s", K8s)
+    ///     .build()?;
+    /// # Ok(()) }
+    /// ```
+    ///
     /// Defaults to no schemes of your own.
     pub fn resolver_for_scheme(mut self, scheme: &str, resolver: impl Resolve) -> Self {
         let valid = scheme.starts_with(|c: char| c.is_ascii_alphabetic())

@@ -91,6 +91,9 @@
 //! watch) → the leaves ([`connector`], [`resolve`], [`target`], [`state`], config, errors).
 //! `ARCHITECTURE.md` in the repository gives each module's one job.
 //!
+//! - Addresses come from resolving the target (DNS, address lists, or a resolver of your own
+//!   that owns its scheme: [`PoolBuilder::resolver_for_scheme`]), or are pushed by a caller
+//!   with its own discovery stream ([`resolve::Push`], [`PoolBuilder::discovery`]).
 //! - The worker (one task per pool) owns resolution and the connection slots; each slot owns
 //!   one h2 connection (driven by its own task) and runs gRPC's state machine with its own
 //!   backoff. Calls open their HTTP/2 streams from the caller's task.

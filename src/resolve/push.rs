@@ -38,6 +38,9 @@
 //!   TransientFailure — calls fail fast with UNAVAILABLE, or wait for an address with
 //!   wait-for-ready — until an address is added. (An empty DNS answer, by contrast, is taken
 //!   for a broken lookup: the pool keeps the last good set.)
+//! - **A server that goes away** without being removed keeps its place: its connections
+//!   back off and reconnect as any do (calls go to the other addresses meanwhile), since the
+//!   pool has nothing to ask for a fresh set. Remove it when your discovery says it is gone.
 //! - **Dropping every handle** changes nothing: the pool keeps the last set for its life.
 //! - **One handle, several pools**: each pool given a clone follows the same set.
 

@@ -363,8 +363,8 @@ impl PoolBuilder {
     /// Takes the pool's addresses from `addresses`, a set the caller pushes to as its own
     /// discovery sees servers come and go, instead of resolving the target; see
     /// [`Push`](crate::resolve::Push). The target still names the service: its host is the
-    /// `:authority` and the TLS host name, but it is never resolved. Cannot be combined with
-    /// a resolver.
+    /// `:authority` and the TLS host name, but it is never resolved (the addresses of a
+    /// `static:///` target are not used either). Cannot be combined with a resolver.
     ///
     /// Defaults to resolving the target.
     pub fn discovery(mut self, addresses: Push) -> Self {

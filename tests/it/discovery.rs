@@ -6,6 +6,8 @@ use crate::support;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use support::common::{builder, client, echo, wait_all_ready, wait_endpoint, WAIT};
 use support::echo::EchoRequest;
@@ -67,6 +69,49 @@ async fn a_resolver_of_your_own_owns_its_scheme() {
     }
     let authority = client.unary(echo("authority?")).await.expect("call");
     assert_eq!(authority.into_inner().message, "localhost");
+    pool.close().await.expect("clean close");
+}
+
+/// A directory whose answer the test changes.
+#[derive(Debug, Default, Clone)]
+struct Changing(Arc<Mutex<Vec<SocketAddr>>>);
+
+impl Resolve for Changing {
+    fn resolve(&self, _target: &Target) -> BoxFuture<'static, Result<Resolution, ResolveError>> {
+        let addrs = self
+            .0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        Box::pin(std::future::ready(Ok(Resolution::new(addrs, None))))
+    }
+}
+
+/// A custom target is resolved again as a DNS name is (when its answer's time is up): an
+/// address the resolver starts returning gets connections, one it stops returning drains.
+#[tokio::test]
+async fn a_custom_target_is_resolved_again() {
+    let s1 = TestServer::start(loopback(90));
+    let s2 = TestServer::start(loopback(91));
+    let directory = Changing::default();
+    directory.0.lock().unwrap().push(s1.addr());
+    let pool = builder("consul:///echo")
+        .resolver_for_scheme("consul", directory.clone())
+        .resolve_ttl_bounds(Duration::from_millis(50), Duration::from_millis(100))
+        .build()
+        .expect("valid pool");
+    wait_all_ready(&pool, 1).await;
+    *directory.0.lock().unwrap() = vec![s2.addr()];
+    wait_endpoint(&pool, s2.addr(), ConnectivityState::Ready).await;
+    assert!(
+        pool.wait_until(WAIT, |s| s.endpoint(s1.addr()).is_none_or(|e| e.draining))
+            .await,
+        "{:#?}",
+        pool.snapshot()
+    );
+    // `echo` is a host name: it is the `:authority`.
+    let reply = client(&pool).unary(echo("authority?")).await.expect("call");
+    assert_eq!(reply.into_inner().message, "echo");
     pool.close().await.expect("clean close");
 }
 

@@ -74,7 +74,7 @@ pub mod resolve;
 pub mod state;
 pub mod stream;
 pub mod target;
-/// The tuner behind the `tonic-pool-tune` binary (feature `tune`); a tool, not the pool's API.
+// The tuner behind the `tonic-pool-tune` binary: a tool, not the pool's API.
 #[cfg(feature = "tune")]
 pub mod tune;
 

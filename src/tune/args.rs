@@ -265,7 +265,7 @@ fn parse_hex(text: &str) -> Result<Bytes, UsageError> {
         .bytes()
         .filter(|b| !b.is_ascii_whitespace())
         .collect();
-    if digits.len() % 2 != 0 {
+    if !digits.len().is_multiple_of(2) {
         return Err(bad("an odd number of hex digits"));
     }
     if digits.len() / 2 > MAX_REQUEST_BYTES {

@@ -15,7 +15,8 @@ const MAX_SHIFT: usize = 34;
 /// Every bucket: the exact ones, then 32 per power of two up to `MAX_SHIFT`.
 const BUCKETS: usize = (MAX_SHIFT + 2) * SUB_BUCKETS;
 
-/// A latency histogram of fixed size; see the [module docs](self).
+/// A latency histogram of fixed size: 32 buckets per power of two (about 3 % precise),
+/// exact below 64 µs, so its memory does not grow with the calls it counts.
 #[derive(Clone, Debug)]
 pub struct Latencies {
     counts: Box<[u64]>,

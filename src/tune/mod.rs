@@ -6,7 +6,7 @@
 //! of which a client can see. So the tuner measures:
 //!
 //! - [`sweep`]: which N to try (doubling, then bisecting below the knee) and the knee rule;
-//! - [`step`](self::step): one N: a fresh [`Pool`](crate::Pool), `--concurrency` calls in
+//! - [`step`]: one N: a fresh [`Pool`](crate::Pool), `--concurrency` calls in
 //!   flight for `--step-duration`, latencies in a fixed-size [`Latencies`] histogram, failed
 //!   calls by code and, with `--backend-header`, which backend answered each call;
 //! - [`RawCodec`]: requests and responses as raw message bytes over tonic's `Grpc`, so no

@@ -42,19 +42,33 @@ struct Bests {
 }
 
 impl Bests {
+    /// The bests over the steps that could be a knee: few errors and, when backends are
+    /// known, balanced. An N that leaves backends idle or uneven may well post the best
+    /// req/s (fewer, busier connections), but it is not one to recommend, so it must not set
+    /// the bar the others are held to.
     fn of(steps: &[Step]) -> Self {
-        let usable = || steps.iter().filter(|s| s.error_rate() <= MAX_ERROR_RATE);
-        Self {
-            rate: usable().map(Step::req_per_sec).fold(0.0, f64::max),
-            p99: usable()
-                .filter_map(|s| s.p99())
-                .map(|p| p.as_secs_f64())
-                .fold(f64::INFINITY, f64::min),
+        let mut bests = Self {
+            rate: 0.0,
+            p99: f64::INFINITY,
             backends: steps
                 .iter()
                 .flat_map(|s| s.backends.keys().cloned())
                 .collect(),
-        }
+        };
+        let candidates: Vec<&Step> = steps
+            .iter()
+            .filter(|s| s.error_rate() <= MAX_ERROR_RATE && bests.balanced(s))
+            .collect();
+        bests.rate = candidates
+            .iter()
+            .map(|s| s.req_per_sec())
+            .fold(0.0, f64::max);
+        bests.p99 = candidates
+            .iter()
+            .filter_map(|s| s.p99())
+            .map(|p| p.as_secs_f64())
+            .fold(f64::INFINITY, f64::min);
+        bests
     }
 
     /// Whether the calls of `step` spread well enough over the known backends (true when
@@ -90,7 +104,8 @@ pub enum KneeKind {
 
 /// The knee of `steps`: the smallest N whose req/s is within 5 % of the best, whose p99 is
 /// within 10 % of the best p99 and, when backends are known, whose least-used backend took
-/// at least 0.8 of the busiest one's calls; steps with over 1 % failed calls never qualify.
+/// at least 0.8 of the busiest one's calls; steps with over 1 % failed calls never qualify,
+/// and the bests are taken over the steps that could qualify (few errors, balanced).
 /// When no step meets every condition, the fallback is named by [`KneeKind::BestRate`].
 /// `None` if no step has calls enough to judge.
 pub fn knee(steps: &[Step]) -> Option<(usize, KneeKind)> {
@@ -271,6 +286,21 @@ mod tests {
             ),
         ];
         assert_eq!(knee(&steps), Some((4, KneeKind::Knee)));
+    }
+
+    /// An unbalanced step does not set the bests either: N = 7 over four backends may post
+    /// the best req/s, and must not push the balanced steps out of the knee's 5 %.
+    #[test]
+    fn unbalanced_steps_do_not_set_the_bests() {
+        let even = [("a", 100), ("b", 100), ("c", 100), ("d", 100)];
+        let uneven = [("a", 200), ("b", 200), ("c", 200), ("d", 100)];
+        let steps = [
+            step(4, 400, 180, &even),
+            step(7, 720, 130, &uneven),
+            step(8, 650, 180, &even),
+            step(16, 660, 165, &even),
+        ];
+        assert_eq!(knee(&steps), Some((8, KneeKind::Knee)));
     }
 
     /// A step with over 1 % failed calls is never the knee, and does not set the bests.

@@ -62,7 +62,7 @@ async fn recommended_n_spreads_calls_over_every_backend_behind_an_l4_balancer() 
         })
         .collect();
     let addrs: Vec<_> = backends.iter().map(TestServer::addr).collect();
-    let balancer = TestProxy::start_round_robin(loopback(1), &addrs);
+    let balancer = TestProxy::try_start_round_robin(loopback(1), &addrs).unwrap();
     let target = format!("static:///{}", balancer.addr());
 
     let mut options = options(&target, 16);

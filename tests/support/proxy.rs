@@ -39,7 +39,7 @@
 //!   and every connection are closed at once with a plain close (FIN; the
 //!   kernel sends RST instead where unread bytes are pending).
 //!
-//! - [`TestProxy::start_round_robin`] makes it an L4 load balancer in the way a cloud
+//! - [`TestProxy::try_start_round_robin`] makes it an L4 load balancer in the way a cloud
 //!   SLB is one: each new connection goes to the next of several upstreams in turn, and
 //!   every byte of that connection then stays with that upstream (it spreads connections,
 //!   not calls).
@@ -230,16 +230,8 @@ impl TestProxy {
     }
 
     /// Starts an L4 load balancer on `listen`: each accepted connection goes to the next
-    /// of `upstreams` in turn (see the [module docs](self)); panics if it cannot bind or
+    /// of `upstreams` in turn (see the [module docs](self)). Fails if it cannot bind or
     /// `upstreams` is empty.
-    pub fn start_round_robin(listen: SocketAddr, upstreams: &[SocketAddr]) -> TestProxy {
-        match Self::try_start_round_robin(listen, upstreams) {
-            Ok(proxy) => proxy,
-            Err(err) => panic!("TestProxy: cannot start on {listen}: {err}"),
-        }
-    }
-
-    /// Like [`TestProxy::start_round_robin`], returning the error instead of panicking.
     pub fn try_start_round_robin(
         listen: SocketAddr,
         upstreams: &[SocketAddr],

@@ -191,9 +191,14 @@ impl Report {
         );
         let _ = writeln!(
             svg,
-            r#"<text x="{}" y="22" text-anchor="middle" font-size="14">{}</text>"#,
-            WIDTH / 2.0,
+            r#"<text x="{LEFT}" y="24" font-size="14">{}</text>"#,
             escape(&format!("tonic-pool-tune: {}", self.target))
+        );
+        // The legend, above the plot so that it never covers a point.
+        let _ = writeln!(
+            svg,
+            r##"<text x="{:.1}" y="24" text-anchor="end"><tspan fill="#1f77b4">&#9679; req/s (left)</tspan>  <tspan fill="#d62728">&#9679; p99 ms (right)</tspan></text>"##,
+            LEFT + plot_w
         );
         // Axes and horizontal grid, five divisions of each y axis.
         let _ = writeln!(
@@ -283,19 +288,6 @@ impl Report {
             .collect();
         series(&mut svg, &rate, "#1f77b4");
         series(&mut svg, &p99, "#d62728");
-        // Legend.
-        let _ = writeln!(
-            svg,
-            r##"<text x="{:.1}" y="{:.1}" fill="#1f77b4">&#9679; req/s</text>"##,
-            LEFT + 8.0,
-            TOP + plot_h - 24.0
-        );
-        let _ = writeln!(
-            svg,
-            r##"<text x="{:.1}" y="{:.1}" fill="#d62728">&#9679; p99 (ms)</text>"##,
-            LEFT + 8.0,
-            TOP + plot_h - 8.0
-        );
         svg.push_str("</svg>\n");
         svg
     }
@@ -320,10 +312,17 @@ fn series(svg: &mut String, points: &[(f64, f64)], color: &str) {
     }
 }
 
-/// A round top for an axis: the largest value plus 10 %, at least 1.
+/// A round top for an axis, at least 10 % above the largest value (and at least 1), so
+/// that its five grid lines get round labels.
 fn nice_max(values: impl Iterator<Item = f64>) -> f64 {
     let max = values.filter(|v| v.is_finite()).fold(0.0, f64::max);
-    (max * 1.1).max(1.0)
+    let wanted = (max * 1.1).max(1.0);
+    let power = 10f64.powf(wanted.log10().floor());
+    [1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0]
+        .iter()
+        .map(|f| f * power)
+        .find(|&top| top >= wanted)
+        .unwrap_or(10.0 * power)
 }
 
 /// Escapes text for SVG.
@@ -396,5 +395,15 @@ mod tests {
         assert_eq!(svg.matches("<polyline").count(), 2);
         assert_eq!(svg.matches("<circle").count(), 6);
         assert!(svg.contains("1:1&lt;&amp;&gt;") && !svg.contains("<&>"));
+    }
+
+    /// Axis tops are round and above the data: 1121 req/s gets 1500, 0.4 ms gets 1.
+    #[test]
+    fn axis_tops_are_round() {
+        assert_eq!(nice_max([1121.0].into_iter()), 1500.0);
+        assert_eq!(nice_max([509.0, 12.0].into_iter()), 600.0);
+        assert_eq!(nice_max([0.4].into_iter()), 1.0);
+        assert_eq!(nice_max([95.0].into_iter()), 150.0);
+        assert_eq!(nice_max(std::iter::empty()), 1.0);
     }
 }

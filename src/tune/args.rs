@@ -211,7 +211,11 @@ where
             _ => return Err(UsageError::new(format!("unknown option {name}"))),
         }
     }
-    options.target = target.ok_or_else(|| UsageError::new("missing TARGET"))?;
+    let target = target.ok_or_else(|| UsageError::new("missing TARGET"))?;
+    // Checked here, so that a typo is a usage error before anything is measured.
+    crate::Target::parse(&target)
+        .map_err(|why| UsageError::new(format!("TARGET {target:?}: {why}")))?;
+    options.target = target;
     Ok(Command::Run(Box::new(options)))
 }
 
@@ -327,6 +331,9 @@ fn parse_count(option: &str, text: &str, max: usize) -> Result<usize, UsageError
 mod tests {
     use super::*;
 
+    /// A valid target, for the tests about other arguments.
+    const T: &str = "static:///127.0.0.1:1";
+
     fn run(args: &[&str]) -> Result<Options, UsageError> {
         match parse_args(args.iter().copied())? {
             Command::Run(options) => Ok(*options),
@@ -353,7 +360,7 @@ mod tests {
     fn every_option() {
         let options = run(&[
             "--method=/echo.Echo/Unary",
-            "static:///127.0.0.1:1",
+            T,
             "--request-hex",
             "0A0b",
             "--max-connections",
@@ -390,7 +397,7 @@ mod tests {
             .unwrap_err()
             .contains("not a number"));
         assert!(parse_duration("s").unwrap_err().contains("not a number"));
-        let zero = run(&["t", "--step-duration", "0s"]).unwrap_err();
+        let zero = run(&[T, "--step-duration", "0s"]).unwrap_err();
         assert!(zero.message().contains("more than 0"), "{zero}");
     }
 
@@ -398,7 +405,7 @@ mod tests {
     #[test]
     fn repeated_metadata() {
         let options = run(&[
-            "t",
+            T,
             "--metadata",
             "authorization=Bearer abc",
             "--metadata",
@@ -414,23 +421,20 @@ mod tests {
             pairs,
             [("authorization", "Bearer abc"), ("x-tenant", "blue=green")]
         );
-        assert!(run(&["t", "--metadata", "novalue"]).is_err());
-        assert!(run(&["t", "--metadata", "bad key=v"]).is_err());
-        assert!(run(&["t", "--metadata", "k-bin=v"]).is_err());
+        assert!(run(&[T, "--metadata", "novalue"]).is_err());
+        assert!(run(&[T, "--metadata", "bad key=v"]).is_err());
+        assert!(run(&[T, "--metadata", "k-bin=v"]).is_err());
     }
 
     /// An unknown option, a missing value or TARGET, and bad values are usage errors naming
     /// the option; `--help` asks for the usage text.
     #[test]
     fn usage_errors() {
-        let unknown = run(&["t", "--connections", "4"]).unwrap_err();
+        let unknown = run(&[T, "--connections", "4"]).unwrap_err();
         assert_eq!(unknown.message(), "unknown option --connections");
+        assert_eq!(run(&[T, "-x"]).unwrap_err().message(), "unknown option -x");
         assert_eq!(
-            run(&["t", "-x"]).unwrap_err().message(),
-            "unknown option -x"
-        );
-        assert_eq!(
-            run(&["t", "--concurrency"]).unwrap_err().message(),
+            run(&[T, "--concurrency"]).unwrap_err().message(),
             "--concurrency needs a value"
         );
         assert_eq!(run(&[]).unwrap_err().message(), "missing TARGET");
@@ -439,16 +443,16 @@ mod tests {
             .message()
             .contains("one TARGET"));
         for bad in [
-            &["t", "--max-connections", "0"][..],
-            &["t", "--max-connections", "1025"],
-            &["t", "--concurrency", "-3"],
-            &["t", "--method", "Check"],
-            &["t", "--method", "/svc/"],
-            &["t", "--backend-header", "bad header"],
-            &["t", "--request-hex", "abc"],
-            &["t", "--request-hex", "zz"],
-            &["t", "--request-hex", "00", "--request-file", "f"],
-            &["t", "--request-file", "no-such-dir/request.bin"],
+            &[T, "--max-connections", "0"][..],
+            &[T, "--max-connections", "1025"],
+            &[T, "--concurrency", "-3"],
+            &[T, "--method", "Check"],
+            &[T, "--method", "/svc/"],
+            &[T, "--backend-header", "bad header"],
+            &[T, "--request-hex", "abc"],
+            &[T, "--request-hex", "zz"],
+            &[T, "--request-hex", "00", "--request-file", "f"],
+            &[T, "--request-file", "no-such-dir/request.bin"],
         ] {
             let err = run(bad).unwrap_err();
             assert!(err.message().contains(bad[1]), "{bad:?}: {err}");

@@ -95,42 +95,46 @@ impl TuneError {
 impl fmt::Display for TuneError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::InvalidTarget { target, source } => {
-                write!(f, "invalid target {target:?}: {source}")?;
-                // The pool's error names the kind; its source says what is wrong.
-                if let Some(cause) = std::error::Error::source(source) {
-                    write!(f, ": {cause}")?;
-                }
-                Ok(())
-            }
+            Self::InvalidTarget { target, source } => match source.target_error() {
+                Some(why) => write!(f, "invalid target {target:?}: {why}"),
+                None => write!(f, "the pool rejected its settings: {source}"),
+            },
             Self::Connect { target, last_error } => write!(
                 f,
                 "connect error: cannot reach {target:?}; the pool's last error: {last_error}"
             ),
             Self::Unauthenticated { status } => write!(
                 f,
-                "authentication failed (UNAUTHENTICATED: {}); pass credentials with \
+                "authentication failed ({}); pass credentials with \
                  --metadata authorization=...",
-                status.message()
+                status_text("UNAUTHENTICATED", status)
             ),
             Self::PermissionDenied { status } => write!(
                 f,
-                "permission denied (PERMISSION_DENIED: {})",
-                status.message()
+                "permission denied ({})",
+                status_text("PERMISSION_DENIED", status)
             ),
             Self::Unimplemented { method, status } => write!(
                 f,
-                "method not found: the server does not implement {method} \
-                 (UNIMPLEMENTED: {}); pick one with --method /package.Service/Method",
-                status.message()
+                "method not found: the server does not implement {method} ({}); \
+                 pick one with --method /package.Service/Method",
+                status_text("UNIMPLEMENTED", status)
             ),
             Self::CallFailed { status } => write!(
                 f,
-                "calls failed ({:?}: {}); check --method and the request bytes",
-                status.code(),
-                status.message()
+                "calls failed ({}); check --method and the request bytes",
+                status_text(&format!("{:?}", status.code()), status)
             ),
         }
+    }
+}
+
+/// `CODE: message`, or `CODE` alone when the server sent no message.
+fn status_text(code: &str, status: &Status) -> String {
+    if status.message().is_empty() {
+        code.to_owned()
+    } else {
+        format!("{code}: {}", status.message())
     }
 }
 

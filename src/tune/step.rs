@@ -7,7 +7,7 @@
 //! own tally and the tallies are merged at the end: the calls share nothing but the pool.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -29,6 +29,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const CALL_GRACE_MIN: Duration = Duration::from_secs(2);
 /// How long closing a step's pool may take.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// The most calls one step starts: with its duration, what bounds a step against a very
+/// fast server (the step then ends early; req/s is still calls over the time they took).
+const MAX_CALLS_PER_STEP: u64 = 2_000_000;
 /// The most distinct backend names a step keeps; more are counted under one name.
 const MAX_BACKENDS: usize = 1024;
 /// The name calls past [`MAX_BACKENDS`] are counted under.
@@ -197,6 +200,8 @@ struct Shared {
     deadline: Instant,
     /// A call still running this long after the deadline is cut.
     grace: Duration,
+    /// Calls that may still start, from [`MAX_CALLS_PER_STEP`] down.
+    calls_left: AtomicU64,
     /// Set by a caller that saw a fatal status: the others stop.
     stop: AtomicBool,
     /// The first fatal status.
@@ -206,9 +211,15 @@ struct Shared {
 /// One caller: calls back to back until the deadline or a fatal status.
 async fn caller(mut grpc: Grpc<Pool>, shared: Arc<Shared>) -> Tally {
     let mut tally = Tally::default();
-    // Bounded by the deadline: every iteration starts before it, and each call is cut
-    // `grace` after it.
-    while Instant::now() < shared.deadline && !shared.stop.load(Ordering::Relaxed) {
+    // Bounded by the deadline (every iteration starts before it, and each call is cut
+    // `grace` after it) and by the step's call budget.
+    while Instant::now() < shared.deadline
+        && !shared.stop.load(Ordering::Relaxed)
+        && shared
+            .calls_left
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+            .is_ok()
+    {
         let mut request = tonic::Request::new(shared.request.clone());
         for (key, value) in &shared.metadata {
             request.metadata_mut().insert(key.clone(), value.clone());
@@ -270,6 +281,7 @@ pub(super) async fn measure(options: &Options, connections: usize) -> Result<Ste
         backend_header: options.backend_header.clone(),
         deadline: started + options.step_duration,
         grace: options.step_duration.max(CALL_GRACE_MIN),
+        calls_left: AtomicU64::new(MAX_CALLS_PER_STEP),
         stop: AtomicBool::new(false),
         fatal: Mutex::new(None),
     });

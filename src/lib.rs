@@ -126,6 +126,9 @@ pub mod resolve;
 pub mod state;
 pub mod stream;
 pub mod target;
+// The tuner behind the `tonic-pool-tune` binary: a tool, not the pool's API.
+#[cfg(feature = "tune")]
+pub mod tune;
 
 #[cfg(test)]
 mod test_io;

@@ -24,4 +24,6 @@ mod streaming;
 mod support_proxy;
 mod support_smoke;
 mod targets;
+#[cfg(feature = "tune")]
+mod tune;
 mod wait_for_ready;

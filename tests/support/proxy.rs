@@ -39,6 +39,11 @@
 //!   and every connection are closed at once with a plain close (FIN; the
 //!   kernel sends RST instead where unread bytes are pending).
 //!
+//! - [`TestProxy::try_start_round_robin`] makes it an L4 load balancer in the way a cloud
+//!   SLB is one: each new connection goes to the next of several upstreams in turn, and
+//!   every byte of that connection then stays with that upstream (it spreads connections,
+//!   not calls).
+//!
 //! Counters and waits are event driven ([`tokio::sync::watch`]) and bounded by
 //! a timeout, using tokio's clock: don't call the `wait_for_*` methods from a
 //! test whose time is paused.
@@ -118,8 +123,10 @@ struct Shared {
     mode: watch::Sender<Mode>,
     /// Bumped to make every open connection reset itself.
     reset: watch::Sender<u64>,
-    /// Where new upstream connections go.
-    upstream: Mutex<SocketAddr>,
+    /// Where new upstream connections go: one address, or several taken in turn.
+    upstreams: Mutex<Vec<SocketAddr>>,
+    /// How many upstream connections were opened: picks the next of `upstreams`.
+    upstream_turn: std::sync::atomic::AtomicUsize,
     /// Client connections accepted so far.
     accepted: watch::Sender<u64>,
     /// Client connections open right now.
@@ -127,9 +134,20 @@ struct Shared {
 }
 
 impl Shared {
-    fn upstream(&self) -> SocketAddr {
+    fn upstreams(&self) -> std::sync::MutexGuard<'_, Vec<SocketAddr>> {
         // A panicking test thread must not poison the proxy's state.
-        *self.upstream.lock().unwrap_or_else(PoisonError::into_inner)
+        self.upstreams
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Where the next upstream connection goes: the upstreams in turn (never empty).
+    fn next_upstream(&self) -> SocketAddr {
+        let upstreams = self.upstreams();
+        let turn = self
+            .upstream_turn
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        upstreams[turn % upstreams.len()]
     }
 }
 
@@ -187,7 +205,7 @@ impl fmt::Debug for TestProxy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TestProxy")
             .field("addr", &self.addr)
-            .field("upstream", &self.upstream())
+            .field("upstreams", &*self.shared.upstreams())
             .field("mode", &self.mode())
             .field("accepted", &self.accepted())
             .field("open", &self.open())
@@ -208,10 +226,27 @@ impl TestProxy {
 
     /// Like [`TestProxy::start`], returning the bind error instead of panicking.
     pub fn try_start(listen: SocketAddr, upstream: SocketAddr) -> io::Result<TestProxy> {
+        Self::try_start_round_robin(listen, &[upstream])
+    }
+
+    /// Starts an L4 load balancer on `listen`: each accepted connection goes to the next
+    /// of `upstreams` in turn (see the [module docs](self)). Fails if it cannot bind or
+    /// `upstreams` is empty.
+    pub fn try_start_round_robin(
+        listen: SocketAddr,
+        upstreams: &[SocketAddr],
+    ) -> io::Result<TestProxy> {
+        if upstreams.is_empty() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "TestProxy needs at least one upstream",
+            ));
+        }
         let shared = Arc::new(Shared {
             mode: watch::Sender::new(Mode::Forward),
             reset: watch::Sender::new(0),
-            upstream: Mutex::new(upstream),
+            upstreams: Mutex::new(upstreams.to_vec()),
+            upstream_turn: std::sync::atomic::AtomicUsize::new(0),
             accepted: watch::Sender::new(0),
             open: watch::Sender::new(0),
         });
@@ -233,18 +268,15 @@ impl TestProxy {
         format!("http://{}", self.addr)
     }
 
-    /// The address new upstream connections go to.
+    /// The address new upstream connections go to (the first, for a round-robin proxy).
     pub fn upstream(&self) -> SocketAddr {
-        self.shared.upstream()
+        self.shared.upstreams()[0]
     }
 
-    /// Retargets upstream connections made from now on (open ones stay put).
+    /// Retargets upstream connections made from now on to this one address (open ones
+    /// stay put).
     pub fn set_upstream(&self, upstream: SocketAddr) {
-        *self
-            .shared
-            .upstream
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = upstream;
+        *self.shared.upstreams() = vec![upstream];
     }
 
     /// The current mode.
@@ -540,7 +572,7 @@ async fn forward(
     if mode.wait_for(|m| m.forwards()).await.is_err() {
         return End::Reset;
     }
-    let target = shared.upstream();
+    let target = shared.next_upstream();
     let upstream =
         match tokio::time::timeout(UPSTREAM_CONNECT_TIMEOUT, TcpStream::connect(target)).await {
             Ok(Ok(upstream)) => upstream,

@@ -58,6 +58,10 @@ pub struct ServerOptions {
     pub http2_keepalive_interval: Option<Duration>,
     /// How long the server waits for a PING ack before closing the connection.
     pub http2_keepalive_timeout: Option<Duration>,
+    /// A response header (lowercase ASCII) that every successful unary reply carries, with the
+    /// server's name as its value: how a client behind a load balancer sees which backend
+    /// answered (`None`: no such header).
+    pub name_header: Option<String>,
 }
 
 /// Counters shared between a [`TestServer`] handle and its server thread(s).
@@ -176,6 +180,16 @@ impl TestServer {
 
     /// Starts a server with `options` on `addr`, returning once it listens.
     pub fn try_start_with(addr: SocketAddr, options: ServerOptions) -> io::Result<TestServer> {
+        if let Some(header) = &options.name_header {
+            // Checked here so that a bad name fails the start, not a call on the server thread.
+            tonic::metadata::MetadataKey::<tonic::metadata::Ascii>::from_bytes(header.as_bytes())
+                .map_err(|_| {
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("name_header {header:?} is not a valid header name"),
+                )
+            })?;
+        }
         let stats = Arc::new(Stats::new());
         let (running, bound) = spawn_server(addr, &options, &stats)?;
         let name = if options.name.is_empty() {
@@ -393,7 +407,11 @@ async fn serve(
     if let Some(grace) = options.max_connection_age_grace {
         builder = builder.max_connection_age_grace(grace);
     }
-    let service = EchoService { name, stats };
+    let service = EchoService {
+        name,
+        name_header: options.name_header.clone(),
+        stats,
+    };
     let server = builder
         // The `:authority` is not part of a tonic request's metadata; copy it into a header
         // so that `authority?` can answer with it.
@@ -507,12 +525,26 @@ impl AsyncWrite for CountedStream {
 #[derive(Debug)]
 struct EchoService {
     name: String,
+    /// See [`ServerOptions::name_header`].
+    name_header: Option<String>,
     stats: Arc<Stats>,
 }
 
 impl EchoService {
     fn record<T>(&self, request: &Request<T>) {
         self.stats.request_started(request.remote_addr());
+    }
+
+    /// A unary response, carrying the name header when the options ask for it.
+    fn unary_response(&self, reply: EchoReply) -> Response<EchoReply> {
+        let mut response = Response::new(reply);
+        if let Some(header) = &self.name_header {
+            let key = tonic::metadata::MetadataKey::from_bytes(header.as_bytes())
+                .expect("checked by try_start_with");
+            let value = self.name.parse().expect("server name: printable ASCII");
+            response.metadata_mut().insert(key, value);
+        }
+        response
     }
 
     fn reply(&self, payload: Vec<u8>, message: String, seq: u64) -> EchoReply {
@@ -572,23 +604,15 @@ impl Echo for EchoService {
         sleep_ms(req.sleep_ms).await;
         // `user-agent?` asks for the request's user agent as the reply's message.
         if req.message == "user-agent?" {
-            return Ok(Response::new(self.reply(
-                Vec::new(),
-                header("user-agent"),
-                0,
-            )));
+            return Ok(self.unary_response(self.reply(Vec::new(), header("user-agent"), 0)));
         }
         // `authority?` asks for the request's `:authority`.
         if req.message == "authority?" {
-            return Ok(Response::new(self.reply(
-                Vec::new(),
-                header(AUTHORITY_HEADER),
-                0,
-            )));
+            return Ok(self.unary_response(self.reply(Vec::new(), header(AUTHORITY_HEADER), 0)));
         }
         // `header?NAME` asks for the request's metadata NAME (empty when absent).
         if let Some(name) = req.message.strip_prefix("header?") {
-            return Ok(Response::new(self.reply(req.payload, header(name), 0)));
+            return Ok(self.unary_response(self.reply(req.payload, header(name), 0)));
         }
         // `unavailable-once:KEY` fails with UNAVAILABLE the first time KEY is seen, then echoes.
         if let Some(key) = req.message.strip_prefix("unavailable-once:") {
@@ -605,7 +629,7 @@ impl Echo for EchoService {
                 .insert("x-served-by", self.name.parse().expect("ascii name"));
             return Err(status);
         }
-        Ok(Response::new(self.reply(req.payload, req.message, 0)))
+        Ok(self.unary_response(self.reply(req.payload, req.message, 0)))
     }
 
     type ServerStreamStream = ReceiverStream<Result<EchoReply, Status>>;

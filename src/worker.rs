@@ -273,6 +273,7 @@ impl Worker {
                 addr,
                 host,
                 tls: shared.target.is_tls(),
+                tcp: shared.config.tcp.clone(),
             },
             config: shared.config.clone(),
             events: shared.clone(),

@@ -50,7 +50,7 @@ pub(crate) async fn connect(
                 .initial_connection_window_size
                 .unwrap_or(5 * 1024 * 1024),
         )
-        .max_header_list_size(16 * 1024)
+        .max_header_list_size(config.max_header_list_size)
         .max_send_buffer_size(1024 * 1024)
         .enable_push(false)
         // Cancelling a call resets its stream; the server's frames already on their way for
@@ -70,6 +70,9 @@ pub(crate) async fn connect(
         // us buffer stays bounded by the flow-control windows; empty DATA frames keep their
         // own limit.
         .data_frame_budget(usize::MAX);
+    if let Some(size) = config.max_frame_size {
+        builder.max_frame_size(size);
+    }
     #[cfg(test)]
     if let Some(id) = config.initial_stream_id {
         builder.initial_stream_id(id);

@@ -1,0 +1,227 @@
+//! The `Endpoint` knobs of issue #12, per pooled connection: TCP settings with any connector,
+//! `local_address`, HTTP/2 SETTINGS the pool announces (max header list size, max frame size),
+//! BDP window growth, idle mode and `reset_connect_backoff`.
+
+use crate::support;
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use support::common::{builder, client, echo, WAIT};
+use support::hostile::{grpc_message, setting, Frame, HostileServer, Peer};
+use support::{loopback, TestServer};
+use tonic::Code;
+use tonic_pool::connector::{BoxedIo, Connect, Destination};
+use tonic_pool::BoxFuture;
+
+/// What a test connector saw on the sockets it opened.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct SocketSeen {
+    nodelay: bool,
+    keepalive: bool,
+    keepalive_time: Duration,
+    keepalive_interval: Duration,
+    keepalive_retries: u32,
+    local: SocketAddr,
+}
+
+/// A custom connector, as a user (or a TLS wrapper) writes one: it opens TCP with the pool's
+/// settings through [`tonic_pool::connector::TcpSettings::connect`] and records what the
+/// socket ended up with (read back with getsockopt).
+#[derive(Debug, Default)]
+struct InspectingConnector {
+    seen: Arc<Mutex<Vec<SocketSeen>>>,
+}
+
+impl Connect for InspectingConnector {
+    fn connect(&self, dst: &Destination) -> BoxFuture<'static, io::Result<BoxedIo>> {
+        let (tcp, addr, seen) = (dst.tcp.clone(), dst.addr, self.seen.clone());
+        Box::pin(async move {
+            let stream = tcp.connect(addr).await?;
+            let sock = socket2::SockRef::from(&stream);
+            seen.lock().unwrap().push(SocketSeen {
+                nodelay: stream.nodelay()?,
+                keepalive: sock.keepalive()?,
+                keepalive_time: sock.tcp_keepalive_time()?,
+                keepalive_interval: sock.tcp_keepalive_interval()?,
+                keepalive_retries: sock.tcp_keepalive_retries()?,
+                local: stream.local_addr()?,
+            });
+            Ok(Box::new(stream) as BoxedIo)
+        })
+    }
+}
+
+/// The builder's TCP settings reach a custom connector with every destination, and the
+/// helper it calls puts them on the socket: nodelay off, keepalive time, interval, retries
+/// and the local address, as getsockopt reads them back.
+#[tokio::test]
+async fn tcp_settings_reach_a_custom_connectors_socket() {
+    let server = TestServer::start(loopback(1));
+    let connector = InspectingConnector::default();
+    let seen = connector.seen.clone();
+    let pool = builder(&format!("static:///{}", server.addr()))
+        .connector(connector)
+        .connections_per_endpoint(2)
+        .tcp_nodelay(false)
+        .tcp_keepalive(Duration::from_secs(41))
+        .tcp_keepalive_interval(Duration::from_secs(7))
+        .tcp_keepalive_retries(3)
+        .local_address(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 6)))
+        .build()
+        .unwrap();
+    pool.wait_ready(WAIT).await.unwrap();
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 2, "one socket per connection: {seen:?}");
+    for socket in seen {
+        assert_eq!(
+            (socket.nodelay, socket.keepalive),
+            (false, true),
+            "{socket:?}"
+        );
+        assert_eq!(socket.keepalive_time, Duration::from_secs(41));
+        assert_eq!(socket.keepalive_interval, Duration::from_secs(7));
+        assert_eq!(socket.keepalive_retries, 3);
+        assert_eq!(socket.local.ip(), IpAddr::V4(Ipv4Addr::new(127, 0, 0, 6)));
+    }
+    pool.close().await.unwrap();
+}
+
+/// With the default connector, `local_address` binds every connection before it connects:
+/// a server on 127.0.0.1 sees its calls come from 127.0.0.5.
+#[tokio::test]
+async fn local_address_is_the_address_the_server_sees() {
+    let server = TestServer::start(loopback(1));
+    let local = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 5));
+    let pool = builder(&format!("static:///{}", server.addr()))
+        .connections_per_endpoint(2)
+        .local_address(local)
+        .build()
+        .unwrap();
+    pool.wait_ready(WAIT).await.unwrap();
+    let mut client = client(&pool);
+    for i in 0..4 {
+        client.unary(echo(&format!("call {i}"))).await.unwrap();
+    }
+    let peers = server.requests_by_peer();
+    assert_eq!(peers.values().sum::<u64>(), 4, "{peers:?}");
+    assert!(peers.keys().all(|peer| peer.ip() == local), "{peers:?}");
+    pool.close().await.unwrap();
+}
+
+/// A server that sends its SETTINGS and then holds the connection.
+async fn settings_and_hold(mut peer: Peer) -> io::Result<()> {
+    peer.send_settings(&[]).await?;
+    peer.read_until_closed().await;
+    Ok(())
+}
+
+/// The client's first SETTINGS frame (not an ack).
+fn client_settings(frames: &[Frame]) -> Option<Frame> {
+    frames
+        .iter()
+        .find(|f| f.is(support::hostile::kind::SETTINGS) && !f.has(support::hostile::ACK))
+        .cloned()
+}
+
+/// `http2_max_header_list_size` and `http2_max_frame_size` are announced in the client's
+/// SETTINGS, as read off the wire by a raw HTTP/2 server.
+#[tokio::test]
+async fn header_list_and_frame_size_limits_reach_the_wire() {
+    let server = HostileServer::start(settings_and_hold);
+    let pool = builder(&server.target())
+        .http2_max_header_list_size(12_345)
+        .http2_max_frame_size(65_536)
+        .build()
+        .unwrap();
+    pool.wait_ready(WAIT).await.unwrap();
+    assert!(
+        server
+            .wait_until(WAIT, |r| client_settings(&r.frames).is_some())
+            .await
+    );
+    let settings = client_settings(&server.frames()).unwrap();
+    assert_eq!(
+        settings.setting(setting::MAX_HEADER_LIST_SIZE),
+        Some(12_345),
+        "{settings:?}"
+    );
+    assert_eq!(
+        settings.setting(setting::MAX_FRAME_SIZE),
+        Some(65_536),
+        "{settings:?}"
+    );
+    pool.close().await.unwrap();
+}
+
+/// Out-of-range limits are a clear configuration error from `build()`, naming the setting.
+#[tokio::test]
+async fn out_of_range_limits_are_refused() {
+    let target = "static:///127.0.0.1:1";
+    for (size, ok) in [
+        (16_383, false),
+        (16_384, true),
+        (16_777_215, true),
+        (16_777_216, false),
+    ] {
+        let built = builder(target).http2_max_frame_size(size).build();
+        match built {
+            Ok(pool) => {
+                assert!(ok, "{size} accepted");
+                pool.close().await.unwrap();
+            }
+            Err(e) => {
+                assert!(!ok, "{size} refused: {e}");
+                assert!(e.to_string().contains("http2_max_frame_size"), "{e}");
+            }
+        }
+    }
+    let e = builder(target)
+        .http2_max_header_list_size(0)
+        .build()
+        .unwrap_err();
+    assert!(e.to_string().contains("http2_max_header_list_size"), "{e}");
+    let e = builder(target)
+        .tcp_keepalive_retries(0)
+        .build()
+        .unwrap_err();
+    assert!(e.to_string().contains("tcp_keepalive_retries"), "{e}");
+}
+
+/// Answers every request with one message of `size` bytes, in a single DATA frame.
+async fn answer_in_one_frame(mut peer: Peer, size: usize) -> io::Result<()> {
+    peer.send_settings(&[]).await?;
+    loop {
+        let (id, body) = peer.expect_request().await?;
+        let _ = grpc_message(&body);
+        let reply = support::echo::EchoReply {
+            message: "x".repeat(size),
+            ..Default::default()
+        };
+        peer.send_ok(id, &prost::Message::encode_to_vec(&reply))
+            .await?;
+    }
+}
+
+/// The announced frame size takes effect: a 20 000-byte DATA frame is a protocol error
+/// under HTTP/2's 16 KiB default, and a normal response once the pool accepts 32 KiB frames.
+#[tokio::test]
+async fn a_larger_max_frame_size_takes_effect() {
+    for (max_frame_size, ok) in [(None, false), (Some(32_768), true)] {
+        let server = HostileServer::start(|peer| answer_in_one_frame(peer, 20_000));
+        let pool = builder(&server.target())
+            .http2_max_frame_size(max_frame_size)
+            .build()
+            .unwrap();
+        pool.wait_ready(WAIT).await.unwrap();
+        let result = client(&pool).unary(echo("big")).await;
+        match (result, ok) {
+            (Ok(reply), true) => assert_eq!(reply.into_inner().message.len(), 20_000),
+            (Err(status), false) => assert_ne!(status.code(), Code::Ok),
+            (result, _) => panic!("max frame size {max_frame_size:?}: {result:?}"),
+        }
+        pool.close().await.unwrap();
+    }
+}

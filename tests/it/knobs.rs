@@ -14,7 +14,8 @@ use support::hostile::{grpc_message, setting, Frame, HostileServer, Peer};
 use support::{loopback, TestServer};
 use tonic::Code;
 use tonic_pool::connector::{BoxedIo, Connect, Destination};
-use tonic_pool::BoxFuture;
+use tonic_pool::state::{PoolSnapshot, Scope};
+use tonic_pool::{BackoffConfig, BoxFuture, ConnectivityState, Pool};
 
 /// What a test connector saw on the sockets it opened.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -224,4 +225,150 @@ async fn a_larger_max_frame_size_takes_effect() {
         }
         pool.close().await.unwrap();
     }
+}
+
+/// Whether every endpoint of the pool, and the pool, are Idle.
+fn all_idle(s: &PoolSnapshot) -> bool {
+    s.state == ConnectivityState::Idle
+        && !s.endpoints.is_empty()
+        && s.endpoints
+            .iter()
+            .all(|e| e.state == ConnectivityState::Idle)
+}
+
+/// Idle mode: after the idle timeout without calls the pool and its endpoints go Idle and
+/// every connection closes (the server sees none left open); the next call — an ordinary
+/// fail-fast one — reconnects, succeeds, and the pool is Ready again.
+#[tokio::test]
+async fn idle_pool_closes_its_connections_and_the_next_call_reconnects() {
+    let server = TestServer::start(loopback(1));
+    let pool = builder(&format!("static:///{}", server.addr()))
+        .connections_per_endpoint(2)
+        .idle_timeout(Duration::from_millis(200))
+        .build()
+        .unwrap();
+    pool.wait_ready(WAIT).await.unwrap();
+    client(&pool).unary(echo("before")).await.unwrap();
+    assert!(
+        pool.wait_until(WAIT, all_idle).await,
+        "{:#?}",
+        pool.snapshot()
+    );
+    assert!(server.wait_for_open_connections(0, WAIT).await);
+    assert_eq!(server.accepted_connections(), 2);
+
+    let reply = client(&pool).unary(echo("after")).await.unwrap();
+    assert_eq!(reply.into_inner().message, "after");
+    assert_eq!(pool.state(), ConnectivityState::Ready);
+    assert!(server.wait_for_accepted(3, WAIT).await);
+    pool.close().await.unwrap();
+}
+
+/// A call in flight keeps the pool out of idle mode however long it takes: a call four
+/// idle timeouts long finishes, and the pool never went Idle meanwhile.
+#[tokio::test]
+async fn a_call_in_flight_keeps_the_pool_from_going_idle() {
+    let server = TestServer::start(loopback(1));
+    let pool = builder(&format!("static:///{}", server.addr()))
+        .idle_timeout(Duration::from_millis(100))
+        .build()
+        .unwrap();
+    pool.wait_ready(WAIT).await.unwrap();
+    let mut events = pool.events();
+    client(&pool)
+        .unary(support::common::slow_echo("slow", 400))
+        .await
+        .unwrap();
+    while let Ok(event) = events.try_recv() {
+        assert!(
+            !(event.scope == Scope::Pool && event.to == ConnectivityState::Idle),
+            "went Idle during a call: {event:?}"
+        );
+    }
+    pool.close().await.unwrap();
+}
+
+/// The connections idle mode closes end with the client's GOAWAY(NO_ERROR), and the pool
+/// connects anew for the next call (a second connection on the raw server).
+#[tokio::test]
+async fn idle_mode_closes_connections_with_goaway() {
+    let server = HostileServer::start(answer_each_request);
+    let pool = builder(&server.target())
+        .idle_timeout(Duration::from_millis(100))
+        .build()
+        .unwrap();
+    pool.wait_ready(WAIT).await.unwrap();
+    assert!(
+        pool.wait_until(WAIT, all_idle).await,
+        "{:#?}",
+        pool.snapshot()
+    );
+    assert!(
+        server.wait_until(WAIT, |r| r.goaways().len() == 1).await,
+        "{:?}",
+        server.recorded().goaways()
+    );
+    assert_eq!(
+        server.recorded().goaways()[0].error_code(),
+        Some(support::hostile::code::NO_ERROR)
+    );
+    client(&pool).unary(echo("again")).await.unwrap();
+    assert_eq!(server.accepted(), 2);
+    pool.close().await.unwrap();
+}
+
+/// Answers every request with an empty reply.
+async fn answer_each_request(peer: Peer) -> io::Result<()> {
+    answer_in_one_frame(peer, 0).await
+}
+
+/// With `connect_lazily`, idle mode makes the pool connect only while it is used: Idle at
+/// first, Ready for a call, Idle again, Ready again for the next.
+#[tokio::test]
+async fn a_lazy_pool_goes_back_to_idle_between_uses() {
+    let server = TestServer::start(loopback(1));
+    let pool = builder(&format!("static:///{}", server.addr()))
+        .connect_lazily(true)
+        .idle_timeout(Duration::from_millis(100))
+        .build()
+        .unwrap();
+    assert_eq!(pool.state(), ConnectivityState::Idle);
+    for round in 0..2u64 {
+        client(&pool).unary(echo("use")).await.unwrap();
+        assert!(
+            pool.wait_until(WAIT, all_idle).await,
+            "{:#?}",
+            pool.snapshot()
+        );
+        assert!(server.wait_for_open_connections(0, WAIT).await);
+        assert_eq!(server.accepted_connections(), round + 1);
+    }
+    pool.close().await.unwrap();
+}
+
+/// `reset_connect_backoff`: a pool backing off for a minute after its server was down
+/// connects at once when told the server is back — Ready within a wait far shorter than the
+/// backoff.
+#[tokio::test]
+async fn reset_connect_backoff_retries_at_once() {
+    let addr = support::common::unused_addr(1);
+    let pool = Pool::builder(format!("static:///{addr}"))
+        .backoff(BackoffConfig {
+            initial: Duration::from_secs(60),
+            multiplier: 1.6,
+            jitter: 0.2,
+            max: Duration::from_secs(120),
+            min_connect_timeout: Duration::from_secs(2),
+        })
+        .build()
+        .unwrap();
+    assert!(
+        pool.wait_until(WAIT, |s| s.state == ConnectivityState::TransientFailure)
+            .await
+    );
+    let _server = TestServer::start(addr);
+    pool.reset_connect_backoff();
+    pool.wait_ready(WAIT).await.unwrap();
+    client(&pool).unary(echo("back")).await.unwrap();
+    pool.close().await.unwrap();
 }

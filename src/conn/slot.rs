@@ -201,7 +201,7 @@ async fn serve(slot: &Slot, retired: &mut Retired) -> &'static str {
                 fate,
                 limits,
             },
-            keepalive_plan,
+            pings,
         ) = match result {
             Ok(Ok(connected)) => connected,
             Ok(Err(e)) => {
@@ -222,7 +222,7 @@ async fn serve(slot: &Slot, retired: &mut Retired) -> &'static str {
         backoff_resets.borrow_and_update();
         stats.connected();
         let ready = Arc::new(Connection::new(id, addr, send, stats.clone(), fate, limits));
-        let mut driver = crate::conn::driver::spawn(connection, ready.clone(), keepalive_plan);
+        let mut driver = crate::conn::driver::spawn(connection, ready.clone(), pings);
         events.transition(
             id,
             ConnectivityState::Ready,

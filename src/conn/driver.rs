@@ -230,11 +230,14 @@ impl Pinger {
                 ack_by: None,
                 plan,
             }),
-            bdp: plan.bdp.map(|plan| BdpState {
-                sample: plan.sample,
-                estimate: Estimator::new(plan.initial_window),
+            bdp: plan.bdp.map(|plan| {
                 // The first DATA starts the first sample.
-                next_sample: now,
+                plan.sample.arm();
+                BdpState {
+                    sample: plan.sample,
+                    estimate: Estimator::new(plan.initial_window),
+                    next_sample: now,
+                }
             }),
         }
     }

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use support::common::{builder, client, echo, WAIT};
-use support::hostile::{grpc_message, setting, Frame, HostileServer, Peer};
+use support::hostile::{grpc_frame, grpc_message, kind, setting, Frame, HostileServer, Peer, ACK};
 use support::{loopback, TestServer};
 use tonic::Code;
 use tonic_pool::connector::{BoxedIo, Connect, Destination};
@@ -123,7 +123,7 @@ async fn settings_and_hold(mut peer: Peer) -> io::Result<()> {
 fn client_settings(frames: &[Frame]) -> Option<Frame> {
     frames
         .iter()
-        .find(|f| f.is(support::hostile::kind::SETTINGS) && !f.has(support::hostile::ACK))
+        .find(|f| f.is(kind::SETTINGS) && !f.has(ACK))
         .cloned()
 }
 
@@ -370,5 +370,128 @@ async fn reset_connect_backoff_retries_at_once() {
     pool.reset_connect_backoff();
     pool.wait_ready(WAIT).await.unwrap();
     client(&pool).unary(echo("back")).await.unwrap();
+    pool.close().await.unwrap();
+}
+
+/// The reply of the adaptive-window test: one `EchoReply` of 60 000 bytes, gRPC-framed.
+fn big_reply_body() -> Vec<u8> {
+    let reply = support::echo::EchoReply {
+        message: "x".repeat(60_000),
+        ..Default::default()
+    };
+    grpc_frame(&prost::Message::encode_to_vec(&reply))
+}
+
+/// Answers the first request so that the client's BDP sample is exact: the reply's first
+/// DATA frame, then — once the client's PING arrives — the rest of it, and only then the
+/// PING's ack. Every byte of the body falls within that PING's round trip.
+async fn reply_around_the_clients_ping(mut peer: Peer) -> io::Result<()> {
+    peer.send_settings(&[]).await?;
+    let (id, _) = peer.expect_request().await?;
+    let body = big_reply_body();
+    peer.send_response_headers(id).await?;
+    peer.send_data(id, &body[..1000], false).await?;
+    let ping = peer.expect(|f| f.is(kind::PING) && !f.has(ACK)).await?;
+    for chunk in body[1000..].chunks(16_384) {
+        peer.send_data(id, chunk, false).await?;
+    }
+    peer.send_frame(kind::PING, ACK, 0, &ping.payload).await?;
+    peer.send_headers(id, &[("grpc-status", "0")], true).await?;
+    peer.read_until_closed().await;
+    Ok(())
+}
+
+/// `http2_adaptive_window`: the connection starts with HTTP/2's 64 KiB windows; DATA makes
+/// the pool send a PING, and when a whole window's worth (≥ 2/3) arrived within its round
+/// trip the pool doubles its windows to twice the bytes counted — a new
+/// `SETTINGS_INITIAL_WINDOW_SIZE` and a connection WINDOW_UPDATE on the wire.
+#[tokio::test]
+async fn adaptive_window_grows_the_windows_with_the_bdp_sample() {
+    let server = HostileServer::start(reply_around_the_clients_ping);
+    let pool = builder(&server.target())
+        .http2_adaptive_window(true)
+        .build()
+        .unwrap();
+    pool.wait_ready(WAIT).await.unwrap();
+    let mut request = tonic::Request::new(echo("big"));
+    request.set_timeout(WAIT);
+    let reply = client(&pool).unary(request).await.unwrap();
+    assert_eq!(reply.into_inner().message.len(), 60_000);
+
+    let grown = u32::try_from(2 * big_reply_body().len()).unwrap();
+    let window_of = |f: &Frame| f.setting(setting::INITIAL_WINDOW_SIZE);
+    assert!(
+        server
+            .wait_until(WAIT, |r| r
+                .frames
+                .iter()
+                .any(|f| window_of(f) == Some(grown)))
+            .await,
+        "no SETTINGS with window {grown}: {:?}",
+        server.frames()
+    );
+    let frames = server.frames();
+    // The first SETTINGS announced HTTP/2's default window (not a tonic `Channel`'s 2 MiB).
+    let first = client_settings(&frames).unwrap();
+    assert!(
+        matches!(window_of(&first), None | Some(65_535)),
+        "{first:?}"
+    );
+    assert!(
+        frames
+            .iter()
+            .any(|f| f.is(kind::WINDOW_UPDATE) && f.stream == 0),
+        "no connection WINDOW_UPDATE: {frames:?}"
+    );
+    pool.close().await.unwrap();
+}
+
+/// Without `http2_adaptive_window` nothing changes: data brings no PING, and the windows
+/// are a tonic `Channel`'s (2 MiB per stream).
+#[tokio::test]
+async fn without_adaptive_window_data_sends_no_ping() {
+    let server = HostileServer::start(|peer| answer_in_one_frame(peer, 60_000 - 5));
+    let pool = builder(&server.target()).build().unwrap();
+    pool.wait_ready(WAIT).await.unwrap();
+    client(&pool).unary(echo("big")).await.ok();
+    let frames = server.frames();
+    assert_eq!(
+        frames
+            .iter()
+            .filter(|f| f.is(kind::PING) && !f.has(ACK))
+            .count(),
+        0
+    );
+    assert_eq!(
+        client_settings(&frames).and_then(|f| f.setting(setting::INITIAL_WINDOW_SIZE)),
+        Some(2 * 1024 * 1024)
+    );
+    pool.close().await.unwrap();
+}
+
+/// Against a real tonic server, adaptive flow control and keepalive together carry large
+/// replies intact: 20 calls echoing 1 MiB each, over PINGs the server answers (the BDP PINGs
+/// and keepalive's share h2's one PING in flight).
+#[tokio::test]
+async fn adaptive_window_with_keepalive_carries_large_replies_from_tonic() {
+    let server = TestServer::start(loopback(1));
+    let pool = builder(&format!("static:///{}", server.addr()))
+        .http2_adaptive_window(true)
+        .http2_keep_alive_interval(Duration::from_millis(50))
+        .keep_alive_while_idle(true)
+        .build()
+        .unwrap();
+    pool.wait_ready(WAIT).await.unwrap();
+    let mut client = client(&pool);
+    for i in 0..20u8 {
+        let request = support::echo::EchoRequest {
+            payload: vec![i; 1024 * 1024],
+            ..echo("large")
+        };
+        let reply = client.unary(request).await.unwrap().into_inner();
+        assert_eq!(reply.payload.len(), 1024 * 1024);
+        assert!(reply.payload.iter().all(|b| *b == i));
+    }
+    assert_eq!(server.accepted_connections(), 1, "no connection was lost");
     pool.close().await.unwrap();
 }

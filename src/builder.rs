@@ -315,7 +315,9 @@ impl PoolBuilder {
 
     /// Idle mode (grpc-go `WithIdleTimeout`): after this long without a call (none in
     /// flight, none started), the pool goes Idle and closes its connections gracefully
-    /// (GOAWAY; no call fails). The next call makes it connect again — it waits for a
+    /// (GOAWAY; no call fails). The pool looks once per timeout, so it goes Idle between one
+    /// and two timeouts after its last call, as grown connections do. It stops resolving
+    /// while Idle. The next call makes it connect again — it waits for a
     /// connection as a call does while the pool is Connecting, it does not fail because the
     /// pool was Idle — and the pool is Ready again. `None` keeps connections open for the
     /// pool's life. tonic's `Endpoint` has no such setting (`connect_lazy` only starts Idle);

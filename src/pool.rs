@@ -125,7 +125,8 @@ impl Pool {
     }
 
     /// Leaves Idle: starts resolving and connecting if the pool was built with
-    /// [`connect_lazily`](crate::PoolBuilder::connect_lazily). Does nothing otherwise.
+    /// [`connect_lazily`](crate::PoolBuilder::connect_lazily) or went Idle after its
+    /// [`idle_timeout`](crate::PoolBuilder::idle_timeout). Does nothing otherwise.
     pub fn connect(&self) {
         self.shared().request_connect();
     }

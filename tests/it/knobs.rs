@@ -495,3 +495,48 @@ async fn adaptive_window_with_keepalive_carries_large_replies_from_tonic() {
     assert_eq!(server.accepted_connections(), 1, "no connection was lost");
     pool.close().await.unwrap();
 }
+
+/// Answers every request with response headers carrying a 4 000-byte `x-big` field.
+async fn answer_with_big_headers(mut peer: Peer) -> io::Result<()> {
+    peer.send_settings(&[]).await?;
+    let big = "h".repeat(4_000);
+    loop {
+        let (id, _) = peer.expect_request().await?;
+        peer.send_headers(
+            id,
+            &[
+                (":status", "200"),
+                ("content-type", "application/grpc"),
+                ("x-big", &big),
+            ],
+            false,
+        )
+        .await?;
+        peer.send_message(id, &[]).await?;
+        peer.send_headers(id, &[("grpc-status", "0")], true).await?;
+    }
+}
+
+/// The header list limit takes effect: response headers of about 4 KB fail the call under
+/// a 1 KiB limit and pass under the default 16 KiB.
+#[tokio::test]
+async fn the_max_header_list_size_takes_effect() {
+    for (limit, ok) in [(Some(1024), false), (None, true)] {
+        let server = HostileServer::start(answer_with_big_headers);
+        let mut builder = builder(&server.target());
+        if let Some(limit) = limit {
+            builder = builder.http2_max_header_list_size(limit);
+        }
+        let pool = builder.build().unwrap();
+        pool.wait_ready(WAIT).await.unwrap();
+        let mut request = tonic::Request::new(echo("headers"));
+        request.set_timeout(WAIT);
+        let result = client(&pool).unary(request).await;
+        match (result, ok) {
+            (Ok(reply), true) => assert_eq!(reply.metadata().get("x-big").unwrap().len(), 4_000),
+            (Err(status), false) => assert_ne!(status.code(), Code::DeadlineExceeded, "{status:?}"),
+            (result, _) => panic!("header list limit {limit:?}: {result:?}"),
+        }
+        pool.close().await.unwrap();
+    }
+}

@@ -365,7 +365,9 @@ mod tests {
     use crate::conn::ready::{ConnStats, InFlight};
     use crate::test_io::{client_frames, Recorder};
 
+    const TYPE_SETTINGS: u8 = 0x4;
     const TYPE_PING: u8 = 0x6;
+    const TYPE_WINDOW_UPDATE: u8 = 0x8;
     const FLAG_ACK: u8 = 0x1;
 
     /// The PING frames (not acks) the client wrote so far.
@@ -517,5 +519,49 @@ mod tests {
             "{elapsed:?}"
         );
         assert_eq!(pings(&setup.written), 1);
+    }
+
+    /// The SETTINGS frames (not acks) the client wrote so far.
+    fn settings(written: &Mutex<Vec<u8>>) -> usize {
+        client_frames(&written.lock().unwrap())
+            .iter()
+            .filter(|f| f.kind == TYPE_SETTINGS && f.flags & FLAG_ACK == 0)
+            .count()
+    }
+
+    /// BDP PINGs go out only for data and only once a sample is due: none on a quiet
+    /// connection; one for the first DATA, whose ack (a window's worth counted) grows the
+    /// windows — a new SETTINGS and a connection WINDOW_UPDATE; none for DATA that comes
+    /// before the estimate's spacing (100 ms, halved by the growth) has passed; one again after.
+    #[tokio::test(start_paused = true)]
+    async fn bdp_pings_follow_data_and_are_spaced() {
+        let sample = Arc::new(Sample::default());
+        let mut setup = setup_with(false, Some(sample.clone())).await;
+        let step = tokio::time::sleep;
+        step(Duration::from_secs(30)).await;
+        assert_eq!(pings(&setup.written), 0, "no data, no PING");
+        assert_eq!(settings(&setup.written), 1);
+
+        sample.record_data(60_000);
+        step(Duration::from_millis(1)).await;
+        assert_eq!(pings(&setup.written), 1);
+        assert_eq!(settings(&setup.written), 2, "the grown window announced");
+        let window_updates = client_frames(&setup.written.lock().unwrap())
+            .iter()
+            .filter(|f| f.kind == TYPE_WINDOW_UPDATE && f.stream == 0)
+            .count();
+        assert_eq!(window_updates, 1);
+
+        // The next sample is due 50 ms after that ack: data before then is not sampled.
+        sample.record_data(1_000);
+        step(Duration::from_millis(40)).await;
+        sample.record_data(1_000);
+        step(Duration::from_millis(1)).await;
+        assert_eq!(pings(&setup.written), 1);
+        step(Duration::from_millis(20)).await;
+        sample.record_data(1_000);
+        step(Duration::from_millis(1)).await;
+        assert_eq!(pings(&setup.written), 2);
+        assert!(!setup.driver.has_ended());
     }
 }

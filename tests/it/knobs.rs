@@ -540,3 +540,158 @@ async fn the_max_header_list_size_takes_effect() {
         pool.close().await.unwrap();
     }
 }
+
+/// Refuses every connection at once, recording the (virtual) time of each attempt.
+#[derive(Debug, Default, Clone)]
+struct RefusingRecorder {
+    attempts: Arc<Mutex<Vec<tokio::time::Instant>>>,
+}
+
+impl Connect for RefusingRecorder {
+    fn connect(&self, _: &Destination) -> BoxFuture<'static, io::Result<BoxedIo>> {
+        self.attempts
+            .lock()
+            .unwrap()
+            .push(tokio::time::Instant::now());
+        Box::pin(std::future::ready(Err(io::Error::from(
+            io::ErrorKind::ConnectionRefused,
+        ))))
+    }
+}
+
+/// On tokio's paused clock, with a refusing connector and a jitter-free backoff of 10 s ×2:
+/// attempts at 0, 10 and 30 s; `reset_connect_backoff` at 35 s makes the next attempt at
+/// once, and the one after it 10 s later (the initial delay again), not 40 s later.
+#[tokio::test(start_paused = true)]
+async fn reset_connect_backoff_restarts_the_backoff_from_its_initial_delay() {
+    let connector = RefusingRecorder::default();
+    let attempts = connector.attempts.clone();
+    let pool = Pool::builder("static:///127.0.0.1:1")
+        .connector(connector)
+        .backoff(BackoffConfig {
+            initial: Duration::from_secs(10),
+            multiplier: 2.0,
+            jitter: 0.0,
+            max: Duration::from_secs(600),
+            min_connect_timeout: Duration::from_secs(20),
+        })
+        .build()
+        .unwrap();
+    let start = tokio::time::Instant::now();
+    tokio::time::sleep(Duration::from_secs(35)).await;
+    pool.reset_connect_backoff();
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    let seconds: Vec<u64> = attempts
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|t| (*t - start).as_secs())
+        .collect();
+    assert_eq!(seconds, [0, 10, 30, 35, 45]);
+    pool.close().await.unwrap();
+}
+
+/// Connects to an in-memory HTTP/2 server that answers every request with an empty gRPC
+/// success, counting the connections it opened.
+#[derive(Debug, Default, Clone)]
+struct InMemoryGrpc {
+    opened: Arc<Mutex<usize>>,
+}
+
+impl Connect for InMemoryGrpc {
+    fn connect(&self, _: &Destination) -> BoxFuture<'static, io::Result<BoxedIo>> {
+        *self.opened.lock().unwrap() += 1;
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        tokio::spawn(async move {
+            let Ok(mut conn) = h2::server::handshake(server).await else {
+                return;
+            };
+            while let Some(Ok((_, mut respond))) = conn.accept().await {
+                let response = http::Response::builder()
+                    .header("content-type", "application/grpc")
+                    .body(())
+                    .unwrap();
+                if let Ok(mut stream) = respond.send_response(response, false) {
+                    let mut trailers = http::HeaderMap::new();
+                    trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+                    let _ = stream.send_trailers(trailers);
+                }
+            }
+        });
+        Box::pin(std::future::ready(Ok(Box::new(client) as BoxedIo)))
+    }
+}
+
+/// Answers with one address and a 5 s TTL, recording the (virtual) time of each query.
+#[derive(Debug, Default, Clone)]
+struct CountingResolver {
+    asked: Arc<Mutex<Vec<tokio::time::Instant>>>,
+}
+
+impl tonic_pool::resolve::Resolve for CountingResolver {
+    fn resolve(
+        &self,
+        _: &tonic_pool::Target,
+    ) -> BoxFuture<
+        'static,
+        Result<tonic_pool::resolve::Resolution, tonic_pool::resolve::ResolveError>,
+    > {
+        self.asked.lock().unwrap().push(tokio::time::Instant::now());
+        let addr: SocketAddr = "127.0.0.2:50051".parse().unwrap();
+        let answer = tonic_pool::resolve::Resolution::new([addr], Some(Duration::from_secs(5)));
+        Box::pin(std::future::ready(Ok(answer)))
+    }
+}
+
+/// One call through the pool as a tower service; true if it got `200 OK`.
+async fn call_ok(pool: &Pool) -> bool {
+    use tower::ServiceExt;
+    let request = http::Request::builder()
+        .method("POST")
+        .uri("/echo.Echo/Unary")
+        .header("content-type", "application/grpc")
+        .body(tonic::body::Body::empty())
+        .unwrap();
+    matches!(pool.clone().oneshot(request).await, Ok(r) if r.status() == http::StatusCode::OK)
+}
+
+/// On tokio's paused clock (in-memory connections): the pool goes Idle between one and two
+/// idle timeouts after its last call, closes its connection and does not resolve while Idle
+/// (its 5 s TTL passes many times); the next call resolves at once, connects anew and
+/// succeeds.
+#[tokio::test(start_paused = true)]
+async fn idle_mode_stops_resolving_and_the_next_call_starts_afresh() {
+    let connector = InMemoryGrpc::default();
+    let resolver = CountingResolver::default();
+    let pool = Pool::builder("dns:///svc.test:50051")
+        .connector(connector.clone())
+        .resolver(resolver.clone())
+        .idle_timeout(Duration::from_secs(60))
+        .build()
+        .unwrap();
+    assert!(call_ok(&pool).await);
+    let last_call = tokio::time::Instant::now();
+    assert!(pool.wait_until(Duration::from_secs(600), all_idle).await);
+    let idle_after = last_call.elapsed();
+    assert!(
+        idle_after >= Duration::from_secs(60) && idle_after <= Duration::from_secs(120),
+        "{idle_after:?}"
+    );
+    let asked_when_idle = resolver.asked.lock().unwrap().len();
+    tokio::time::sleep(Duration::from_secs(50)).await;
+    assert_eq!(resolver.asked.lock().unwrap().len(), asked_when_idle);
+    assert_eq!(pool.state(), ConnectivityState::Idle);
+
+    let woken = tokio::time::Instant::now();
+    assert!(call_ok(&pool).await);
+    assert_eq!(pool.state(), ConnectivityState::Ready);
+    let asked = resolver.asked.lock().unwrap().clone();
+    assert_eq!(asked.len(), asked_when_idle + 1);
+    assert_eq!(
+        *asked.last().unwrap(),
+        woken,
+        "resolved at once on the call"
+    );
+    assert_eq!(*connector.opened.lock().unwrap(), 2);
+    pool.close().await.unwrap();
+}

@@ -1,14 +1,14 @@
 //! [`PoolBuilder`]: every setting of a pool, with its default, validated by `build()`.
 
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
 use http::{HeaderValue, Uri};
 
 use crate::backoff::BackoffConfig;
-use crate::config::{Config, MAX_CONNECTIONS_PER_ENDPOINT};
+use crate::config::{Config, MAX_CONNECTIONS_PER_ENDPOINT, MAX_FRAME_SIZE_RANGE};
 use crate::connector::{Connect, TcpConnector};
 use crate::error::Error;
 use crate::pool::Pool;
@@ -130,19 +130,51 @@ impl PoolBuilder {
         self
     }
 
-    /// Sets `TCP_NODELAY` on every connection.
+    /// Sets `TCP_NODELAY` on every connection (tonic: `Endpoint::tcp_nodelay`).
     ///
     /// Defaults to `true`.
     pub fn tcp_nodelay(mut self, enabled: bool) -> Self {
-        self.config.tcp_nodelay = enabled;
+        self.config.tcp.nodelay = enabled;
         self
     }
 
-    /// Sends TCP keepalive probes after this much silence.
+    /// Sends TCP keepalive probes after this much silence (`TCP_KEEPIDLE`; tonic:
+    /// `Endpoint::tcp_keepalive`).
+    ///
+    /// Like every TCP setting it reaches custom connectors too, in
+    /// [`Destination::tcp`](crate::connector::Destination::tcp).
     ///
     /// Defaults to off.
-    pub fn tcp_keepalive(mut self, time: Option<Duration>) -> Self {
-        self.config.tcp_keepalive = time;
+    pub fn tcp_keepalive(mut self, time: impl Into<Option<Duration>>) -> Self {
+        self.config.tcp.keepalive_time = time.into();
+        self
+    }
+
+    /// The time between two TCP keepalive probes that go unanswered (`TCP_KEEPINTVL`; tonic:
+    /// `Endpoint::tcp_keepalive_interval`). Setting it turns TCP keepalive on.
+    ///
+    /// Defaults to the operating system's (75 s on Linux).
+    pub fn tcp_keepalive_interval(mut self, interval: impl Into<Option<Duration>>) -> Self {
+        self.config.tcp.keepalive_interval = interval.into();
+        self
+    }
+
+    /// How many unanswered TCP keepalive probes drop the connection (`TCP_KEEPCNT`; tonic:
+    /// `Endpoint::tcp_keepalive_retries`). Setting it turns TCP keepalive on.
+    ///
+    /// Defaults to the operating system's (9 on Linux).
+    pub fn tcp_keepalive_retries(mut self, retries: impl Into<Option<u32>>) -> Self {
+        self.config.tcp.keepalive_retries = retries.into();
+        self
+    }
+
+    /// The local IP address every connection binds before it connects (tonic:
+    /// `Endpoint::local_address`), e.g. to leave through one interface. Addresses of the
+    /// other IP family are connected to without binding.
+    ///
+    /// Defaults to none (the operating system chooses).
+    pub fn local_address(mut self, addr: impl Into<Option<IpAddr>>) -> Self {
+        self.config.tcp.local_address = addr.into();
         self
     }
 
@@ -187,6 +219,41 @@ impl PoolBuilder {
     /// Defaults to 5 MiB, as a tonic `Channel` (hyper's default).
     pub fn initial_connection_window_size(mut self, size: impl Into<Option<u32>>) -> Self {
         self.config.initial_connection_window_size = size.into();
+        self
+    }
+
+    /// Grows the HTTP/2 windows with the measured bandwidth-delay product (tonic:
+    /// `Endpoint::http2_adaptive_window`), for servers far away: the pool times a PING
+    /// against the bytes received meanwhile, and when a window's worth arrives within one
+    /// round trip it doubles the windows (up to 16 MiB), as hyper does. The windows then
+    /// start at HTTP/2's 64 KiB, overriding
+    /// [`initial_stream_window_size`](Self::initial_stream_window_size) and
+    /// [`initial_connection_window_size`](Self::initial_connection_window_size). Its PINGs
+    /// are only sent while data arrives, and share the one PING in flight with keepalive.
+    ///
+    /// Defaults to `false`.
+    pub fn http2_adaptive_window(mut self, enabled: bool) -> Self {
+        self.config.adaptive_window = enabled;
+        self
+    }
+
+    /// The largest response header list the pool accepts, announced to servers as
+    /// `SETTINGS_MAX_HEADER_LIST_SIZE` (tonic: `Endpoint::http2_max_header_list_size`). A
+    /// response with larger headers fails its call. Must be greater than zero.
+    ///
+    /// Defaults to 16 KiB, as a tonic `Channel`.
+    pub fn http2_max_header_list_size(mut self, size: u32) -> Self {
+        self.config.max_header_list_size = size;
+        self
+    }
+
+    /// The largest frame payload the pool accepts, announced as `SETTINGS_MAX_FRAME_SIZE`
+    /// (hyper: `http2::Builder::max_frame_size`; tonic's `Endpoint` does not offer it). Must
+    /// be 16 384..=16 777 215 (RFC 9113 §6.5.2).
+    ///
+    /// Defaults to 16 KiB (HTTP/2's default).
+    pub fn http2_max_frame_size(mut self, size: impl Into<Option<u32>>) -> Self {
+        self.config.max_frame_size = size.into();
         self
     }
 
@@ -252,6 +319,23 @@ impl PoolBuilder {
         self
     }
 
+    /// Idle mode (grpc-go `WithIdleTimeout`): after this long without a call (none in
+    /// flight, none started), the pool goes Idle and closes its connections gracefully
+    /// (GOAWAY; no call fails). The pool looks once per timeout, so it goes Idle between one
+    /// and two timeouts after its last call, as grown connections do. It stops resolving
+    /// while Idle. The next call makes it connect again — it waits for a
+    /// connection as a call does while the pool is Connecting, it does not fail because the
+    /// pool was Idle — and the pool is Ready again. `None` keeps connections open for the
+    /// pool's life. tonic's `Endpoint` has no such setting (`connect_lazy` only starts Idle);
+    /// together with [`connect_lazily`](Self::connect_lazily) the pool connects only while it
+    /// is used.
+    ///
+    /// Defaults to `None`.
+    pub fn idle_timeout(mut self, timeout: impl Into<Option<Duration>>) -> Self {
+        self.config.idle_timeout = timeout.into();
+        self
+    }
+
     /// Bounds on how long a DNS answer is trusted: the answer's TTL, clamped to
     /// `floor..=ceiling`, sets when the pool resolves again. The floor keeps a TTL of 0 from
     /// turning into a query storm; the ceiling makes sure pods that appear behind a long TTL
@@ -276,7 +360,11 @@ impl PoolBuilder {
 
     /// The connector that opens each connection's byte stream (TLS plugs in here).
     ///
-    /// Defaults to [`TcpConnector`] with the TCP settings above.
+    /// A connector gets the TCP settings above with every destination
+    /// ([`Destination::tcp`](crate::connector::Destination::tcp)) and applies them when it
+    /// opens TCP (see [`TcpSettings::connect`](crate::connector::TcpSettings::connect)).
+    ///
+    /// Defaults to [`TcpConnector`].
     pub fn connector(mut self, connector: impl Connect) -> Self {
         self.connector = Some(Arc::new(connector));
         self
@@ -404,10 +492,7 @@ impl PoolBuilder {
         validate(&self.config)?;
         let connector: Arc<dyn Connect> = match self.connector {
             Some(c) => c,
-            None => Arc::new(TcpConnector::new(
-                self.config.tcp_nodelay,
-                self.config.tcp_keepalive,
-            )),
+            None => Arc::new(TcpConnector::new()),
         };
         if target.is_tls() && !connector.supports_tls() {
             return Err(Error::invalid_config(format!(
@@ -496,6 +581,9 @@ fn validate(config: &Config) -> Result<(), Error> {
         ("http2_keep_alive_interval", config.keep_alive_interval),
         ("keep_alive_timeout", Some(config.keep_alive_timeout)),
         ("grown_idle_timeout", config.grown_idle_timeout),
+        ("idle_timeout", config.idle_timeout),
+        ("tcp_keepalive", config.tcp.keepalive_time),
+        ("tcp_keepalive_interval", config.tcp.keepalive_interval),
     ];
     for (name, value) in non_zero {
         if value == Some(Duration::ZERO) {
@@ -503,6 +591,25 @@ fn validate(config: &Config) -> Result<(), Error> {
                 "{name} must be greater than zero"
             )));
         }
+    }
+    if let Some(size) = config.max_frame_size {
+        if !MAX_FRAME_SIZE_RANGE.contains(&size) {
+            return Err(Error::invalid_config(format!(
+                "http2_max_frame_size must be {}..={} (RFC 9113 §6.5.2), got {size}",
+                MAX_FRAME_SIZE_RANGE.start(),
+                MAX_FRAME_SIZE_RANGE.end()
+            )));
+        }
+    }
+    if config.max_header_list_size == 0 {
+        return Err(Error::invalid_config(
+            "http2_max_header_list_size must be greater than zero",
+        ));
+    }
+    if config.tcp.keepalive_retries == Some(0) {
+        return Err(Error::invalid_config(
+            "tcp_keepalive_retries must be greater than zero",
+        ));
     }
     if config.resolve_ttl_floor.is_zero() || config.resolve_ttl_floor > config.resolve_ttl_ceiling {
         return Err(Error::invalid_config(format!(

@@ -8,9 +8,16 @@ use std::time::Duration;
 use http::{HeaderValue, Uri};
 
 use crate::backoff::BackoffConfig;
+use crate::connector::TcpSettings;
 
 /// The largest connection count accepted for one endpoint.
 pub(crate) const MAX_CONNECTIONS_PER_ENDPOINT: usize = 1024;
+
+/// The `SETTINGS_MAX_HEADER_LIST_SIZE` a pool announces unless told otherwise: hyper's (and
+/// so a tonic `Channel`'s), 16 KiB.
+pub(crate) const DEFAULT_MAX_HEADER_LIST_SIZE: u32 = 16 * 1024;
+/// The range RFC 9113 §6.5.2 allows for `SETTINGS_MAX_FRAME_SIZE`.
+pub(crate) const MAX_FRAME_SIZE_RANGE: std::ops::RangeInclusive<u32> = 16_384..=16_777_215;
 
 /// The validated settings a pool runs with.
 #[derive(Clone, Debug)]
@@ -22,13 +29,22 @@ pub(crate) struct Config {
     pub(crate) backoff: BackoffConfig,
     pub(crate) connect_timeout: Option<Duration>,
     pub(crate) timeout: Option<Duration>,
-    pub(crate) tcp_nodelay: bool,
-    pub(crate) tcp_keepalive: Option<Duration>,
+    /// Handed to the connector with every destination.
+    pub(crate) tcp: TcpSettings,
     pub(crate) keep_alive_interval: Option<Duration>,
     pub(crate) keep_alive_timeout: Duration,
     pub(crate) keep_alive_while_idle: bool,
     pub(crate) initial_stream_window_size: Option<u32>,
     pub(crate) initial_connection_window_size: Option<u32>,
+    /// BDP-driven window growth (see `conn/bdp.rs`).
+    pub(crate) adaptive_window: bool,
+    /// `SETTINGS_MAX_HEADER_LIST_SIZE` the pool announces.
+    pub(crate) max_header_list_size: u32,
+    /// `SETTINGS_MAX_FRAME_SIZE` the pool announces; `None` leaves h2's (and RFC 9113's)
+    /// 16 KiB.
+    pub(crate) max_frame_size: Option<u32>,
+    /// Idle mode: how long without calls before the pool closes its connections.
+    pub(crate) idle_timeout: Option<Duration>,
     pub(crate) user_agent: Option<HeaderValue>,
     pub(crate) origin: Option<Uri>,
     pub(crate) wait_for_ready: bool,
@@ -53,13 +69,16 @@ impl Default for Config {
             backoff: BackoffConfig::default(),
             connect_timeout: None,
             timeout: None,
-            tcp_nodelay: true,
-            tcp_keepalive: None,
+            tcp: TcpSettings::default(),
             keep_alive_interval: None,
             keep_alive_timeout: Duration::from_secs(20),
             keep_alive_while_idle: false,
             initial_stream_window_size: None,
             initial_connection_window_size: None,
+            adaptive_window: false,
+            max_header_list_size: DEFAULT_MAX_HEADER_LIST_SIZE,
+            max_frame_size: None,
+            idle_timeout: None,
             user_agent: None,
             origin: None,
             wait_for_ready: false,

@@ -1,16 +1,47 @@
 //! How the pool opens the byte stream under each HTTP/2 connection.
 //!
 //! The pool asks a [`Connect`] implementation for one stream per connection. The default,
-//! [`TcpConnector`], opens plaintext TCP (HTTP/2 prior knowledge, as gRPC over `http://` does)
-//! and applies the TCP settings of the builder. TLS plugs in here: a connector that wraps the
-//! TCP stream in a TLS session (with ALPN `h2`) and returns it as a [`BoxedIo`].
+//! [`TcpConnector`], opens plaintext TCP (HTTP/2 prior knowledge, as gRPC over `http://` does).
+//! TLS plugs in here: a connector that wraps the TCP stream in a TLS session (with ALPN `h2`)
+//! and returns it as a [`BoxedIo`].
+//!
+//! # TCP settings reach every connector
+//!
+//! The builder's TCP settings (`tcp_nodelay`, `tcp_keepalive`, `tcp_keepalive_interval`,
+//! `tcp_keepalive_retries`, `local_address`) are not the default connector's own: they travel
+//! with each connection, in [`Destination::tcp`]. A connector that opens TCP itself opens it
+//! with [`TcpSettings::connect`] (or applies them to a stream it opened with
+//! [`TcpSettings::apply`]), so that a custom connector — a TLS wrapper, a proxy dialer —
+//! keeps them instead of silently losing them. [`TcpConnector`] does exactly that and nothing
+//! more, so a wrapping connector can call it as its inner connector:
+//!
+//! ```
+//! use std::io;
+//! use tonic_pool::connector::{BoxedIo, Connect, Destination};
+//! use tonic_pool::BoxFuture;
+//!
+//! /// Opens TCP with the pool's settings, then would wrap the stream (TLS, a proxy protocol…).
+//! #[derive(Debug)]
+//! struct Wrapping;
+//!
+//! impl Connect for Wrapping {
+//!     fn connect(&self, dst: &Destination) -> BoxFuture<'static, io::Result<BoxedIo>> {
+//!         let (tcp, addr) = (dst.tcp.clone(), dst.addr);
+//!         Box::pin(async move {
+//!             let stream = tcp.connect(addr).await?; // nodelay, keepalive, local address
+//!             Ok(Box::new(stream) as BoxedIo)
+//!         })
+//!     }
+//! }
+//! ```
 
 use std::fmt;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpSocket, TcpStream};
 
 use crate::BoxFuture;
 
@@ -22,7 +53,7 @@ impl<T> Io for T where T: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
 /// A boxed [`Io`], as connectors return.
 pub type BoxedIo = Box<dyn Io>;
 
-/// Where a connection goes.
+/// Where a connection goes, and how its TCP socket should be set up.
 #[derive(Clone, Debug)]
 #[non_exhaustive]
 pub struct Destination {
@@ -32,11 +63,114 @@ pub struct Destination {
     pub host: String,
     /// Whether the target asked for TLS (`https://`).
     pub tls: bool,
+    /// The pool's TCP settings; a connector that opens TCP applies them (see the
+    /// [module docs](self)).
+    pub tcp: TcpSettings,
+}
+
+impl Destination {
+    /// A destination with the default TCP settings (for a connector's own tests; the pool
+    /// makes its destinations itself).
+    pub fn new(addr: SocketAddr, host: impl Into<String>, tls: bool) -> Self {
+        Self {
+            addr,
+            host: host.into(),
+            tls,
+            tcp: TcpSettings::default(),
+        }
+    }
+}
+
+/// The TCP settings of every connection of a pool, set on the builder and handed to the
+/// connector in [`Destination::tcp`].
+///
+/// TCP keepalive is on when any of `keepalive_time`, `keepalive_interval` or
+/// `keepalive_retries` is set; the ones left `None` keep the operating system's values.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct TcpSettings {
+    /// `TCP_NODELAY` (builder: `tcp_nodelay`). Default `true`.
+    pub nodelay: bool,
+    /// Idle time before the first keepalive probe (`TCP_KEEPIDLE`; builder: `tcp_keepalive`).
+    pub keepalive_time: Option<Duration>,
+    /// Time between unanswered keepalive probes (`TCP_KEEPINTVL`; builder:
+    /// `tcp_keepalive_interval`).
+    pub keepalive_interval: Option<Duration>,
+    /// Unanswered probes before the connection is dropped (`TCP_KEEPCNT`; builder:
+    /// `tcp_keepalive_retries`).
+    pub keepalive_retries: Option<u32>,
+    /// The local address to bind before connecting (builder: `local_address`). An address
+    /// of the other IP family than the destination's is ignored for that destination.
+    pub local_address: Option<IpAddr>,
+}
+
+impl Default for TcpSettings {
+    fn default() -> Self {
+        Self {
+            nodelay: true,
+            keepalive_time: None,
+            keepalive_interval: None,
+            keepalive_retries: None,
+            local_address: None,
+        }
+    }
+}
+
+impl TcpSettings {
+    /// Opens a TCP connection to `addr` with these settings: binds the local address first
+    /// (if any), connects, then sets `TCP_NODELAY` and keepalive.
+    pub async fn connect(&self, addr: SocketAddr) -> io::Result<TcpStream> {
+        let socket = if addr.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        if let Some(local) = self.local_address {
+            if local.is_ipv4() == addr.is_ipv4() {
+                socket.bind(SocketAddr::new(local, 0))?;
+            }
+        }
+        let stream = socket.connect(addr).await?;
+        self.apply(&stream)?;
+        Ok(stream)
+    }
+
+    /// Sets `TCP_NODELAY` and keepalive on a stream opened some other way (the local address
+    /// can only be chosen before connecting: see [`connect`](Self::connect)).
+    pub fn apply(&self, stream: &TcpStream) -> io::Result<()> {
+        stream.set_nodelay(self.nodelay)?;
+        if let Some(keepalive) = self.keepalive() {
+            socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive)?;
+        }
+        Ok(())
+    }
+
+    /// The socket2 keepalive parameters, `None` when keepalive is off.
+    fn keepalive(&self) -> Option<socket2::TcpKeepalive> {
+        if self.keepalive_time.is_none()
+            && self.keepalive_interval.is_none()
+            && self.keepalive_retries.is_none()
+        {
+            return None;
+        }
+        let mut keepalive = socket2::TcpKeepalive::new();
+        if let Some(time) = self.keepalive_time {
+            keepalive = keepalive.with_time(time);
+        }
+        if let Some(interval) = self.keepalive_interval {
+            keepalive = keepalive.with_interval(interval);
+        }
+        if let Some(retries) = self.keepalive_retries {
+            keepalive = keepalive.with_retries(retries);
+        }
+        Some(keepalive)
+    }
 }
 
 /// Opens the byte stream for one connection.
 pub trait Connect: fmt::Debug + Send + Sync + 'static {
-    /// Connects to `dst`. The pool bounds the whole attempt with its connect timeout.
+    /// Connects to `dst`, with the TCP settings in [`Destination::tcp`] if it opens TCP. The
+    /// pool bounds the whole attempt with its connect timeout.
     fn connect(&self, dst: &Destination) -> BoxFuture<'static, io::Result<BoxedIo>>;
 
     /// Whether this connector speaks TLS itself; the pool refuses `https://` targets with a
@@ -46,40 +180,23 @@ pub trait Connect: fmt::Debug + Send + Sync + 'static {
     }
 }
 
-/// The default connector: plaintext TCP with the pool's TCP settings.
-#[derive(Clone, Debug)]
+/// The default connector: plaintext TCP with the pool's TCP settings (those of each
+/// [`Destination`]).
+#[derive(Clone, Debug, Default)]
 pub struct TcpConnector {
-    nodelay: bool,
-    keepalive: Option<Duration>,
+    _private: (),
 }
 
 impl TcpConnector {
-    /// A TCP connector with `TCP_NODELAY` set as given and TCP keepalive probes after
-    /// `keepalive` of silence (off when `None`).
-    pub fn new(nodelay: bool, keepalive: Option<Duration>) -> Self {
-        Self { nodelay, keepalive }
-    }
-}
-
-impl Default for TcpConnector {
-    fn default() -> Self {
-        Self::new(true, None)
+    /// The TCP connector; its settings come with each destination.
+    pub fn new() -> Self {
+        Self::default()
     }
 }
 
 impl Connect for TcpConnector {
     fn connect(&self, dst: &Destination) -> BoxFuture<'static, io::Result<BoxedIo>> {
-        let addr = dst.addr;
-        let nodelay = self.nodelay;
-        let keepalive = self.keepalive;
-        Box::pin(async move {
-            let stream = tokio::net::TcpStream::connect(addr).await?;
-            stream.set_nodelay(nodelay)?;
-            if let Some(time) = keepalive {
-                let ka = socket2::TcpKeepalive::new().with_time(time);
-                socket2::SockRef::from(&stream).set_tcp_keepalive(&ka)?;
-            }
-            Ok(Box::new(stream) as BoxedIo)
-        })
+        let (tcp, addr) = (dst.tcp.clone(), dst.addr);
+        Box::pin(async move { Ok(Box::new(tcp.connect(addr).await?) as BoxedIo) })
     }
 }

@@ -125,9 +125,19 @@ impl Pool {
     }
 
     /// Leaves Idle: starts resolving and connecting if the pool was built with
-    /// [`connect_lazily`](crate::PoolBuilder::connect_lazily). Does nothing otherwise.
+    /// [`connect_lazily`](crate::PoolBuilder::connect_lazily) or went Idle after its
+    /// [`idle_timeout`](crate::PoolBuilder::idle_timeout). Does nothing otherwise.
     pub fn connect(&self) {
         self.shared().request_connect();
+    }
+
+    /// Makes every connection that is backing off after a failure (TransientFailure) try
+    /// again at once, its backoff restarted from the initial delay (grpc-go's
+    /// `ClientConn.ResetConnectBackoff`): for when the caller knows the servers are back (the
+    /// network came up, a deployment finished). A connection that is connecting now starts
+    /// its next backoff from the initial delay.
+    pub fn reset_connect_backoff(&self) {
+        self.shared().reset_connect_backoff();
     }
 
     /// Waits until the pool is Ready, for at most `timeout`, starting to connect if Idle.
@@ -401,6 +411,7 @@ impl tower_service::Service<Request<tonic::body::Body>> for Pool {
         if let Err(e) = self.prepare(&mut req) {
             return ResponseFuture::ready(Err(e));
         }
+        shared.note_call();
         let options = CallOptions::from_request(&req, &shared.config);
         let first = self.pick();
         ResponseFuture {

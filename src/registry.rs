@@ -56,6 +56,10 @@ pub(crate) struct Shared {
     shut_down: AtomicBool,
     /// Set when the pool should leave Idle (at build, or on the first call when lazy).
     connect_tx: watch::Sender<bool>,
+    /// Bumped by `Pool::reset_connect_backoff`: slots backing off retry at once.
+    backoff_resets: watch::Sender<u64>,
+    /// Calls started over the whole pool (idle mode watches it).
+    calls_started: AtomicU64,
     /// Calls in flight over the whole pool.
     pub(crate) in_flight: Arc<InFlight>,
     /// Signals ended calls to calls waiting for room (see [`Room`]).
@@ -133,6 +137,8 @@ impl Shared {
             events_tx,
             shut_down: AtomicBool::new(false),
             connect_tx,
+            backoff_resets: watch::channel(0).0,
+            calls_started: AtomicU64::new(0),
             in_flight: Arc::new(InFlight::default()),
             room: Arc::new(Room::default()),
             mailbox,
@@ -207,6 +213,32 @@ impl Shared {
     /// The worker's mailbox, weakly (what a pushed address set is posted to).
     pub(crate) fn mailbox(&self) -> &WeakMailbox {
         &self.mailbox
+    }
+
+    /// Idle mode: the pool was not used for its idle timeout; its slots close their
+    /// connections and wait, Idle, until the next call asks to connect again.
+    pub(crate) fn request_idle(&self) {
+        self.connect_tx
+            .send_if_modified(|requested| std::mem::replace(requested, false));
+    }
+
+    /// Counts a call made on the pool (for idle mode).
+    pub(crate) fn note_call(&self) {
+        self.calls_started.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Calls made on the pool so far.
+    pub(crate) fn calls_started(&self) -> u64 {
+        self.calls_started.load(Ordering::Relaxed)
+    }
+
+    /// Tells every slot backing off to retry at once, its backoff restarted.
+    pub(crate) fn reset_connect_backoff(&self) {
+        self.backoff_resets.send_modify(|n| *n += 1);
+    }
+
+    pub(crate) fn subscribe_backoff_resets(&self) -> watch::Receiver<u64> {
+        self.backoff_resets.subscribe()
     }
 
     /// Asks the worker to resolve again soon (rate-limited there).

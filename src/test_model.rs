@@ -704,7 +704,7 @@ impl Case {
             watched.fate,
             watched.limits,
         ));
-        let driver = crate::conn::driver::spawn(connection, ready.clone(), None);
+        let driver = crate::conn::driver::spawn(connection, ready.clone(), Default::default());
         self.shared.transition(
             slot.id,
             State::Ready,

@@ -14,7 +14,10 @@
 //!   is TransientFailure only if no good answer ever came;
 //! - a pool whose addresses are pushed ([`Push`](crate::resolve::Push)) resolves nothing: each
 //!   pushed set arrives as mail and is applied as an answer is, except that an empty set is
-//!   taken at its word (every address drains, the pool is TransientFailure).
+//!   taken at its word (every address drains, the pool is TransientFailure);
+//! - idle mode (`idle_timeout`): once the pool has had no call for that long it goes Idle —
+//!   it stops resolving and the slots close their connections — until the next call asks to
+//!   connect again.
 //!
 //! Everything that asks it for something arrives in its one mailbox (`mailbox.rs`). It ends as
 //! soon as the last [`Pool`](crate::Pool) handle is dropped (the mailbox closes) or
@@ -130,6 +133,9 @@ impl Worker {
         // A lookup under way. It is polled inside the select below, not awaited in a branch,
         // so that close() or the last handle's drop is seen even while a lookup hangs.
         let mut resolving: Option<BoxFuture<'static, Result<Resolution, ResolveError>>> = None;
+        // Idle mode: the wait for the idle timeout, and whether the pool is Idle now.
+        let mut idle_timer = self.idle_timer();
+        let mut idle = false;
         loop {
             let sleep = async {
                 match next_resolution {
@@ -150,7 +156,7 @@ impl Worker {
                         break;
                     }
                     Some(Mail::Reresolve) => {
-                        if self.is_dynamic() {
+                        if self.is_dynamic() && !idle {
                             let earliest = self.last_resolution.map_or_else(Instant::now, |t| t + config.min_reresolve_interval);
                             let at = earliest.max(Instant::now());
                             if next_resolution.is_none_or(|n| at < n) {
@@ -183,9 +189,37 @@ impl Worker {
                     resolving = None;
                     next_resolution = self.on_resolution(answer, &mut resolve_backoff);
                 }
+                _ = async { idle_timer.as_mut().expect("guarded by the branch condition").await }, if idle_timer.is_some() && !idle => {
+                    tracing::info!(target = %shared.target, "no call for the idle timeout; going Idle");
+                    idle = true;
+                    resolving = None;
+                    next_resolution = None;
+                    shared.set_no_endpoints_state(ConnectivityState::Idle, "idle timeout");
+                    shared.request_idle();
+                }
+                _ = wait_until(&mut connect_rx, |requested| *requested), if idle => {
+                    idle = false;
+                    idle_timer = self.idle_timer();
+                    shared.set_no_endpoints_state(ConnectivityState::Connecting, "resolving");
+                    if self.is_dynamic() {
+                        next_resolution = Some(Instant::now());
+                    }
+                }
             }
         }
         self.shutdown(reply).await
+    }
+
+    /// Completes once the pool has had no call for its idle timeout (idle mode), or never.
+    fn idle_timer(&self) -> Option<BoxFuture<'static, ()>> {
+        let timeout = self.shared.config.idle_timeout?;
+        let shared = self.shared.clone();
+        Some(Box::pin(async move {
+            growth::idle_for(Some(timeout), || {
+                (shared.calls_started(), shared.in_flight.get())
+            })
+            .await;
+        }))
     }
 
     /// Whether the target is resolved again over time (literal addresses are not, and
@@ -325,10 +359,12 @@ impl Worker {
                 addr,
                 host,
                 tls: shared.target.is_tls(),
+                tcp: shared.config.tcp.clone(),
             },
             config: shared.config.clone(),
             events: shared.clone(),
             connect_requested: shared.subscribe_connect(),
+            backoff_resets: shared.subscribe_backoff_resets(),
             stats,
             connector: self.connector.clone(),
             keepalive,

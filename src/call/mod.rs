@@ -296,11 +296,11 @@ mod pool_tests {
     async fn unsent_errors_are_classified() {
         let connector = PipeConnector::default();
         let io = connector
-            .connect(&Destination {
-                addr: "127.0.0.1:1".parse().unwrap(),
-                host: "test".into(),
-                tls: false,
-            })
+            .connect(&Destination::new(
+                "127.0.0.1:1".parse().unwrap(),
+                "test",
+                false,
+            ))
             .await
             .unwrap();
         let (send, connection) = h2::client::Builder::new()

@@ -7,9 +7,10 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use crate::config::Config;
-use crate::conn::driver::{H2Connection, KeepAlivePlan};
+use crate::conn::bdp::{self, DataCounter, Sample};
+use crate::conn::driver::{BdpPlan, H2Connection, KeepAlivePlan, PingPlan};
 use crate::conn::frames::{FrameWatch, ReadActivity, Watched};
-use crate::connector::{Connect, Destination};
+use crate::connector::{BoxedIo, Connect, Destination};
 use crate::error::BoxError;
 use crate::state::wait_until;
 
@@ -26,7 +27,7 @@ pub(crate) type Connected = (
     h2::client::SendRequest<Bytes>,
     H2Connection,
     Watched,
-    Option<KeepAlivePlan>,
+    PingPlan,
 );
 
 /// Opens one connection: byte stream, HTTP/2 handshake, then waits for the server's SETTINGS
@@ -37,20 +38,33 @@ pub(crate) async fn connect(
     dst: &Destination,
     keepalive: Option<Duration>,
 ) -> Result<Connected, BoxError> {
-    let io = connector.connect(dst).await?;
+    let mut io = connector.connect(dst).await?;
+    // Adaptive flow control counts the DATA the server sends, below the frame watcher.
+    let sample = config.adaptive_window.then(|| Arc::new(Sample::default()));
+    if let Some(sample) = &sample {
+        io = Box::new(DataCounter::new(io, sample.clone())) as BoxedIo;
+    }
     let activity = keepalive.map(|_| Arc::new(ReadActivity::new()));
     let (io, watched) = FrameWatch::new(io, activity.clone());
-    let mut builder = h2::client::Builder::new();
-    // hyper's (and so a tonic `Channel`'s) defaults, for the same behaviour on the wire.
-    builder
-        .initial_max_send_streams(100)
-        .initial_window_size(config.initial_stream_window_size.unwrap_or(2 * 1024 * 1024))
-        .initial_connection_window_size(
+    // hyper's (and so a tonic `Channel`'s) defaults, for the same behaviour on the wire; an
+    // adaptive window starts from HTTP/2's default and grows with the BDP estimate, as
+    // hyper's does.
+    let (stream_window, connection_window) = if config.adaptive_window {
+        (bdp::INITIAL_WINDOW, bdp::INITIAL_WINDOW)
+    } else {
+        (
+            config.initial_stream_window_size.unwrap_or(2 * 1024 * 1024),
             config
                 .initial_connection_window_size
                 .unwrap_or(5 * 1024 * 1024),
         )
-        .max_header_list_size(16 * 1024)
+    };
+    let mut builder = h2::client::Builder::new();
+    builder
+        .initial_max_send_streams(100)
+        .initial_window_size(stream_window)
+        .initial_connection_window_size(connection_window)
+        .max_header_list_size(config.max_header_list_size)
         .max_send_buffer_size(1024 * 1024)
         .enable_push(false)
         // Cancelling a call resets its stream; the server's frames already on their way for
@@ -70,6 +84,9 @@ pub(crate) async fn connect(
         // us buffer stays bounded by the flow-control windows; empty DATA frames keep their
         // own limit.
         .data_frame_budget(usize::MAX);
+    if let Some(size) = config.max_frame_size {
+        builder.max_frame_size(size);
+    }
     #[cfg(test)]
     if let Some(id) = config.initial_stream_id {
         builder.initial_stream_id(id);
@@ -83,14 +100,20 @@ pub(crate) async fn connect(
         },
         seen = wait_until(&mut settings_rx, |s| s.settings) => seen,
     };
-    let plan = keepalive
-        .zip(activity)
-        .map(|(interval, activity)| KeepAlivePlan {
-            interval,
-            timeout: config.keep_alive_timeout,
-            while_idle: config.keep_alive_while_idle,
-            activity,
-        });
+    let plan = PingPlan {
+        keepalive: keepalive
+            .zip(activity)
+            .map(|(interval, activity)| KeepAlivePlan {
+                interval,
+                timeout: config.keep_alive_timeout,
+                while_idle: config.keep_alive_while_idle,
+                activity,
+            }),
+        bdp: sample.map(|sample| BdpPlan {
+            sample,
+            initial_window: bdp::INITIAL_WINDOW,
+        }),
+    };
     match settings {
         Some(_) => Ok((send, connection, watched, plan)),
         None => Err("connection closed before the server's SETTINGS".into()),

@@ -14,7 +14,8 @@
 //! |---|---|
 //! | `slot.rs` | the state machine (Idle → Connecting → Ready → …), backoff, retirement and wind-down |
 //! | `connect.rs` | byte stream + HTTP/2 handshake with the pool's settings, until the server's SETTINGS |
-//! | `driver.rs` | the task that does the connection's I/O, keepalive PINGs and graceful close |
+//! | `driver.rs` | the task that does the connection's I/O, its PINGs (keepalive, BDP) and graceful close |
+//! | `bdp.rs` | adaptive flow control: the bandwidth-delay estimate that grows the windows |
 //! | `frames.rs` | the frame watcher: SETTINGS, GOAWAY, the stream ledger, the kill switch |
 //! | `ready.rs` | a Ready connection as calls see it, and the in-flight guard a call holds |
 //!
@@ -24,6 +25,7 @@
 //! slot's). A slot reports its states through [`SlotEvents`]; it names nothing above this
 //! module.
 
+pub(crate) mod bdp;
 pub(crate) mod connect;
 pub(crate) mod driver;
 pub(crate) mod frames;

@@ -3,12 +3,15 @@
 //!
 //! ```text
 //! loop:
+//!   Idle while the pool is (lazy and unused yet, or idle mode): wait for the next call
 //!   Connecting ── TCP + handshake + server SETTINGS (bounded by the connect timeout)
 //!     ├─ ok  → Ready (published to the picker); backoff reset
 //!     │        wait: connection ends │ GOAWAY │ replacement asked │ drain │ shutdown │ idle (grown)
+//!     │              │ pool idle (idle mode: retire the connection, back to the top)
 //!     │        GOAWAY(NO_ERROR), replacement → Idle, reconnect at once
 //!     │        lost, GOAWAY with an error    → TransientFailure, reconnect at once (first try free)
-//!     └─ err → TransientFailure; sleep backoff; retry
+//!     └─ err → TransientFailure; sleep backoff (cut short by `reset_connect_backoff`, which
+//!              also restarts it, or by the pool going idle); retry
 //! ```
 //!
 //! A connection that stops serving is *retired*, not dropped: it takes no new call, its calls
@@ -56,6 +59,8 @@ enum ServeEnd {
     Shutdown,
     /// A grown connection carried no call for its idle timeout.
     Idle,
+    /// The pool went Idle (idle mode): close the connection, wait for the next call.
+    PoolIdle,
     /// A call found that the connection cannot open streams any more (e.g. its stream ids
     /// are used up): replace it.
     Replace(String),
@@ -87,8 +92,10 @@ pub(crate) struct Slot {
     pub(crate) dst: Destination,
     pub(crate) config: Arc<Config>,
     pub(crate) events: Arc<dyn SlotEvents>,
-    /// Turns true when the pool is asked to leave Idle.
+    /// Turns true when the pool is asked to leave Idle, false when it goes Idle (idle mode).
     pub(crate) connect_requested: watch::Receiver<bool>,
+    /// Bumped by `Pool::reset_connect_backoff`.
+    pub(crate) backoff_resets: watch::Receiver<u64>,
     pub(crate) stats: Arc<ConnStats>,
     pub(crate) connector: Arc<dyn Connect>,
     pub(crate) keepalive: Arc<KeepAlive>,
@@ -147,20 +154,28 @@ async fn serve(slot: &Slot, retired: &mut Retired) -> &'static str {
         control,
         seed,
         retire_when_idle,
+        backoff_resets,
     } = slot;
     let (events, id, addr) = (&**events, *id, dst.addr);
     let mut control = control.clone();
     let mut backoff = Backoff::new(config.backoff.clone(), *seed);
     let mut connect_rx = connect_requested.clone();
-    // Stay Idle until the pool is asked to connect (at once unless it is lazy).
-    tokio::select! {
-        biased;
-        _ = wait_until(&mut control, |c| *c != Control::Run) => return "closed while idle",
-        _ = wait_until(&mut connect_rx, |requested| *requested) => {}
-    }
+    let mut backoff_resets = backoff_resets.clone();
     loop {
         if *control.borrow() != Control::Run {
             return "closed";
+        }
+        // Stay Idle until the pool is asked to connect: at once unless it is lazy, and again
+        // after idle mode sent it back to Idle.
+        if !*connect_rx.borrow() {
+            events.transition(id, ConnectivityState::Idle, "pool idle", None);
+            tokio::select! {
+                biased;
+                _ = wait_until(&mut control, |c| *c != Control::Run) => return "closed while idle",
+                _ = wait_until(&mut connect_rx, |requested| *requested) => {}
+            }
+            // A pool that comes back from Idle starts afresh, as a new gRPC channel would.
+            backoff.reset();
         }
         events.transition(id, ConnectivityState::Connecting, "connecting", None);
         let timeout = config
@@ -173,6 +188,8 @@ async fn serve(slot: &Slot, retired: &mut Retired) -> &'static str {
         let result = tokio::select! {
             biased;
             _ = wait_until(&mut control, |c| *c != Control::Run) => return "closed while connecting",
+            // The pool went Idle meanwhile: the attempt is not needed any more.
+            _ = wait_until(&mut connect_rx, |requested| !*requested) => continue,
             r = attempt => r,
         };
         let (
@@ -184,24 +201,28 @@ async fn serve(slot: &Slot, retired: &mut Retired) -> &'static str {
                 fate,
                 limits,
             },
-            keepalive_plan,
+            pings,
         ) = match result {
             Ok(Ok(connected)) => connected,
             Ok(Err(e)) => {
                 let reason = format!("connect error: {}", error_chain(&*e));
-                fail_and_wait(events, id, &reason, &mut backoff, &mut control).await;
+                let mut waits = Waits::new(&mut control, &mut connect_rx, &mut backoff_resets);
+                fail_and_wait(events, id, &reason, &mut backoff, &mut waits).await;
                 continue;
             }
             Err(_) => {
                 let reason = format!("connect timeout after {timeout:?}");
-                fail_and_wait(events, id, &reason, &mut backoff, &mut control).await;
+                let mut waits = Waits::new(&mut control, &mut connect_rx, &mut backoff_resets);
+                fail_and_wait(events, id, &reason, &mut backoff, &mut waits).await;
                 continue;
             }
         };
         backoff.reset();
+        // A reset asked while this attempt ran has been served by its success.
+        backoff_resets.borrow_and_update();
         stats.connected();
         let ready = Arc::new(Connection::new(id, addr, send, stats.clone(), fate, limits));
-        let mut driver = crate::conn::driver::spawn(connection, ready.clone(), keepalive_plan);
+        let mut driver = crate::conn::driver::spawn(connection, ready.clone(), pings);
         events.transition(
             id,
             ConnectivityState::Ready,
@@ -231,6 +252,7 @@ async fn serve(slot: &Slot, retired: &mut Retired) -> &'static str {
                 ServeEnd::after(g.and_then(|s| s.goaway), || "connection closed".to_owned())
             }
             reason = ready.replacement_requested() => ServeEnd::Replace(reason),
+            _ = wait_until(&mut connect_rx, |requested| !*requested) => ServeEnd::PoolIdle,
             _ = idle_for(*retire_when_idle, || (ready.stats.calls(), ready.in_flight())) => ServeEnd::Idle,
         };
         // No new call goes to this connection from here on, even through stale pickers.
@@ -251,6 +273,9 @@ async fn serve(slot: &Slot, retired: &mut Retired) -> &'static str {
                 // Nothing is wrong with the server: reconnect at once.
                 events.transition(id, ConnectivityState::Idle, &reason, None);
             }
+            // Idle at the top of the loop until the next call; the connection closes with
+            // GOAWAY once the calls that picked it just now have ended.
+            ServeEnd::PoolIdle => {}
             ServeEnd::TooManyPings => {
                 let interval = keepalive.double();
                 tracing::warn!(%addr, ?interval, "server sent GOAWAY too_many_pings; keepalive interval doubled for this endpoint");
@@ -390,20 +415,55 @@ impl Retired {
     }
 }
 
+/// What a slot backing off listens to besides its timer.
+struct Waits<'a> {
+    control: &'a mut watch::Receiver<Control>,
+    connect_requested: &'a mut watch::Receiver<bool>,
+    backoff_resets: &'a mut watch::Receiver<u64>,
+}
+
+impl<'a> Waits<'a> {
+    fn new(
+        control: &'a mut watch::Receiver<Control>,
+        connect_requested: &'a mut watch::Receiver<bool>,
+        backoff_resets: &'a mut watch::Receiver<u64>,
+    ) -> Self {
+        Self {
+            control,
+            connect_requested,
+            backoff_resets,
+        }
+    }
+}
+
+/// Reports the failure and sleeps the backoff delay. The sleep ends early when the slot must
+/// stop, when the pool goes Idle, or on `Pool::reset_connect_backoff` — which also restarts
+/// the backoff from its initial delay, as does a reset asked while the attempt ran.
 async fn fail_and_wait(
     events: &dyn SlotEvents,
     id: u64,
     reason: &str,
     backoff: &mut Backoff,
-    control: &mut watch::Receiver<Control>,
+    waits: &mut Waits<'_>,
 ) {
     events.transition(id, ConnectivityState::TransientFailure, reason, None);
     events.reresolve();
+    if waits.backoff_resets.has_changed().unwrap_or(false) {
+        waits.backoff_resets.borrow_and_update();
+        backoff.reset();
+        tracing::debug!(conn = id, "backoff reset; retrying at once");
+        return;
+    }
     let delay = backoff.next_delay();
     tracing::debug!(conn = id, ?delay, "backing off");
     tokio::select! {
         biased;
-        _ = wait_until(control, |c| *c != Control::Run) => {}
+        _ = wait_until(waits.control, |c| *c != Control::Run) => {}
+        _ = wait_until(waits.connect_requested, |requested| !*requested) => {}
+        Ok(()) = waits.backoff_resets.changed() => {
+            backoff.reset();
+            tracing::debug!(conn = id, "backoff reset; retrying at once");
+        }
         _ = tokio::time::sleep(delay) => {}
     }
 }

@@ -12,6 +12,7 @@ mod generated_clients;
 mod goaway;
 mod hostile;
 mod keepalive;
+mod knobs;
 mod replacement;
 mod resolution;
 mod resolution_timing;

@@ -111,6 +111,8 @@ pub mod setting {
     pub const INITIAL_WINDOW_SIZE: u16 = 0x4;
     /// SETTINGS_MAX_FRAME_SIZE.
     pub const MAX_FRAME_SIZE: u16 = 0x5;
+    /// SETTINGS_MAX_HEADER_LIST_SIZE.
+    pub const MAX_HEADER_LIST_SIZE: u16 = 0x6;
 }
 
 /// The largest stream id, the last-stream-id of a GOAWAY that announces a graceful shutdown.
@@ -151,6 +153,32 @@ impl Frame {
         };
         let bytes = self.payload.get(at..at + 4)?;
         Some(u32::from_be_bytes(bytes.try_into().ok()?))
+    }
+
+    /// The parameters of a SETTINGS frame, in order (empty for any other frame).
+    pub fn settings(&self) -> Vec<(u16, u32)> {
+        if !self.is(kind::SETTINGS) {
+            return Vec::new();
+        }
+        self.payload
+            .chunks_exact(6)
+            .map(|p| {
+                (
+                    u16::from_be_bytes([p[0], p[1]]),
+                    u32::from_be_bytes([p[2], p[3], p[4], p[5]]),
+                )
+            })
+            .collect()
+    }
+
+    /// The value of SETTINGS parameter `id` in this frame, if it is a SETTINGS frame that
+    /// carries it.
+    pub fn setting(&self, id: u16) -> Option<u32> {
+        self.settings()
+            .into_iter()
+            .rev()
+            .find(|(param, _)| *param == id)
+            .map(|(_, value)| value)
     }
 
     /// Whether it is the client's RST_STREAM of `stream` with `code`.

@@ -26,6 +26,8 @@ pub struct PoolBuilder {
     connector: Option<Arc<dyn Connect>>,
     resolver: Option<Arc<dyn Resolve>>,
     runtime: Option<tokio::runtime::Handle>,
+    #[cfg(feature = "tls")]
+    tls: Option<crate::tls::TlsConfig>,
     /// A setter's input that could not be taken; reported by `build()`.
     invalid: Option<String>,
 }
@@ -46,6 +48,8 @@ impl PoolBuilder {
             connector: None,
             resolver: None,
             runtime: None,
+            #[cfg(feature = "tls")]
+            tls: None,
             invalid: None,
         }
     }
@@ -276,6 +280,22 @@ impl PoolBuilder {
         self
     }
 
+    /// Speaks TLS (rustls) on every connection, with these settings: certificates are checked
+    /// against the target's host name (or [`TlsConfig::server_name`](crate::tls::TlsConfig::server_name)),
+    /// ALPN `h2` is required, and the handshake counts against the connect timeout. Works
+    /// with every target form (`dns:///`, `static:///`, `ipv4:`, …) and wraps the
+    /// [`connector`](Self::connector), so TLS runs over any byte stream. Requests then carry
+    /// the `https` scheme. See the [`tls`](crate::tls) module.
+    ///
+    /// Defaults to plaintext, except for `https://` targets, which use
+    /// [`TlsConfig::new()`](crate::tls::TlsConfig::new) (the roots of the enabled roots
+    /// features) unless the connector speaks TLS itself.
+    #[cfg(feature = "tls")]
+    pub fn tls(mut self, config: crate::tls::TlsConfig) -> Self {
+        self.tls = Some(config);
+        self
+    }
+
     /// The resolver that turns the target into addresses.
     ///
     /// Defaults to none for literal addresses, and for names to [`DnsResolver`] (hickory,
@@ -297,26 +317,22 @@ impl PoolBuilder {
     /// Validates the settings, starts the pool's worker and returns the pool.
     ///
     /// It does not wait for connections: use [`Pool::wait_ready`] for that. Errors (never
-    /// panics) on a malformed target, an out-of-range setting, or when there is no runtime.
-    pub fn build(self) -> Result<Pool, Error> {
+    /// panics) on a malformed target, an out-of-range setting, a TLS setting that cannot be
+    /// used (malformed PEM, no trusted root), or when there is no runtime.
+    pub fn build(mut self) -> Result<Pool, Error> {
         let target = Target::parse(&self.target).map_err(Error::invalid_target)?;
         if let Some(invalid) = self.invalid {
             return Err(Error::invalid_config(invalid));
         }
         validate(&self.config)?;
-        let connector: Arc<dyn Connect> = match self.connector {
+        let connector: Arc<dyn Connect> = match self.connector.take() {
             Some(c) => c,
             None => Arc::new(TcpConnector::new(
                 self.config.tcp_nodelay,
                 self.config.tcp_keepalive,
             )),
         };
-        if target.is_tls() && !connector.supports_tls() {
-            return Err(Error::invalid_config(format!(
-                "target {target} asks for TLS, but the connector does not speak TLS \
-                 (give the builder a TLS connector)"
-            )));
-        }
+        let connector = self.secure(&target, connector)?;
         let resolver: Arc<dyn Resolve> = match self.resolver {
             Some(r) => r,
             None => default_resolver(&target),
@@ -332,6 +348,79 @@ impl PoolBuilder {
             resolver,
             runtime,
         ))
+    }
+}
+
+impl PoolBuilder {
+    /// Puts TLS around `connector` when [`tls`](Self::tls) was set, or when the target is
+    /// `https://` and the connector does not speak TLS itself; requests then carry the
+    /// `https` scheme (and a server name override as their authority) unless an origin was
+    /// set.
+    #[cfg(feature = "tls")]
+    fn secure(
+        &mut self,
+        target: &Target,
+        connector: Arc<dyn Connect>,
+    ) -> Result<Arc<dyn Connect>, Error> {
+        let tls = match self.tls.take() {
+            Some(_) if connector.supports_tls() => {
+                return Err(Error::invalid_config(
+                    "PoolBuilder::tls was set, but the connector speaks TLS itself \
+                     (Connect::supports_tls): use one or the other",
+                ))
+            }
+            Some(tls) => tls,
+            None if target.is_tls() && !connector.supports_tls() => crate::tls::TlsConfig::new(),
+            None => return Ok(connector),
+        };
+        if self.config.origin.is_none() {
+            let authority = match tls.server_name_override() {
+                Some(name) => {
+                    let name = name.to_str();
+                    let host = if name.contains(':') {
+                        format!("[{name}]")
+                    } else {
+                        name.into_owned()
+                    };
+                    // The target's port: the last `:port` of its authority.
+                    match target.authority().rsplit_once(':') {
+                        Some((_, port)) => format!("{host}:{port}"),
+                        None => host,
+                    }
+                }
+                None => target.authority(),
+            };
+            let origin = Uri::builder()
+                .scheme("https")
+                .authority(authority.as_str())
+                .path_and_query("/")
+                .build()
+                .map_err(|e| {
+                    Error::invalid_config(format!(
+                        "tls: {authority:?} does not make a valid request authority"
+                    ))
+                    .with_source(e)
+                })?;
+            self.config.origin = Some(origin);
+        }
+        Ok(Arc::new(crate::tls::TlsConnector::new(tls, connector)?))
+    }
+
+    /// Without the `tls` feature, only a connector that speaks TLS itself can take an
+    /// `https://` target.
+    #[cfg(not(feature = "tls"))]
+    fn secure(
+        &mut self,
+        target: &Target,
+        connector: Arc<dyn Connect>,
+    ) -> Result<Arc<dyn Connect>, Error> {
+        if target.is_tls() && !connector.supports_tls() {
+            return Err(Error::invalid_config(format!(
+                "target {target} asks for TLS: enable the tonic-pool feature `tls` \
+                 (or give the builder a connector that speaks TLS)"
+            )));
+        }
+        Ok(connector)
     }
 }
 
@@ -413,11 +502,13 @@ fn validate(config: &Config) -> Result<(), Error> {
 
 impl fmt::Debug for PoolBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("PoolBuilder")
-            .field("target", &self.target)
+        let mut f = f.debug_struct("PoolBuilder");
+        f.field("target", &self.target)
             .field("config", &self.config)
             .field("connector", &self.connector)
-            .field("resolver", &self.resolver)
-            .finish()
+            .field("resolver", &self.resolver);
+        #[cfg(feature = "tls")]
+        f.field("tls", &self.tls);
+        f.finish()
     }
 }

@@ -74,6 +74,8 @@ pub mod resolve;
 pub mod state;
 pub mod stream;
 pub mod target;
+#[cfg(feature = "tls")]
+pub mod tls;
 
 #[cfg(test)]
 mod test_io;
@@ -113,3 +115,5 @@ pub use state::{
 };
 pub use stream::{ResilientStream, StreamEvent};
 pub use target::{Target, TargetError};
+#[cfg(feature = "tls")]
+pub use tls::TlsConfig;

@@ -34,11 +34,14 @@
 
 use std::fmt;
 use std::io;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::{ClientConfig, RootCertStore};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::connector::{BoxedIo, Connect, Destination};
 use crate::error::Error;
@@ -121,7 +124,9 @@ impl TlsConfig {
         };
         match PrivateKeyDer::from_pem_slice(key_pem.as_ref()) {
             Ok(key) => self.identity = Some((chain, key)),
-            Err(e) => self.note(format!("identity private key: no private key in the PEM ({e})")),
+            Err(e) => self.note(format!(
+                "identity private key: no private key in the PEM ({e})"
+            )),
         }
         self
     }
@@ -338,7 +343,7 @@ impl Connect for TlsConnector {
                     ),
                 ));
             }
-            Ok(Box::new(stream) as BoxedIo)
+            Ok(Box::new(AlertAware { stream, lost: None }) as BoxedIo)
         })
     }
 
@@ -353,6 +358,113 @@ impl fmt::Debug for TlsConnector {
             .field("inner", &self.inner)
             .field("server_name", &self.server_name)
             .finish()
+    }
+}
+
+/// The TLS stream the connector returns. In TLS 1.3 the server checks a client certificate
+/// (or its absence) only after the client has finished its handshake, and refuses it with an
+/// alert and a close: the client learns of it as a failed write (broken pipe, reset) while the
+/// alert that says why waits unread. On such a write error this reads what is left, so that
+/// the error names the alert ("received fatal alert: CertificateRequired") rather than only
+/// the pipe. A lost connection is readable at once (EOF or reset), so the wait for that read
+/// is short; the write error is returned as it is when no alert comes.
+struct AlertAware<S> {
+    stream: tokio_rustls::client::TlsStream<S>,
+    /// A write error kept while the read that may explain it is pending.
+    lost: Option<io::Error>,
+}
+
+/// How many TLS reads an explanation looks through for the alert (data may come before it).
+const ALERT_READS: usize = 8;
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AlertAware<S> {
+    /// Passes `result` through, unless it is a write error of a lost connection: then the
+    /// error, with the server's alert if one is waiting.
+    fn explain<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        result: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        use io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset};
+        let err = match (self.lost.take(), result) {
+            (Some(lost), _) => lost,
+            (None, Poll::Ready(Err(e)))
+                if matches!(e.kind(), BrokenPipe | ConnectionReset | ConnectionAborted) =>
+            {
+                e
+            }
+            (None, other) => return other,
+        };
+        // The connection is lost: whatever this reads has nowhere to go anyway.
+        let mut scratch = [0u8; 1024];
+        for _ in 0..ALERT_READS {
+            let mut buf = ReadBuf::new(&mut scratch);
+            match Pin::new(&mut self.stream).poll_read(cx, &mut buf) {
+                Poll::Ready(Ok(())) if !buf.filled().is_empty() => continue,
+                Poll::Ready(Err(alert)) if alert.kind() == io::ErrorKind::InvalidData => {
+                    let explained = format!("{err}; the server's TLS alert: {alert}");
+                    return Poll::Ready(Err(io::Error::new(err.kind(), explained)));
+                }
+                Poll::Ready(_) => break,
+                Poll::Pending => {
+                    self.lost = Some(err);
+                    return Poll::Pending;
+                }
+            }
+        }
+        Poll::Ready(Err(err))
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for AlertAware<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for AlertAware<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let result = match self.lost {
+            Some(_) => Poll::Pending,
+            None => Pin::new(&mut self.stream).poll_write(cx, buf),
+        };
+        self.explain(cx, result)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let result = match self.lost {
+            Some(_) => Poll::Pending,
+            None => Pin::new(&mut self.stream).poll_write_vectored(cx, bufs),
+        };
+        self.explain(cx, result)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let result = match self.lost {
+            Some(_) => Poll::Pending,
+            None => Pin::new(&mut self.stream).poll_flush(cx),
+        };
+        self.explain(cx, result)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
     }
 }
 
@@ -393,7 +505,10 @@ mod tests {
     fn bad_input_is_a_clear_error() {
         let err = |config: TlsConfig| config.client_config().unwrap_err().to_string();
         let e = err(TlsConfig::new().ca_certificate("not a pem"));
-        assert!(e.contains("ca_certificate") && e.contains("no CERTIFICATE"), "{e}");
+        assert!(
+            e.contains("ca_certificate") && e.contains("no CERTIFICATE"),
+            "{e}"
+        );
         let e = err(TlsConfig::new().server_name("not a name!"));
         assert!(e.contains("server_name"), "{e}");
         let e = err(TlsConfig::new().identity("", ""));

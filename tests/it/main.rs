@@ -22,4 +22,6 @@ mod streaming;
 mod support_proxy;
 mod support_smoke;
 mod targets;
+#[cfg(feature = "tls")]
+mod tls;
 mod wait_for_ready;

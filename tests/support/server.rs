@@ -56,6 +56,8 @@ pub struct ServerOptions {
     pub http2_keepalive_interval: Option<Duration>,
     /// How long the server waits for a PING ack before closing the connection.
     pub http2_keepalive_timeout: Option<Duration>,
+    /// Serve over TLS with these settings (see [`super::tls`]); `None`: plaintext.
+    pub tls: Option<tonic::transport::ServerTlsConfig>,
 }
 
 /// Counters shared between a [`TestServer`] handle and its server thread(s).
@@ -178,9 +180,15 @@ impl TestServer {
         self.addr
     }
 
-    /// `http://<addr>`, ready for `tonic::transport::Endpoint::from_shared`.
+    /// `http://<addr>` (`https://` for a TLS server), ready for
+    /// `tonic::transport::Endpoint::from_shared`.
     pub fn uri(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.options.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{}", self.addr)
     }
 
     /// The name this server puts in each reply's `server` field.
@@ -368,6 +376,15 @@ async fn serve(
     }
     if let Some(grace) = options.max_connection_age_grace {
         builder = builder.max_connection_age_grace(grace);
+    }
+    if let Some(tls) = options.tls.clone() {
+        builder = match builder.tls_config(tls) {
+            Ok(builder) => builder,
+            Err(err) => {
+                let _ = bound_tx.send(Err(io::Error::other(format!("TLS settings: {err}"))));
+                return;
+            }
+        };
     }
     let service = EchoService { name, stats };
     let server = builder

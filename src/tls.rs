@@ -167,10 +167,11 @@ impl TlsConfig {
             return Err(Error::invalid_config(format!("tls: {problem}")));
         }
         let mut roots = RootCertStore::empty();
-        let mut notes = Vec::new();
-        if self.feature_roots {
-            add_feature_roots(&mut roots, &mut notes);
-        }
+        let notes = if self.feature_roots {
+            add_feature_roots(&mut roots)
+        } else {
+            Vec::new()
+        };
         for ca in self.ca_roots {
             roots.add(ca).map_err(|e| {
                 Error::invalid_config(format!("tls: ca_certificate is not a usable CA: {e}"))
@@ -251,9 +252,10 @@ fn parse_certificates(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, String
     Ok(certs)
 }
 
-/// Adds the roots of the enabled roots features; `notes` says why one brought none.
-#[allow(unused_variables)]
-fn add_feature_roots(roots: &mut RootCertStore, notes: &mut Vec<String>) {
+/// Adds the roots of the enabled roots features; returns why one brought none.
+fn add_feature_roots(roots: &mut RootCertStore) -> Vec<String> {
+    #[allow(unused_mut)] // Only tls-native-roots has something to say.
+    let mut notes = Vec::new();
     #[cfg(feature = "tls-webpki-roots")]
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     #[cfg(feature = "tls-native-roots")]
@@ -275,6 +277,9 @@ fn add_feature_roots(roots: &mut RootCertStore, notes: &mut Vec<String>) {
             ));
         }
     }
+    #[cfg(not(any(feature = "tls-webpki-roots", feature = "tls-native-roots")))]
+    let _ = roots;
+    notes
 }
 
 /// The connector `PoolBuilder::tls` puts around the pool's connector: the inner connector's

@@ -29,6 +29,8 @@ pub mod dns;
 pub mod proxy;
 pub mod server;
 pub mod thread;
+// Used by the `tls` integration tests, which need the crate's `tls` feature.
+#[cfg_attr(not(feature = "tls"), allow(dead_code))]
 pub mod tls;
 
 pub use server::{loopback, ServerOptions, TestServer};

@@ -512,3 +512,84 @@ impl fmt::Debug for PoolBuilder {
         f.finish()
     }
 }
+
+#[cfg(all(test, feature = "tls"))]
+mod tls_tests {
+    use super::*;
+    use crate::connector::{BoxedIo, Destination};
+    use crate::tls::TlsConfig;
+    use crate::BoxFuture;
+
+    fn trusted() -> TlsConfig {
+        let ca = rcgen::generate_simple_self_signed(vec!["ca.test".to_owned()]).expect("cert");
+        TlsConfig::new()
+            .feature_roots(false)
+            .ca_certificate(ca.cert.pem())
+    }
+
+    /// The origin requests carry after `secure()` (the `:scheme` and `:authority`).
+    fn origin(target: &str, builder: PoolBuilder) -> String {
+        let mut builder = builder;
+        let target = Target::parse(target).unwrap();
+        builder
+            .secure(&target, Arc::new(TcpConnector::default()))
+            .expect("TLS settings");
+        builder.config.origin.expect("an origin").to_string()
+    }
+
+    /// Over TLS requests carry `https` with the target's authority; a server name override
+    /// becomes the authority with the target's port (as grpc-go takes it from the
+    /// credentials); an origin set by the user wins.
+    #[test]
+    fn tls_sets_the_https_origin() {
+        let target = "static:///127.0.0.2:8443,127.0.0.3:8443";
+        let with = |tls: TlsConfig| Pool::builder(target).tls(tls);
+        assert_eq!(origin(target, with(trusted())), "https://127.0.0.2:8443/");
+        assert_eq!(
+            origin(target, with(trusted().server_name("api.test"))),
+            "https://api.test:8443/"
+        );
+        let dns = "dns:///svc.test:50051";
+        assert_eq!(
+            origin(dns, Pool::builder(dns).tls(trusted())),
+            "https://svc.test:50051/"
+        );
+        let user =
+            with(trusted().server_name("api.test")).origin("http://vhost:1".parse().unwrap());
+        assert_eq!(origin(target, user), "http://vhost:1/");
+    }
+
+    #[derive(Debug)]
+    struct SpeaksTls;
+
+    impl Connect for SpeaksTls {
+        fn connect(&self, _: &Destination) -> BoxFuture<'static, std::io::Result<BoxedIo>> {
+            Box::pin(std::future::ready(Err(
+                std::io::ErrorKind::Unsupported.into()
+            )))
+        }
+
+        fn supports_tls(&self) -> bool {
+            true
+        }
+    }
+
+    /// `.tls(..)` around a connector that speaks TLS itself would be TLS twice: an error; an
+    /// `https://` target with such a connector is left to it.
+    #[test]
+    fn tls_around_a_tls_connector_is_an_error() {
+        let target = Target::parse("https://svc.test").unwrap();
+        let err = Pool::builder("https://svc.test")
+            .tls(trusted())
+            .secure(&target, Arc::new(SpeaksTls))
+            .unwrap_err();
+        assert!(err.to_string().contains("speaks TLS itself"), "{err}");
+        let mut builder = Pool::builder("https://svc.test");
+        let connector = builder.secure(&target, Arc::new(SpeaksTls)).unwrap();
+        assert!(format!("{connector:?}").contains("SpeaksTls"));
+        assert!(
+            builder.config.origin.is_none(),
+            "the target's own https origin"
+        );
+    }
+}

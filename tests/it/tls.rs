@@ -308,19 +308,21 @@ async fn an_https_target_uses_tls_by_default() {
     let built = builder(&format!("https://{NAME}:443"))
         .resolver(FixedResolver(vec![a.addr()]))
         .build();
+    let any_roots_feature = cfg!(any(
+        feature = "tls-webpki-roots",
+        feature = "tls-native-roots"
+    ));
+    let webpki_roots = cfg!(feature = "tls-webpki-roots");
     match built {
         Ok(pool) => {
-            assert!(cfg!(any(
-                feature = "tls-webpki-roots",
-                feature = "tls-native-roots"
-            )));
+            assert!(any_roots_feature, "built without roots");
             let error = call_error(&pool).await;
             assert!(error.contains("UnknownIssuer"), "{error}");
             pool.close().await.unwrap();
         }
         Err(err) => {
             // webpki-roots always brings roots; the system's store may be empty.
-            assert!(!cfg!(feature = "tls-webpki-roots"), "{err}");
+            assert!(!webpki_roots, "{err}");
             assert!(
                 err.to_string().contains("no trusted root certificates"),
                 "{err}"

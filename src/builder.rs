@@ -272,7 +272,8 @@ impl PoolBuilder {
         self
     }
 
-    /// The connector that opens each connection's byte stream (TLS plugs in here).
+    /// The connector that opens each connection's byte stream. With the `tls` feature,
+    /// `tls(..)` runs TLS over it.
     ///
     /// Defaults to [`TcpConnector`] with the TCP settings above.
     pub fn connector(mut self, connector: impl Connect) -> Self {

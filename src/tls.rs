@@ -25,6 +25,9 @@
 //!   fail later, less clearly.
 //! - The frame watcher (`conn/frames.rs`) wraps what this connector returns, so it reads the
 //!   plaintext HTTP/2 frames above TLS (GOAWAY, SETTINGS) exactly as over TCP.
+//! - In TLS 1.3 a server refuses a client certificate (or its absence) only after the
+//!   client's handshake is done; the stream returned here turns the broken pipe that follows
+//!   into an error naming the server's alert (`CertificateRequired`, …).
 //! - Trust: the roots the `tls-webpki-roots` (Mozilla's, compiled in) and `tls-native-roots`
 //!   (the operating system's, read at `build()`) features bring — both when both are on —
 //!   plus the CAs given with [`TlsConfig::ca_certificate`]. A configuration that trusts

@@ -30,6 +30,8 @@ pub struct PoolBuilder {
     /// The pushed address set, when the caller discovers the addresses.
     discovery: Option<Push>,
     runtime: Option<tokio::runtime::Handle>,
+    #[cfg(feature = "tls")]
+    tls: Option<crate::tls::TlsConfig>,
     /// A setter's input that could not be taken; reported by `build()`.
     invalid: Option<String>,
 }
@@ -52,6 +54,8 @@ impl PoolBuilder {
             scheme_resolvers: Vec::new(),
             discovery: None,
             runtime: None,
+            #[cfg(feature = "tls")]
+            tls: None,
             invalid: None,
         }
     }
@@ -358,7 +362,8 @@ impl PoolBuilder {
         self
     }
 
-    /// The connector that opens each connection's byte stream (TLS plugs in here).
+    /// The connector that opens each connection's byte stream. With the `tls` feature,
+    /// `tls(..)` runs TLS over it.
     ///
     /// A connector gets the TCP settings above with every destination
     /// ([`Destination::tcp`](crate::connector::Destination::tcp)) and applies them when it
@@ -367,6 +372,22 @@ impl PoolBuilder {
     /// Defaults to [`TcpConnector`].
     pub fn connector(mut self, connector: impl Connect) -> Self {
         self.connector = Some(Arc::new(connector));
+        self
+    }
+
+    /// Speaks TLS (rustls) on every connection, with these settings: certificates are checked
+    /// against the target's host name (or [`TlsConfig::server_name`](crate::tls::TlsConfig::server_name)),
+    /// ALPN `h2` is required, and the handshake counts against the connect timeout. Works
+    /// with every target form (`dns:///`, `static:///`, `ipv4:`, …) and wraps the
+    /// [`connector`](Self::connector), so TLS runs over any byte stream. Requests then carry
+    /// the `https` scheme. See the [`tls`](crate::tls) module.
+    ///
+    /// Defaults to plaintext, except for `https://` targets, which use
+    /// [`TlsConfig::new()`](crate::tls::TlsConfig::new) (the roots of the enabled roots
+    /// features) unless the connector speaks TLS itself.
+    #[cfg(feature = "tls")]
+    pub fn tls(mut self, config: crate::tls::TlsConfig) -> Self {
+        self.tls = Some(config);
         self
     }
 
@@ -471,8 +492,9 @@ impl PoolBuilder {
     /// Validates the settings, starts the pool's worker and returns the pool.
     ///
     /// It does not wait for connections: use [`Pool::wait_ready`] for that. Errors (never
-    /// panics) on a malformed target, an out-of-range setting, or when there is no runtime.
-    pub fn build(self) -> Result<Pool, Error> {
+    /// panics) on a malformed target, an out-of-range setting, a TLS setting that cannot be
+    /// used (malformed PEM, no trusted root), or when there is no runtime.
+    pub fn build(mut self) -> Result<Pool, Error> {
         let schemes: Vec<&str> = self
             .scheme_resolvers
             .iter()
@@ -480,26 +502,22 @@ impl PoolBuilder {
             .collect();
         let target =
             Target::parse_with_schemes(&self.target, &schemes).map_err(Error::invalid_target)?;
+        let has_schemes = !schemes.is_empty();
         if let Some(invalid) = self.invalid {
             return Err(Error::invalid_config(invalid));
         }
-        if self.discovery.is_some() && (self.resolver.is_some() || !schemes.is_empty()) {
+        if self.discovery.is_some() && (self.resolver.is_some() || has_schemes) {
             return Err(Error::invalid_config(
                 "discovery(…) and a resolver are both set: a pool's addresses come from one \
                  of them",
             ));
         }
         validate(&self.config)?;
-        let connector: Arc<dyn Connect> = match self.connector {
+        let connector: Arc<dyn Connect> = match self.connector.take() {
             Some(c) => c,
             None => Arc::new(TcpConnector::new()),
         };
-        if target.is_tls() && !connector.supports_tls() {
-            return Err(Error::invalid_config(format!(
-                "target {target} asks for TLS, but the connector does not speak TLS \
-                 (give the builder a TLS connector)"
-            )));
-        }
+        let connector = self.secure(&target, connector)?;
         // A custom target goes to the resolver of its scheme (parsing let it through only
         // because one is registered).
         let scheme_resolver = match target.kind() {
@@ -526,6 +544,79 @@ impl PoolBuilder {
             addresses,
             runtime,
         ))
+    }
+}
+
+impl PoolBuilder {
+    /// Puts TLS around `connector` when [`tls`](Self::tls) was set, or when the target is
+    /// `https://` and the connector does not speak TLS itself; requests then carry the
+    /// `https` scheme (and a server name override as their authority) unless an origin was
+    /// set.
+    #[cfg(feature = "tls")]
+    fn secure(
+        &mut self,
+        target: &Target,
+        connector: Arc<dyn Connect>,
+    ) -> Result<Arc<dyn Connect>, Error> {
+        let tls = match self.tls.take() {
+            Some(_) if connector.supports_tls() => {
+                return Err(Error::invalid_config(
+                    "PoolBuilder::tls was set, but the connector speaks TLS itself \
+                     (Connect::supports_tls): use one or the other",
+                ))
+            }
+            Some(tls) => tls,
+            None if target.is_tls() && !connector.supports_tls() => crate::tls::TlsConfig::new(),
+            None => return Ok(connector),
+        };
+        if self.config.origin.is_none() {
+            let authority = match tls.server_name_override() {
+                Some(name) => {
+                    let name = name.to_str();
+                    let host = if name.contains(':') {
+                        format!("[{name}]")
+                    } else {
+                        name.into_owned()
+                    };
+                    // The target's port: the last `:port` of its authority.
+                    match target.authority().rsplit_once(':') {
+                        Some((_, port)) => format!("{host}:{port}"),
+                        None => host,
+                    }
+                }
+                None => target.authority(),
+            };
+            let origin = Uri::builder()
+                .scheme("https")
+                .authority(authority.as_str())
+                .path_and_query("/")
+                .build()
+                .map_err(|e| {
+                    Error::invalid_config(format!(
+                        "tls: {authority:?} does not make a valid request authority"
+                    ))
+                    .with_source(e)
+                })?;
+            self.config.origin = Some(origin);
+        }
+        Ok(Arc::new(crate::tls::TlsConnector::new(tls, connector)?))
+    }
+
+    /// Without the `tls` feature, only a connector that speaks TLS itself can take an
+    /// `https://` target.
+    #[cfg(not(feature = "tls"))]
+    fn secure(
+        &mut self,
+        target: &Target,
+        connector: Arc<dyn Connect>,
+    ) -> Result<Arc<dyn Connect>, Error> {
+        if target.is_tls() && !connector.supports_tls() {
+            return Err(Error::invalid_config(format!(
+                "target {target} asks for TLS: enable the tonic-pool feature `tls` \
+                 (or give the builder a connector that speaks TLS)"
+            )));
+        }
+        Ok(connector)
     }
 }
 
@@ -629,13 +720,96 @@ fn validate(config: &Config) -> Result<(), Error> {
 
 impl fmt::Debug for PoolBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("PoolBuilder")
-            .field("target", &self.target)
+        let mut f = f.debug_struct("PoolBuilder");
+        f.field("target", &self.target)
             .field("config", &self.config)
             .field("connector", &self.connector)
             .field("resolver", &self.resolver)
             .field("scheme_resolvers", &self.scheme_resolvers)
-            .field("discovery", &self.discovery)
-            .finish()
+            .field("discovery", &self.discovery);
+        #[cfg(feature = "tls")]
+        f.field("tls", &self.tls);
+        f.finish()
+    }
+}
+
+#[cfg(all(test, feature = "tls"))]
+mod tls_tests {
+    use super::*;
+    use crate::connector::{BoxedIo, Destination};
+    use crate::tls::TlsConfig;
+    use crate::BoxFuture;
+
+    fn trusted() -> TlsConfig {
+        let ca = rcgen::generate_simple_self_signed(vec!["ca.test".to_owned()]).expect("cert");
+        TlsConfig::new()
+            .feature_roots(false)
+            .ca_certificate(ca.cert.pem())
+    }
+
+    /// The origin requests carry after `secure()` (the `:scheme` and `:authority`).
+    fn origin(target: &str, builder: PoolBuilder) -> String {
+        let mut builder = builder;
+        let target = Target::parse(target).unwrap();
+        builder
+            .secure(&target, Arc::new(TcpConnector::default()))
+            .expect("TLS settings");
+        builder.config.origin.expect("an origin").to_string()
+    }
+
+    /// Over TLS requests carry `https` with the target's authority; a server name override
+    /// becomes the authority with the target's port (as grpc-go takes it from the
+    /// credentials); an origin set by the user wins.
+    #[test]
+    fn tls_sets_the_https_origin() {
+        let target = "static:///127.0.0.2:8443,127.0.0.3:8443";
+        let with = |tls: TlsConfig| Pool::builder(target).tls(tls);
+        assert_eq!(origin(target, with(trusted())), "https://127.0.0.2:8443/");
+        assert_eq!(
+            origin(target, with(trusted().server_name("api.test"))),
+            "https://api.test:8443/"
+        );
+        let dns = "dns:///svc.test:50051";
+        assert_eq!(
+            origin(dns, Pool::builder(dns).tls(trusted())),
+            "https://svc.test:50051/"
+        );
+        let user =
+            with(trusted().server_name("api.test")).origin("http://vhost:1".parse().unwrap());
+        assert_eq!(origin(target, user), "http://vhost:1/");
+    }
+
+    #[derive(Debug)]
+    struct SpeaksTls;
+
+    impl Connect for SpeaksTls {
+        fn connect(&self, _: &Destination) -> BoxFuture<'static, std::io::Result<BoxedIo>> {
+            Box::pin(std::future::ready(Err(
+                std::io::ErrorKind::Unsupported.into()
+            )))
+        }
+
+        fn supports_tls(&self) -> bool {
+            true
+        }
+    }
+
+    /// `.tls(..)` around a connector that speaks TLS itself would be TLS twice: an error; an
+    /// `https://` target with such a connector is left to it.
+    #[test]
+    fn tls_around_a_tls_connector_is_an_error() {
+        let target = Target::parse("https://svc.test").unwrap();
+        let err = Pool::builder("https://svc.test")
+            .tls(trusted())
+            .secure(&target, Arc::new(SpeaksTls))
+            .unwrap_err();
+        assert!(err.to_string().contains("speaks TLS itself"), "{err}");
+        let mut builder = Pool::builder("https://svc.test");
+        let connector = builder.secure(&target, Arc::new(SpeaksTls)).unwrap();
+        assert!(format!("{connector:?}").contains("SpeaksTls"));
+        assert!(
+            builder.config.origin.is_none(),
+            "the target's own https origin"
+        );
     }
 }

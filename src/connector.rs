@@ -2,8 +2,9 @@
 //!
 //! The pool asks a [`Connect`] implementation for one stream per connection. The default,
 //! [`TcpConnector`], opens plaintext TCP (HTTP/2 prior knowledge, as gRPC over `http://` does).
-//! TLS plugs in here: a connector that wraps the TCP stream in a TLS session (with ALPN `h2`)
-//! and returns it as a [`BoxedIo`].
+//! TLS goes around it: with the `tls` feature, `PoolBuilder::tls` wraps the connector (this
+//! one or yours) in rustls, so TLS runs over any byte stream; a connector may also speak TLS
+//! itself and return the session as a [`BoxedIo`].
 //!
 //! # TCP settings reach every connector
 //!
@@ -173,8 +174,9 @@ pub trait Connect: fmt::Debug + Send + Sync + 'static {
     /// pool bounds the whole attempt with its connect timeout.
     fn connect(&self, dst: &Destination) -> BoxFuture<'static, io::Result<BoxedIo>>;
 
-    /// Whether this connector speaks TLS itself; the pool refuses `https://` targets with a
-    /// connector that does not.
+    /// Whether this connector speaks TLS itself. For an `https://` target the pool puts its
+    /// own TLS around a connector that does not (feature `tls`), or refuses the target
+    /// (without that feature).
     fn supports_tls(&self) -> bool {
         false
     }

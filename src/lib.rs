@@ -127,6 +127,8 @@ pub mod state;
 pub mod stream;
 pub mod target;
 // The tuner behind the `tonic-pool-tune` binary: a tool, not the pool's API.
+#[cfg(feature = "tls")]
+pub mod tls;
 #[cfg(feature = "tune")]
 pub mod tune;
 
@@ -168,3 +170,5 @@ pub use state::{
 };
 pub use stream::{ResilientStream, StreamEvent};
 pub use target::{Target, TargetError};
+#[cfg(feature = "tls")]
+pub use tls::TlsConfig;

@@ -7,13 +7,13 @@ use std::time::{Duration, Instant};
 
 use tonic::client::GrpcService;
 use tonic::transport::channel::Change;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use tonic_pool::Pool;
 
 use crate::common::echo::echo_client::EchoClient;
 use crate::common::request;
 use crate::report::{fmt_errors, fmt_us, percentile, ScenarioReport};
-use crate::server::{machine_busy, process_cpu, server_counters, ServerProc};
+use crate::server::{machine_busy, process_cpu, server_counters, BenchTls, ServerProc, TLS_NAME};
 use crate::{BoxError, Mode, Scenario, Settings};
 
 /// Bound on every setup wait (server start, connections Ready).
@@ -52,6 +52,7 @@ pub(crate) fn run_scenario(
     scenario: &Scenario,
     settings: &Settings,
 ) -> Result<ScenarioReport, BoxError> {
+    let tls = scenario.tls.then(BenchTls::generate).transpose()?;
     let mut servers = scenario
         .servers
         .iter()
@@ -59,13 +60,20 @@ pub(crate) fn run_scenario(
             ServerProc::spawn(
                 Ipv4Addr::new(127, 0, 0, last),
                 scenario.max_concurrent_streams,
+                tls.as_ref(),
             )
         })
         .collect::<Result<Vec<_>, _>>()?;
     let mut runs: Vec<Vec<RunResult>> = vec![Vec::new(); scenario.modes.len()];
     for round in 0..settings.rounds {
         for (i, &mode) in scenario.modes.iter().enumerate() {
-            let result = rt.block_on(run_mode(scenario, mode, settings, &mut servers))?;
+            let result = rt.block_on(run_mode(
+                scenario,
+                mode,
+                settings,
+                tls.as_ref(),
+                &mut servers,
+            ))?;
             eprintln!(
                 "[{} round {}/{}] {:<10} {:>9.0} req/s  p50 {:>8}  p99 {:>8}  client {:>5.1} µs/req  \
                  errors {}  other processes {:.2} cores",
@@ -96,15 +104,13 @@ async fn run_mode(
     scenario: &Scenario,
     mode: Mode,
     settings: &Settings,
+    tls: Option<&BenchTls>,
     servers: &mut [ServerProc],
 ) -> Result<RunResult, BoxError> {
     let addrs: Vec<SocketAddr> = servers.iter().map(|s| s.addr).collect();
     match mode {
         Mode::Channel => {
-            let channel = Endpoint::from_shared(format!("http://{}", addrs[0]))?
-                .connect_timeout(SETUP_TIMEOUT)
-                .connect()
-                .await?;
+            let channel = endpoint(addrs[0], tls)?.connect().await?;
             drive(EchoClient::new(channel), scenario, settings, servers).await
         }
         Mode::Balance(n) => {
@@ -114,9 +120,9 @@ async fn run_mode(
                 .flat_map(|a| std::iter::repeat_n(a, n))
                 .enumerate()
             {
-                let endpoint =
-                    Endpoint::from_shared(format!("http://{addr}"))?.connect_timeout(SETUP_TIMEOUT);
-                changes.send(Change::Insert(key, endpoint)).await?;
+                changes
+                    .send(Change::Insert(key, endpoint(*addr, tls)?))
+                    .await?;
             }
             // balance_channel connects in the background while it is polled: the warm-up
             // makes sure every endpoint is connected before the measurement.
@@ -126,7 +132,9 @@ async fn run_mode(
         }
         Mode::Pool(n) => {
             let target = static_target(&addrs);
-            let pool = Pool::builder(target).connections_per_endpoint(n).build()?;
+            let pool = pool_builder(target, tls)?
+                .connections_per_endpoint(n)
+                .build()?;
             let all = n * addrs.len();
             if !pool
                 .wait_until(SETUP_TIMEOUT, |s| s.ready_connections() == all)
@@ -142,7 +150,7 @@ async fn run_mode(
         }
         Mode::PoolGrow(max) => {
             let target = static_target(&addrs);
-            let pool = Pool::builder(target)
+            let pool = pool_builder(target, tls)?
                 .connections_per_endpoint(1)
                 .max_connections_per_endpoint(max)
                 .build()?;
@@ -159,6 +167,40 @@ async fn run_mode(
             pool.close().await?;
             result
         }
+    }
+}
+
+/// A tonic endpoint for `addr`: plaintext, or TLS trusting the scenario's certificate and
+/// verifying [`TLS_NAME`].
+fn endpoint(addr: SocketAddr, tls: Option<&BenchTls>) -> Result<Endpoint, BoxError> {
+    let Some(tls) = tls else {
+        return Ok(Endpoint::from_shared(format!("http://{addr}"))?.connect_timeout(SETUP_TIMEOUT));
+    };
+    let config = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(&tls.cert_pem))
+        .domain_name(TLS_NAME);
+    Ok(Endpoint::from_shared(format!("https://{addr}"))?
+        .connect_timeout(SETUP_TIMEOUT)
+        .tls_config(config)?)
+}
+
+/// A pool builder for `target`: plaintext, or TLS as [`endpoint`] (the `tls` feature).
+fn pool_builder(
+    target: String,
+    tls: Option<&BenchTls>,
+) -> Result<tonic_pool::PoolBuilder, BoxError> {
+    let builder = Pool::builder(target);
+    match tls {
+        None => Ok(builder),
+        #[cfg(feature = "tls")]
+        Some(tls) => Ok(builder.tls(
+            tonic_pool::tls::TlsConfig::new()
+                .feature_roots(false)
+                .ca_certificate(&tls.cert_pem)
+                .server_name(TLS_NAME),
+        )),
+        #[cfg(not(feature = "tls"))]
+        Some(_) => Err("a TLS scenario needs the `tls` feature".into()),
     }
 }
 

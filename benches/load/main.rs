@@ -10,7 +10,7 @@
 //!
 //! | variable | default | meaning |
 //! |---|---|---|
-//! | `LOAD_SCENARIOS` | `S1,S2,S3,S4` | which scenarios to run, in this order |
+//! | `LOAD_SCENARIOS` | `S1,S2,S3,S4` (and `S2-TLS` with feature `tls`) | which scenarios to run, in this order |
 //! | `LOAD_SECS` | 3 | measured seconds per mode and round |
 //! | `LOAD_WARMUP_SECS` | 1 | unmeasured load before each measurement (connections warm) |
 //! | `LOAD_ROUNDS` | 5 | rounds; each round runs every mode of the scenario once |
@@ -61,6 +61,14 @@
 //! | S2 | 127.0.0.2 | 64 | 0 | channel, balance ×1, pool ×1, pool ×4 |
 //! | S3 | 127.0.0.2, `max_concurrent_streams` 100 | 1000 | 20 ms | channel, balance ×4, pool ×4, pool ×16, pool 1→16 |
 //! | S4 | 127.0.0.2/3/4 | 64 | 1 ms | channel (one server), balance ×1/addr, pool ×1/addr |
+//! | S2-TLS | 127.0.0.2, TLS | 64 | 0 | as S2, every connection TLS (feature `tls`) |
+//!
+//! `S2-TLS` is S2 over TLS 1.3 (rustls with `ring` on both sides; a certificate for
+//! `bench.test` made at start with rcgen and handed to the server processes): the TLS `Channel`
+//! and `balance` modes use tonic's `ClientTlsConfig` with that name, the pool modes
+//! `PoolBuilder::tls` with `server_name("bench.test")`. Both pay rustls's cost per byte; the
+//! ratio shows what the pool adds on top. It needs `--features tls`:
+//! `LOAD_SCENARIOS=S2,S2-TLS cargo bench --bench load --features tls`.
 //!
 //! `pool 1→16` starts with one connection and may grow to 16 when its connections are full
 //! (stream-limit awareness); the bench prints how far it grew.
@@ -180,7 +188,12 @@ impl Settings {
             }
         }
         let (secs, warmup, rounds) = if bench { (3.0, 1.0, 5) } else { (0.3, 0.2, 1) };
-        let scenarios = var("LOAD_SCENARIOS", "S1,S2,S3,S4".to_owned())?
+        let all = if cfg!(feature = "tls") {
+            "S1,S2,S3,S4,S2-TLS"
+        } else {
+            "S1,S2,S3,S4"
+        };
+        let scenarios = var("LOAD_SCENARIOS", all.to_owned())?
             .split(',')
             .map(|s| s.trim().to_uppercase())
             .filter(|s| !s.is_empty())
@@ -271,6 +284,8 @@ struct Scenario {
     concurrency: usize,
     sleep_ms: u32,
     max_concurrent_streams: Option<u32>,
+    /// Whether every connection is TLS (servers and clients alike).
+    tls: bool,
     /// The modes; the first is the plain `Channel` baseline, the first `Pool` is the one the
     /// bars judge.
     modes: Vec<Mode>,
@@ -285,10 +300,12 @@ impl Scenario {
             concurrency,
             sleep_ms,
             max_concurrent_streams,
+            tls: false,
             modes,
         };
         use Mode::{Balance, Channel, Pool, PoolGrow};
-        vec![
+        #[allow(unused_mut)] // S2-TLS is added only with the `tls` feature.
+        let mut all = vec![
             scenario("S1", &[2], 1, 0, None, vec![Channel, Balance(1), Pool(1)]),
             scenario(
                 "S2",
@@ -314,7 +331,21 @@ impl Scenario {
                 None,
                 vec![Channel, Balance(1), Pool(1)],
             ),
-        ]
+        ];
+        #[cfg(feature = "tls")]
+        all.push(Self {
+            id: "S2-TLS",
+            tls: true,
+            ..scenario(
+                "S2-TLS",
+                &[2],
+                64,
+                0,
+                None,
+                vec![Channel, Balance(1), Pool(1), Pool(4)],
+            )
+        });
+        all
     }
 
     fn by_id(id: &str) -> Option<Self> {

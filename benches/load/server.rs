@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tonic::transport::server::TcpIncoming;
-use tonic::transport::Server;
+use tonic::transport::{Identity, Server, ServerTlsConfig};
 
 use crate::common::echo::echo_server::EchoServer;
 use crate::common::BenchEcho;
@@ -20,11 +20,34 @@ use crate::BoxError;
 pub(crate) const SERVER_ENV: &str = "TONIC_POOL_BENCH_SERVER";
 /// The server's `max_concurrent_streams`, when set.
 const MCS_ENV: &str = "TONIC_POOL_BENCH_MCS";
+/// The server's TLS certificate and key (PEM), when it serves TLS.
+const TLS_CERT_ENV: &str = "TONIC_POOL_BENCH_TLS_CERT";
+const TLS_KEY_ENV: &str = "TONIC_POOL_BENCH_TLS_KEY";
+/// The name the TLS scenario's certificate is for; clients verify it.
+pub(crate) const TLS_NAME: &str = "bench.test";
 /// Linux reports process CPU times in clock ticks of 1/100 s (`USER_HZ`) on every common
 /// architecture.
 const CLOCK_TICKS_PER_SEC: u64 = 100;
 
 // === the bench's side: server processes ===
+
+/// The TLS scenario's server certificate for [`TLS_NAME`], made at start with rcgen. It is
+/// self-signed, so clients trust the certificate itself as their root.
+#[derive(Clone, Debug)]
+pub(crate) struct BenchTls {
+    pub(crate) cert_pem: String,
+    key_pem: String,
+}
+
+impl BenchTls {
+    pub(crate) fn generate() -> Result<Self, BoxError> {
+        let certified = rcgen::generate_simple_self_signed(vec![TLS_NAME.to_owned()])?;
+        Ok(Self {
+            cert_pem: certified.cert.pem(),
+            key_pem: certified.signing_key.serialize_pem(),
+        })
+    }
+}
 
 /// A server process started by this bench; it exits when dropped (its stdin closes).
 #[derive(Debug)]
@@ -39,16 +62,24 @@ impl ServerProc {
     pub(crate) fn spawn(
         ip: Ipv4Addr,
         max_concurrent_streams: Option<u32>,
+        tls: Option<&BenchTls>,
     ) -> Result<Self, BoxError> {
         let mut command = Command::new(std::env::current_exe()?);
         command
             .env(SERVER_ENV, format!("{ip}:0"))
             .env_remove(MCS_ENV)
+            .env_remove(TLS_CERT_ENV)
+            .env_remove(TLS_KEY_ENV)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
         if let Some(mcs) = max_concurrent_streams {
             command.env(MCS_ENV, mcs.to_string());
+        }
+        if let Some(tls) = tls {
+            command
+                .env(TLS_CERT_ENV, &tls.cert_pem)
+                .env(TLS_KEY_ENV, &tls.key_pem);
         }
         let mut child = command.spawn()?;
         let stdin = child.stdin.take().ok_or("server stdin")?;
@@ -161,16 +192,20 @@ pub(crate) fn run(addr: &str) -> Result<(), BoxError> {
         Ok(v) => Some(v.parse::<u32>()?),
         Err(_) => None,
     };
+    let tls = match (std::env::var(TLS_CERT_ENV), std::env::var(TLS_KEY_ENV)) {
+        (Ok(cert), Ok(key)) => Some(ServerTlsConfig::new().identity(Identity::from_pem(cert, key))),
+        _ => None,
+    };
     // One thread, named `bench-server` so that profiles tell it from the load generator's
     // `load-client` threads, does all of the server's work.
     std::thread::Builder::new()
         .name("bench-server".into())
-        .spawn(move || serve(addr, mcs))?
+        .spawn(move || serve(addr, mcs, tls))?
         .join()
         .map_err(|_| "server thread panicked")?
 }
 
-fn serve(addr: SocketAddr, mcs: Option<u32>) -> Result<(), BoxError> {
+fn serve(addr: SocketAddr, mcs: Option<u32>, tls: Option<ServerTlsConfig>) -> Result<(), BoxError> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -187,8 +222,11 @@ fn serve(addr: SocketAddr, mcs: Option<u32>) -> Result<(), BoxError> {
             writeln!(out, "listening {bound}")?;
             out.flush()?;
         }
-        Server::builder()
-            .max_concurrent_streams(mcs)
+        let mut builder = Server::builder().max_concurrent_streams(mcs);
+        if let Some(tls) = tls {
+            builder = builder.tls_config(tls)?;
+        }
+        builder
             .add_service(EchoServer::new(service))
             .serve_with_incoming(incoming)
             .await?;

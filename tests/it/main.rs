@@ -25,6 +25,8 @@ mod streaming;
 mod support_proxy;
 mod support_smoke;
 mod targets;
+#[cfg(feature = "tls")]
+mod tls;
 #[cfg(feature = "tune")]
 mod tune;
 mod wait_for_ready;

@@ -12,7 +12,8 @@
 //! - [`proxy`], [`dns`], [`fake_h2`]: the fault proxy, the DNS server and a raw
 //!   HTTP/2 peer; [`hostile`]: a scriptable raw HTTP/2 server that can send
 //!   anything; [`thread`]: the "own thread, own runtime, wait until it
-//!   listens" start-up they share.
+//!   listens" start-up they share; [`tls`]: certificates made at test time and
+//!   TLS peers.
 
 // Its items are `pub` so that the examples and benches that include this module by path can
 // reach them too; within the test crate that is `pub` in a private module.
@@ -28,6 +29,9 @@ pub mod dns;
 pub mod proxy;
 pub mod server;
 pub mod thread;
+// Used by the `tls` integration tests, which need the crate's `tls` feature.
+#[cfg_attr(not(feature = "tls"), allow(dead_code))]
+pub mod tls;
 
 pub use server::{loopback, ServerOptions, TestServer};
 pub mod common;

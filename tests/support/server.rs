@@ -62,6 +62,8 @@ pub struct ServerOptions {
     /// server's name as its value: how a client behind a load balancer sees which backend
     /// answered (`None`: no such header).
     pub name_header: Option<String>,
+    /// Serve over TLS with these settings (see [`super::tls`]); `None`: plaintext.
+    pub tls: Option<tonic::transport::ServerTlsConfig>,
 }
 
 /// Counters shared between a [`TestServer`] handle and its server thread(s).
@@ -211,9 +213,15 @@ impl TestServer {
         self.addr
     }
 
-    /// `http://<addr>`, ready for `tonic::transport::Endpoint::from_shared`.
+    /// `http://<addr>` (`https://` for a TLS server), ready for
+    /// `tonic::transport::Endpoint::from_shared`.
     pub fn uri(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.options.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{}", self.addr)
     }
 
     /// The name this server puts in each reply's `server` field.
@@ -406,6 +414,15 @@ async fn serve(
     }
     if let Some(grace) = options.max_connection_age_grace {
         builder = builder.max_connection_age_grace(grace);
+    }
+    if let Some(tls) = options.tls.clone() {
+        builder = match builder.tls_config(tls) {
+            Ok(builder) => builder,
+            Err(err) => {
+                let _ = bound_tx.send(Err(io::Error::other(format!("TLS settings: {err}"))));
+                return;
+            }
+        };
     }
     let service = EchoService {
         name,

@@ -13,6 +13,7 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::{broadcast, watch};
@@ -24,8 +25,8 @@ use crate::endpoint::{ConnEntry, EndpointEntry, KeepAlive};
 use crate::growth::{GrowthRequests, Room};
 use crate::mailbox::{Mail, WeakMailbox};
 use crate::state::{
-    aggregate, ConnectionSnapshot, ConnectivityState, EndpointSnapshot, PoolSnapshot, Scope,
-    StateEvent,
+    aggregate, ConnectionSnapshot, ConnectivityState, Counters, EndpointSnapshot, PoolSnapshot,
+    Scope, StateEvent,
 };
 use crate::target::Target;
 
@@ -66,6 +67,8 @@ pub(crate) struct Shared {
     pub(crate) growth: GrowthRequests,
     /// Failed resolutions so far.
     resolve_errors: AtomicU64,
+    /// Calls that failed before any connection took them.
+    calls_without_connection: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -79,6 +82,10 @@ struct Registry {
     version: u64,
     last_error: Option<String>,
     last_resolve_error: Option<String>,
+    /// When the pool entered its current state.
+    pool_state_since: Instant,
+    /// The counters of the endpoints the pool no longer has.
+    removed: Counters,
 }
 
 impl Registry {
@@ -122,6 +129,8 @@ impl Shared {
                 version: 0,
                 last_error: None,
                 last_resolve_error: None,
+                pool_state_since: Instant::now(),
+                removed: Counters::default(),
             }),
             picker: RwLock::new(Arc::new(Picker::default())),
             generation: AtomicU64::new(0),
@@ -138,6 +147,7 @@ impl Shared {
             mailbox,
             growth: GrowthRequests::default(),
             resolve_errors: AtomicU64::new(0),
+            calls_without_connection: AtomicU64::new(0),
         }
     }
 
@@ -254,6 +264,12 @@ impl Shared {
         self.resolve_errors.load(Ordering::Relaxed)
     }
 
+    /// A call failed before any connection took it.
+    pub(crate) fn call_failed_without_connection(&self) {
+        self.calls_without_connection
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Registers a new connection slot for `addr` (creating the endpoint if needed).
     pub(crate) fn add_connection(
         &self,
@@ -280,6 +296,7 @@ impl Shared {
             stats: stats.clone(),
             last_error: None,
             control,
+            state_since: Instant::now(),
         };
         match reg.active_mut(addr) {
             Some(endpoint) => endpoint.conns.push(conn),
@@ -289,6 +306,8 @@ impl Shared {
                 state: initial,
                 conns: vec![conn],
                 keepalive: keepalive.clone(),
+                state_since: Instant::now(),
+                removed: Counters::default(),
             }),
         }
         self.recompute(&mut reg, "connection added");
@@ -340,10 +359,19 @@ impl Shared {
         for endpoint in &mut reg.endpoints {
             if let Some(i) = endpoint.conns.iter().position(|c| c.id == id) {
                 was_ready = endpoint.conns[i].ready.is_some();
-                endpoint.conns.remove(i);
+                let conn = endpoint.conns.remove(i);
+                // Its counts stay with its endpoint.
+                endpoint.removed.add(&conn.stats.counters());
             }
         }
-        reg.endpoints.retain(|e| !e.conns.is_empty());
+        let (kept, gone): (Vec<_>, Vec<_>) = std::mem::take(&mut reg.endpoints)
+            .into_iter()
+            .partition(|e| !e.conns.is_empty());
+        reg.endpoints = kept;
+        for endpoint in gone {
+            // And an endpoint's with the pool.
+            reg.removed.add(&endpoint.removed);
+        }
         if was_ready {
             self.publish_picker(&reg);
         }
@@ -368,6 +396,9 @@ impl Shared {
         let from = conn.state;
         let had_ready = conn.ready.is_some();
         conn.state = to;
+        if from != to {
+            conn.state_since = Instant::now();
+        }
         match to {
             ConnectivityState::Ready => {
                 conn.failed = false;
@@ -422,6 +453,7 @@ impl Shared {
             let new = endpoint.aggregate();
             if new != endpoint.state {
                 let from = std::mem::replace(&mut endpoint.state, new);
+                endpoint.state_since = Instant::now();
                 tracing::debug!(target = %self.target, addr = %endpoint.addr, %from, to = %new, reason, "endpoint state");
                 let _ = self.events_tx.send(StateEvent {
                     scope: Scope::Endpoint(endpoint.addr),
@@ -446,6 +478,7 @@ impl Shared {
         };
         if new != reg.pool_state {
             let from = std::mem::replace(&mut reg.pool_state, new);
+            reg.pool_state_since = Instant::now();
             tracing::info!(target = %self.target, %from, to = %new, reason, "pool state");
             let _ = self.events_tx.send(StateEvent {
                 scope: Scope::Pool,
@@ -461,38 +494,50 @@ impl Shared {
 
     pub(crate) fn snapshot(&self) -> PoolSnapshot {
         let reg = self.registry.lock();
+        let endpoints: Vec<EndpointSnapshot> = reg
+            .endpoints
+            .iter()
+            .map(|e| EndpointSnapshot {
+                addr: e.addr,
+                state: e.state,
+                draining: e.draining,
+                keepalive_interval: e.keepalive.interval(),
+                state_since: e.state_since,
+                counters: e.counters(),
+                connections: e
+                    .conns
+                    .iter()
+                    .map(|c| ConnectionSnapshot {
+                        id: c.id,
+                        state: c.state,
+                        in_flight: c.ready.as_ref().map_or(0, |r| r.in_flight()),
+                        calls: c.stats.calls(),
+                        connects: c.stats.connects(),
+                        max_concurrent_streams: c
+                            .ready
+                            .as_ref()
+                            .map(|r| r.limits.max_concurrent_streams())
+                            .filter(|m| *m != u32::MAX),
+                        last_error: c.last_error.clone(),
+                        state_since: c.state_since,
+                        counters: c.stats.counters(),
+                    })
+                    .collect(),
+            })
+            .collect();
+        let mut counters = reg.removed.clone();
+        for endpoint in &endpoints {
+            counters.add(&endpoint.counters);
+        }
         PoolSnapshot {
             state: reg.pool_state,
             last_error: reg.last_error.clone(),
             last_resolve_error: reg.last_resolve_error.clone(),
             resolve_errors: self.resolve_errors(),
-            endpoints: reg
-                .endpoints
-                .iter()
-                .map(|e| EndpointSnapshot {
-                    addr: e.addr,
-                    state: e.state,
-                    draining: e.draining,
-                    keepalive_interval: e.keepalive.interval(),
-                    connections: e
-                        .conns
-                        .iter()
-                        .map(|c| ConnectionSnapshot {
-                            id: c.id,
-                            state: c.state,
-                            in_flight: c.ready.as_ref().map_or(0, |r| r.in_flight()),
-                            calls: c.stats.calls(),
-                            connects: c.stats.connects(),
-                            max_concurrent_streams: c
-                                .ready
-                                .as_ref()
-                                .map(|r| r.limits.max_concurrent_streams())
-                                .filter(|m| *m != u32::MAX),
-                            last_error: c.last_error.clone(),
-                        })
-                        .collect(),
-                })
-                .collect(),
+            state_since: reg.pool_state_since,
+            counters,
+            calls_without_connection: self.calls_without_connection.load(Ordering::Relaxed),
+            endpoints,
         }
     }
 }

@@ -47,7 +47,7 @@ use std::sync::Arc;
 use http::{Request, Response};
 use tokio::time::Instant;
 
-use crate::conn::InFlightGuard;
+use crate::conn::{InFlightGuard, Outcome};
 use crate::error::{error_chain, Error};
 use crate::registry::Shared;
 use crate::state::ConnectivityState;
@@ -69,14 +69,17 @@ pub(crate) async fn run(
     req: Request<tonic::body::Body>,
     options: CallOptions,
 ) -> Result<Response<ResponseBody>, Error> {
+    // Whether a connection took the call: one that did counts its end itself.
+    let mut picked = first.is_some();
     let send = send(
         &shared,
         first,
         req,
         options.wait_for_ready,
         options.deadline,
+        &mut picked,
     );
-    match options.deadline {
+    let result = match options.deadline {
         None => send.await,
         Some(deadline) => match tokio::time::timeout_at(deadline, send).await {
             Ok(result) => result,
@@ -85,6 +88,25 @@ pub(crate) async fn run(
                 state => format!("deadline exceeded while waiting for a connection (pool {state})"),
             })),
         },
+    };
+    if result.is_err() && !picked {
+        shared.call_failed_without_connection();
+    }
+    result
+}
+
+/// The outcome an attempt that ends with `error` is counted under.
+fn outcome_of(error: &Error) -> Outcome {
+    Outcome::Status(error.status().map_or(tonic::Code::Unknown, |s| s.code()))
+}
+
+/// The label of a transparent retry's reason.
+fn retry_reason(retry: Retry) -> &'static str {
+    match retry {
+        Retry::Unsent => "unsent",
+        Retry::GoAway => "goaway",
+        Retry::Refused => "refused",
+        Retry::NotOpened => "not_opened",
     }
 }
 
@@ -94,6 +116,7 @@ async fn send(
     req: Request<tonic::body::Body>,
     wait_for_ready: bool,
     deadline: Option<Instant>,
+    picked: &mut bool,
 ) -> Result<Response<ResponseBody>, Error> {
     let (parts, body) = req.into_parts();
     let mut replay = Replay::new(body);
@@ -107,15 +130,23 @@ async fn send(
                 .await?
                 .start_call(),
         };
-        let guard = make_room(shared, guard, wait_for_ready).await?;
+        *picked = true;
+        let mut guard = make_room(shared, guard, wait_for_ready).await?;
         let ready = guard.conn();
         let Some(sender) = ready.sender() else {
             // The connection retired between the pick and here: nothing was sent.
-            retries.count(Retry::Unsent, None)?;
+            let counted = retries.count(Retry::Unsent, None);
+            guard.set_outcome(match &counted {
+                Ok(()) => Outcome::Retried(retry_reason(Retry::Unsent)),
+                Err(e) => outcome_of(e),
+            });
+            counted?;
             continue;
         };
         let (retry, error) = match attempt::attempt(sender, &parts, &mut replay).await {
             Ok((response, unfinished, cursor)) => {
+                // A trailers-only response has its status in its head.
+                guard.set_status_from_head(response.status(), response.headers());
                 replay.commit(&cursor);
                 let request_body =
                     unfinished.map(|pipe| pipe.unfinished(replay, cursor).spawn(&shared.runtime));
@@ -125,12 +156,14 @@ async fn send(
             }
             Err(AttemptError::Body(status)) => {
                 // The caller's own request stream failed: its status is the call's.
+                guard.set_outcome(Outcome::Status(status.code()));
                 return Err(Error::transport(status.clone(), status));
             }
             Err(AttemptError::Unsent(error)) => match unsent_cause(&error) {
                 Unsent::Request => {
                     // h2 refused this request, not the connection: fail this call only.
                     tracing::debug!(addr = %ready.addr, conn = ready.id, %error, "request refused before sending");
+                    guard.set_outcome(Outcome::Status(tonic::Code::Internal));
                     return Err(Error::transport(
                         tonic::Status::internal(format!(
                             "request could not be sent: {}",
@@ -163,13 +196,20 @@ async fn send(
                     }
                     _ => {
                         tracing::debug!(addr = %ready.addr, conn = ready.id, %error, fate = ready.fate.bits(), "call failed on its connection");
-                        return Err(transport_error(error));
+                        let error = transport_error(error);
+                        guard.set_outcome(outcome_of(&error));
+                        return Err(error);
                     }
                 }
             }
         };
         tracing::debug!(addr = %ready.addr, conn = ready.id, ?retry, "transparent retry");
-        retries.count(retry, Some(error))?;
+        let counted = retries.count(retry, Some(error));
+        guard.set_outcome(match &counted {
+            Ok(()) => Outcome::Retried(retry_reason(retry)),
+            Err(e) => outcome_of(e),
+        });
+        counted?;
     }
 }
 

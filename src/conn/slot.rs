@@ -32,7 +32,7 @@ use crate::connector::{Connect, Destination};
 use crate::endpoint::KeepAlive;
 use crate::error::error_chain;
 use crate::growth::idle_for;
-use crate::state::{wait_until, ConnectivityState};
+use crate::state::{wait_until, ConnectivityState, Disconnect};
 
 /// What the worker asks of a slot.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -110,6 +110,26 @@ impl ServeEnd {
     }
 }
 
+impl ServeEnd {
+    /// The reason it is counted under, given the code of the GOAWAY the connection received.
+    fn disconnect(&self, goaway: Option<u32>, keepalive_timed_out: bool) -> Disconnect {
+        match (self, goaway) {
+            (Self::GracefulGoAway | Self::TooManyPings | Self::Lost(_), Some(code)) => {
+                Disconnect::GoAway(code)
+            }
+            (Self::GracefulGoAway, None) => Disconnect::GoAway(crate::conn::frames::NO_ERROR),
+            (Self::TooManyPings, None) => {
+                Disconnect::GoAway(crate::conn::frames::ENHANCE_YOUR_CALM)
+            }
+            (Self::Lost(_), None) if keepalive_timed_out => Disconnect::KeepAliveTimeout,
+            (Self::Lost(_), None) => Disconnect::Reset,
+            (Self::Drain, _) => Disconnect::Drained,
+            (Self::Shutdown, _) => Disconnect::Shutdown,
+            (Self::Idle | Self::Replace(_), _) => Disconnect::Retired,
+        }
+    }
+}
+
 /// The slot's task. Ends on `Drain` (after its calls finish), `Shutdown`, or (a grown
 /// connection) idle retirement — and only once every connection it opened has ended, so that
 /// `close()` returning means no connection task is left.
@@ -163,6 +183,7 @@ async fn serve(slot: &Slot, retired: &mut Retired) -> &'static str {
             return "closed";
         }
         events.transition(id, ConnectivityState::Connecting, "connecting", None);
+        stats.connect_attempt();
         let timeout = config
             .connect_timeout
             .unwrap_or_else(|| backoff.connect_timeout());
@@ -188,11 +209,13 @@ async fn serve(slot: &Slot, retired: &mut Retired) -> &'static str {
         ) = match result {
             Ok(Ok(connected)) => connected,
             Ok(Err(e)) => {
+                stats.connect_failed();
                 let reason = format!("connect error: {}", error_chain(&*e));
                 fail_and_wait(events, id, &reason, &mut backoff, &mut control).await;
                 continue;
             }
             Err(_) => {
+                stats.connect_failed();
                 let reason = format!("connect timeout after {timeout:?}");
                 fail_and_wait(events, id, &reason, &mut backoff, &mut control).await;
                 continue;
@@ -210,6 +233,7 @@ async fn serve(slot: &Slot, retired: &mut Retired) -> &'static str {
         );
 
         let mut goaway_rx = signals.clone();
+        let mut keepalive_timed_out = false;
         let end = tokio::select! {
             biased;
             c = wait_until(&mut control, |c| *c != Control::Run) => match c {
@@ -223,6 +247,7 @@ async fn serve(slot: &Slot, retired: &mut Retired) -> &'static str {
                     DriverEnd::Closed(Ok(())) | DriverEnd::Retired => "connection closed".to_owned(),
                     DriverEnd::Closed(Err(e)) => format!("connection lost: {}", error_chain(&e)),
                     DriverEnd::KeepAliveTimeout(t) => {
+                        keepalive_timed_out = true;
                         format!("connection lost: keepalive PING not acknowledged within {t:?}")
                     }
                 })
@@ -233,6 +258,8 @@ async fn serve(slot: &Slot, retired: &mut Retired) -> &'static str {
             reason = ready.replacement_requested() => ServeEnd::Replace(reason),
             _ = idle_for(*retire_when_idle, || (ready.stats.calls(), ready.in_flight())) => ServeEnd::Idle,
         };
+        let goaway = signals.borrow().goaway.as_ref().map(|g| g.error_code);
+        stats.disconnected(end.disconnect(goaway, keepalive_timed_out), goaway);
         // No new call goes to this connection from here on, even through stale pickers.
         ready.mark_closing();
         // Calls in flight finish on it; the slot keeps it until it has ended.

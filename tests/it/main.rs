@@ -10,6 +10,7 @@ mod faults;
 mod goaway;
 mod hostile;
 mod keepalive;
+mod observe;
 mod replacement;
 mod resolution;
 mod resolution_timing;

@@ -417,6 +417,98 @@ impl PoolSnapshot {
     }
 }
 
+/// A compact table, the way `grpcdebug channelz` shows a channel: a line for the pool, then
+/// one row per endpoint (connection `*`) followed by a row per connection.
+///
+/// ```text
+/// pool READY  in flight 3  calls 1200  failed 4  without connection 0  resolve errors 0
+/// ENDPOINT         CONN  STATE              IN FLIGHT  CALLS  FAILED  LAST ERROR
+/// 127.0.0.2:50051  *     READY                      3    800       4
+///                  0     READY                      2    400       2  GOAWAY from server
+///                  1     READY                      1    400       2
+/// 127.0.0.3:50051  *     TRANSIENT_FAILURE          0    400       0
+///                  2     TRANSIENT_FAILURE          0    400       0  connect error: …
+/// ```
+///
+/// `CALLS` counts attempts started, `FAILED` those that ended with a status other than `OK`
+/// (see [`CallCounts`]). An endpoint leaving the address set shows `(draining)`.
+impl fmt::Display for PoolSnapshot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "pool {}  in flight {}  calls {}  failed {}  without connection {}  resolve errors {}",
+            self.state,
+            self.in_flight(),
+            self.counters.calls.started,
+            self.counters.calls.failed(),
+            self.calls_without_connection,
+            self.resolve_errors,
+        )?;
+        const HEAD: [&str; 7] = [
+            "ENDPOINT",
+            "CONN",
+            "STATE",
+            "IN FLIGHT",
+            "CALLS",
+            "FAILED",
+            "LAST ERROR",
+        ];
+        let one_line = |e: &Option<String>| e.as_deref().unwrap_or("").replace('\n', " ");
+        let mut rows: Vec<[String; 7]> = Vec::new();
+        for endpoint in &self.endpoints {
+            let state = if endpoint.draining {
+                format!("{} (draining)", endpoint.state)
+            } else {
+                endpoint.state.to_string()
+            };
+            rows.push([
+                endpoint.addr.to_string(),
+                "*".to_owned(),
+                state,
+                endpoint
+                    .connections
+                    .iter()
+                    .map(|c| c.in_flight)
+                    .sum::<usize>()
+                    .to_string(),
+                endpoint.counters.calls.started.to_string(),
+                endpoint.counters.calls.failed().to_string(),
+                String::new(),
+            ]);
+            for conn in &endpoint.connections {
+                rows.push([
+                    String::new(),
+                    conn.id.to_string(),
+                    conn.state.to_string(),
+                    conn.in_flight.to_string(),
+                    conn.counters.calls.started.to_string(),
+                    conn.counters.calls.failed().to_string(),
+                    one_line(&conn.last_error),
+                ]);
+            }
+        }
+        let mut widths = HEAD.map(str::len);
+        for row in &rows {
+            for (width, cell) in widths.iter_mut().zip(row) {
+                *width = (*width).max(cell.chars().count());
+            }
+        }
+        let line = |f: &mut fmt::Formatter<'_>, cells: [&str; 7]| -> fmt::Result {
+            let [endpoint, conn, state, in_flight, calls, failed, error] = cells;
+            let [w0, w1, w2, w3, w4, w5, _] = widths;
+            let text = format!(
+                "{endpoint:<w0$}  {conn:<w1$}  {state:<w2$}  {in_flight:>w3$}  {calls:>w4$}  {failed:>w5$}  {error}"
+            );
+            writeln!(f, "{}", text.trim_end())
+        };
+        line(f, HEAD)?;
+        for row in &rows {
+            line(f, row.each_ref().map(String::as_str))?;
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::ConnectivityState::*;

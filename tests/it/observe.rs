@@ -1,4 +1,5 @@
-//! What the pool shows of itself: the counters of `snapshot()` after a scripted run.
+//! What the pool shows of itself: the counters of `snapshot()` after a scripted run, and the
+//! snapshot's table.
 
 use crate::support;
 
@@ -8,9 +9,9 @@ use support::common::{
     builder, client, echo, slow_echo, static_target, wait_all_ready, wait_endpoint, WAIT,
 };
 use support::{loopback, TestServer};
-use tonic_pool::{CallCounts, ConnectivityState};
+use tonic_pool::{CallCounts, ConnectivityState, PoolSnapshot};
 
-/// The scripted run: on one server with two connections, `OK` calls
+/// The scripted run both tests read: on one server with two connections, `OK` calls
 /// succeed, `FAILED` calls get INTERNAL from the server, one call passes its deadline; then
 /// the server stops gracefully (a GOAWAY on each connection), one call fails while no
 /// connection is Ready, and the server comes back.
@@ -105,4 +106,68 @@ async fn counters_after_a_scripted_run() {
     let closed = pool.snapshot();
     assert_eq!(closed.counters.calls, expected);
     assert_eq!(closed.counters.disconnections.shutdown, 2);
+}
+
+/// The table has the pool's line, a header, a row per endpoint and one per connection, with
+/// the columns of `grpcdebug channelz`; the numbers are the snapshot's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_table_shape() {
+    let mut server = TestServer::start(loopback(2));
+    let pool = builder(&static_target(&[&server]))
+        .connections_per_endpoint(2)
+        .build()
+        .unwrap();
+    wait_all_ready(&pool, 2).await;
+    scripted_run(&mut server, &pool).await;
+    let snapshot: PoolSnapshot = pool.snapshot();
+    let table = snapshot.to_string();
+    println!("{table}");
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(
+        lines.len(),
+        2 + 1 + 2,
+        "pool, header, endpoint, two connections"
+    );
+    assert!(
+        lines[0].starts_with("pool READY  in flight 0  calls 14  failed 4  without connection 1")
+    );
+    let cells = |line: &str| -> Vec<String> {
+        line.split("  ")
+            .map(str::trim)
+            .filter(|c| !c.is_empty())
+            .map(str::to_owned)
+            .collect()
+    };
+    assert_eq!(
+        cells(lines[1]),
+        [
+            "ENDPOINT",
+            "CONN",
+            "STATE",
+            "IN FLIGHT",
+            "CALLS",
+            "FAILED",
+            "LAST ERROR"
+        ]
+    );
+    let addr = server.addr().to_string();
+    assert_eq!(
+        cells(lines[2]),
+        [addr.as_str(), "*", "READY", "0", "14", "4"]
+    );
+    for (line, conn) in lines[3..].iter().zip(&snapshot.endpoints[0].connections) {
+        let row = cells(line);
+        assert_eq!(row[0], conn.id.to_string());
+        assert_eq!(row[1], "READY");
+        assert_eq!(row[3], conn.counters.calls.started.to_string());
+        // Its last error (the refused reconnect while the server was down) ends the row.
+        assert_eq!(row.len(), 6, "{row:?}");
+        assert_eq!(Some(&row[5]), conn.last_error.as_ref());
+    }
+    // Columns line up: every row's state column starts where the header's does.
+    let state_at = lines[1].find("STATE").unwrap();
+    for line in &lines[2..] {
+        assert!(line[state_at..].starts_with("READY"), "{line}");
+    }
+    pool.close().await.unwrap();
 }

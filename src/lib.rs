@@ -61,6 +61,8 @@ mod call;
 mod endpoint;
 mod growth;
 mod mailbox;
+#[cfg(feature = "metrics")]
+mod metrics;
 mod registry;
 mod worker;
 // One connection.

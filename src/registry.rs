@@ -69,6 +69,9 @@ pub(crate) struct Shared {
     resolve_errors: AtomicU64,
     /// Calls that failed before any connection took them.
     calls_without_connection: AtomicU64,
+    /// The pool's metrics (with the `metrics` feature).
+    #[cfg(feature = "metrics")]
+    pub(crate) metrics: Arc<crate::metrics::PoolMetrics>,
 }
 
 #[derive(Debug)]
@@ -117,6 +120,8 @@ impl Shared {
         let (events_tx, _) = broadcast::channel(EVENT_CAPACITY);
         let (connect_tx, _) = watch::channel(false);
         let seed = crate::backoff::FastRng::random_seed();
+        #[cfg(feature = "metrics")]
+        let target_name = target.to_string();
         Self {
             config: Arc::new(config),
             target,
@@ -148,6 +153,8 @@ impl Shared {
             growth: GrowthRequests::default(),
             resolve_errors: AtomicU64::new(0),
             calls_without_connection: AtomicU64::new(0),
+            #[cfg(feature = "metrics")]
+            metrics: Arc::new(crate::metrics::PoolMetrics::new(&target_name)),
         }
     }
 
@@ -253,6 +260,8 @@ impl Shared {
     /// Records a failed resolution (the last good addresses stay in use).
     pub(crate) fn record_resolve_error(&self, reason: &str) {
         self.resolve_errors.fetch_add(1, Ordering::Relaxed);
+        #[cfg(feature = "metrics")]
+        self.metrics.resolved(None);
         let mut reg = self.registry.lock();
         reg.last_resolve_error = Some(reason.to_owned());
         // Wake snapshot waiters: the failure is part of what they may wait for.
@@ -262,6 +271,14 @@ impl Shared {
 
     pub(crate) fn resolve_errors(&self) -> u64 {
         self.resolve_errors.load(Ordering::Relaxed)
+    }
+
+    /// A resolution answered `addresses` addresses.
+    pub(crate) fn record_resolution(&self, addresses: usize) {
+        #[cfg(feature = "metrics")]
+        self.metrics.resolved(Some(addresses));
+        #[cfg(not(feature = "metrics"))]
+        let _ = addresses;
     }
 
     /// A call failed before any connection took it.
@@ -280,7 +297,10 @@ impl Shared {
         let mut reg = self.registry.lock();
         let id = reg.next_id;
         reg.next_id += 1;
-        let stats = Arc::new(ConnStats::new(self.in_flight.clone(), self.room.clone()));
+        let stats = ConnStats::new(self.in_flight.clone(), self.room.clone());
+        #[cfg(feature = "metrics")]
+        let stats = stats.with_metrics(self.metrics.clone());
+        let stats = Arc::new(stats);
         // Slots are only added once the pool was asked to connect; starting them as
         // Connecting keeps the aggregate from flapping back to Idle.
         let initial = if *self.connect_tx.borrow() {
@@ -343,6 +363,8 @@ impl Shared {
         let mut reg = self.registry.lock();
         if let Some(endpoint) = reg.active_mut(addr) {
             endpoint.draining = true;
+            #[cfg(feature = "metrics")]
+            self.metrics.drain();
             for conn in &endpoint.conns {
                 conn.control.send_replace(Control::Drain);
             }
@@ -469,6 +491,14 @@ impl Shared {
             .filter(|e| !e.draining)
             .map(|e| e.state)
             .collect();
+        #[cfg(feature = "metrics")]
+        self.metrics.endpoints(
+            active.len(),
+            active
+                .iter()
+                .filter(|s| **s == ConnectivityState::Ready)
+                .count(),
+        );
         let new = if self.is_shut_down() {
             ConnectivityState::Shutdown
         } else if active.is_empty() {

@@ -278,6 +278,29 @@ pub(crate) enum Disconnect {
     Shutdown,
 }
 
+/// How an attempt ended, as its guard tells the counters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// With this gRPC status.
+    Status(tonic::Code),
+    /// Sent again on another connection (for this reason): the caller never saw this attempt.
+    Retried(&'static str),
+}
+
+impl Outcome {
+    /// The class it is counted in (see [`CallCounts`]).
+    #[inline]
+    pub(crate) fn class(self) -> usize {
+        match self {
+            Self::Status(tonic::Code::Ok) => 0,
+            Self::Status(tonic::Code::Cancelled | tonic::Code::DeadlineExceeded) => 1,
+            Self::Status(tonic::Code::Unavailable) => 2,
+            Self::Status(_) => 3,
+            Self::Retried(_) => 4,
+        }
+    }
+}
+
 /// Counters of a connection slot (across its reconnects), an endpoint (its slots, including
 /// those it no longer has) or the pool (every endpoint it ever had).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

@@ -11,8 +11,9 @@ use tokio::sync::oneshot;
 use tokio::time::{Instant, Sleep};
 use tonic::{Code, Status};
 
-use crate::conn::{InFlightGuard, Outcome};
+use crate::conn::InFlightGuard;
 use crate::error::Error;
+use crate::state::Outcome;
 
 /// The body of a response from the pool.
 ///
@@ -66,6 +67,10 @@ impl ResponseBody {
                 Poll::Ready(Some(Ok(data))) => {
                     // Reading it is consuming it: let the server send more.
                     let _ = self.inner.flow_control().release_capacity(data.len());
+                    #[cfg(feature = "metrics")]
+                    if let Some(guard) = &mut self.guard {
+                        guard.metrics.received(&data);
+                    }
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
                 Poll::Ready(Some(Err(e))) => {

@@ -47,10 +47,10 @@ use std::sync::Arc;
 use http::{Request, Response};
 use tokio::time::Instant;
 
-use crate::conn::{InFlightGuard, Outcome};
+use crate::conn::InFlightGuard;
 use crate::error::{error_chain, Error};
 use crate::registry::Shared;
-use crate::state::ConnectivityState;
+use crate::state::{ConnectivityState, Outcome};
 
 use self::attempt::AttemptError;
 use self::body::transport_error;
@@ -69,6 +69,8 @@ pub(crate) async fn run(
     req: Request<tonic::body::Body>,
     options: CallOptions,
 ) -> Result<Response<ResponseBody>, Error> {
+    #[cfg(feature = "metrics")]
+    let (call_started, path) = (std::time::Instant::now(), req.uri().path().to_owned());
     // Whether a connection took the call: one that did counts its end itself.
     let mut picked = first.is_some();
     let send = send(
@@ -78,6 +80,8 @@ pub(crate) async fn run(
         options.wait_for_ready,
         options.deadline,
         &mut picked,
+        #[cfg(feature = "metrics")]
+        call_started,
     );
     let result = match options.deadline {
         None => send.await,
@@ -89,8 +93,16 @@ pub(crate) async fn run(
             })),
         },
     };
-    if result.is_err() && !picked {
+    if let (Err(error), false) = (&result, picked) {
         shared.call_failed_without_connection();
+        #[cfg(feature = "metrics")]
+        if let Outcome::Status(code) = outcome_of(error) {
+            shared
+                .metrics
+                .call_failed_unpicked(&path, call_started, code);
+        }
+        #[cfg(not(feature = "metrics"))]
+        let _ = error;
     }
     result
 }
@@ -117,8 +129,14 @@ async fn send(
     wait_for_ready: bool,
     deadline: Option<Instant>,
     picked: &mut bool,
+    #[cfg(feature = "metrics")] call_started: std::time::Instant,
 ) -> Result<Response<ResponseBody>, Error> {
     let (parts, body) = req.into_parts();
+    #[cfg(feature = "metrics")]
+    let (body, sent, method) = {
+        let (body, sent) = crate::metrics::count_sent(body);
+        (body, sent, shared.metrics.method(parts.uri.path()))
+    };
     let mut replay = Replay::new(body);
     let mut retries = Retries::default();
     // A connection that refused the call: its retry goes to another one if there is one.
@@ -126,12 +144,20 @@ async fn send(
     loop {
         let guard = match first.take() {
             Some(guard) => guard,
-            None => wait_for_connection(shared, wait_for_ready, avoid)
-                .await?
-                .start_call(),
+            None => {
+                #[cfg(feature = "metrics")]
+                let _waiting = shared.metrics.waiting();
+                wait_for_connection(shared, wait_for_ready, avoid)
+                    .await?
+                    .start_call()
+            }
         };
         *picked = true;
         let mut guard = make_room(shared, guard, wait_for_ready).await?;
+        #[cfg(feature = "metrics")]
+        guard
+            .metrics
+            .of_call(method.clone(), call_started, sent.clone());
         let ready = guard.conn();
         let Some(sender) = ready.sender() else {
             // The connection retired between the pick and here: nothing was sent.

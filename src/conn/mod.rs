@@ -30,5 +30,5 @@ pub(crate) mod frames;
 pub(crate) mod ready;
 pub(crate) mod slot;
 
-pub(crate) use ready::{ConnStats, Connection, InFlight, InFlightGuard, Outcome};
+pub(crate) use ready::{ConnStats, Connection, InFlight, InFlightGuard};
 pub(crate) use slot::{Control, Slot, SlotEvents};

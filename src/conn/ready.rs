@@ -18,7 +18,7 @@ use tonic::Code;
 use crate::balance::Pickable;
 use crate::conn::frames::{ConnFate, PeerLimits};
 use crate::growth::Room;
-use crate::state::{CallCounts, Counters, Disconnect, Disconnections};
+use crate::state::{CallCounts, Counters, Disconnect, Disconnections, Outcome};
 
 /// Counters of one connection slot, kept across its reconnects.
 ///
@@ -45,32 +45,12 @@ pub(crate) struct ConnStats {
     pool: Arc<InFlight>,
     /// The pool's signal to calls waiting for room.
     room: Arc<Room>,
-}
-
-/// How an attempt ended, as its guard tells the counters.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Outcome {
-    /// With this gRPC status.
-    Status(Code),
-    /// Sent again on another connection (for this reason): the caller never saw this attempt.
-    Retried(&'static str),
+    /// Where the same counts go as metrics (with the `metrics` feature).
+    #[cfg(feature = "metrics")]
+    pub(crate) metrics: Option<Arc<crate::metrics::PoolMetrics>>,
 }
 
 const OUTCOME_CLASSES: usize = 5;
-
-impl Outcome {
-    /// The class it is counted in (see [`CallCounts`]).
-    #[inline]
-    fn class(self) -> usize {
-        match self {
-            Self::Status(Code::Ok) => 0,
-            Self::Status(Code::Cancelled | Code::DeadlineExceeded) => 1,
-            Self::Status(Code::Unavailable) => 2,
-            Self::Status(_) => 3,
-            Self::Retried(_) => 4,
-        }
-    }
-}
 
 fn disconnect_index(reason: Disconnect) -> usize {
     match reason {
@@ -97,7 +77,16 @@ impl ConnStats {
             goaways: Mutex::new(BTreeMap::new()),
             pool,
             room,
+            #[cfg(feature = "metrics")]
+            metrics: None,
         }
+    }
+
+    /// With its pool's metrics.
+    #[cfg(feature = "metrics")]
+    pub(crate) fn with_metrics(mut self, metrics: Arc<crate::metrics::PoolMetrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     pub(crate) fn calls(&self) -> u64 {
@@ -112,11 +101,19 @@ impl ConnStats {
     /// A connection attempt failed or timed out.
     pub(crate) fn connect_failed(&self) {
         self.connect_failures.fetch_add(1, Ordering::Relaxed);
+        #[cfg(feature = "metrics")]
+        if let Some(metrics) = &self.metrics {
+            metrics.connect_failed();
+        }
     }
 
     /// A connection of this slot became Ready.
     pub(crate) fn connected(&self) {
         self.connects.fetch_add(1, Ordering::Relaxed);
+        #[cfg(feature = "metrics")]
+        if let Some(metrics) = &self.metrics {
+            metrics.connected();
+        }
     }
 
     pub(crate) fn connects(&self) -> u64 {
@@ -129,6 +126,10 @@ impl ConnStats {
         self.disconnections[disconnect_index(reason)].fetch_add(1, Ordering::Relaxed);
         if let Some(code) = goaway {
             *self.goaways.lock().entry(code).or_default() += 1;
+        }
+        #[cfg(feature = "metrics")]
+        if let Some(metrics) = &self.metrics {
+            metrics.disconnected(reason);
         }
     }
 
@@ -184,6 +185,9 @@ pub(crate) struct InFlightGuard {
     /// How the attempt ended, once known; an attempt dropped before is counted as cancelled
     /// (its caller gave up, or its deadline passed).
     outcome: Option<Outcome>,
+    /// Its metrics (with the `metrics` feature).
+    #[cfg(feature = "metrics")]
+    pub(crate) metrics: crate::metrics::Attempt,
 }
 
 impl InFlightGuard {
@@ -262,6 +266,8 @@ impl Drop for InFlightGuard {
             stats.room.freed();
             let outcome = self.outcome.unwrap_or(Outcome::Status(Code::Cancelled));
             stats.ended(outcome);
+            #[cfg(feature = "metrics")]
+            self.metrics.ended(outcome);
         }
     }
 }
@@ -375,6 +381,8 @@ impl Connection {
             place,
             requeued: false,
             outcome: None,
+            #[cfg(feature = "metrics")]
+            metrics: crate::metrics::Attempt::start(),
         }
     }
 }

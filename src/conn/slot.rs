@@ -134,6 +134,11 @@ impl ServeEnd {
 /// connection) idle retirement — and only once every connection it opened has ended, so that
 /// `close()` returning means no connection task is left.
 pub(crate) async fn run(slot: Slot) {
+    #[cfg(feature = "metrics")]
+    if let (Some(_), Some(metrics)) = (slot.retire_when_idle, &slot.stats.metrics) {
+        // Only growth opens slots that retire when idle.
+        metrics.grown();
+    }
     let mut retired = Retired::default();
     let reason = serve(&slot, &mut retired).await;
     let Slot {

@@ -368,7 +368,7 @@ impl Shared {
             for conn in &endpoint.conns {
                 conn.control.send_replace(Control::Drain);
             }
-            tracing::debug!(target = %self.target, %addr, "endpoint draining");
+            tracing::debug!(%addr, "endpoint draining");
             self.publish_picker(&reg);
             self.recompute(&mut reg, "endpoint removed from the address set");
         }
@@ -438,7 +438,8 @@ impl Shared {
             reg.last_error = Some(format!("{addr}: {reason}"));
         }
         if from != to {
-            tracing::debug!(target = %self.target, %addr, conn = id, %from, %to, reason, "connection state");
+            // Emitted from the slot's task: its `conn{addr, id}` span names the connection.
+            tracing::debug!(%from, %to, reason, "connection state");
             let _ = self.events_tx.send(StateEvent {
                 scope: Scope::Connection { addr, id },
                 from,
@@ -476,7 +477,7 @@ impl Shared {
             if new != endpoint.state {
                 let from = std::mem::replace(&mut endpoint.state, new);
                 endpoint.state_since = Instant::now();
-                tracing::debug!(target = %self.target, addr = %endpoint.addr, %from, to = %new, reason, "endpoint state");
+                tracing::debug!(addr = %endpoint.addr, %from, to = %new, reason, "endpoint state");
                 let _ = self.events_tx.send(StateEvent {
                     scope: Scope::Endpoint(endpoint.addr),
                     from,
@@ -509,7 +510,7 @@ impl Shared {
         if new != reg.pool_state {
             let from = std::mem::replace(&mut reg.pool_state, new);
             reg.pool_state_since = Instant::now();
-            tracing::info!(target = %self.target, %from, to = %new, reason, "pool state");
+            tracing::info!(%from, to = %new, reason, "pool state");
             let _ = self.events_tx.send(StateEvent {
                 scope: Scope::Pool,
                 from,

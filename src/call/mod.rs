@@ -188,7 +188,7 @@ async fn send(
             Err(AttemptError::Unsent(error)) => match unsent_cause(&error) {
                 Unsent::Request => {
                     // h2 refused this request, not the connection: fail this call only.
-                    tracing::debug!(addr = %ready.addr, conn = ready.id, %error, "request refused before sending");
+                    tracing::trace!(addr = %ready.addr, conn = ready.id, %error, "request refused before sending");
                     guard.set_outcome(Outcome::Status(tonic::Code::Internal));
                     return Err(Error::transport(
                         tonic::Status::internal(format!(
@@ -221,7 +221,7 @@ async fn send(
                         (retry, error)
                     }
                     _ => {
-                        tracing::debug!(addr = %ready.addr, conn = ready.id, %error, fate = ready.fate.bits(), "call failed on its connection");
+                        tracing::trace!(addr = %ready.addr, conn = ready.id, %error, fate = ready.fate.bits(), "call failed on its connection");
                         let error = transport_error(error);
                         guard.set_outcome(outcome_of(&error));
                         return Err(error);
@@ -229,7 +229,7 @@ async fn send(
                 }
             }
         };
-        tracing::debug!(addr = %ready.addr, conn = ready.id, ?retry, "transparent retry");
+        tracing::trace!(addr = %ready.addr, conn = ready.id, ?retry, "transparent retry");
         let counted = retries.count(retry, Some(error));
         guard.set_outcome(match &counted {
             Ok(()) => Outcome::Retried(retry_reason(retry)),

@@ -150,7 +150,10 @@ pub(crate) async fn run(slot: Slot) {
     } = slot;
     let ended = retired.wind_down(&mut control, config.drain_timeout).await;
     let reason = match (reason, ended) {
-        ("drained", WindDown::Cut) => "drain cut short",
+        ("drained", WindDown::Cut) => {
+            tracing::warn!(timeout = ?config.drain_timeout, "drain timed out: calls still in flight were cut");
+            "drain cut short"
+        }
         (reason, _) => reason,
     };
     events.transition(id, ConnectivityState::Shutdown, reason, None);
@@ -285,7 +288,7 @@ async fn serve(slot: &Slot, retired: &mut Retired) -> &'static str {
             }
             ServeEnd::TooManyPings => {
                 let interval = keepalive.double();
-                tracing::warn!(%addr, ?interval, "server sent GOAWAY too_many_pings; keepalive interval doubled for this endpoint");
+                tracing::warn!(?interval, "server sent GOAWAY too_many_pings; keepalive interval doubled for this endpoint");
                 events.transition(
                     id,
                     ConnectivityState::TransientFailure,
@@ -432,7 +435,7 @@ async fn fail_and_wait(
     events.transition(id, ConnectivityState::TransientFailure, reason, None);
     events.reresolve();
     let delay = backoff.next_delay();
-    tracing::debug!(conn = id, ?delay, "backing off");
+    tracing::debug!(?delay, "backing off");
     tokio::select! {
         biased;
         _ = wait_until(control, |c| *c != Control::Run) => {}

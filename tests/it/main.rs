@@ -23,4 +23,5 @@ mod streaming;
 mod support_proxy;
 mod support_smoke;
 mod targets;
+mod tracing_spans;
 mod wait_for_ready;

@@ -222,8 +222,8 @@ impl PoolMetrics {
         }
     }
 
-    /// A call that failed before any connection took it: its `grpc.client.call.duration`.
-    pub(crate) fn call_failed_unpicked(&self, path: &str, started: Instant, code: Code) {
+    /// A call that failed with no connection to count it: its `grpc.client.call.duration`.
+    pub(crate) fn call_failed_without_connection(&self, path: &str, started: Instant, code: Code) {
         self.method(path)
             .status(code)
             .call_duration

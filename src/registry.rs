@@ -281,7 +281,7 @@ impl Shared {
         let _ = addresses;
     }
 
-    /// A call failed before any connection took it.
+    /// A call failed with no connection to count it (see `PoolSnapshot::calls_without_connection`).
     pub(crate) fn call_failed_without_connection(&self) {
         self.calls_without_connection
             .fetch_add(1, Ordering::Relaxed);

@@ -400,8 +400,9 @@ pub struct PoolSnapshot {
     pub state_since: Instant,
     /// Every endpoint's counters, including endpoints the pool no longer has.
     pub counters: Counters,
-    /// Calls that failed before any connection took them: no Ready connection (fail-fast in
-    /// TRANSIENT_FAILURE), a deadline that passed while waiting for one, the pool closed.
+    /// Calls that failed with no connection to count them: no Ready connection (fail-fast in
+    /// TRANSIENT_FAILURE), a deadline that passed while waiting for one, the pool closed —
+    /// also after a transparent retry (the attempt before counts as `retried`).
     pub calls_without_connection: u64,
 }
 

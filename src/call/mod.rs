@@ -71,15 +71,17 @@ pub(crate) async fn run(
 ) -> Result<Response<ResponseBody>, Error> {
     #[cfg(feature = "metrics")]
     let (call_started, path) = (std::time::Instant::now(), req.uri().path().to_owned());
-    // Whether a connection took the call: one that did counts its end itself.
-    let mut picked = first.is_some();
+    // Whether the call's last attempt holds its place on a connection: that attempt counts
+    // the call's end. A place given back while waiting for room was no attempt, and one that
+    // is retried ends no call.
+    let mut on_connection = false;
     let send = send(
         &shared,
         first,
         req,
         options.wait_for_ready,
         options.deadline,
-        &mut picked,
+        &mut on_connection,
         #[cfg(feature = "metrics")]
         call_started,
     );
@@ -93,13 +95,13 @@ pub(crate) async fn run(
             })),
         },
     };
-    if let (Err(error), false) = (&result, picked) {
+    if let (Err(error), false) = (&result, on_connection) {
         shared.call_failed_without_connection();
         #[cfg(feature = "metrics")]
         if let Outcome::Status(code) = outcome_of(error) {
             shared
                 .metrics
-                .call_failed_unpicked(&path, call_started, code);
+                .call_failed_without_connection(&path, call_started, code);
         }
         #[cfg(not(feature = "metrics"))]
         let _ = error;
@@ -128,7 +130,7 @@ async fn send(
     req: Request<tonic::body::Body>,
     wait_for_ready: bool,
     deadline: Option<Instant>,
-    picked: &mut bool,
+    on_connection: &mut bool,
     #[cfg(feature = "metrics")] call_started: std::time::Instant,
 ) -> Result<Response<ResponseBody>, Error> {
     let (parts, body) = req.into_parts();
@@ -152,8 +154,8 @@ async fn send(
                     .start_call()
             }
         };
-        *picked = true;
         let mut guard = make_room(shared, guard, wait_for_ready).await?;
+        *on_connection = true;
         #[cfg(feature = "metrics")]
         guard
             .metrics
@@ -167,6 +169,7 @@ async fn send(
                 Err(e) => outcome_of(e),
             });
             counted?;
+            *on_connection = false;
             continue;
         };
         let (retry, error) = match attempt::attempt(sender, &parts, &mut replay).await {
@@ -236,6 +239,7 @@ async fn send(
             Err(e) => outcome_of(e),
         });
         counted?;
+        *on_connection = false;
     }
 }
 

@@ -180,6 +180,55 @@ async fn snapshot_table_shape() {
     pool.close().await.unwrap();
 }
 
+/// Transparent retries are counted on the connection that could not take the call: a
+/// server that refuses every stream sees each call twice (gRFC A6 allows one retry after
+/// REFUSED_STREAM), and the counters say one attempt `retried` and one `unavailable` per
+/// call, attempts started being what the server saw.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_streams_count_as_retried() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    use support::hostile::{code, HostileServer, Peer};
+
+    let seen = Arc::new(AtomicU64::new(0));
+    let server = HostileServer::start({
+        let seen = seen.clone();
+        move |mut peer: Peer| {
+            let seen = seen.clone();
+            async move {
+                peer.send_settings(&[]).await?;
+                loop {
+                    let (id, _) = peer.expect_request().await?;
+                    seen.fetch_add(1, Ordering::SeqCst);
+                    peer.send_rst(id, code::REFUSED_STREAM).await?;
+                }
+            }
+        }
+    });
+    let pool = builder(&server.target())
+        .connections_per_endpoint(2)
+        .build()
+        .unwrap();
+    wait_all_ready(&pool, 2).await;
+    let mut client = client(&pool);
+    const CALLS: u64 = 3;
+    for _ in 0..CALLS {
+        let status = client.unary(echo("refused")).await.expect_err("refused");
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+    }
+    let calls = pool.snapshot().counters.calls;
+    let attempts = seen.load(Ordering::SeqCst);
+    assert_eq!(calls.started, attempts, "{calls:?}");
+    assert_eq!(calls.unavailable, CALLS, "{calls:?}");
+    assert_eq!(calls.retried, attempts - CALLS, "{calls:?}");
+    assert!(
+        calls.retried >= 1,
+        "at least one call was retried: {calls:?}"
+    );
+    assert_eq!(calls.failed(), CALLS);
+    pool.close().await.unwrap();
+}
+
 /// The metrics (feature `metrics`) after the scripted run, read from `metrics-util`'s
 /// debugging recorder set for this test's thread (the pool runs on it: a current-thread
 /// runtime), so that no other test's pool is counted: gRFC A66's per-attempt and per-call

@@ -8,13 +8,13 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
 use crate::conn::{ConnStats, Connection, Control};
 use crate::growth;
-use crate::state::{aggregate, ConnectivityState};
+use crate::state::{aggregate, ConnectivityState, Counters};
 
 /// One address of the pool, as the registry keeps it.
 #[derive(Debug)]
@@ -24,6 +24,10 @@ pub(crate) struct EndpointEntry {
     pub(crate) state: ConnectivityState,
     pub(crate) conns: Vec<ConnEntry>,
     pub(crate) keepalive: Arc<KeepAlive>,
+    /// When it entered its current state.
+    pub(crate) state_since: Instant,
+    /// The counters of the connection slots it no longer has.
+    pub(crate) removed: Counters,
 }
 
 /// One connection slot of an endpoint, as the registry keeps it.
@@ -38,6 +42,8 @@ pub(crate) struct ConnEntry {
     pub(crate) last_error: Option<String>,
     /// What the worker asks of the slot's task (run, drain, shut down).
     pub(crate) control: watch::Sender<Control>,
+    /// When it entered its current state.
+    pub(crate) state_since: Instant,
 }
 
 impl ConnEntry {
@@ -56,6 +62,15 @@ impl ConnEntry {
 impl EndpointEntry {
     pub(crate) fn aggregate(&self) -> ConnectivityState {
         aggregate(self.conns.iter().map(ConnEntry::effective))
+    }
+
+    /// Its counters: its connection slots', those it no longer has included.
+    pub(crate) fn counters(&self) -> Counters {
+        let mut counters = self.removed.clone();
+        for conn in &self.conns {
+            counters.add(&conn.stats.counters());
+        }
+        counters
     }
 }
 

@@ -113,6 +113,8 @@ mod call;
 mod endpoint;
 mod growth;
 mod mailbox;
+#[cfg(feature = "metrics")]
+mod metrics;
 mod registry;
 mod worker;
 // One connection.
@@ -165,8 +167,8 @@ pub use call::{ResponseBody, WaitForReady};
 pub use error::Error;
 pub use pool::{Pool, ResponseFuture};
 pub use state::{
-    ConnectionSnapshot, ConnectivityState, EndpointSnapshot, PoolSnapshot, Scope, StateEvent,
-    StateWatch,
+    CallCounts, ConnectionSnapshot, ConnectivityState, Counters, Disconnections, EndpointSnapshot,
+    PoolSnapshot, Scope, StateEvent, StateWatch,
 };
 pub use stream::{ResilientStream, StreamEvent};
 pub use target::{Target, TargetError};

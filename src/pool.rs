@@ -309,7 +309,7 @@ fn strip_connection_headers(headers: &mut http::HeaderMap) {
         return;
     }
     if let Some(connection) = headers.remove(CONNECTION) {
-        tracing::debug!(
+        tracing::trace!(
             header = "connection",
             "connection-specific header removed (illegal in HTTP/2)"
         );
@@ -326,14 +326,14 @@ fn strip_connection_headers(headers: &mut http::HeaderMap) {
         "upgrade",
     ] {
         if headers.remove(name).is_some() {
-            tracing::debug!(
+            tracing::trace!(
                 header = name,
                 "connection-specific header removed (illegal in HTTP/2)"
             );
         }
     }
     if headers.get(TE).is_some_and(|te| te != "trailers") {
-        tracing::debug!(
+        tracing::trace!(
             header = "te",
             "te other than \"trailers\" removed (illegal in HTTP/2)"
         );

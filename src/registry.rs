@@ -13,6 +13,7 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::{broadcast, watch};
@@ -24,8 +25,8 @@ use crate::endpoint::{ConnEntry, EndpointEntry, KeepAlive};
 use crate::growth::{GrowthRequests, Room};
 use crate::mailbox::{Mail, WeakMailbox};
 use crate::state::{
-    aggregate, ConnectionSnapshot, ConnectivityState, EndpointSnapshot, PoolSnapshot, Scope,
-    StateEvent,
+    aggregate, ConnectionSnapshot, ConnectivityState, Counters, EndpointSnapshot, PoolSnapshot,
+    Scope, StateEvent,
 };
 use crate::target::Target;
 
@@ -70,6 +71,11 @@ pub(crate) struct Shared {
     pub(crate) growth: GrowthRequests,
     /// Failed resolutions so far.
     resolve_errors: AtomicU64,
+    /// Calls that failed before any connection took them.
+    calls_without_connection: AtomicU64,
+    /// The pool's metrics (with the `metrics` feature).
+    #[cfg(feature = "metrics")]
+    pub(crate) metrics: Arc<crate::metrics::PoolMetrics>,
 }
 
 #[derive(Debug)]
@@ -83,6 +89,10 @@ struct Registry {
     version: u64,
     last_error: Option<String>,
     last_resolve_error: Option<String>,
+    /// When the pool entered its current state.
+    pool_state_since: Instant,
+    /// The counters of the endpoints the pool no longer has.
+    removed: Counters,
 }
 
 impl Registry {
@@ -114,6 +124,8 @@ impl Shared {
         let (events_tx, _) = broadcast::channel(EVENT_CAPACITY);
         let (connect_tx, _) = watch::channel(false);
         let seed = crate::backoff::FastRng::random_seed();
+        #[cfg(feature = "metrics")]
+        let target_name = target.to_string();
         Self {
             config: Arc::new(config),
             target,
@@ -126,6 +138,8 @@ impl Shared {
                 version: 0,
                 last_error: None,
                 last_resolve_error: None,
+                pool_state_since: Instant::now(),
+                removed: Counters::default(),
             }),
             picker: RwLock::new(Arc::new(Picker::default())),
             generation: AtomicU64::new(0),
@@ -144,6 +158,9 @@ impl Shared {
             mailbox,
             growth: GrowthRequests::default(),
             resolve_errors: AtomicU64::new(0),
+            calls_without_connection: AtomicU64::new(0),
+            #[cfg(feature = "metrics")]
+            metrics: Arc::new(crate::metrics::PoolMetrics::new(&target_name)),
         }
     }
 
@@ -280,6 +297,8 @@ impl Shared {
     /// Records a failed resolution (the last good addresses stay in use).
     pub(crate) fn record_resolve_error(&self, reason: &str) {
         self.resolve_errors.fetch_add(1, Ordering::Relaxed);
+        #[cfg(feature = "metrics")]
+        self.metrics.resolved(None);
         let mut reg = self.registry.lock();
         reg.last_resolve_error = Some(reason.to_owned());
         // Wake snapshot waiters: the failure is part of what they may wait for.
@@ -289,6 +308,20 @@ impl Shared {
 
     pub(crate) fn resolve_errors(&self) -> u64 {
         self.resolve_errors.load(Ordering::Relaxed)
+    }
+
+    /// A resolution answered `addresses` addresses.
+    pub(crate) fn record_resolution(&self, addresses: usize) {
+        #[cfg(feature = "metrics")]
+        self.metrics.resolved(Some(addresses));
+        #[cfg(not(feature = "metrics"))]
+        let _ = addresses;
+    }
+
+    /// A call failed with no connection to count it (see `PoolSnapshot::calls_without_connection`).
+    pub(crate) fn call_failed_without_connection(&self) {
+        self.calls_without_connection
+            .fetch_add(1, Ordering::Relaxed);
     }
 
     /// Registers a new connection slot for `addr` (creating the endpoint if needed).
@@ -301,7 +334,10 @@ impl Shared {
         let mut reg = self.registry.lock();
         let id = reg.next_id;
         reg.next_id += 1;
-        let stats = Arc::new(ConnStats::new(self.in_flight.clone(), self.room.clone()));
+        let stats = ConnStats::new(self.in_flight.clone(), self.room.clone());
+        #[cfg(feature = "metrics")]
+        let stats = stats.with_metrics(self.metrics.clone());
+        let stats = Arc::new(stats);
         // Slots are only added once the pool was asked to connect; starting them as
         // Connecting keeps the aggregate from flapping back to Idle.
         let initial = if *self.connect_tx.borrow() {
@@ -317,6 +353,7 @@ impl Shared {
             stats: stats.clone(),
             last_error: None,
             control,
+            state_since: Instant::now(),
         };
         match reg.active_mut(addr) {
             Some(endpoint) => endpoint.conns.push(conn),
@@ -326,6 +363,8 @@ impl Shared {
                 state: initial,
                 conns: vec![conn],
                 keepalive: keepalive.clone(),
+                state_since: Instant::now(),
+                removed: Counters::default(),
             }),
         }
         self.recompute(&mut reg, "connection added");
@@ -361,10 +400,12 @@ impl Shared {
         let mut reg = self.registry.lock();
         if let Some(endpoint) = reg.active_mut(addr) {
             endpoint.draining = true;
+            #[cfg(feature = "metrics")]
+            self.metrics.drain();
             for conn in &endpoint.conns {
                 conn.control.send_replace(Control::Drain);
             }
-            tracing::debug!(target = %self.target, %addr, "endpoint draining");
+            tracing::debug!(%addr, "endpoint draining");
             self.publish_picker(&reg);
             self.recompute(&mut reg, "endpoint removed from the address set");
         }
@@ -377,10 +418,19 @@ impl Shared {
         for endpoint in &mut reg.endpoints {
             if let Some(i) = endpoint.conns.iter().position(|c| c.id == id) {
                 was_ready = endpoint.conns[i].ready.is_some();
-                endpoint.conns.remove(i);
+                let conn = endpoint.conns.remove(i);
+                // Its counts stay with its endpoint.
+                endpoint.removed.add(&conn.stats.counters());
             }
         }
-        reg.endpoints.retain(|e| !e.conns.is_empty());
+        let (kept, gone): (Vec<_>, Vec<_>) = std::mem::take(&mut reg.endpoints)
+            .into_iter()
+            .partition(|e| !e.conns.is_empty());
+        reg.endpoints = kept;
+        for endpoint in gone {
+            // And an endpoint's with the pool.
+            reg.removed.add(&endpoint.removed);
+        }
         if was_ready {
             self.publish_picker(&reg);
         }
@@ -405,6 +455,9 @@ impl Shared {
         let from = conn.state;
         let had_ready = conn.ready.is_some();
         conn.state = to;
+        if from != to {
+            conn.state_since = Instant::now();
+        }
         match to {
             ConnectivityState::Ready => {
                 conn.failed = false;
@@ -422,7 +475,8 @@ impl Shared {
             reg.last_error = Some(format!("{addr}: {reason}"));
         }
         if from != to {
-            tracing::debug!(target = %self.target, %addr, conn = id, %from, %to, reason, "connection state");
+            // Emitted from the slot's task: its `conn{addr, id}` span names the connection.
+            tracing::debug!(%from, %to, reason, "connection state");
             let _ = self.events_tx.send(StateEvent {
                 scope: Scope::Connection { addr, id },
                 from,
@@ -459,7 +513,8 @@ impl Shared {
             let new = endpoint.aggregate();
             if new != endpoint.state {
                 let from = std::mem::replace(&mut endpoint.state, new);
-                tracing::debug!(target = %self.target, addr = %endpoint.addr, %from, to = %new, reason, "endpoint state");
+                endpoint.state_since = Instant::now();
+                tracing::debug!(addr = %endpoint.addr, %from, to = %new, reason, "endpoint state");
                 let _ = self.events_tx.send(StateEvent {
                     scope: Scope::Endpoint(endpoint.addr),
                     from,
@@ -474,6 +529,14 @@ impl Shared {
             .filter(|e| !e.draining)
             .map(|e| e.state)
             .collect();
+        #[cfg(feature = "metrics")]
+        self.metrics.endpoints(
+            active.len(),
+            active
+                .iter()
+                .filter(|s| **s == ConnectivityState::Ready)
+                .count(),
+        );
         let new = if self.is_shut_down() {
             ConnectivityState::Shutdown
         } else if active.is_empty() {
@@ -483,7 +546,8 @@ impl Shared {
         };
         if new != reg.pool_state {
             let from = std::mem::replace(&mut reg.pool_state, new);
-            tracing::info!(target = %self.target, %from, to = %new, reason, "pool state");
+            reg.pool_state_since = Instant::now();
+            tracing::info!(%from, to = %new, reason, "pool state");
             let _ = self.events_tx.send(StateEvent {
                 scope: Scope::Pool,
                 from,
@@ -498,38 +562,50 @@ impl Shared {
 
     pub(crate) fn snapshot(&self) -> PoolSnapshot {
         let reg = self.registry.lock();
+        let endpoints: Vec<EndpointSnapshot> = reg
+            .endpoints
+            .iter()
+            .map(|e| EndpointSnapshot {
+                addr: e.addr,
+                state: e.state,
+                draining: e.draining,
+                keepalive_interval: e.keepalive.interval(),
+                state_since: e.state_since,
+                counters: e.counters(),
+                connections: e
+                    .conns
+                    .iter()
+                    .map(|c| ConnectionSnapshot {
+                        id: c.id,
+                        state: c.state,
+                        in_flight: c.ready.as_ref().map_or(0, |r| r.in_flight()),
+                        calls: c.stats.calls(),
+                        connects: c.stats.connects(),
+                        max_concurrent_streams: c
+                            .ready
+                            .as_ref()
+                            .map(|r| r.limits.max_concurrent_streams())
+                            .filter(|m| *m != u32::MAX),
+                        last_error: c.last_error.clone(),
+                        state_since: c.state_since,
+                        counters: c.stats.counters(),
+                    })
+                    .collect(),
+            })
+            .collect();
+        let mut counters = reg.removed.clone();
+        for endpoint in &endpoints {
+            counters.add(&endpoint.counters);
+        }
         PoolSnapshot {
             state: reg.pool_state,
             last_error: reg.last_error.clone(),
             last_resolve_error: reg.last_resolve_error.clone(),
             resolve_errors: self.resolve_errors(),
-            endpoints: reg
-                .endpoints
-                .iter()
-                .map(|e| EndpointSnapshot {
-                    addr: e.addr,
-                    state: e.state,
-                    draining: e.draining,
-                    keepalive_interval: e.keepalive.interval(),
-                    connections: e
-                        .conns
-                        .iter()
-                        .map(|c| ConnectionSnapshot {
-                            id: c.id,
-                            state: c.state,
-                            in_flight: c.ready.as_ref().map_or(0, |r| r.in_flight()),
-                            calls: c.stats.calls(),
-                            connects: c.stats.connects(),
-                            max_concurrent_streams: c
-                                .ready
-                                .as_ref()
-                                .map(|r| r.limits.max_concurrent_streams())
-                                .filter(|m| *m != u32::MAX),
-                            last_error: c.last_error.clone(),
-                        })
-                        .collect(),
-                })
-                .collect(),
+            state_since: reg.pool_state_since,
+            counters,
+            calls_without_connection: self.calls_without_connection.load(Ordering::Relaxed),
+            endpoints,
         }
     }
 }

@@ -22,9 +22,10 @@
 //! counts as TransientFailure until it is Ready again, so that its reconnect attempts do not make
 //! the aggregate flap back to Connecting (and calls keep failing fast while a server is down).
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
@@ -178,6 +179,162 @@ impl StateWatch {
     }
 }
 
+/// How calls ended, counted per attempt on a connection, by class of gRPC status.
+///
+/// Every attempt that starts ends in exactly one class, so `started` equals the sum of the
+/// classes plus the attempts still in flight. A call that a connection could not take and
+/// that went again on another one (a transparent retry) counts as `retried` on the first and
+/// as a new attempt on the second.
+///
+/// | class | gRPC codes | what it usually means |
+/// |---|---|---|
+/// | `succeeded` | `OK` | |
+/// | `cancelled` | `CANCELLED`, `DEADLINE_EXCEEDED` | the caller gave up (dropped the call) or its deadline passed |
+/// | `unavailable` | `UNAVAILABLE` | the connection or the server went away; safe to retry |
+/// | `errors` | every other code | the server's or the application's answer (`INTERNAL`, `NOT_FOUND`, …) |
+/// | `retried` | — | sent again on another connection, the caller never saw it |
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CallCounts {
+    /// Attempts started (picked a connection).
+    pub started: u64,
+    /// Ended with `OK`.
+    pub succeeded: u64,
+    /// Ended with `CANCELLED` or `DEADLINE_EXCEEDED`, or dropped by the caller before the end.
+    pub cancelled: u64,
+    /// Ended with `UNAVAILABLE`.
+    pub unavailable: u64,
+    /// Ended with any other status.
+    pub errors: u64,
+    /// Transparently retried on another connection.
+    pub retried: u64,
+}
+
+impl CallCounts {
+    /// Attempts that ended with a status other than `OK` (retries excluded).
+    pub fn failed(&self) -> u64 {
+        self.cancelled + self.unavailable + self.errors
+    }
+
+    fn add(&mut self, other: &Self) {
+        self.started += other.started;
+        self.succeeded += other.succeeded;
+        self.cancelled += other.cancelled;
+        self.unavailable += other.unavailable;
+        self.errors += other.errors;
+        self.retried += other.retried;
+    }
+}
+
+/// How many times connections stopped serving, by reason.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Disconnections {
+    /// The server sent GOAWAY (any error code; see [`Counters::goaways`]).
+    pub goaway: u64,
+    /// The connection was reset or closed without a GOAWAY (I/O error, EOF).
+    pub reset: u64,
+    /// A keepalive PING was not acknowledged in time.
+    pub keepalive_timeout: u64,
+    /// Its address left the address set: the connection drained.
+    pub drained: u64,
+    /// The pool retired it: a grown connection idle for its timeout, or one that could not
+    /// open streams any more (its stream ids used up).
+    pub retired: u64,
+    /// The pool closed.
+    pub shutdown: u64,
+}
+
+impl Disconnections {
+    /// Every disconnection, whatever its reason.
+    pub fn total(&self) -> u64 {
+        self.goaway
+            + self.reset
+            + self.keepalive_timeout
+            + self.drained
+            + self.retired
+            + self.shutdown
+    }
+
+    fn add(&mut self, other: &Self) {
+        self.goaway += other.goaway;
+        self.reset += other.reset;
+        self.keepalive_timeout += other.keepalive_timeout;
+        self.drained += other.drained;
+        self.retired += other.retired;
+        self.shutdown += other.shutdown;
+    }
+}
+
+/// Why a connection stopped serving, as the slot counts it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Disconnect {
+    /// GOAWAY with this HTTP/2 error code.
+    GoAway(u32),
+    Reset,
+    KeepAliveTimeout,
+    Drained,
+    Retired,
+    Shutdown,
+}
+
+/// How an attempt ended, as its guard tells the counters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// With this gRPC status.
+    Status(tonic::Code),
+    /// Sent again on another connection (for this reason): the caller never saw this attempt.
+    Retried(&'static str),
+}
+
+impl Outcome {
+    /// The class it is counted in (see [`CallCounts`]).
+    #[inline]
+    pub(crate) fn class(self) -> usize {
+        match self {
+            Self::Status(tonic::Code::Ok) => 0,
+            Self::Status(tonic::Code::Cancelled | tonic::Code::DeadlineExceeded) => 1,
+            Self::Status(tonic::Code::Unavailable) => 2,
+            Self::Status(_) => 3,
+            Self::Retried(_) => 4,
+        }
+    }
+}
+
+/// Counters of a connection slot (across its reconnects), an endpoint (its slots, including
+/// those it no longer has) or the pool (every endpoint it ever had).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Counters {
+    /// Calls (attempts), by how they ended.
+    pub calls: CallCounts,
+    /// Connection attempts (TCP + HTTP/2 handshake, until the server's SETTINGS).
+    pub connect_attempts: u64,
+    /// Connection attempts that failed or timed out.
+    pub connect_failures: u64,
+    /// Connections that stopped serving, by reason.
+    pub disconnections: Disconnections,
+    /// Connections that received a GOAWAY while serving, by the HTTP/2 error code of the
+    /// first one (0 is `NO_ERROR`, 0xb `ENHANCE_YOUR_CALM`).
+    pub goaways: BTreeMap<u32, u64>,
+    /// When the last call started, if any did.
+    pub last_call: Option<Instant>,
+}
+
+impl Counters {
+    /// Adds `other` in (the latest `last_call` wins).
+    pub(crate) fn add(&mut self, other: &Self) {
+        self.calls.add(&other.calls);
+        self.connect_attempts += other.connect_attempts;
+        self.connect_failures += other.connect_failures;
+        self.disconnections.add(&other.disconnections);
+        for (code, n) in &other.goaways {
+            *self.goaways.entry(*code).or_default() += n;
+        }
+        self.last_call = self.last_call.max(other.last_call);
+    }
+}
+
 /// A point-in-time view of one connection.
 #[derive(Clone, Debug)]
 #[non_exhaustive]
@@ -198,6 +355,10 @@ pub struct ConnectionSnapshot {
     pub max_concurrent_streams: Option<u32>,
     /// The last error seen on it, if any.
     pub last_error: Option<String>,
+    /// When it entered its current state.
+    pub state_since: Instant,
+    /// Its counters, across its reconnects.
+    pub counters: Counters,
 }
 
 /// A point-in-time view of one endpoint (resolved address).
@@ -215,6 +376,10 @@ pub struct EndpointSnapshot {
     pub keepalive_interval: Option<std::time::Duration>,
     /// Its connections.
     pub connections: Vec<ConnectionSnapshot>,
+    /// When it entered its current state.
+    pub state_since: Instant,
+    /// Its counters: its connections', including connections it no longer has.
+    pub counters: Counters,
 }
 
 /// A point-in-time view of the whole pool, from [`Pool::snapshot`](crate::Pool::snapshot).
@@ -231,6 +396,14 @@ pub struct PoolSnapshot {
     pub last_resolve_error: Option<String>,
     /// How many resolutions failed so far.
     pub resolve_errors: u64,
+    /// When the pool entered its current state.
+    pub state_since: Instant,
+    /// Every endpoint's counters, including endpoints the pool no longer has.
+    pub counters: Counters,
+    /// Calls that failed with no connection to count them: no Ready connection (fail-fast in
+    /// TRANSIENT_FAILURE), a deadline that passed while waiting for one, the pool closed —
+    /// also after a transparent retry (the attempt before counts as `retried`).
+    pub calls_without_connection: u64,
 }
 
 impl PoolSnapshot {
@@ -265,6 +438,98 @@ impl PoolSnapshot {
                 .find(|e| !e.draining)
                 .unwrap_or(first),
         )
+    }
+}
+
+/// A compact table, the way `grpcdebug channelz` shows a channel: a line for the pool, then
+/// one row per endpoint (connection `*`) followed by a row per connection.
+///
+/// ```text
+/// pool READY  in flight 3  calls 1200  failed 4  without connection 0  resolve errors 0
+/// ENDPOINT         CONN  STATE              IN FLIGHT  CALLS  FAILED  LAST ERROR
+/// 127.0.0.2:50051  *     READY                      3    800       4
+///                  0     READY                      2    400       2  GOAWAY from server
+///                  1     READY                      1    400       2
+/// 127.0.0.3:50051  *     TRANSIENT_FAILURE          0    400       0
+///                  2     TRANSIENT_FAILURE          0    400       0  connect error: …
+/// ```
+///
+/// `CALLS` counts attempts started, `FAILED` those that ended with a status other than `OK`
+/// (see [`CallCounts`]). An endpoint leaving the address set shows `(draining)`.
+impl fmt::Display for PoolSnapshot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "pool {}  in flight {}  calls {}  failed {}  without connection {}  resolve errors {}",
+            self.state,
+            self.in_flight(),
+            self.counters.calls.started,
+            self.counters.calls.failed(),
+            self.calls_without_connection,
+            self.resolve_errors,
+        )?;
+        const HEAD: [&str; 7] = [
+            "ENDPOINT",
+            "CONN",
+            "STATE",
+            "IN FLIGHT",
+            "CALLS",
+            "FAILED",
+            "LAST ERROR",
+        ];
+        let one_line = |e: &Option<String>| e.as_deref().unwrap_or("").replace('\n', " ");
+        let mut rows: Vec<[String; 7]> = Vec::new();
+        for endpoint in &self.endpoints {
+            let state = if endpoint.draining {
+                format!("{} (draining)", endpoint.state)
+            } else {
+                endpoint.state.to_string()
+            };
+            rows.push([
+                endpoint.addr.to_string(),
+                "*".to_owned(),
+                state,
+                endpoint
+                    .connections
+                    .iter()
+                    .map(|c| c.in_flight)
+                    .sum::<usize>()
+                    .to_string(),
+                endpoint.counters.calls.started.to_string(),
+                endpoint.counters.calls.failed().to_string(),
+                String::new(),
+            ]);
+            for conn in &endpoint.connections {
+                rows.push([
+                    String::new(),
+                    conn.id.to_string(),
+                    conn.state.to_string(),
+                    conn.in_flight.to_string(),
+                    conn.counters.calls.started.to_string(),
+                    conn.counters.calls.failed().to_string(),
+                    one_line(&conn.last_error),
+                ]);
+            }
+        }
+        let mut widths = HEAD.map(str::len);
+        for row in &rows {
+            for (width, cell) in widths.iter_mut().zip(row) {
+                *width = (*width).max(cell.chars().count());
+            }
+        }
+        let line = |f: &mut fmt::Formatter<'_>, cells: [&str; 7]| -> fmt::Result {
+            let [endpoint, conn, state, in_flight, calls, failed, error] = cells;
+            let [w0, w1, w2, w3, w4, w5, _] = widths;
+            let text = format!(
+                "{endpoint:<w0$}  {conn:<w1$}  {state:<w2$}  {in_flight:>w3$}  {calls:>w4$}  {failed:>w5$}  {error}"
+            );
+            writeln!(f, "{}", text.trim_end())
+        };
+        line(f, HEAD)?;
+        for row in &rows {
+            line(f, row.each_ref().map(String::as_str))?;
+        }
+        Ok(())
     }
 }
 

@@ -271,6 +271,7 @@ impl Worker {
                 // A good answer ends any failure reported while there was none; while the
                 // new addresses connect the pool is Connecting, not TransientFailure.
                 shared.set_no_endpoints_state(ConnectivityState::Connecting, "resolved");
+                shared.record_resolution(resolution.addresses.len());
                 self.apply(&resolution.addresses);
                 if !self.is_dynamic() {
                     return None;

@@ -148,6 +148,17 @@ async fn run_mode(
             pool.close().await?;
             result
         }
+        #[cfg(feature = "metrics")]
+        Mode::PoolMetrics(n) => {
+            // On for this pool's whole life: its handles are registered while it is built
+            // and at its first calls (the warm-up); off again before the next mode's pool.
+            crate::recorder::set(true);
+            let result = Box::pin(run_mode(scenario, Mode::Pool(n), settings, tls, servers)).await;
+            crate::recorder::set(false);
+            result
+        }
+        #[cfg(not(feature = "metrics"))]
+        Mode::PoolMetrics(_) => Err("pool+metrics needs --features metrics".into()),
         Mode::PoolGrow(max) => {
             let target = static_target(&addrs);
             let pool = pool_builder(target, tls)?

@@ -6,6 +6,8 @@
 //! ```sh
 //! cargo bench --bench load                                   # every scenario, ~5 minutes
 //! LOAD_SCENARIOS=S1,S2 LOAD_SECS=3 LOAD_ROUNDS=3 cargo bench --bench load
+//! # the metrics' cost: the same pool with and without a recorder, in one run
+//! LOAD_SCENARIOS=S2 LOAD_MODES=channel,pool1,metrics1 LOAD_METRICS=1 cargo bench --bench load --features metrics
 //! ```
 //!
 //! | variable | default | meaning |
@@ -16,6 +18,7 @@
 //! | `LOAD_ROUNDS` | 5 | rounds; each round runs every mode of the scenario once |
 //! | `LOAD_CLIENT_THREADS` | 2 | tokio worker threads of the load generator |
 //! | `LOAD_MODES` | all | only these modes, by kind or kind and count, e.g. `channel,pool1` (to profile one); ratios and bars need `channel` |
+//! | `LOAD_METRICS` | — | `1`: after each `pool ×N` mode, run `pool+metrics ×N`, the same pool recording its metrics into a Prometheus recorder (needs `--features metrics`); `pool ×N` then has the feature compiled in and no recorder. See `recorder.rs` |
 //! | `LOAD_POOL_SIZES` | — | replaces each scenario's `pool ×N` modes by these sizes, e.g. `1,2,4,8,16`; with three or more, the bench also writes `target/load/<scenario>-connections.svg`, req/s against connection count |
 //!
 //! Run without `--bench` (as `cargo test --benches` does) it is a smoke run: one round of
@@ -89,6 +92,8 @@ use std::time::Duration;
 #[path = "../common/mod.rs"]
 mod common;
 mod drive;
+#[cfg(feature = "metrics")]
+mod recorder;
 mod report;
 mod server;
 
@@ -134,6 +139,17 @@ fn run() -> Result<(), BoxError> {
                 scenario.modes.insert(at + i, Mode::Pool(n));
             }
         }
+        if settings.metrics {
+            scenario.modes = std::mem::take(&mut scenario.modes)
+                .into_iter()
+                .flat_map(|m| match m {
+                    Mode::Pool(n) => vec![m, Mode::PoolMetrics(n)],
+                    m => vec![m],
+                })
+                .collect();
+            #[cfg(feature = "metrics")]
+            recorder::install()?;
+        }
         if let Some(kinds) = &settings.modes {
             scenario
                 .modes
@@ -174,6 +190,8 @@ struct Settings {
     smoke: bool,
     /// `LOAD_POOL_SIZES`: the `pool ×N` modes to run instead of each scenario's own.
     pool_sizes: Option<Vec<usize>>,
+    /// `LOAD_METRICS=1`: a `pool+metrics ×N` mode after each `pool ×N`.
+    metrics: bool,
 }
 
 impl Settings {
@@ -219,7 +237,12 @@ impl Settings {
             ),
             Err(_) => None,
         };
+        let metrics = var("LOAD_METRICS", 0u8)? == 1;
+        if metrics && cfg!(not(feature = "metrics")) {
+            return Err("LOAD_METRICS=1 needs --features metrics".into());
+        }
         let settings = Self {
+            metrics,
             pool_sizes,
             scenarios,
             modes,
@@ -245,6 +268,8 @@ enum Mode {
     Balance(usize),
     /// `tonic_pool::Pool` with this many connections per server.
     Pool(usize),
+    /// The same, recording its metrics (`LOAD_METRICS=1`, feature `metrics`).
+    PoolMetrics(usize),
     /// `tonic_pool::Pool` starting with one connection per server and allowed to grow to this
     /// many when its connections are full (stream-limit awareness).
     PoolGrow(usize),
@@ -258,6 +283,7 @@ impl Mode {
             Mode::Channel => ("channel", 1),
             Mode::Balance(n) => ("balance", n),
             Mode::Pool(n) => ("pool", n),
+            Mode::PoolMetrics(n) => ("metrics", n),
             Mode::PoolGrow(n) => ("grow", n),
         };
         token == kind || token == format!("{kind}{n}")
@@ -270,6 +296,7 @@ impl fmt::Display for Mode {
             Mode::Channel => f.write_str("channel"),
             Mode::Balance(n) => write!(f, "balance ×{n}"),
             Mode::Pool(n) => write!(f, "pool ×{n}"),
+            Mode::PoolMetrics(n) => write!(f, "pool+metrics ×{n}"),
             Mode::PoolGrow(n) => write!(f, "pool 1→{n}"),
         }
     }

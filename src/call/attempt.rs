@@ -68,10 +68,10 @@ impl Unfinished {
                         match result {
                             Ok(()) => {}
                             Err(PipeError::Stream(error)) => {
-                                tracing::debug!(%error, "request stream ended after the response started");
+                                tracing::trace!(%error, "request stream ended after the response started");
                             }
                             Err(PipeError::Body(status)) => {
-                                tracing::debug!(%status, "request body failed after the response started");
+                                tracing::trace!(%status, "request body failed after the response started");
                             }
                         }
                         None

@@ -13,6 +13,7 @@ use tonic::{Code, Status};
 
 use crate::conn::InFlightGuard;
 use crate::error::Error;
+use crate::state::Outcome;
 
 /// The body of a response from the pool.
 ///
@@ -76,11 +77,14 @@ impl ResponseBody {
                 Poll::Ready(Some(Ok(data))) => {
                     // Reading it is consuming it: let the server send more.
                     let _ = inner.flow_control().release_capacity(data.len());
+                    #[cfg(feature = "metrics")]
+                    if let Some(guard) = &mut self.guard {
+                        guard.metrics.received(&data);
+                    }
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
                 Poll::Ready(Some(Err(e))) => {
-                    self.end(false);
-                    return Poll::Ready(Some(Err(transport_error(e))));
+                    return Poll::Ready(Some(Err(self.fail(transport_error(e)))));
                 }
                 Poll::Ready(None) => self.data_done = true,
                 Poll::Pending => return Poll::Pending,
@@ -89,20 +93,35 @@ impl ResponseBody {
         match inner.poll_trailers(cx) {
             Poll::Ready(Ok(trailers)) => {
                 // Trailers (or the end of the stream) end a gRPC response: the call is done.
+                if let (Some(guard), Some(trailers)) = (&mut self.guard, &trailers) {
+                    guard.set_status_from(trailers);
+                }
                 self.end(true);
                 Poll::Ready(trailers.map(|t| Ok(Frame::trailers(t))))
             }
-            Poll::Ready(Err(e)) => {
-                self.end(false);
-                Poll::Ready(Some(Err(transport_error(e))))
-            }
+            Poll::Ready(Err(e)) => Poll::Ready(Some(Err(self.fail(transport_error(e))))),
             Poll::Pending => Poll::Pending,
         }
     }
 
+    /// The response ended with `error`: the call's outcome.
+    fn fail(&mut self, error: Error) -> Error {
+        if let (Some(guard), Some(status)) = (&mut self.guard, error.status()) {
+            guard.set_outcome(Outcome::Status(status.code()));
+        }
+        self.end(false);
+        error
+    }
+
     /// The response ended: `complete` with its trailers (or end of stream), else with an error.
     fn end(&mut self, complete: bool) {
-        let guard = self.guard.take();
+        let mut guard = self.guard.take();
+        if let (true, Some(guard)) = (complete, &mut guard) {
+            if !guard.has_outcome() {
+                // Ended without a gRPC status anywhere: gRPC reports that as UNKNOWN.
+                guard.set_outcome(Outcome::Status(Code::Unknown));
+            }
+        }
         let request_body = self.request_body.take();
         if let (true, Some(guard), Some(request_body)) = (complete, guard, request_body) {
             // The server ended the call while the request was still streaming. If the request
@@ -118,6 +137,17 @@ impl Drop for ResponseBody {
         // a trailers-only response from its headers and drops the body) is complete all the
         // same: a request still streaming stops with NO_ERROR, not CANCEL.
         if self.guard.is_some() && self.inner.as_ref().is_some_and(RecvStream::is_end_stream) {
+            if let Some(guard) = self.guard.as_mut().filter(|g| !g.has_outcome()) {
+                // Trailers already received but never read: they hold the call's status.
+                let mut cx = Context::from_waker(std::task::Waker::noop());
+                if let Some(Poll::Ready(Ok(Some(trailers)))) = self
+                    .inner
+                    .as_mut()
+                    .map(|inner| inner.poll_trailers(&mut cx))
+                {
+                    guard.set_status_from(&trailers);
+                }
+            }
             self.end(true);
         }
     }
@@ -150,12 +180,12 @@ impl Body for ResponseBody {
                 .timer
                 .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
             if timer.as_mut().poll(cx).is_ready() {
-                this.end(false);
+                let error = this.fail(Error::deadline_exceeded(
+                    "deadline exceeded while reading the response",
+                ));
                 this.deadline = None;
                 this.timer = None;
-                return Poll::Ready(Some(Err(Error::deadline_exceeded(
-                    "deadline exceeded while reading the response",
-                ))));
+                return Poll::Ready(Some(Err(error)));
             }
         }
         frame

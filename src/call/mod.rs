@@ -50,7 +50,7 @@ use tokio::time::Instant;
 use crate::conn::InFlightGuard;
 use crate::error::{error_chain, Error};
 use crate::registry::Shared;
-use crate::state::ConnectivityState;
+use crate::state::{ConnectivityState, Outcome};
 
 use self::attempt::AttemptError;
 use self::body::transport_error;
@@ -69,14 +69,23 @@ pub(crate) async fn run(
     req: Request<tonic::body::Body>,
     options: CallOptions,
 ) -> Result<Response<ResponseBody>, Error> {
+    #[cfg(feature = "metrics")]
+    let (call_started, path) = (std::time::Instant::now(), req.uri().path().to_owned());
+    // Whether the call's last attempt holds its place on a connection: that attempt counts
+    // the call's end. A place given back while waiting for room was no attempt, and one that
+    // is retried ends no call.
+    let mut on_connection = false;
     let send = send(
         &shared,
         first,
         req,
         options.wait_for_ready,
         options.deadline,
+        &mut on_connection,
+        #[cfg(feature = "metrics")]
+        call_started,
     );
-    match options.deadline {
+    let result = match options.deadline {
         None => send.await,
         Some(deadline) => match tokio::time::timeout_at(deadline, send).await {
             Ok(result) => result,
@@ -85,6 +94,33 @@ pub(crate) async fn run(
                 state => format!("deadline exceeded while waiting for a connection (pool {state})"),
             })),
         },
+    };
+    if let (Err(error), false) = (&result, on_connection) {
+        shared.call_failed_without_connection();
+        #[cfg(feature = "metrics")]
+        if let Outcome::Status(code) = outcome_of(error) {
+            shared
+                .metrics
+                .call_failed_without_connection(&path, call_started, code);
+        }
+        #[cfg(not(feature = "metrics"))]
+        let _ = error;
+    }
+    result
+}
+
+/// The outcome an attempt that ends with `error` is counted under.
+fn outcome_of(error: &Error) -> Outcome {
+    Outcome::Status(error.status().map_or(tonic::Code::Unknown, |s| s.code()))
+}
+
+/// The label of a transparent retry's reason.
+fn retry_reason(retry: Retry) -> &'static str {
+    match retry {
+        Retry::Unsent => "unsent",
+        Retry::GoAway => "goaway",
+        Retry::Refused => "refused",
+        Retry::NotOpened => "not_opened",
     }
 }
 
@@ -94,8 +130,15 @@ async fn send(
     req: Request<tonic::body::Body>,
     wait_for_ready: bool,
     deadline: Option<Instant>,
+    on_connection: &mut bool,
+    #[cfg(feature = "metrics")] call_started: std::time::Instant,
 ) -> Result<Response<ResponseBody>, Error> {
     let (parts, body) = req.into_parts();
+    #[cfg(feature = "metrics")]
+    let (body, sent, method) = {
+        let (body, sent) = crate::metrics::count_sent(body);
+        (body, sent, shared.metrics.method(parts.uri.path()))
+    };
     let mut replay = Replay::new(body);
     let mut retries = Retries::default();
     // A connection that refused the call: its retry goes to another one if there is one.
@@ -103,19 +146,36 @@ async fn send(
     loop {
         let guard = match first.take() {
             Some(guard) => guard,
-            None => wait_for_connection(shared, wait_for_ready, avoid)
-                .await?
-                .start_call(),
+            None => {
+                #[cfg(feature = "metrics")]
+                let _waiting = shared.metrics.waiting();
+                wait_for_connection(shared, wait_for_ready, avoid)
+                    .await?
+                    .start_call()
+            }
         };
-        let guard = make_room(shared, guard, wait_for_ready).await?;
+        let mut guard = make_room(shared, guard, wait_for_ready).await?;
+        *on_connection = true;
+        #[cfg(feature = "metrics")]
+        guard
+            .metrics
+            .of_call(method.clone(), call_started, sent.clone());
         let ready = guard.conn();
         let Some(sender) = ready.sender() else {
             // The connection retired between the pick and here: nothing was sent.
-            retries.count(Retry::Unsent, None)?;
+            let counted = retries.count(Retry::Unsent, None);
+            guard.set_outcome(match &counted {
+                Ok(()) => Outcome::Retried(retry_reason(Retry::Unsent)),
+                Err(e) => outcome_of(e),
+            });
+            counted?;
+            *on_connection = false;
             continue;
         };
         let (retry, error) = match attempt::attempt(sender, &parts, &mut replay).await {
             Ok((response, unfinished, cursor)) => {
+                // A trailers-only response has its status in its head.
+                guard.set_status_from_head(response.status(), response.headers());
                 replay.commit(&cursor);
                 let request_body =
                     unfinished.map(|pipe| pipe.unfinished(replay, cursor).spawn(&shared.runtime));
@@ -125,12 +185,14 @@ async fn send(
             }
             Err(AttemptError::Body(status)) => {
                 // The caller's own request stream failed: its status is the call's.
+                guard.set_outcome(Outcome::Status(status.code()));
                 return Err(Error::transport(status.clone(), status));
             }
             Err(AttemptError::Unsent(error)) => match unsent_cause(&error) {
                 Unsent::Request => {
                     // h2 refused this request, not the connection: fail this call only.
-                    tracing::debug!(addr = %ready.addr, conn = ready.id, %error, "request refused before sending");
+                    tracing::trace!(addr = %ready.addr, conn = ready.id, %error, "request refused before sending");
+                    guard.set_outcome(Outcome::Status(tonic::Code::Internal));
                     return Err(Error::transport(
                         tonic::Status::internal(format!(
                             "request could not be sent: {}",
@@ -162,14 +224,22 @@ async fn send(
                         (retry, error)
                     }
                     _ => {
-                        tracing::debug!(addr = %ready.addr, conn = ready.id, %error, fate = ready.fate.bits(), "call failed on its connection");
-                        return Err(transport_error(error));
+                        tracing::trace!(addr = %ready.addr, conn = ready.id, %error, fate = ready.fate.bits(), "call failed on its connection");
+                        let error = transport_error(error);
+                        guard.set_outcome(outcome_of(&error));
+                        return Err(error);
                     }
                 }
             }
         };
-        tracing::debug!(addr = %ready.addr, conn = ready.id, ?retry, "transparent retry");
-        retries.count(retry, Some(error))?;
+        tracing::trace!(addr = %ready.addr, conn = ready.id, ?retry, "transparent retry");
+        let counted = retries.count(retry, Some(error));
+        guard.set_outcome(match &counted {
+            Ok(()) => Outcome::Retried(retry_reason(retry)),
+            Err(e) => outcome_of(e),
+        });
+        counted?;
+        *on_connection = false;
     }
 }
 

@@ -4,50 +4,172 @@
 //! The picker holds `Arc<Connection>`s; a call that picks one holds an [`InFlightGuard`] until
 //! its response ends, which is what capacity, draining, retirement and `close()` count.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::Notify;
+use tonic::Code;
 
 use crate::balance::Pickable;
 use crate::conn::frames::{ConnFate, PeerLimits};
 use crate::growth::Room;
+use crate::state::{CallCounts, Counters, Disconnect, Disconnections, Outcome};
 
 /// Counters of one connection slot, kept across its reconnects.
+///
+/// Always on, so they must cost the call path almost nothing: a call touches `calls` and
+/// `last_call` when it starts and one cell of `ended` when it ends, all relaxed (their
+/// readers, snapshots, need no ordering with anything else). The rest moves only when a
+/// connection comes or goes.
 #[derive(Debug)]
 pub(crate) struct ConnStats {
     calls: AtomicU64,
+    /// Attempts that ended, by [`Outcome::class`].
+    ended: [AtomicU64; OUTCOME_CLASSES],
+    /// When the last call started: nanoseconds since `epoch`, plus one (0: never).
+    last_call: AtomicU64,
+    epoch: Instant,
     connects: AtomicU64,
+    connect_attempts: AtomicU64,
+    connect_failures: AtomicU64,
+    /// Disconnections, by [`disconnect_index`].
+    disconnections: [AtomicU64; 6],
+    /// Connections that received a GOAWAY, by its error code (rare: a lock is fine).
+    goaways: Mutex<BTreeMap<u32, u64>>,
     /// The pool's count, which `close()` waits on.
     pool: Arc<InFlight>,
     /// The pool's signal to calls waiting for room.
     room: Arc<Room>,
+    /// Where the same counts go as metrics (with the `metrics` feature).
+    #[cfg(feature = "metrics")]
+    pub(crate) metrics: Option<Arc<crate::metrics::PoolMetrics>>,
+}
+
+const OUTCOME_CLASSES: usize = 5;
+
+fn disconnect_index(reason: Disconnect) -> usize {
+    match reason {
+        Disconnect::GoAway(_) => 0,
+        Disconnect::Reset => 1,
+        Disconnect::KeepAliveTimeout => 2,
+        Disconnect::Drained => 3,
+        Disconnect::Retired => 4,
+        Disconnect::Shutdown => 5,
+    }
 }
 
 impl ConnStats {
     pub(crate) fn new(pool: Arc<InFlight>, room: Arc<Room>) -> Self {
         Self {
             calls: AtomicU64::new(0),
+            ended: Default::default(),
+            last_call: AtomicU64::new(0),
+            epoch: Instant::now(),
             connects: AtomicU64::new(0),
+            connect_attempts: AtomicU64::new(0),
+            connect_failures: AtomicU64::new(0),
+            disconnections: Default::default(),
+            goaways: Mutex::new(BTreeMap::new()),
             pool,
             room,
+            #[cfg(feature = "metrics")]
+            metrics: None,
         }
+    }
+
+    /// With its pool's metrics.
+    #[cfg(feature = "metrics")]
+    pub(crate) fn with_metrics(mut self, metrics: Arc<crate::metrics::PoolMetrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     pub(crate) fn calls(&self) -> u64 {
         self.calls.load(Ordering::Relaxed)
     }
 
+    /// A connection attempt starts.
+    pub(crate) fn connect_attempt(&self) {
+        self.connect_attempts.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A connection attempt failed or timed out.
+    pub(crate) fn connect_failed(&self) {
+        self.connect_failures.fetch_add(1, Ordering::Relaxed);
+        #[cfg(feature = "metrics")]
+        if let Some(metrics) = &self.metrics {
+            metrics.connect_failed();
+        }
+    }
+
     /// A connection of this slot became Ready.
     pub(crate) fn connected(&self) {
         self.connects.fetch_add(1, Ordering::Relaxed);
+        #[cfg(feature = "metrics")]
+        if let Some(metrics) = &self.metrics {
+            metrics.connected();
+        }
     }
 
     pub(crate) fn connects(&self) -> u64 {
         self.connects.load(Ordering::Relaxed)
+    }
+
+    /// A Ready connection of this slot stopped serving; `goaway` is the error code of the
+    /// GOAWAY it received, if it did.
+    pub(crate) fn disconnected(&self, reason: Disconnect, goaway: Option<u32>) {
+        self.disconnections[disconnect_index(reason)].fetch_add(1, Ordering::Relaxed);
+        if let Some(code) = goaway {
+            *self.goaways.lock().entry(code).or_default() += 1;
+        }
+        #[cfg(feature = "metrics")]
+        if let Some(metrics) = &self.metrics {
+            metrics.disconnected(reason);
+        }
+    }
+
+    /// An attempt ended.
+    #[inline]
+    fn ended(&self, outcome: Outcome) {
+        self.ended[outcome.class()].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Everything counted so far.
+    pub(crate) fn counters(&self) -> Counters {
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let [succeeded, cancelled, unavailable, errors, retried] = self.ended.each_ref().map(load);
+        let [goaway, reset, keepalive_timeout, drained, retired, shutdown] =
+            self.disconnections.each_ref().map(load);
+        Counters {
+            calls: CallCounts {
+                started: self.calls(),
+                succeeded,
+                cancelled,
+                unavailable,
+                errors,
+                retried,
+            },
+            connect_attempts: load(&self.connect_attempts),
+            connect_failures: load(&self.connect_failures),
+            disconnections: Disconnections {
+                goaway,
+                reset,
+                keepalive_timeout,
+                drained,
+                retired,
+                shutdown,
+            },
+            goaways: self.goaways.lock().clone(),
+            last_call: match load(&self.last_call) {
+                0 => None,
+                nanos => Some(self.epoch + Duration::from_nanos(nanos - 1)),
+            },
+        }
     }
 }
 
@@ -60,12 +182,60 @@ pub(crate) struct InFlightGuard {
     place: usize,
     /// Given back to pick again, not ended: wakes no call waiting for room.
     requeued: bool,
+    /// How the attempt ended, once known; an attempt dropped before is counted as cancelled
+    /// (its caller gave up, or its deadline passed).
+    outcome: Option<Outcome>,
+    /// Its metrics (with the `metrics` feature).
+    #[cfg(feature = "metrics")]
+    pub(crate) metrics: crate::metrics::Attempt,
 }
 
 impl InFlightGuard {
     /// The connection the call is on.
     pub(crate) fn conn(&self) -> &Arc<Connection> {
         &self.conn
+    }
+
+    /// Records how the attempt ended (counted when the guard is dropped).
+    #[inline]
+    pub(crate) fn set_outcome(&mut self, outcome: Outcome) {
+        self.outcome = Some(outcome);
+    }
+
+    /// Records the gRPC status in `headers` (the trailers), if they carry one.
+    #[inline]
+    pub(crate) fn set_status_from(&mut self, headers: &http::HeaderMap) {
+        if let Some(status) = headers.get("grpc-status") {
+            self.outcome = Some(Outcome::Status(Code::from_bytes(status.as_bytes())));
+        }
+    }
+
+    /// Records the status of a response head: its `grpc-status` (a trailers-only response),
+    /// else, for an HTTP status other than 200, the gRPC code that status maps to
+    /// (`http-grpc-status-mapping.md`). A 200 without a status waits for the trailers.
+    #[inline]
+    pub(crate) fn set_status_from_head(
+        &mut self,
+        status: http::StatusCode,
+        headers: &http::HeaderMap,
+    ) {
+        self.set_status_from(headers);
+        if self.outcome.is_none() && status != http::StatusCode::OK {
+            let code = match status.as_u16() {
+                400 => Code::Internal,
+                401 => Code::Unauthenticated,
+                403 => Code::PermissionDenied,
+                404 => Code::Unimplemented,
+                429 | 502 | 503 | 504 => Code::Unavailable,
+                _ => Code::Unknown,
+            };
+            self.outcome = Some(Outcome::Status(code));
+        }
+    }
+
+    /// Whether an outcome was recorded.
+    pub(crate) fn has_outcome(&self) -> bool {
+        self.outcome.is_some()
     }
 }
 
@@ -87,9 +257,17 @@ impl crate::growth::Place for InFlightGuard {
 impl Drop for InFlightGuard {
     fn drop(&mut self) {
         self.conn.in_flight.dec();
-        self.conn.stats.pool.dec();
-        if !self.requeued {
-            self.conn.stats.room.freed();
+        let stats = &self.conn.stats;
+        stats.pool.dec();
+        if self.requeued {
+            // Not an attempt after all: the call picks again.
+            stats.calls.fetch_sub(1, Ordering::Relaxed);
+        } else {
+            stats.room.freed();
+            let outcome = self.outcome.unwrap_or(Outcome::Status(Code::Cancelled));
+            stats.ended(outcome);
+            #[cfg(feature = "metrics")]
+            self.metrics.ended(outcome);
         }
     }
 }
@@ -190,13 +368,21 @@ impl Connection {
 
     /// A call starts on this connection.
     pub(crate) fn start_call(self: &Arc<Self>) -> InFlightGuard {
-        self.stats.calls.fetch_add(1, Ordering::Relaxed);
+        let stats = &self.stats;
+        stats.calls.fetch_add(1, Ordering::Relaxed);
+        let since_epoch = stats.epoch.elapsed().as_nanos() as u64;
+        stats
+            .last_call
+            .store(since_epoch.saturating_add(1), Ordering::Relaxed);
         let place = self.in_flight.inc();
-        self.stats.pool.inc();
+        stats.pool.inc();
         InFlightGuard {
             conn: Arc::clone(self),
             place,
             requeued: false,
+            outcome: None,
+            #[cfg(feature = "metrics")]
+            metrics: crate::metrics::Attempt::start(),
         }
     }
 }

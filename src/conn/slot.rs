@@ -35,7 +35,7 @@ use crate::connector::{Connect, Destination};
 use crate::endpoint::KeepAlive;
 use crate::error::error_chain;
 use crate::growth::idle_for;
-use crate::state::{wait_until, ConnectivityState};
+use crate::state::{wait_until, ConnectivityState, Disconnect};
 
 /// What the worker asks of a slot.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -117,10 +117,36 @@ impl ServeEnd {
     }
 }
 
+impl ServeEnd {
+    /// The reason it is counted under, given the code of the GOAWAY the connection received.
+    fn disconnect(&self, goaway: Option<u32>, keepalive_timed_out: bool) -> Disconnect {
+        match (self, goaway) {
+            (Self::GracefulGoAway | Self::TooManyPings | Self::Lost(_), Some(code)) => {
+                Disconnect::GoAway(code)
+            }
+            (Self::GracefulGoAway, None) => Disconnect::GoAway(crate::conn::frames::NO_ERROR),
+            (Self::TooManyPings, None) => {
+                Disconnect::GoAway(crate::conn::frames::ENHANCE_YOUR_CALM)
+            }
+            (Self::Lost(_), None) if keepalive_timed_out => Disconnect::KeepAliveTimeout,
+            (Self::Lost(_), None) => Disconnect::Reset,
+            (Self::Drain, _) => Disconnect::Drained,
+            (Self::Shutdown, _) => Disconnect::Shutdown,
+            // Idle mode closes a connection as growth retires one: on purpose, gracefully.
+            (Self::Idle | Self::PoolIdle | Self::Replace(_), _) => Disconnect::Retired,
+        }
+    }
+}
+
 /// The slot's task. Ends on `Drain` (after its calls finish), `Shutdown`, or (a grown
 /// connection) idle retirement — and only once every connection it opened has ended, so that
 /// `close()` returning means no connection task is left.
 pub(crate) async fn run(slot: Slot) {
+    #[cfg(feature = "metrics")]
+    if let (Some(_), Some(metrics)) = (slot.retire_when_idle, &slot.stats.metrics) {
+        // Only growth opens slots that retire when idle.
+        metrics.grown();
+    }
     let mut retired = Retired::default();
     let reason = serve(&slot, &mut retired).await;
     let Slot {
@@ -132,7 +158,10 @@ pub(crate) async fn run(slot: Slot) {
     } = slot;
     let ended = retired.wind_down(&mut control, config.drain_timeout).await;
     let reason = match (reason, ended) {
-        ("drained", WindDown::Cut) => "drain cut short",
+        ("drained", WindDown::Cut) => {
+            tracing::warn!(timeout = ?config.drain_timeout, "drain timed out: calls still in flight were cut");
+            "drain cut short"
+        }
         (reason, _) => reason,
     };
     events.transition(id, ConnectivityState::Shutdown, reason, None);
@@ -178,6 +207,7 @@ async fn serve(slot: &Slot, retired: &mut Retired) -> &'static str {
             backoff.reset();
         }
         events.transition(id, ConnectivityState::Connecting, "connecting", None);
+        stats.connect_attempt();
         let timeout = config
             .connect_timeout
             .unwrap_or_else(|| backoff.connect_timeout());
@@ -205,12 +235,14 @@ async fn serve(slot: &Slot, retired: &mut Retired) -> &'static str {
         ) = match result {
             Ok(Ok(connected)) => connected,
             Ok(Err(e)) => {
+                stats.connect_failed();
                 let reason = format!("connect error: {}", error_chain(&*e));
                 let mut waits = Waits::new(&mut control, &mut connect_rx, &mut backoff_resets);
                 fail_and_wait(events, id, &reason, &mut backoff, &mut waits).await;
                 continue;
             }
             Err(_) => {
+                stats.connect_failed();
                 let reason = format!("connect timeout after {timeout:?}");
                 let mut waits = Waits::new(&mut control, &mut connect_rx, &mut backoff_resets);
                 fail_and_wait(events, id, &reason, &mut backoff, &mut waits).await;
@@ -231,6 +263,7 @@ async fn serve(slot: &Slot, retired: &mut Retired) -> &'static str {
         );
 
         let mut goaway_rx = signals.clone();
+        let mut keepalive_timed_out = false;
         let end = tokio::select! {
             biased;
             c = wait_until(&mut control, |c| *c != Control::Run) => match c {
@@ -244,6 +277,7 @@ async fn serve(slot: &Slot, retired: &mut Retired) -> &'static str {
                     DriverEnd::Closed(Ok(())) | DriverEnd::Retired => "connection closed".to_owned(),
                     DriverEnd::Closed(Err(e)) => format!("connection lost: {}", error_chain(&e)),
                     DriverEnd::KeepAliveTimeout(t) => {
+                        keepalive_timed_out = true;
                         format!("connection lost: keepalive PING not acknowledged within {t:?}")
                     }
                 })
@@ -255,6 +289,8 @@ async fn serve(slot: &Slot, retired: &mut Retired) -> &'static str {
             _ = wait_until(&mut connect_rx, |requested| !*requested) => ServeEnd::PoolIdle,
             _ = idle_for(*retire_when_idle, || (ready.stats.calls(), ready.in_flight())) => ServeEnd::Idle,
         };
+        let goaway = signals.borrow().goaway.as_ref().map(|g| g.error_code);
+        stats.disconnected(end.disconnect(goaway, keepalive_timed_out), goaway);
         // No new call goes to this connection from here on, even through stale pickers.
         ready.mark_closing();
         // Calls in flight finish on it; the slot keeps it until it has ended.
@@ -278,7 +314,7 @@ async fn serve(slot: &Slot, retired: &mut Retired) -> &'static str {
             ServeEnd::PoolIdle => {}
             ServeEnd::TooManyPings => {
                 let interval = keepalive.double();
-                tracing::warn!(%addr, ?interval, "server sent GOAWAY too_many_pings; keepalive interval doubled for this endpoint");
+                tracing::warn!(?interval, "server sent GOAWAY too_many_pings; keepalive interval doubled for this endpoint");
                 events.transition(
                     id,
                     ConnectivityState::TransientFailure,
@@ -455,7 +491,7 @@ async fn fail_and_wait(
         return;
     }
     let delay = backoff.next_delay();
-    tracing::debug!(conn = id, ?delay, "backing off");
+    tracing::debug!(?delay, "backing off");
     tokio::select! {
         biased;
         _ = wait_until(waits.control, |c| *c != Control::Run) => {}

@@ -13,6 +13,7 @@ mod goaway;
 mod hostile;
 mod keepalive;
 mod knobs;
+mod observe;
 mod replacement;
 mod resolution;
 mod resolution_timing;
@@ -27,6 +28,7 @@ mod support_smoke;
 mod targets;
 #[cfg(feature = "tls")]
 mod tls;
+mod tracing_spans;
 #[cfg(feature = "tune")]
 mod tune;
 mod wait_for_ready;

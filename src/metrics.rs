@@ -1,0 +1,601 @@
+//! Metrics, with the `metrics` feature: gRPC's own names, emitted through the [`metrics`]
+//! facade to whatever recorder the application installed (Prometheus with
+//! `metrics-exporter-prometheus`, StatsD, an OpenTelemetry bridge, …).
+//!
+//! Every emission lives here, and each is called from the place that already counts the same
+//! thing for [`Pool::snapshot`](crate::Pool::snapshot) (the connection slot's counters, the
+//! in-flight guard, the registry): the snapshot and the metrics cannot disagree. Without the
+//! feature this module is not compiled and none of its calls exist.
+//!
+//! | metric | kind, unit | labels | from |
+//! |---|---|---|---|
+//! | `grpc.client.attempt.started` | counter, `{attempt}` | `grpc.method`, `grpc.target` | gRFC A66 |
+//! | `grpc.client.attempt.duration` | histogram, `s` | `grpc.method`, `grpc.target`, `grpc.status` | A66 |
+//! | `grpc.client.attempt.sent_total_compressed_message_size` | histogram, `By` | same | A66 |
+//! | `grpc.client.attempt.rcvd_total_compressed_message_size` | histogram, `By` | same | A66 |
+//! | `grpc.client.call.duration` | histogram, `s` | same | A66 |
+//! | `grpc.subchannel.connection_attempts_succeeded` | counter, `{attempt}` | `grpc.target` | A78 → A94 |
+//! | `grpc.subchannel.connection_attempts_failed` | counter, `{attempt}` | `grpc.target` | A78 → A94 |
+//! | `grpc.subchannel.disconnections` | counter, `{disconnection}` | `grpc.target`, `grpc.disconnect_error` | A78 → A94 |
+//! | `grpc.subchannel.open_connections` | up-down gauge, `{connection}` | `grpc.target` | A94 |
+//! | `grpc.lb.rr.endpoints` | gauge, `{endpoint}` | `grpc.target` | the pool (gRPC style) |
+//! | `grpc.lb.rr.endpoints.ready` | gauge, `{endpoint}` | `grpc.target` | the pool (gRPC style) |
+//! | `grpc.resolver.resolutions` | counter, `{resolution}` | `grpc.target`, `grpc.resolver.result` (`ok`, `error`) | the pool (gRPC style) |
+//! | `grpc.resolver.addresses` | gauge, `{address}` | `grpc.target` | the pool (gRPC style) |
+//! | `tonic_pool.transparent_retries` | counter, `{attempt}` | `grpc.target`, `reason` (`unsent`, `goaway`, `refused`, `not_opened`) | the pool |
+//! | `tonic_pool.connections.grown` | counter, `{connection}` | `grpc.target` | the pool |
+//! | `tonic_pool.connections.retired` | counter, `{connection}` | `grpc.target` | the pool |
+//! | `tonic_pool.drains` | counter, `{endpoint}` | `grpc.target` | the pool |
+//! | `tonic_pool.calls.waiting` | up-down gauge, `{call}` | `grpc.target` | the pool |
+//!
+//! The subchannel metrics were A78's `grpc.lb.pick_first.*`; gRFC A94 moved them to
+//! `grpc.subchannel.*` and added `grpc.disconnect_error` (`GOAWAY NO_ERROR`, `connection
+//! reset`, `connection timed out` for keepalive, `subchannel shutdown` for a drained, retired
+//! or closed connection). A connection slot here is gRPC's subchannel. No gRFC names
+//! round-robin or resolver metrics; those above follow gRPC's style.
+//!
+//! `grpc.method` is the path without its leading `/` (`echo.Echo/Unary`). gRFC A66 asks that
+//! methods not known in advance be recorded as `other`: a pool cannot tell generated methods
+//! from others, so it records the first [`MAX_METHODS`] paths it sees and `other` after them.
+//! Message sizes count the gRPC messages' bytes without their 5-byte prefixes.
+//!
+//! Cost: per-call handles are looked up once per method and status and kept, so an attempt
+//! costs a read lock on the method table, a counter add, and at its end three histogram
+//! records (four for the call's last attempt), plus a clock read at each end. Connection
+//! and resolution metrics are registered when they happen (rare). Install the recorder
+//! before building the pool: handles registered before that go nowhere.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+use ::metrics::{Counter, Gauge, Histogram, Label, SharedString, Unit};
+use parking_lot::RwLock;
+use tonic::Code;
+
+use crate::state::{Disconnect, Outcome};
+
+/// How many distinct `grpc.method` values a pool records before it records `other`.
+pub(crate) const MAX_METHODS: usize = 100;
+
+const ATTEMPT_STARTED: &str = "grpc.client.attempt.started";
+const ATTEMPT_DURATION: &str = "grpc.client.attempt.duration";
+const ATTEMPT_SENT: &str = "grpc.client.attempt.sent_total_compressed_message_size";
+const ATTEMPT_RCVD: &str = "grpc.client.attempt.rcvd_total_compressed_message_size";
+const CALL_DURATION: &str = "grpc.client.call.duration";
+const CONNECT_SUCCEEDED: &str = "grpc.subchannel.connection_attempts_succeeded";
+const CONNECT_FAILED: &str = "grpc.subchannel.connection_attempts_failed";
+const DISCONNECTIONS: &str = "grpc.subchannel.disconnections";
+const OPEN_CONNECTIONS: &str = "grpc.subchannel.open_connections";
+const RR_ENDPOINTS: &str = "grpc.lb.rr.endpoints";
+const RR_ENDPOINTS_READY: &str = "grpc.lb.rr.endpoints.ready";
+const RESOLUTIONS: &str = "grpc.resolver.resolutions";
+const RESOLVED_ADDRESSES: &str = "grpc.resolver.addresses";
+const RETRIES: &str = "tonic_pool.transparent_retries";
+const GROWN: &str = "tonic_pool.connections.grown";
+const RETIRED: &str = "tonic_pool.connections.retired";
+const DRAINS: &str = "tonic_pool.drains";
+const WAITING: &str = "tonic_pool.calls.waiting";
+
+const TARGET: &str = "grpc.target";
+const METHOD: &str = "grpc.method";
+const STATUS: &str = "grpc.status";
+
+/// gRPC's names of its status codes, by code.
+const STATUS_NAMES: [&str; 17] = [
+    "OK",
+    "CANCELLED",
+    "UNKNOWN",
+    "INVALID_ARGUMENT",
+    "DEADLINE_EXCEEDED",
+    "NOT_FOUND",
+    "ALREADY_EXISTS",
+    "PERMISSION_DENIED",
+    "RESOURCE_EXHAUSTED",
+    "FAILED_PRECONDITION",
+    "ABORTED",
+    "OUT_OF_RANGE",
+    "UNIMPLEMENTED",
+    "INTERNAL",
+    "UNAVAILABLE",
+    "DATA_LOSS",
+    "UNAUTHENTICATED",
+];
+
+/// The metrics of one pool: its `grpc.target` label and the handles it keeps.
+#[derive(Debug)]
+pub(crate) struct PoolMetrics {
+    target: SharedString,
+    methods: RwLock<HashMap<Box<str>, Arc<MethodMetrics>>>,
+    other: OnceLock<Arc<MethodMetrics>>,
+    open_connections: Gauge,
+    waiting: Gauge,
+    endpoints: Gauge,
+    endpoints_ready: Gauge,
+}
+
+impl PoolMetrics {
+    pub(crate) fn new(target: &str) -> Self {
+        describe();
+        let target = SharedString::from(Arc::<str>::from(target));
+        let labels = vec![Label::new(TARGET, target.clone())];
+        Self {
+            open_connections: ::metrics::gauge!(OPEN_CONNECTIONS, labels.clone()),
+            waiting: ::metrics::gauge!(WAITING, labels.clone()),
+            endpoints: ::metrics::gauge!(RR_ENDPOINTS, labels.clone()),
+            endpoints_ready: ::metrics::gauge!(RR_ENDPOINTS_READY, labels),
+            target,
+            methods: RwLock::default(),
+            other: OnceLock::new(),
+        }
+    }
+
+    fn labels(&self) -> Vec<Label> {
+        vec![Label::new(TARGET, self.target.clone())]
+    }
+
+    fn with(&self, key: &'static str, value: impl Into<SharedString>) -> Vec<Label> {
+        vec![
+            Label::new(TARGET, self.target.clone()),
+            Label::new(key, value.into()),
+        ]
+    }
+
+    /// The handles of the method at `path` (a request's URI path).
+    pub(crate) fn method(&self, path: &str) -> Arc<MethodMetrics> {
+        let name = path.strip_prefix('/').unwrap_or(path);
+        if let Some(method) = self.methods.read().get(name) {
+            return method.clone();
+        }
+        let mut methods = self.methods.write();
+        if methods.len() >= MAX_METHODS && !methods.contains_key(name) {
+            drop(methods);
+            return self
+                .other
+                .get_or_init(|| Arc::new(MethodMetrics::new(&self.target, "other".into())))
+                .clone();
+        }
+        methods
+            .entry(name.into())
+            .or_insert_with(|| {
+                Arc::new(MethodMetrics::new(
+                    &self.target,
+                    SharedString::from(name.to_owned()),
+                ))
+            })
+            .clone()
+    }
+
+    /// A connection attempt succeeded: the connection is open.
+    pub(crate) fn connected(&self) {
+        ::metrics::counter!(CONNECT_SUCCEEDED, self.labels()).increment(1);
+        self.open_connections.increment(1.0);
+    }
+
+    pub(crate) fn connect_failed(&self) {
+        ::metrics::counter!(CONNECT_FAILED, self.labels()).increment(1);
+    }
+
+    /// An open connection stopped serving.
+    pub(crate) fn disconnected(&self, reason: Disconnect) {
+        let error: SharedString = match reason {
+            Disconnect::GoAway(code) => match h2_code_name(code) {
+                Some(name) => format!("GOAWAY {name}").into(),
+                None => format!("GOAWAY {code:#x}").into(),
+            },
+            Disconnect::Reset => "connection reset".into(),
+            Disconnect::KeepAliveTimeout => "connection timed out".into(),
+            Disconnect::Drained | Disconnect::Retired | Disconnect::Shutdown => {
+                "subchannel shutdown".into()
+            }
+        };
+        ::metrics::counter!(DISCONNECTIONS, self.with("grpc.disconnect_error", error)).increment(1);
+        self.open_connections.decrement(1.0);
+        if reason == Disconnect::Retired {
+            ::metrics::counter!(RETIRED, self.labels()).increment(1);
+        }
+    }
+
+    /// Growth opened another connection to an endpoint whose connections were all full.
+    pub(crate) fn grown(&self) {
+        ::metrics::counter!(GROWN, self.labels()).increment(1);
+    }
+
+    /// An endpoint left the address set and drains.
+    pub(crate) fn drain(&self) {
+        ::metrics::counter!(DRAINS, self.labels()).increment(1);
+    }
+
+    /// The endpoints in the address set, and how many of them are Ready.
+    pub(crate) fn endpoints(&self, active: usize, ready: usize) {
+        self.endpoints.set(active as f64);
+        self.endpoints_ready.set(ready as f64);
+    }
+
+    /// A resolution answered `addresses`, or failed (`None`).
+    pub(crate) fn resolved(&self, addresses: Option<usize>) {
+        let result = if addresses.is_some() { "ok" } else { "error" };
+        ::metrics::counter!(RESOLUTIONS, self.with("grpc.resolver.result", result)).increment(1);
+        if let Some(n) = addresses {
+            ::metrics::gauge!(RESOLVED_ADDRESSES, self.labels()).set(n as f64);
+        }
+    }
+
+    /// A call that failed with no connection to count it: its `grpc.client.call.duration`.
+    pub(crate) fn call_failed_without_connection(&self, path: &str, started: Instant, code: Code) {
+        self.method(path)
+            .status(code)
+            .call_duration
+            .record(started.elapsed());
+    }
+
+    /// A call waits for a connection until the returned guard drops.
+    pub(crate) fn waiting(&self) -> Waiting<'_> {
+        self.waiting.increment(1.0);
+        Waiting(&self.waiting)
+    }
+}
+
+/// The name of an HTTP/2 error code (RFC 9113 section 7), e.g. `ENHANCE_YOUR_CALM`.
+fn h2_code_name(code: u32) -> Option<&'static str> {
+    const NAMES: [&str; 14] = [
+        "NO_ERROR",
+        "PROTOCOL_ERROR",
+        "INTERNAL_ERROR",
+        "FLOW_CONTROL_ERROR",
+        "SETTINGS_TIMEOUT",
+        "STREAM_CLOSED",
+        "FRAME_SIZE_ERROR",
+        "REFUSED_STREAM",
+        "CANCEL",
+        "COMPRESSION_ERROR",
+        "CONNECT_ERROR",
+        "ENHANCE_YOUR_CALM",
+        "INADEQUATE_SECURITY",
+        "HTTP_1_1_REQUIRED",
+    ];
+    NAMES.get(code as usize).copied()
+}
+
+/// Counts a call in `tonic_pool.calls.waiting` while it lives.
+#[derive(Debug)]
+pub(crate) struct Waiting<'a>(&'a Gauge);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
+    }
+}
+
+/// The per-call handles of one method, by status as statuses are seen.
+#[derive(Debug)]
+pub(crate) struct MethodMetrics {
+    target: SharedString,
+    method: SharedString,
+    started: Counter,
+    statuses: [OnceLock<StatusMetrics>; 17],
+    retries: [OnceLock<Counter>; 4],
+}
+
+#[derive(Debug)]
+struct StatusMetrics {
+    attempt_duration: Histogram,
+    sent: Histogram,
+    rcvd: Histogram,
+    call_duration: Histogram,
+}
+
+impl MethodMetrics {
+    fn new(target: &SharedString, method: SharedString) -> Self {
+        let labels = vec![
+            Label::new(METHOD, method.clone()),
+            Label::new(TARGET, target.clone()),
+        ];
+        Self {
+            started: ::metrics::counter!(ATTEMPT_STARTED, labels),
+            target: target.clone(),
+            method,
+            statuses: Default::default(),
+            retries: Default::default(),
+        }
+    }
+
+    fn status(&self, code: Code) -> &StatusMetrics {
+        let index = (code as usize).min(STATUS_NAMES.len() - 1);
+        self.statuses[index].get_or_init(|| {
+            let labels = vec![
+                Label::new(METHOD, self.method.clone()),
+                Label::new(TARGET, self.target.clone()),
+                Label::new(STATUS, STATUS_NAMES[index]),
+            ];
+            StatusMetrics {
+                attempt_duration: ::metrics::histogram!(ATTEMPT_DURATION, labels.clone()),
+                sent: ::metrics::histogram!(ATTEMPT_SENT, labels.clone()),
+                rcvd: ::metrics::histogram!(ATTEMPT_RCVD, labels.clone()),
+                call_duration: ::metrics::histogram!(CALL_DURATION, labels),
+            }
+        })
+    }
+
+    fn retried(&self, reason: &'static str) {
+        let index = match reason {
+            "unsent" => 0,
+            "goaway" => 1,
+            "refused" => 2,
+            _ => 3,
+        };
+        self.retries[index]
+            .get_or_init(|| {
+                let labels = vec![
+                    Label::new(TARGET, self.target.clone()),
+                    Label::new("reason", reason),
+                ];
+                ::metrics::counter!(RETRIES, labels)
+            })
+            .increment(1);
+    }
+}
+
+/// One attempt's metrics, carried by its in-flight guard: when it started, its method (once
+/// the call names it), and the bytes of the messages it sent and received.
+#[derive(Debug, Default)]
+pub(crate) struct Attempt {
+    started: Option<Instant>,
+    call: Option<CallOf>,
+    rcvd: MessageBytes,
+}
+
+#[derive(Debug)]
+struct CallOf {
+    method: Arc<MethodMetrics>,
+    call_started: Instant,
+    sent: Arc<AtomicU64>,
+}
+
+impl Attempt {
+    /// An attempt picked its connection now.
+    pub(crate) fn start() -> Self {
+        Self {
+            started: Some(Instant::now()),
+            ..Self::default()
+        }
+    }
+
+    /// The call names its method, when it started and the count of its request's message
+    /// bytes: `grpc.client.attempt.started`.
+    pub(crate) fn of_call(
+        &mut self,
+        method: Arc<MethodMetrics>,
+        call_started: Instant,
+        sent: Arc<AtomicU64>,
+    ) {
+        method.started.increment(1);
+        self.call = Some(CallOf {
+            method,
+            call_started,
+            sent,
+        });
+    }
+
+    /// A data frame of the response arrived.
+    #[inline]
+    pub(crate) fn received(&mut self, data: &[u8]) {
+        self.rcvd.feed(data);
+    }
+
+    /// The attempt ended with `outcome`: its duration and sizes, and the call's duration
+    /// unless the call goes on with another attempt.
+    pub(crate) fn ended(&self, outcome: Outcome) {
+        let (Some(call), Some(started)) = (&self.call, self.started) else {
+            // Dropped before the call named it: never sent.
+            return;
+        };
+        let code = match outcome {
+            Outcome::Status(code) => code,
+            Outcome::Retried(reason) => {
+                call.method.retried(reason);
+                Code::Unavailable
+            }
+        };
+        let status = call.method.status(code);
+        let now = Instant::now();
+        status.attempt_duration.record(now - started);
+        status.sent.record(call.sent.load(Ordering::Relaxed) as f64);
+        status.rcvd.record(self.rcvd.total as f64);
+        if let Outcome::Status(_) = outcome {
+            status.call_duration.record(now - call.call_started);
+        }
+    }
+}
+
+/// Counts the bytes of gRPC messages in a byte stream, without their 5-byte prefixes
+/// (compressed flag, big-endian length).
+#[derive(Debug, Default)]
+pub(crate) struct MessageBytes {
+    total: u64,
+    prefix: [u8; 5],
+    prefix_len: usize,
+    message_left: u64,
+}
+
+impl MessageBytes {
+    pub(crate) fn feed(&mut self, mut data: &[u8]) {
+        while !data.is_empty() {
+            if self.message_left > 0 {
+                let n = (self.message_left as usize).min(data.len());
+                self.total += n as u64;
+                self.message_left -= n as u64;
+                data = &data[n..];
+                continue;
+            }
+            let n = (5 - self.prefix_len).min(data.len());
+            self.prefix[self.prefix_len..self.prefix_len + n].copy_from_slice(&data[..n]);
+            self.prefix_len += n;
+            data = &data[n..];
+            if self.prefix_len == 5 {
+                let [_, a, b, c, d] = self.prefix;
+                self.message_left = u64::from(u32::from_be_bytes([a, b, c, d]));
+                self.prefix_len = 0;
+            }
+        }
+    }
+
+    pub(crate) fn total(&self) -> u64 {
+        self.total
+    }
+}
+
+/// A request body that counts the bytes of the messages pulled from it into `sent`.
+pub(crate) fn count_sent(body: tonic::body::Body) -> (tonic::body::Body, Arc<AtomicU64>) {
+    let sent = Arc::new(AtomicU64::new(0));
+    let counting = CountingBody {
+        inner: body,
+        bytes: MessageBytes::default(),
+        sent: sent.clone(),
+    };
+    (tonic::body::Body::new(counting), sent)
+}
+
+struct CountingBody {
+    inner: tonic::body::Body,
+    bytes: MessageBytes,
+    sent: Arc<AtomicU64>,
+}
+
+impl http_body::Body for CountingBody {
+    type Data = bytes::Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, tonic::Status>>> {
+        let this = &mut *self;
+        let frame = std::pin::Pin::new(&mut this.inner).poll_frame(cx);
+        if let std::task::Poll::Ready(Some(Ok(frame))) = &frame {
+            if let Some(data) = frame.data_ref() {
+                this.bytes.feed(data);
+                this.sent.store(this.bytes.total(), Ordering::Relaxed);
+            }
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Names the metrics' units and meanings for the recorder (at each pool's build: the
+/// recorder then is the one its handles go to).
+fn describe() {
+    {
+        use ::metrics::{describe_counter, describe_gauge, describe_histogram};
+        describe_counter!(
+            ATTEMPT_STARTED,
+            Unit::Count,
+            "RPC attempts started, including those that have not completed"
+        );
+        describe_histogram!(
+            ATTEMPT_DURATION,
+            Unit::Seconds,
+            "End-to-end time of an RPC attempt, including the pick of a connection"
+        );
+        describe_histogram!(
+            ATTEMPT_SENT,
+            Unit::Bytes,
+            "Bytes of the request messages of an attempt (compressed, no framing)"
+        );
+        describe_histogram!(
+            ATTEMPT_RCVD,
+            Unit::Bytes,
+            "Bytes of the response messages of an attempt (compressed, no framing)"
+        );
+        describe_histogram!(
+            CALL_DURATION,
+            Unit::Seconds,
+            "End-to-end time of an RPC as the application sees it"
+        );
+        describe_counter!(
+            CONNECT_SUCCEEDED,
+            Unit::Count,
+            "Successful connection attempts"
+        );
+        describe_counter!(CONNECT_FAILED, Unit::Count, "Failed connection attempts");
+        describe_counter!(
+            DISCONNECTIONS,
+            Unit::Count,
+            "Times a connection stopped serving, by grpc.disconnect_error"
+        );
+        describe_gauge!(OPEN_CONNECTIONS, Unit::Count, "Open connections");
+        describe_gauge!(
+            RR_ENDPOINTS,
+            Unit::Count,
+            "Endpoints (resolved addresses) in the address set"
+        );
+        describe_gauge!(
+            RR_ENDPOINTS_READY,
+            Unit::Count,
+            "Endpoints in the address set with a Ready connection"
+        );
+        describe_counter!(
+            RESOLUTIONS,
+            Unit::Count,
+            "Resolutions of the target, by result"
+        );
+        describe_gauge!(
+            RESOLVED_ADDRESSES,
+            Unit::Count,
+            "Addresses in the last good resolution"
+        );
+        describe_counter!(
+            RETRIES,
+            Unit::Count,
+            "Attempts sent again on another connection, by reason"
+        );
+        describe_counter!(
+            GROWN,
+            Unit::Count,
+            "Connections opened because every connection of an endpoint was full"
+        );
+        describe_counter!(
+            RETIRED,
+            Unit::Count,
+            "Connections the pool retired (grown and idle, or out of stream ids)"
+        );
+        describe_counter!(
+            DRAINS,
+            Unit::Count,
+            "Endpoints that left the address set and drained"
+        );
+        describe_gauge!(WAITING, Unit::Count, "Calls waiting for a Ready connection");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::MessageBytes;
+
+    /// Message bytes are counted without their prefixes, however the frames split them.
+    #[test]
+    fn message_bytes_skip_prefixes_across_splits() {
+        let mut stream = Vec::new();
+        for message in [&b"hello"[..], b"", b"a longer message"] {
+            stream.push(0);
+            stream.extend_from_slice(&(message.len() as u32).to_be_bytes());
+            stream.extend_from_slice(message);
+        }
+        for split in 1..stream.len() {
+            let mut bytes = MessageBytes::default();
+            for chunk in stream.chunks(split) {
+                bytes.feed(chunk);
+            }
+            assert_eq!(bytes.total(), 21, "split every {split} bytes");
+        }
+    }
+}

@@ -1,0 +1,398 @@
+//! What the pool shows of itself: the counters of `snapshot()` after a scripted run, and the
+//! snapshot's table.
+
+use crate::support;
+
+use std::time::{Duration, Instant};
+
+use support::common::{
+    builder, client, echo, slow_echo, static_target, wait_all_ready, wait_endpoint, WAIT,
+};
+use support::{loopback, TestServer};
+use tonic_pool::{CallCounts, ConnectivityState, PoolSnapshot};
+
+/// The scripted run both tests read: on one server with two connections, `OK` calls
+/// succeed, `FAILED` calls get INTERNAL from the server, one call passes its deadline; then
+/// the server stops gracefully (a GOAWAY on each connection), one call fails while no
+/// connection is Ready, and the server comes back.
+const OK: u64 = 10;
+const FAILED: u64 = 3;
+
+async fn scripted_run(server: &mut TestServer, pool: &tonic_pool::Pool) {
+    let mut client = client(pool);
+    for i in 0..OK {
+        client
+            .unary(echo(&format!("ok {i}")))
+            .await
+            .expect("call ok");
+    }
+    for _ in 0..FAILED {
+        let status = client.unary(echo("status:13")).await.expect_err("INTERNAL");
+        assert_eq!(status.code(), tonic::Code::Internal);
+    }
+    let mut late = tonic::Request::new(slow_echo("late", 5_000));
+    late.set_timeout(Duration::from_millis(100));
+    let status = client.unary(late).await.expect_err("deadline");
+    // The server's timer (tonic answers CANCELLED) races the pool's (DEADLINE_EXCEEDED):
+    // both are the caller's class.
+    assert!(
+        matches!(
+            status.code(),
+            tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+        ),
+        "{status:?}"
+    );
+
+    let addr = server.addr();
+    assert!(server.graceful_stop(WAIT).await, "graceful stop finished");
+    wait_endpoint(pool, addr, ConnectivityState::TransientFailure).await;
+    let status = client.unary(echo("down")).await.expect_err("no connection");
+    assert_eq!(status.code(), tonic::Code::Unavailable);
+    server.restart();
+    wait_all_ready(pool, 2).await;
+}
+
+/// After the scripted run the counters say exactly what happened: per connection and per
+/// endpoint, calls by class of status (OK, INTERNAL, the deadline), a GOAWAY NO_ERROR and a
+/// disconnection by GOAWAY on each connection, every connect attempt either failed or
+/// succeeded (two connects each), the call that found no connection, and the times of the
+/// last call and state change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counters_after_a_scripted_run() {
+    let mut server = TestServer::start(loopback(2));
+    let pool = builder(&static_target(&[&server]))
+        .connections_per_endpoint(2)
+        .build()
+        .unwrap();
+    wait_all_ready(&pool, 2).await;
+    let started = Instant::now();
+    scripted_run(&mut server, &pool).await;
+
+    let snapshot = pool.snapshot();
+    let endpoint = snapshot.endpoint(server.addr()).expect("endpoint");
+    let counters = &endpoint.counters;
+    let mut expected = CallCounts::default();
+    expected.started = OK + FAILED + 1;
+    expected.succeeded = OK;
+    expected.errors = FAILED;
+    expected.cancelled = 1;
+    assert_eq!(counters.calls, expected, "{snapshot:#?}");
+    assert_eq!(counters.disconnections.goaway, 2);
+    assert_eq!(counters.disconnections.total(), 2);
+    assert_eq!(
+        counters.goaways.get(&0),
+        Some(&2),
+        "GOAWAY NO_ERROR on each"
+    );
+    assert_eq!(counters.goaways.len(), 1);
+    assert_eq!(
+        counters.connect_attempts,
+        counters.connect_failures + 4,
+        "two connects per connection, every other attempt failed: {counters:?}"
+    );
+    assert!(counters.last_call.is_some_and(|t| t >= started));
+    assert_eq!(snapshot.calls_without_connection, 1);
+    assert_eq!(
+        snapshot.counters, *counters,
+        "the pool's are its endpoint's"
+    );
+
+    // Per connection: they add up to the endpoint's, each was disconnected once.
+    let mut sum = tonic_pool::Counters::default();
+    for conn in &endpoint.connections {
+        assert_eq!(conn.counters.disconnections.goaway, 1);
+        assert_eq!(conn.connects, 2);
+        assert!(conn.state_since >= started, "Ready again since the restart");
+        let c = &conn.counters.calls;
+        assert_eq!(c.started, c.succeeded + c.failed() + c.retried);
+        sum.calls.started += c.started;
+    }
+    assert_eq!(sum.calls.started, counters.calls.started);
+
+    // The counts survive the close (the slots end, their endpoint goes with them).
+    pool.close().await.unwrap();
+    let closed = pool.snapshot();
+    assert_eq!(closed.counters.calls, expected);
+    assert_eq!(closed.counters.disconnections.shutdown, 2);
+}
+
+/// The table has the pool's line, a header, a row per endpoint and one per connection, with
+/// the columns of `grpcdebug channelz`; the numbers are the snapshot's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_table_shape() {
+    let mut server = TestServer::start(loopback(2));
+    let pool = builder(&static_target(&[&server]))
+        .connections_per_endpoint(2)
+        .build()
+        .unwrap();
+    wait_all_ready(&pool, 2).await;
+    scripted_run(&mut server, &pool).await;
+    let snapshot: PoolSnapshot = pool.snapshot();
+    let table = snapshot.to_string();
+    println!("{table}");
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(
+        lines.len(),
+        2 + 1 + 2,
+        "pool, header, endpoint, two connections"
+    );
+    assert!(
+        lines[0].starts_with("pool READY  in flight 0  calls 14  failed 4  without connection 1")
+    );
+    let cells = |line: &str| -> Vec<String> {
+        line.split("  ")
+            .map(str::trim)
+            .filter(|c| !c.is_empty())
+            .map(str::to_owned)
+            .collect()
+    };
+    assert_eq!(
+        cells(lines[1]),
+        [
+            "ENDPOINT",
+            "CONN",
+            "STATE",
+            "IN FLIGHT",
+            "CALLS",
+            "FAILED",
+            "LAST ERROR"
+        ]
+    );
+    let addr = server.addr().to_string();
+    assert_eq!(
+        cells(lines[2]),
+        [addr.as_str(), "*", "READY", "0", "14", "4"]
+    );
+    for (line, conn) in lines[3..].iter().zip(&snapshot.endpoints[0].connections) {
+        let row = cells(line);
+        assert_eq!(row[0], conn.id.to_string());
+        assert_eq!(row[1], "READY");
+        assert_eq!(row[3], conn.counters.calls.started.to_string());
+        // Its last error (the refused reconnect while the server was down) ends the row.
+        assert_eq!(row.len(), 6, "{row:?}");
+        assert_eq!(Some(&row[5]), conn.last_error.as_ref());
+    }
+    // Columns line up: every row's state column starts where the header's does.
+    let state_at = lines[1].find("STATE").unwrap();
+    for line in &lines[2..] {
+        assert!(line[state_at..].starts_with("READY"), "{line}");
+    }
+    pool.close().await.unwrap();
+}
+
+/// Transparent retries are counted on the connection that could not take the call: a
+/// server that refuses every stream sees each call twice (gRFC A6 allows one retry after
+/// REFUSED_STREAM), and the counters say one attempt `retried` and one `unavailable` per
+/// call, attempts started being what the server saw.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_streams_count_as_retried() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    use support::hostile::{code, HostileServer, Peer};
+
+    let seen = Arc::new(AtomicU64::new(0));
+    let server = HostileServer::start({
+        let seen = seen.clone();
+        move |mut peer: Peer| {
+            let seen = seen.clone();
+            async move {
+                peer.send_settings(&[]).await?;
+                loop {
+                    let (id, _) = peer.expect_request().await?;
+                    seen.fetch_add(1, Ordering::SeqCst);
+                    peer.send_rst(id, code::REFUSED_STREAM).await?;
+                }
+            }
+        }
+    });
+    let pool = builder(&server.target())
+        .connections_per_endpoint(2)
+        .build()
+        .unwrap();
+    wait_all_ready(&pool, 2).await;
+    let mut client = client(&pool);
+    const CALLS: u64 = 3;
+    for _ in 0..CALLS {
+        let status = client.unary(echo("refused")).await.expect_err("refused");
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+    }
+    let calls = pool.snapshot().counters.calls;
+    let attempts = seen.load(Ordering::SeqCst);
+    assert_eq!(calls.started, attempts, "{calls:?}");
+    assert_eq!(calls.unavailable, CALLS, "{calls:?}");
+    assert_eq!(calls.retried, attempts - CALLS, "{calls:?}");
+    assert!(
+        calls.retried >= 1,
+        "at least one call was retried: {calls:?}"
+    );
+    assert_eq!(calls.failed(), CALLS);
+    pool.close().await.unwrap();
+}
+
+/// The metrics (feature `metrics`) after the scripted run, read from `metrics-util`'s
+/// debugging recorder set for this test's thread (the pool runs on it: a current-thread
+/// runtime), so that no other test's pool is counted: gRFC A66's per-attempt and per-call
+/// metrics by method and status, A94's connection metrics, the round-robin gauges and the
+/// resolutions, exactly where the run fixes them and equal to the snapshot's counters where
+/// it does not (failed reconnects).
+#[cfg(feature = "metrics")]
+#[tokio::test]
+async fn metrics_after_a_scripted_run() {
+    use metrics_util::debugging::DebuggingRecorder;
+    use prost::Message as _;
+    use recorded::{counter, gauge, histogram};
+
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let _local = metrics::set_default_local_recorder(&recorder);
+
+    let mut server = TestServer::start(loopback(2));
+    let target = static_target(&[&server]);
+    let pool = builder(&target)
+        .connections_per_endpoint(2)
+        .build()
+        .unwrap();
+    wait_all_ready(&pool, 2).await;
+    scripted_run(&mut server, &pool).await;
+    let counters = pool.snapshot().counters;
+
+    // Each snapshot of the debugging recorder takes the values since the last one.
+    let values = |snapshot: metrics_util::debugging::Snapshot| {
+        snapshot
+            .into_vec()
+            .into_iter()
+            .map(|(key, _, _, value)| {
+                let (_, key) = key.into_parts();
+                let labels: Vec<(String, String)> = key
+                    .labels()
+                    .map(|l| (l.key().to_owned(), l.value().to_owned()))
+                    .collect();
+                for (name, value) in &labels {
+                    if name == "grpc.target" {
+                        assert_eq!(value, &target, "{}", key.name());
+                    }
+                }
+                (key.name().to_owned(), labels, value)
+            })
+            .collect::<Vec<_>>()
+    };
+    let run = values(snapshotter.snapshot());
+    let method = [("grpc.method", "echo.Echo/Unary")];
+
+    // A66: 14 attempts, each ended once; 15 calls (one never found a connection).
+    assert_eq!(
+        counter(&run, "grpc.client.attempt.started", &method),
+        OK + FAILED + 1
+    );
+    let attempts = |status| histogram(&run, "grpc.client.attempt.duration", status).len() as u64;
+    assert_eq!(attempts("OK"), OK);
+    assert_eq!(attempts("INTERNAL"), FAILED);
+    assert_eq!(attempts("CANCELLED") + attempts("DEADLINE_EXCEEDED"), 1);
+    let calls = |status| histogram(&run, "grpc.client.call.duration", status).len() as u64;
+    assert_eq!(calls("OK"), OK);
+    assert_eq!(calls("INTERNAL"), FAILED);
+    assert_eq!(calls("CANCELLED") + calls("DEADLINE_EXCEEDED"), 1);
+    assert_eq!(calls("UNAVAILABLE"), 1, "the call that found no connection");
+    // Message sizes: the request's protobuf bytes exactly; replies carry something, errors nothing.
+    let sent = histogram(
+        &run,
+        "grpc.client.attempt.sent_total_compressed_message_size",
+        "OK",
+    );
+    assert_eq!(sent, vec![echo("ok 0").encoded_len() as f64; OK as usize]);
+    let rcvd = histogram(
+        &run,
+        "grpc.client.attempt.rcvd_total_compressed_message_size",
+        "OK",
+    );
+    assert_eq!(rcvd.len() as u64, OK);
+    assert!(rcvd.iter().all(|&n| n > 0.0), "{rcvd:?}");
+    let rcvd_failed = histogram(
+        &run,
+        "grpc.client.attempt.rcvd_total_compressed_message_size",
+        "INTERNAL",
+    );
+    assert_eq!(rcvd_failed, vec![0.0; FAILED as usize]);
+
+    // A94: two connects before and two after the restart, a GOAWAY NO_ERROR on each.
+    let succeeded = counter(&run, "grpc.subchannel.connection_attempts_succeeded", &[]);
+    assert_eq!(succeeded, 4);
+    assert_eq!(
+        counter(&run, "grpc.subchannel.connection_attempts_failed", &[]),
+        counters.connect_failures,
+        "the metric is the snapshot's count"
+    );
+    let goaway = [("grpc.disconnect_error", "GOAWAY NO_ERROR")];
+    assert_eq!(counter(&run, "grpc.subchannel.disconnections", &goaway), 2);
+    assert_eq!(gauge(&run, "grpc.subchannel.open_connections"), 2.0);
+    assert_eq!(gauge(&run, "grpc.lb.rr.endpoints"), 1.0);
+    assert_eq!(gauge(&run, "grpc.lb.rr.endpoints.ready"), 1.0);
+    let ok = [("grpc.resolver.result", "ok")];
+    assert_eq!(counter(&run, "grpc.resolver.resolutions", &ok), 1);
+    assert_eq!(gauge(&run, "grpc.resolver.addresses"), 1.0);
+    // The pool's own: no call is left waiting, nothing was retried, grown or drained.
+    assert_eq!(gauge(&run, "tonic_pool.calls.waiting"), 0.0);
+    assert_eq!(counter(&run, "tonic_pool.transparent_retries", &[]), 0);
+    assert_eq!(counter(&run, "tonic_pool.connections.grown", &[]), 0);
+    assert_eq!(counter(&run, "tonic_pool.drains", &[]), 0);
+
+    // Closing shuts both connections down.
+    pool.close().await.unwrap();
+    let close = values(snapshotter.snapshot());
+    let shutdown = [("grpc.disconnect_error", "subchannel shutdown")];
+    assert_eq!(
+        counter(&close, "grpc.subchannel.disconnections", &shutdown),
+        2
+    );
+    assert_eq!(
+        gauge(&close, "grpc.subchannel.open_connections"),
+        -2.0,
+        "two fewer"
+    );
+}
+
+/// Reading what the debugging recorder holds: `(name, labels, value)` of each metric.
+#[cfg(feature = "metrics")]
+mod recorded {
+    use metrics_util::debugging::DebugValue;
+
+    pub(super) type Recorded = [(String, Vec<(String, String)>, DebugValue)];
+
+    /// The value of the metric `name` whose labels include `labels`.
+    fn find<'a>(all: &'a Recorded, name: &str, labels: &[(&str, &str)]) -> Option<&'a DebugValue> {
+        all.iter()
+            .find(|(n, l, _)| {
+                n == name
+                    && labels
+                        .iter()
+                        .all(|(k, v)| l.iter().any(|(lk, lv)| lk == k && lv == v))
+            })
+            .map(|(_, _, value)| value)
+    }
+
+    /// A counter's value (0 when it was never registered).
+    pub(super) fn counter(all: &Recorded, name: &str, labels: &[(&str, &str)]) -> u64 {
+        match find(all, name, labels) {
+            Some(DebugValue::Counter(n)) => *n,
+            None => 0,
+            other => panic!("{name} {labels:?}: {other:?}"),
+        }
+    }
+
+    pub(super) fn gauge(all: &Recorded, name: &str) -> f64 {
+        match find(all, name, &[]) {
+            Some(DebugValue::Gauge(g)) => g.into_inner(),
+            other => panic!("{name}: {other:?}"),
+        }
+    }
+
+    /// The values recorded in a per-call histogram of `echo.Echo/Unary` with `status`.
+    pub(super) fn histogram(all: &Recorded, name: &str, status: &str) -> Vec<f64> {
+        let labels = [("grpc.method", "echo.Echo/Unary"), ("grpc.status", status)];
+        match find(all, name, &labels) {
+            Some(DebugValue::Histogram(values)) => values.iter().map(|v| v.into_inner()).collect(),
+            None => Vec::new(),
+            other => panic!("{name} {status}: {other:?}"),
+        }
+    }
+}

@@ -8,6 +8,8 @@ mod support;
 mod dns_resolver;
 mod faults;
 mod goaway;
+#[cfg(feature = "health")]
+mod health;
 mod hostile;
 mod keepalive;
 mod replacement;

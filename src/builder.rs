@@ -276,7 +276,8 @@ impl PoolBuilder {
     /// connections show as TransientFailure, with the status as their reason. A new
     /// connection is Connecting until the first answer. A server without the health service
     /// (`UNIMPLEMENTED`) is treated as serving. A failed Watch is retried with the pool's
-    /// backoff. See the `conn::health` module docs for the whole table.
+    /// backoff. The crate docs' [health checking](crate#health-checking-feature-health)
+    /// section has the whole table.
     ///
     /// Defaults to off. Needs the cargo feature `health`.
     #[cfg(feature = "health")]

@@ -307,3 +307,222 @@ impl Body for WatchBody {
             .map(|trailers| trailers.transpose().map(|t| t.map(Frame::trailers)))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Mutex;
+
+    use prost::Message;
+    use tokio::time::Instant;
+
+    use crate::balance::Pickable;
+    use crate::conn::frames::FrameWatch;
+    use crate::conn::ready::{ConnStats, InFlight};
+
+    /// What the test server answers to one Watch call.
+    #[derive(Clone, Debug)]
+    enum Answer {
+        /// A trailers-only response with this gRPC status code.
+        Fail(i32),
+        /// These statuses, one message each; then the stream stays open, or ends with OK.
+        Statuses(Vec<ServingStatus>, bool),
+    }
+
+    /// The transitions the Watch reported, with the (paused) time of each.
+    #[derive(Default)]
+    struct Recorded(Mutex<Vec<(Instant, ConnectivityState, String)>>);
+
+    impl SlotEvents for Recorded {
+        fn transition(
+            &self,
+            _: u64,
+            to: ConnectivityState,
+            reason: &str,
+            _: Option<Arc<Connection>>,
+        ) {
+            let mut seen = self.0.lock().unwrap();
+            seen.push((Instant::now(), to, reason.to_owned()));
+        }
+        fn removed(&self, _: u64) {}
+        fn reresolve(&self) {}
+    }
+
+    impl Recorded {
+        fn states(&self) -> Vec<ConnectivityState> {
+            self.0.lock().unwrap().iter().map(|(_, s, _)| *s).collect()
+        }
+
+        /// Waits (paused time: instantly) until `n` transitions were reported.
+        async fn wait_for(&self, n: usize) {
+            for _ in 0..10_000 {
+                if self.0.lock().unwrap().len() >= n {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            panic!("fewer than {n} transitions: {:?}", self.states());
+        }
+    }
+
+    /// A health server over an in-memory pipe answering the k-th Watch with `answers[k]`;
+    /// returns the pool's connection to it, the Watch (running) and the count of Watch calls.
+    async fn watch_against(
+        answers: Vec<Answer>,
+    ) -> (Arc<Connection>, Arc<Recorded>, Arc<AtomicUsize>) {
+        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+        let calls = Arc::new(AtomicUsize::new(0));
+        let server_calls = calls.clone();
+        tokio::spawn(async move {
+            let mut conn = h2::server::handshake(server_io).await.unwrap();
+            let mut open = Vec::new();
+            while let Some(Ok((request, mut respond))) = conn.accept().await {
+                assert_eq!(request.uri().path(), "/grpc.health.v1.Health/Watch");
+                let k = server_calls.fetch_add(1, Ordering::SeqCst);
+                let head = |status: Option<i32>| {
+                    let mut response =
+                        http::Response::builder().header("content-type", "application/grpc");
+                    if let Some(code) = status {
+                        response = response.header("grpc-status", code.to_string());
+                    }
+                    response.body(()).unwrap()
+                };
+                match answers.get(k).cloned() {
+                    Some(Answer::Fail(code)) => {
+                        respond.send_response(head(Some(code)), true).unwrap();
+                    }
+                    Some(Answer::Statuses(statuses, end)) => {
+                        let mut stream = respond.send_response(head(None), false).unwrap();
+                        for status in statuses {
+                            let message = tonic_health::pb::HealthCheckResponse {
+                                status: status as i32,
+                            }
+                            .encode_to_vec();
+                            let mut frame = vec![0u8];
+                            frame.extend_from_slice(&(message.len() as u32).to_be_bytes());
+                            frame.extend_from_slice(&message);
+                            stream.send_data(Bytes::from(frame), false).unwrap();
+                        }
+                        if end {
+                            let mut trailers = http::HeaderMap::new();
+                            trailers.insert("grpc-status", "0".parse().unwrap());
+                            stream.send_trailers(trailers).unwrap();
+                        } else {
+                            open.push(stream);
+                        }
+                    }
+                    None => open.push(respond.send_response(head(None), false).unwrap()),
+                }
+            }
+        });
+        let boxed: crate::connector::BoxedIo = Box::new(client_io);
+        let (io, watched) = FrameWatch::new(boxed, None);
+        let (send, connection) = h2::client::handshake(io).await.unwrap();
+        tokio::spawn(connection);
+        let stats = Arc::new(ConnStats::new(
+            Arc::new(InFlight::default()),
+            Arc::new(crate::growth::Room::default()),
+        ));
+        let dst = Destination {
+            addr: "127.0.0.1:1".parse().unwrap(),
+            host: "127.0.0.1".to_owned(),
+            tls: false,
+        };
+        let ready = Arc::new(Connection::new(
+            0,
+            dst.addr,
+            send,
+            stats,
+            watched.fate,
+            watched.limits,
+        ));
+        let events = Arc::new(Recorded::default());
+        tokio::spawn({
+            let (ready, events) = (ready.clone(), events.clone());
+            async move {
+                let config = Config::default();
+                watch(HealthWatch {
+                    service: "",
+                    config: &config,
+                    dst: &dst,
+                    ready: &ready,
+                    events: &*events,
+                    id: 0,
+                    seed: 7,
+                })
+                .await
+            }
+        });
+        (ready, events, calls)
+    }
+
+    use ConnectivityState::{Connecting, Ready, TransientFailure};
+
+    /// A failed Watch makes the connection TransientFailure and is retried after the
+    /// connection backoff (1 s ± 20 % by default); the retry is Connecting, SERVING makes the
+    /// connection Ready and pickable, NOT_SERVING on the same stream takes it out again.
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_watch_is_retried_after_backoff() {
+        let (ready, events, calls) = watch_against(vec![
+            Answer::Fail(tonic::Code::Unavailable as i32),
+            Answer::Statuses(
+                vec![ServingStatus::Serving, ServingStatus::NotServing],
+                false,
+            ),
+        ])
+        .await;
+        events.wait_for(4).await;
+        let seen = events.0.lock().unwrap().clone();
+        let states: Vec<_> = seen.iter().map(|(_, s, _)| *s).collect();
+        assert_eq!(
+            states,
+            [TransientFailure, Connecting, Ready, TransientFailure]
+        );
+        assert!(seen[0].2.contains("Unavailable"), "{}", seen[0].2);
+        let backoff = seen[1].0 - seen[0].0;
+        assert!(
+            (Duration::from_millis(800)..=Duration::from_millis(1200)).contains(&backoff),
+            "{backoff:?}"
+        );
+        assert!(seen[3].2.contains("NOT_SERVING"), "{}", seen[3].2);
+        assert!(
+            !ready.is_available(),
+            "a NOT_SERVING connection is not picked"
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+    }
+
+    /// A Watch that brought a message and then ended is retried at once (the backoff is
+    /// reset), and SERVING on the new stream makes the connection pickable again.
+    #[tokio::test(start_paused = true)]
+    async fn a_watch_that_answered_is_retried_at_once() {
+        let (ready, events, _) = watch_against(vec![
+            Answer::Statuses(vec![ServingStatus::Serving], true),
+            Answer::Statuses(vec![ServingStatus::Serving], false),
+        ])
+        .await;
+        events.wait_for(4).await;
+        let seen = events.0.lock().unwrap().clone();
+        let states: Vec<_> = seen.iter().map(|(_, s, _)| *s).collect();
+        assert_eq!(states, [Ready, TransientFailure, Connecting, Ready]);
+        assert_eq!(seen[2].0, seen[1].0, "no backoff after an answered Watch");
+        assert!(ready.is_available());
+    }
+
+    /// UNIMPLEMENTED (no health service) makes the connection Ready, and the Watch is not
+    /// asked again.
+    #[tokio::test(start_paused = true)]
+    async fn unimplemented_means_serving_for_good() {
+        let (ready, events, calls) =
+            watch_against(vec![Answer::Fail(tonic::Code::Unimplemented as i32)]).await;
+        events.wait_for(1).await;
+        tokio::time::sleep(Duration::from_secs(300)).await;
+        let seen = events.0.lock().unwrap().clone();
+        assert_eq!(seen.len(), 1, "{seen:?}");
+        assert_eq!(seen[0].1, Ready);
+        assert!(seen[0].2.contains("UNIMPLEMENTED"), "{}", seen[0].2);
+        assert!(ready.is_available());
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+}

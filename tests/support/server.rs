@@ -246,6 +246,8 @@ impl TestServer {
 
     /// Sets what the health service says of `service` (`""`: the whole server), telling every
     /// client that watches it. Needs [`ServerOptions::health`] to be served.
+    // Used by tests/it/health.rs, which needs the pool's feature `health`.
+    #[allow(dead_code)]
     pub async fn set_health(&self, service: &str, status: ServingStatus) {
         self.health.set_service_status(service, status).await;
     }

@@ -183,15 +183,17 @@ struct Reporter<'a> {
 
 impl Reporter<'_> {
     fn status(&mut self, service: &str, status: i32) {
-        let name = ServingStatus::try_from(status).map_or("an unknown status", |s| s.as_str_name());
         match ServingStatus::try_from(status) {
             Ok(ServingStatus::Serving) => {
                 self.state(ConnectivityState::Ready, "health check: SERVING");
             }
-            _ => self.state(
-                ConnectivityState::TransientFailure,
-                &format!("health check: server not serving: {name} for service {service:?}"),
-            ),
+            other => {
+                let name = other.map_or("an unknown status", |s| s.as_str_name());
+                self.state(
+                    ConnectivityState::TransientFailure,
+                    &format!("health check: server not serving: {name} for service {service:?}"),
+                );
+            }
         }
     }
 

@@ -362,6 +362,24 @@ impl PoolBuilder {
         self
     }
 
+    /// Enables gRPC client-side health checking (gRFC A17): each connection watches its
+    /// server's health with `grpc.health.v1.Health/Watch` for `service_name` (`""` asks for
+    /// the whole server), on the connection itself, and takes calls only while the server
+    /// says `SERVING`. A server that says otherwise keeps its connections, whose calls in
+    /// flight finish, but gets no new call from the moment its answer arrives; its
+    /// connections show as TransientFailure, with the status as their reason. A new
+    /// connection is Connecting until the first answer. A server without the health service
+    /// (`UNIMPLEMENTED`) is treated as serving. A failed Watch is retried with the pool's
+    /// backoff. The crate docs' [health checking](crate#health-checking-feature-health)
+    /// section has the whole table.
+    ///
+    /// Defaults to off. Needs the cargo feature `health`.
+    #[cfg(feature = "health")]
+    pub fn health_check(mut self, service_name: impl Into<String>) -> Self {
+        self.config.health_check = Some(service_name.into());
+        self
+    }
+
     /// The connector that opens each connection's byte stream. With the `tls` feature,
     /// `tls(..)` runs TLS over it.
     ///

@@ -54,6 +54,10 @@ pub(crate) struct Config {
     pub(crate) resolve_ttl_floor: Duration,
     pub(crate) resolve_ttl_ceiling: Duration,
     pub(crate) min_reresolve_interval: Duration,
+    /// The service whose health each connection's server is asked for (gRFC A17); `None`:
+    /// no health checking.
+    #[cfg(feature = "health")]
+    pub(crate) health_check: Option<String>,
     /// The first stream id of every connection (unit tests only: ids running out).
     #[cfg(test)]
     pub(crate) initial_stream_id: Option<u32>,
@@ -88,6 +92,8 @@ impl Default for Config {
             resolve_ttl_floor: Duration::from_secs(5),
             resolve_ttl_ceiling: Duration::from_secs(30),
             min_reresolve_interval: Duration::from_secs(5),
+            #[cfg(feature = "health")]
+            health_check: None,
             #[cfg(test)]
             initial_stream_id: None,
         }

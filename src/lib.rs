@@ -102,6 +102,29 @@
 //! - [`ConnectivityState`] mirrors gRPC's; see the [`state`] module for the diagram and the
 //!   aggregation rules.
 //!
+//! ## Health checking (feature `health`)
+//!
+//! With `PoolBuilder::health_check` each connection watches its server's health with
+//! `grpc.health.v1.Health/Watch` (gRFC A17, tonic-health's generated client), as a stream on
+//! the connection itself, and takes calls only while the server says `SERVING`. What the Watch
+//! says shows as the connection's state, so snapshots, events and the pool's state tell it:
+//!
+//! | the Watch says | connection state (reason) | takes new calls |
+//! |---|---|---|
+//! | nothing yet (just connected) | Connecting | no |
+//! | `SERVING` | Ready | yes |
+//! | `NOT_SERVING`, `SERVICE_UNKNOWN`, `UNKNOWN` | TransientFailure ("health check: server not serving: …") | no |
+//! | the call fails with `UNIMPLEMENTED` (no health service) | Ready, logged; not asked again | yes |
+//! | the call fails otherwise, or ends | TransientFailure, then Connecting while it is retried with the pool's backoff (at once if it had answered) | no |
+//!
+//! A connection that does not take calls stays open: its calls in flight finish, and
+//! `SERVING` makes it Ready again at once. A server that turns `NOT_SERVING` gets no new call
+//! from the moment its answer reaches the pool, about one round trip after its change. When
+//! no server is serving the pool is in TransientFailure: calls fail fast with `UNAVAILABLE`
+//! (the message names the status) or wait with [`WaitForReady`]. The Watch takes one of the
+//! server's `MAX_CONCURRENT_STREAMS` without counting as a call in flight, and a connection
+//! that is not Ready shows no calls in flight in snapshots.
+//!
 //! [tonic]: https://docs.rs/tonic
 
 // The face: what users hold.

@@ -222,7 +222,7 @@ fn static_target(addrs: &[SocketAddr]) -> String {
 }
 
 /// Runs the closed loop: `concurrency` tasks, warm-up, then the measured window.
-async fn drive<T>(
+pub(crate) async fn drive<T>(
     client: EchoClient<T>,
     scenario: &Scenario,
     settings: &Settings,

@@ -12,7 +12,7 @@
 //!
 //! | variable | default | meaning |
 //! |---|---|---|
-//! | `LOAD_SCENARIOS` | `S1,S2,S3,S4` (and `S2-TLS` with feature `tls`) | which scenarios to run, in this order |
+//! | `LOAD_SCENARIOS` | `S1,S2,S3,S4` (and `S2-TLS` with feature `tls`) | which scenarios to run, in this order (`S7` needs `--features health`) |
 //! | `LOAD_SECS` | 3 | measured seconds per mode and round |
 //! | `LOAD_WARMUP_SECS` | 1 | unmeasured load before each measurement (connections warm) |
 //! | `LOAD_ROUNDS` | 5 | rounds; each round runs every mode of the scenario once |
@@ -65,6 +65,7 @@
 //! | S3 | 127.0.0.2, `max_concurrent_streams` 100 | 1000 | 20 ms | channel, balance ×4, pool ×4, pool ×16, pool 1→16 |
 //! | S4 | 127.0.0.2/3/4 | 64 | 1 ms | channel (one server), balance ×1/addr, pool ×1/addr |
 //! | S2-TLS | 127.0.0.2, TLS | 64 | 0 | as S2, every connection TLS (feature `tls`) |
+//! | S7 | 127.0.0.2/3/4, health service; .4 turns NOT_SERVING mid-window | 64 | 1 ms | pool ×1/addr with `health_check("")` |
 //!
 //! `S2-TLS` is S2 over TLS 1.3 (rustls with `ring` on both sides; a certificate for
 //! `bench.test` made at start with rcgen and handed to the server processes): the TLS `Channel`
@@ -72,6 +73,10 @@
 //! `PoolBuilder::tls` with `server_name("bench.test")`. Both pay rustls's cost per byte; the
 //! ratio shows what the pool adds on top. It needs `--features tls`:
 //! `LOAD_SCENARIOS=S2,S2-TLS cargo bench --bench load --features tls`.
+//!
+//! S7 (`health.rs`, feature `health`) is not a ratio: it reports failed calls and how long
+//! after its flip to NOT_SERVING the flipped server still started a call (goal: 0 and
+//! ≤ 100 ms).
 //!
 //! `pool 1→16` starts with one connection and may grow to 16 when its connections are full
 //! (stream-limit awareness); the bench prints how far it grew.
@@ -82,7 +87,8 @@
 //! - `server.rs`: the server processes (start, request counter, stop) and the `/proc` CPU
 //!   readings, and what this binary does when it runs as a server;
 //! - `drive.rs`: connecting in each mode and the closed-loop driver of one measured window;
-//! - `report.rs`: medians over rounds, the tables, the bars and the SVG plot.
+//! - `report.rs`: medians over rounds, the tables, the bars and the SVG plot;
+//! - `health.rs`: S7, one server turning NOT_SERVING under load (feature `health`).
 
 use std::error::Error;
 use std::fmt;
@@ -92,6 +98,8 @@ use std::time::Duration;
 #[path = "../common/mod.rs"]
 mod common;
 mod drive;
+#[cfg(feature = "health")]
+mod health;
 #[cfg(feature = "metrics")]
 mod recorder;
 mod report;
@@ -127,6 +135,15 @@ fn run() -> Result<(), BoxError> {
     let load_before = loadavg();
     let mut reports = Vec::new();
     for id in &settings.scenarios {
+        if id == "S7" {
+            // Not a ratio against a channel: its own verdict, printed by itself.
+            #[cfg(feature = "health")]
+            health::run(&rt, &settings)?;
+            #[cfg(not(feature = "health"))]
+            return Err("S7 needs the pool's health checking: add --features health".into());
+            #[cfg(feature = "health")]
+            continue;
+        }
         let mut scenario = Scenario::by_id(id).ok_or_else(|| format!("unknown scenario {id}"))?;
         if let Some(sizes) = &settings.pool_sizes {
             let at = scenario
@@ -160,7 +177,10 @@ fn run() -> Result<(), BoxError> {
         }
         reports.push(run_scenario(&rt, &scenario, &settings)?);
     }
-    print_report(&settings, &reports, &load_before, &loadavg());
+    // S7 alone prints its own verdict and leaves no table.
+    if !reports.is_empty() {
+        print_report(&settings, &reports, &load_before, &loadavg());
+    }
     for report in &reports {
         write_connections_plot(report)?;
     }

@@ -9,8 +9,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tonic::server::NamedService;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
+use tonic_health::pb::health_server::HealthServer;
+use tonic_health::server::{HealthReporter, HealthService};
+use tonic_health::ServingStatus;
 
 use crate::common::echo::echo_server::EchoServer;
 use crate::common::BenchEcho;
@@ -25,6 +29,10 @@ const TLS_CERT_ENV: &str = "TONIC_POOL_BENCH_TLS_CERT";
 const TLS_KEY_ENV: &str = "TONIC_POOL_BENCH_TLS_KEY";
 /// The name the TLS scenario's certificate is for; clients verify it.
 pub(crate) const TLS_NAME: &str = "bench.test";
+/// Set (to anything) for a server that also serves gRPC's health service (S7), whose status
+/// the bench sets through stdin (`health SERVING|NOT_SERVING`), and that keeps the time its
+/// last `Unary` call started (`last`).
+const HEALTH_ENV: &str = "TONIC_POOL_BENCH_HEALTH";
 /// Linux reports process CPU times in clock ticks of 1/100 s (`USER_HZ`) on every common
 /// architecture.
 const CLOCK_TICKS_PER_SEC: u64 = 100;
@@ -64,12 +72,28 @@ impl ServerProc {
         max_concurrent_streams: Option<u32>,
         tls: Option<&BenchTls>,
     ) -> Result<Self, BoxError> {
+        Self::spawn_with(ip, max_concurrent_streams, tls, false)
+    }
+
+    /// A server that also serves gRPC's health service (see [`Self::set_health`]).
+    #[cfg_attr(not(feature = "health"), allow(dead_code))] // used by S7 only
+    pub(crate) fn spawn_with_health(ip: Ipv4Addr) -> Result<Self, BoxError> {
+        Self::spawn_with(ip, None, None, true)
+    }
+
+    fn spawn_with(
+        ip: Ipv4Addr,
+        max_concurrent_streams: Option<u32>,
+        tls: Option<&BenchTls>,
+        health: bool,
+    ) -> Result<Self, BoxError> {
         let mut command = Command::new(std::env::current_exe()?);
         command
             .env(SERVER_ENV, format!("{ip}:0"))
             .env_remove(MCS_ENV)
             .env_remove(TLS_CERT_ENV)
             .env_remove(TLS_KEY_ENV)
+            .env_remove(HEALTH_ENV)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
@@ -80,6 +104,9 @@ impl ServerProc {
             command
                 .env(TLS_CERT_ENV, &tls.cert_pem)
                 .env(TLS_KEY_ENV, &tls.key_pem);
+        }
+        if health {
+            command.env(HEALTH_ENV, "1");
         }
         let mut child = command.spawn()?;
         let stdin = child.stdin.take().ok_or("server stdin")?;
@@ -109,10 +136,32 @@ impl ServerProc {
 
     /// Unary calls the server has started so far.
     fn requests(&mut self) -> Result<u64, BoxError> {
+        Ok(self.ask("stats")?.parse()?)
+    }
+
+    /// Sends one command line, returns the answer line.
+    fn ask(&mut self, command: &str) -> Result<String, BoxError> {
         let stdin = self.stdin.as_mut().ok_or("server stdin closed")?;
-        stdin.write_all(b"stats\n")?;
+        writeln!(stdin, "{command}")?;
         stdin.flush()?;
-        Ok(self.read_line()?.parse()?)
+        self.read_line()
+    }
+
+    /// Sets the status the server's health service reports for the whole server (`SERVING`
+    /// or `NOT_SERVING`); returns when (µs since the Unix epoch, the server's clock) the
+    /// status changed, and how many calls the server had started by then.
+    #[cfg_attr(not(feature = "health"), allow(dead_code))] // used by S7 only
+    pub(crate) fn set_health(&mut self, status: &str) -> Result<(u64, u64), BoxError> {
+        let answer = self.ask(&format!("health {status}"))?;
+        parse_pair(&answer)
+    }
+
+    /// When (µs since the Unix epoch, the server's clock) the server's last `Unary` call
+    /// started (0: none yet), and how many it has started.
+    #[cfg_attr(not(feature = "health"), allow(dead_code))] // used by S7 only
+    pub(crate) fn last_call(&mut self) -> Result<(u64, u64), BoxError> {
+        let answer = self.ask("last")?;
+        parse_pair(&answer)
     }
 
     /// CPU time the server process has used so far.
@@ -134,6 +183,15 @@ impl Drop for ServerProc {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+#[cfg_attr(not(feature = "health"), allow(dead_code))] // used by S7 only
+fn parse_pair(answer: &str) -> Result<(u64, u64), BoxError> {
+    let mut parts = answer.split_whitespace().map(str::parse::<u64>);
+    match (parts.next(), parts.next()) {
+        (Some(Ok(a)), Some(Ok(b))) => Ok((a, b)),
+        _ => Err(format!("server: unexpected answer {answer:?}").into()),
     }
 }
 
@@ -209,14 +267,23 @@ fn serve(addr: SocketAddr, mcs: Option<u32>, tls: Option<ServerTlsConfig>) -> Re
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
+    let handle = rt.handle().clone();
     rt.block_on(async move {
         let incoming = TcpIncoming::bind(addr)?.with_nodelay(Some(true));
         let bound = incoming.local_addr()?;
         let service = BenchEcho::default();
-        let requests = Arc::clone(&service.requests);
+        let health = std::env::var_os(HEALTH_ENV).map(|_| Health {
+            reporter: HealthReporter::new(),
+            last_call: Arc::default(),
+            runtime: handle,
+        });
+        let control_state = Control {
+            requests: Arc::clone(&service.requests),
+            health: health.clone(),
+        };
         std::thread::Builder::new()
             .name("control".into())
-            .spawn(move || control(&requests))?;
+            .spawn(move || control(&control_state))?;
         {
             let mut out = io::stdout().lock();
             writeln!(out, "listening {bound}")?;
@@ -226,25 +293,121 @@ fn serve(addr: SocketAddr, mcs: Option<u32>, tls: Option<ServerTlsConfig>) -> Re
         if let Some(tls) = tls {
             builder = builder.tls_config(tls)?;
         }
-        builder
-            .add_service(EchoServer::new(service))
-            .serve_with_incoming(incoming)
-            .await?;
+        match health {
+            // Only S7's servers pay for the timestamp of each call.
+            Some(health) => {
+                let echo = Timed {
+                    inner: EchoServer::new(service),
+                    last_call: health.last_call,
+                };
+                let health =
+                    HealthServer::new(HealthService::from_health_reporter(health.reporter));
+                builder
+                    .add_service(echo)
+                    .add_service(health)
+                    .serve_with_incoming(incoming)
+                    .await?
+            }
+            None => {
+                builder
+                    .add_service(EchoServer::new(service))
+                    .serve_with_incoming(incoming)
+                    .await?
+            }
+        }
         Ok(())
     })
 }
 
-/// Answers `stats` lines on stdin with the request count; exits the process at EOF.
-fn control(requests: &AtomicU64) {
+/// The health service's statuses and the time of the last call, of an S7 server.
+#[derive(Clone, Debug)]
+struct Health {
+    reporter: HealthReporter,
+    /// µs since the Unix epoch when the last `Unary` call started.
+    last_call: Arc<AtomicU64>,
+    /// The server's runtime, on which the control thread sets a status.
+    runtime: tokio::runtime::Handle,
+}
+
+/// What the control thread reads and changes.
+#[derive(Debug)]
+struct Control {
+    requests: Arc<AtomicU64>,
+    health: Option<Health>,
+}
+
+fn unix_micros() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+/// A service that notes when each of its calls starts.
+#[derive(Clone, Debug)]
+struct Timed<S> {
+    inner: S,
+    last_call: Arc<AtomicU64>,
+}
+
+impl<S: NamedService> NamedService for Timed<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S, B> tower::Service<http::Request<B>> for Timed<S>
+where
+    S: tower::Service<http::Request<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> S::Future {
+        self.last_call.fetch_max(unix_micros(), Ordering::Relaxed);
+        self.inner.call(request)
+    }
+}
+
+/// Answers the bench's lines on stdin: `stats` with the request count; on an S7 server
+/// `health STATUS` with the time of the change and the request count then, `last` with the
+/// time of the last call and the request count. Exits the process at EOF.
+fn control(state: &Control) {
     let stdin = io::stdin();
     // Bounded by the parent: it closes stdin when it is done (or dies).
     for line in stdin.lock().lines() {
         let Ok(line) = line else { break };
-        if line.trim() == "stats" {
-            let mut out = io::stdout().lock();
-            let _ = writeln!(out, "{}", requests.load(Ordering::Relaxed));
-            let _ = out.flush();
-        }
+        let line = line.trim();
+        let requests = || state.requests.load(Ordering::Relaxed);
+        let answer = match (line, &state.health) {
+            ("stats", _) => requests().to_string(),
+            ("last", Some(health)) => {
+                format!(
+                    "{} {}",
+                    health.last_call.load(Ordering::Relaxed),
+                    requests()
+                )
+            }
+            (command, Some(health)) if command.starts_with("health ") => {
+                let status = match &command["health ".len()..] {
+                    "SERVING" => ServingStatus::Serving,
+                    _ => ServingStatus::NotServing,
+                };
+                health
+                    .runtime
+                    .block_on(health.reporter.set_service_status("", status));
+                format!("{} {}", unix_micros(), requests())
+            }
+            _ => format!("unknown command {line:?}"),
+        };
+        let mut out = io::stdout().lock();
+        let _ = writeln!(out, "{answer}");
+        let _ = out.flush();
     }
     std::process::exit(0);
 }

@@ -18,6 +18,7 @@
 //! | `bdp.rs` | adaptive flow control: the bandwidth-delay estimate that grows the windows |
 //! | `frames.rs` | the frame watcher: SETTINGS, GOAWAY, the stream ledger, the kill switch |
 //! | `ready.rs` | a Ready connection as calls see it, and the in-flight guard a call holds |
+//! | `health.rs` | (feature `health`) the server's health Watch on the connection (gRFC A17) |
 //!
 //! Two words, one meaning each: a **connection** ([`Connection`]) is one HTTP/2 connection that
 //! reached Ready; its **slot** is the task that keeps one connection to an address open, across
@@ -29,6 +30,8 @@ pub(crate) mod bdp;
 pub(crate) mod connect;
 pub(crate) mod driver;
 pub(crate) mod frames;
+#[cfg(feature = "health")]
+pub(crate) mod health;
 pub(crate) mod ready;
 pub(crate) mod slot;
 

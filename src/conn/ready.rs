@@ -295,6 +295,11 @@ pub(crate) struct Connection {
     pub(crate) fate: Arc<ConnFate>,
     /// The server's stream limit on this connection.
     pub(crate) limits: Arc<PeerLimits>,
+    /// Whether the server's health Watch says SERVING (always, without health checking): the
+    /// connection's health, set before the registry republishes the picker on a change, so that
+    /// a picker published before that skips it too (see [`crate::conn::health`]).
+    #[cfg(feature = "health")]
+    serving: AtomicBool,
 }
 
 impl Connection {
@@ -317,7 +322,23 @@ impl Connection {
             replace: Notify::new(),
             fate,
             limits,
+            #[cfg(feature = "health")]
+            serving: AtomicBool::new(true),
         }
+    }
+
+    /// Records what the server's health Watch says: only a serving connection is picked.
+    #[cfg(feature = "health")]
+    pub(crate) fn set_serving(&self, serving: bool) {
+        self.serving.store(serving, Ordering::Release);
+    }
+
+    #[inline]
+    fn is_serving(&self) -> bool {
+        #[cfg(feature = "health")]
+        return self.serving.load(Ordering::Acquire);
+        #[cfg(not(feature = "health"))]
+        true
     }
 
     /// A handle to open one stream, or `None` once the connection has retired.
@@ -390,7 +411,7 @@ impl Connection {
 impl Pickable for Arc<Connection> {
     #[inline]
     fn is_available(&self) -> bool {
-        !self.closing.load(Ordering::Acquire) && !self.fate.goaway_received()
+        !self.closing.load(Ordering::Acquire) && !self.fate.goaway_received() && self.is_serving()
     }
 
     #[inline]

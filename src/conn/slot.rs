@@ -255,40 +255,36 @@ async fn serve(slot: &Slot, retired: &mut Retired) -> &'static str {
         stats.connected();
         let ready = Arc::new(Connection::new(id, addr, send, stats.clone(), fate, limits));
         let mut driver = crate::conn::driver::spawn(connection, ready.clone(), pings);
-        events.transition(
-            id,
-            ConnectivityState::Ready,
-            "server settings received",
-            Some(ready.clone()),
-        );
-
         let mut goaway_rx = signals.clone();
         let mut keepalive_timed_out = false;
-        let end = tokio::select! {
-            biased;
-            c = wait_until(&mut control, |c| *c != Control::Run) => match c {
-                Some(Control::Drain) => ServeEnd::Drain,
-                _ => ServeEnd::Shutdown,
-            },
-            end = driver.ended() => {
-                // A GOAWAY read just before the end explains it better than h2's result.
-                let goaway = signals.borrow().goaway.clone();
-                ServeEnd::after(goaway, || match end {
-                    DriverEnd::Closed(Ok(())) | DriverEnd::Retired => "connection closed".to_owned(),
-                    DriverEnd::Closed(Err(e)) => format!("connection lost: {}", error_chain(&e)),
-                    DriverEnd::KeepAliveTimeout(t) => {
-                        keepalive_timed_out = true;
-                        format!("connection lost: keepalive PING not acknowledged within {t:?}")
-                    }
-                })
+        let serving = async {
+            tokio::select! {
+                biased;
+                c = wait_until(&mut control, |c| *c != Control::Run) => match c {
+                    Some(Control::Drain) => ServeEnd::Drain,
+                    _ => ServeEnd::Shutdown,
+                },
+                end = driver.ended() => {
+                    // A GOAWAY read just before the end explains it better than h2's result.
+                    let goaway = signals.borrow().goaway.clone();
+                    ServeEnd::after(goaway, || match end {
+                        DriverEnd::Closed(Ok(())) | DriverEnd::Retired => "connection closed".to_owned(),
+                        DriverEnd::Closed(Err(e)) => format!("connection lost: {}", error_chain(&e)),
+                        DriverEnd::KeepAliveTimeout(t) => {
+                            keepalive_timed_out = true;
+                            format!("connection lost: keepalive PING not acknowledged within {t:?}")
+                        }
+                    })
+                }
+                g = wait_until(&mut goaway_rx, |s| s.goaway.is_some()) => {
+                    ServeEnd::after(g.and_then(|s| s.goaway), || "connection closed".to_owned())
+                }
+                reason = ready.replacement_requested() => ServeEnd::Replace(reason),
+                _ = wait_until(&mut connect_rx, |requested| !*requested) => ServeEnd::PoolIdle,
+                _ = idle_for(*retire_when_idle, || (ready.stats.calls(), ready.in_flight())) => ServeEnd::Idle,
             }
-            g = wait_until(&mut goaway_rx, |s| s.goaway.is_some()) => {
-                ServeEnd::after(g.and_then(|s| s.goaway), || "connection closed".to_owned())
-            }
-            reason = ready.replacement_requested() => ServeEnd::Replace(reason),
-            _ = wait_until(&mut connect_rx, |requested| !*requested) => ServeEnd::PoolIdle,
-            _ = idle_for(*retire_when_idle, || (ready.stats.calls(), ready.in_flight())) => ServeEnd::Idle,
         };
+        let end = serve_ready(slot, &ready, serving).await;
         let goaway = signals.borrow().goaway.as_ref().map(|g| g.error_code);
         stats.disconnected(end.disconnect(goaway, keepalive_timed_out), goaway);
         // No new call goes to this connection from here on, even through stale pickers.
@@ -338,6 +334,41 @@ async fn serve(slot: &Slot, retired: &mut Retired) -> &'static str {
             ServeEnd::Shutdown => return "pool closed",
         }
     }
+}
+
+/// Reports the connection Ready and waits for `serving` (the end of its service). With
+/// health checking (gRFC A17) the connection is Ready only once its server's Watch says
+/// SERVING: the Watch runs beside the wait, reports the connection's state as it changes, and
+/// ends with it.
+async fn serve_ready(
+    slot: &Slot,
+    ready: &Arc<Connection>,
+    serving: impl std::future::Future<Output = ServeEnd>,
+) -> ServeEnd {
+    #[cfg(feature = "health")]
+    if let Some(service) = slot.config.health_check.as_deref() {
+        let health = crate::conn::health::watch(crate::conn::health::HealthWatch {
+            service,
+            config: &slot.config,
+            dst: &slot.dst,
+            ready,
+            events: &*slot.events,
+            id: slot.id,
+            seed: slot.seed,
+        });
+        return tokio::select! {
+            biased;
+            end = serving => end,
+            never = health => match never {},
+        };
+    }
+    slot.events.transition(
+        slot.id,
+        ConnectivityState::Ready,
+        "server settings received",
+        Some(ready.clone()),
+    );
+    serving.await
 }
 
 /// A connection the slot opened, with the handles to end it.

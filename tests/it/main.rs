@@ -10,6 +10,8 @@ mod dns_resolver;
 mod faults;
 mod generated_clients;
 mod goaway;
+#[cfg(feature = "health")]
+mod health;
 mod hostile;
 mod keepalive;
 mod knobs;

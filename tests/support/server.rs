@@ -10,6 +10,10 @@
 //! bounded by a timeout. The `wait_for_*` timeouts use tokio's clock: don't
 //! call them from a test whose time is paused, where the clock jumps ahead
 //! while the test only waits on this server's thread.
+//!
+//! With [`ServerOptions::health`] the server also serves gRPC's health service
+//! (`grpc.health.v1.Health`, tonic-health's), whose statuses
+//! [`TestServer::set_health`] sets; they too survive a restart.
 
 use std::collections::HashMap;
 use std::io;
@@ -24,9 +28,15 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
-use tokio_stream::StreamExt;
+use tokio_stream::{Stream, StreamExt};
 use tonic::transport::server::{Connected, TcpConnectInfo};
 use tonic::{Request, Response, Status, Streaming};
+
+use tonic_health::pb::health_check_response::ServingStatus as WireStatus;
+use tonic_health::pb::health_server::{Health, HealthServer};
+use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
+use tonic_health::server::{HealthReporter, HealthService};
+pub use tonic_health::ServingStatus;
 
 use super::echo::echo_server::{Echo, EchoServer};
 use super::echo::{EchoReply, EchoRequest, StreamRequest};
@@ -64,6 +74,8 @@ pub struct ServerOptions {
     pub name_header: Option<String>,
     /// Serve over TLS with these settings (see [`super::tls`]); `None`: plaintext.
     pub tls: Option<tonic::transport::ServerTlsConfig>,
+    /// Serve gRPC's health service too (the whole server, `""`, starts SERVING).
+    pub health: bool,
 }
 
 /// Counters shared between a [`TestServer`] handle and its server thread(s).
@@ -163,6 +175,8 @@ pub struct TestServer {
     name: String,
     options: ServerOptions,
     stats: Arc<Stats>,
+    /// The statuses of the health service (served only with [`ServerOptions::health`]).
+    health: HealthReporter,
     running: Option<Running>,
 }
 
@@ -193,7 +207,8 @@ impl TestServer {
             })?;
         }
         let stats = Arc::new(Stats::new());
-        let (running, bound) = spawn_server(addr, &options, &stats)?;
+        let health = HealthReporter::new();
+        let (running, bound) = spawn_server(addr, &options, &stats, &health)?;
         let name = if options.name.is_empty() {
             bound.to_string()
         } else {
@@ -204,6 +219,7 @@ impl TestServer {
             name,
             options,
             stats,
+            health,
             running: Some(running),
         })
     }
@@ -274,6 +290,14 @@ impl TestServer {
         wait_until(&self.stats.requests, timeout, |v| *v >= n).await
     }
 
+    /// Sets what the health service says of `service` (`""`: the whole server), telling every
+    /// client that watches it. Needs [`ServerOptions::health`] to be served.
+    // Used by tests/it/health.rs, which needs the pool's feature `health`.
+    #[allow(dead_code)]
+    pub async fn set_health(&self, service: &str, status: ServingStatus) {
+        self.health.set_service_status(service, status).await;
+    }
+
     /// Hard kill: drops the server's runtime, closing every connection at once.
     ///
     /// Idempotent. Blocks only until the server thread has exited.
@@ -322,7 +346,7 @@ impl TestServer {
     /// Like [`TestServer::restart`], returning the bind error instead of panicking.
     pub fn try_restart(&mut self) -> io::Result<()> {
         self.stop();
-        let (running, _) = spawn_server(self.addr, &self.options, &self.stats)?;
+        let (running, _) = spawn_server(self.addr, &self.options, &self.stats, &self.health)?;
         self.running = Some(running);
         Ok(())
     }
@@ -339,16 +363,18 @@ fn spawn_server(
     addr: SocketAddr,
     options: &ServerOptions,
     stats: &Arc<Stats>,
+    health: &HealthReporter,
 ) -> io::Result<(Running, SocketAddr)> {
     let (kill_tx, kill_rx) = oneshot::channel::<()>();
     let (graceful_tx, graceful_rx) = oneshot::channel::<()>();
     let (done_tx, done_rx) = oneshot::channel::<()>();
     let options = options.clone();
     let stats = Arc::clone(stats);
+    let health = health.clone();
 
     let (thread, bound) = super::thread::start(
         format!("test-server-{addr}"),
-        move |bound_tx| serve(addr, options, stats, bound_tx, kill_rx, graceful_rx),
+        move |bound_tx| serve(addr, options, stats, health, bound_tx, kill_rx, graceful_rx),
         move || {
             let _ = done_tx.send(());
         },
@@ -379,6 +405,7 @@ async fn serve(
     addr: SocketAddr,
     options: ServerOptions,
     stats: Arc<Stats>,
+    health: HealthReporter,
     bound_tx: std::sync::mpsc::SyncSender<io::Result<SocketAddr>>,
     mut kill_rx: oneshot::Receiver<()>,
     graceful_rx: oneshot::Receiver<()>,
@@ -429,6 +456,9 @@ async fn serve(
         name_header: options.name_header.clone(),
         stats,
     };
+    let health = options
+        .health
+        .then(|| HealthServer::new(SpecHealth(HealthService::from_health_reporter(health))));
     let server = builder
         // The `:authority` is not part of a tonic request's metadata; copy it into a header
         // so that `authority?` can answer with it.
@@ -450,6 +480,7 @@ async fn serve(
                 .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
                 .send_compressed(tonic::codec::CompressionEncoding::Gzip),
         )
+        .add_optional_service(health)
         .serve_with_incoming_shutdown(incoming, async move {
             // Fires on a graceful stop (or if the handle is gone).
             let _ = graceful_rx.await;
@@ -732,5 +763,43 @@ impl Echo for EchoService {
             }
         });
         Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+/// tonic-health's service, answering a Watch of a service it does not know as gRPC's health
+/// protocol says — `SERVICE_UNKNOWN` on the stream, which stays open — where tonic-health
+/// fails the call with `NOT_FOUND`.
+#[derive(Debug)]
+struct SpecHealth(HealthService);
+
+type HealthStream = Pin<Box<dyn Stream<Item = Result<HealthCheckResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Health for SpecHealth {
+    async fn check(
+        &self,
+        request: Request<HealthCheckRequest>,
+    ) -> Result<Response<HealthCheckResponse>, Status> {
+        self.0.check(request).await
+    }
+
+    type WatchStream = HealthStream;
+
+    async fn watch(
+        &self,
+        request: Request<HealthCheckRequest>,
+    ) -> Result<Response<HealthStream>, Status> {
+        match self.0.watch(request).await {
+            Ok(response) => Ok(response.map(|stream| Box::pin(stream) as HealthStream)),
+            Err(status) if status.code() == tonic::Code::NotFound => {
+                let unknown = HealthCheckResponse {
+                    status: WireStatus::ServiceUnknown as i32,
+                };
+                // One answer, then the stream stays open until the client leaves.
+                let stream = tokio_stream::once(Ok(unknown)).chain(tokio_stream::pending());
+                Ok(Response::new(Box::pin(stream) as HealthStream))
+            }
+            Err(status) => Err(status),
+        }
     }
 }

@@ -8,6 +8,7 @@ use std::time::Duration;
 use http::{HeaderValue, Uri};
 
 use crate::backoff::BackoffConfig;
+use crate::balance::Balance;
 
 /// The largest connection count accepted for one endpoint.
 pub(crate) const MAX_CONNECTIONS_PER_ENDPOINT: usize = 1024;
@@ -38,6 +39,7 @@ pub(crate) struct Config {
     pub(crate) resolve_ttl_floor: Duration,
     pub(crate) resolve_ttl_ceiling: Duration,
     pub(crate) min_reresolve_interval: Duration,
+    pub(crate) balance: Balance,
     /// The first stream id of every connection (unit tests only: ids running out).
     #[cfg(test)]
     pub(crate) initial_stream_id: Option<u32>,
@@ -69,6 +71,7 @@ impl Default for Config {
             resolve_ttl_floor: Duration::from_secs(5),
             resolve_ttl_ceiling: Duration::from_secs(30),
             min_reresolve_interval: Duration::from_secs(5),
+            balance: Balance::RoundRobin,
             #[cfg(test)]
             initial_stream_id: None,
         }

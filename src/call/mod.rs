@@ -116,6 +116,7 @@ async fn send(
         };
         let (retry, error) = match attempt::attempt(sender, &parts, &mut replay).await {
             Ok((response, unfinished, cursor)) => {
+                guard.response_arrived();
                 replay.commit(&cursor);
                 let request_body =
                     unfinished.map(|pipe| pipe.unfinished(replay, cursor).spawn(&shared.runtime));

@@ -2,7 +2,9 @@
 //! it, its counters, and whether it still takes calls.
 //!
 //! The picker holds `Arc<Connection>`s; a call that picks one holds an [`InFlightGuard`] until
-//! its response ends, which is what capacity, draining, retirement and `close()` count.
+//! its response ends, which is what capacity, draining, retirement, `close()` and the
+//! least-request policies count. The guard also notes when the call was picked, so that the
+//! response's arrival updates the connection's latency estimate (for `Balance::PeakEwma`).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -12,7 +14,7 @@ use bytes::Bytes;
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::Notify;
 
-use crate::balance::Pickable;
+use crate::balance::{Pickable, RttEstimate};
 use crate::conn::frames::{ConnFate, PeerLimits};
 use crate::growth::Room;
 
@@ -60,12 +62,24 @@ pub(crate) struct InFlightGuard {
     place: usize,
     /// Given back to pick again, not ended: wakes no call waiting for room.
     requeued: bool,
+    /// When the call picked the connection ([`crate::balance::now_ns`]).
+    picked_at: u64,
 }
 
 impl InFlightGuard {
     /// The connection the call is on.
     pub(crate) fn conn(&self) -> &Arc<Connection> {
         &self.conn
+    }
+
+    /// The response headers arrived: the time since the pick is a sample of the connection's
+    /// latency (tower's `CompleteOnResponse`: what the server took, not how long a stream
+    /// stays open).
+    pub(crate) fn response_arrived(&self) {
+        let now = crate::balance::now_ns();
+        self.conn.rtt.observe(std::time::Duration::from_nanos(
+            now.saturating_sub(self.picked_at),
+        ));
     }
 }
 
@@ -117,6 +131,8 @@ pub(crate) struct Connection {
     pub(crate) fate: Arc<ConnFate>,
     /// The server's stream limit on this connection.
     pub(crate) limits: Arc<PeerLimits>,
+    /// Its response times, for `Balance::PeakEwma` (a new connection starts from the default).
+    rtt: RttEstimate,
 }
 
 impl Connection {
@@ -139,6 +155,7 @@ impl Connection {
             replace: Notify::new(),
             fate,
             limits,
+            rtt: RttEstimate::new(),
         }
     }
 
@@ -197,6 +214,7 @@ impl Connection {
             conn: Arc::clone(self),
             place,
             requeued: false,
+            picked_at: crate::balance::now_ns(),
         }
     }
 }
@@ -209,7 +227,17 @@ impl Pickable for Arc<Connection> {
 
     #[inline]
     fn has_capacity(&self) -> bool {
-        (self.in_flight() as u64) < u64::from(self.limits.max_concurrent_streams())
+        (Connection::in_flight(self) as u64) < u64::from(self.limits.max_concurrent_streams())
+    }
+
+    #[inline]
+    fn in_flight(&self) -> usize {
+        self.in_flight.count.load(Ordering::Relaxed)
+    }
+
+    #[inline]
+    fn rtt(&self) -> Option<&RttEstimate> {
+        Some(&self.rtt)
     }
 }
 

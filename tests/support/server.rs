@@ -56,6 +56,8 @@ pub struct ServerOptions {
     pub http2_keepalive_interval: Option<Duration>,
     /// How long the server waits for a PING ack before closing the connection.
     pub http2_keepalive_timeout: Option<Duration>,
+    /// Added to every unary call's own `sleep_ms`: a server slower than its peers.
+    pub unary_delay: Duration,
 }
 
 /// Counters shared between a [`TestServer`] handle and its server thread(s).
@@ -369,7 +371,11 @@ async fn serve(
     if let Some(grace) = options.max_connection_age_grace {
         builder = builder.max_connection_age_grace(grace);
     }
-    let service = EchoService { name, stats };
+    let service = EchoService {
+        name,
+        stats,
+        unary_delay: options.unary_delay,
+    };
     let server = builder
         .add_service(EchoServer::new(service))
         .serve_with_incoming_shutdown(incoming, async move {
@@ -465,6 +471,7 @@ impl AsyncWrite for CountedStream {
 struct EchoService {
     name: String,
     stats: Arc<Stats>,
+    unary_delay: Duration,
 }
 
 impl EchoService {
@@ -500,6 +507,9 @@ impl Echo for EchoService {
             .unwrap_or_default()
             .to_owned();
         let req = request.into_inner();
+        if !self.unary_delay.is_zero() {
+            tokio::time::sleep(self.unary_delay).await;
+        }
         sleep_ms(req.sleep_ms).await;
         // `user-agent?` asks for the request's user agent as the reply's message.
         if req.message == "user-agent?" {

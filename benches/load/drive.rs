@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use tonic::client::GrpcService;
 use tonic::transport::channel::Change;
 use tonic::transport::{Channel, Endpoint};
-use tonic_pool::Pool;
+use tonic_pool::{Balance, Pool};
 
 use crate::common::echo::echo_client::EchoClient;
 use crate::common::request;
@@ -55,10 +55,13 @@ pub(crate) fn run_scenario(
     let mut servers = scenario
         .servers
         .iter()
-        .map(|&last| {
+        .enumerate()
+        .map(|(i, &last)| {
+            let slow = i + 1 == scenario.servers.len();
             ServerProc::spawn(
                 Ipv4Addr::new(127, 0, 0, last),
                 scenario.max_concurrent_streams,
+                if slow { scenario.slow_ms } else { 0 },
             )
         })
         .collect::<Result<Vec<_>, _>>()?;
@@ -124,9 +127,17 @@ async fn run_mode(
             drop(changes);
             result
         }
-        Mode::Pool(n) => {
+        Mode::Pool(_) | Mode::PoolWith(_) => {
+            let (n, balance) = match mode {
+                Mode::PoolWith(balance) => (1, balance),
+                Mode::Pool(n) => (n, Balance::RoundRobin),
+                _ => unreachable!("matched above"),
+            };
             let target = static_target(&addrs);
-            let pool = Pool::builder(target).connections_per_endpoint(n).build()?;
+            let pool = Pool::builder(target)
+                .connections_per_endpoint(n)
+                .balance(balance)
+                .build()?;
             let all = n * addrs.len();
             if !pool
                 .wait_until(SETUP_TIMEOUT, |s| s.ready_connections() == all)

@@ -11,8 +11,10 @@ use std::time::{Duration, Instant};
 
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::Server;
+use tonic::{Request, Response, Status, Streaming};
 
-use crate::common::echo::echo_server::EchoServer;
+use crate::common::echo::echo_server::{Echo, EchoServer};
+use crate::common::echo::{EchoReply, EchoRequest, StreamRequest};
 use crate::common::BenchEcho;
 use crate::BoxError;
 
@@ -20,6 +22,8 @@ use crate::BoxError;
 pub(crate) const SERVER_ENV: &str = "TONIC_POOL_BENCH_SERVER";
 /// The server's `max_concurrent_streams`, when set.
 const MCS_ENV: &str = "TONIC_POOL_BENCH_MCS";
+/// Milliseconds the server adds to every unary call (S5's slow server), when set.
+const DELAY_ENV: &str = "TONIC_POOL_BENCH_DELAY_MS";
 /// Linux reports process CPU times in clock ticks of 1/100 s (`USER_HZ`) on every common
 /// architecture.
 const CLOCK_TICKS_PER_SEC: u64 = 100;
@@ -36,14 +40,17 @@ pub(crate) struct ServerProc {
 }
 
 impl ServerProc {
+    /// Starts a server on `ip`; `delay_ms` (if not 0) is added to every unary call.
     pub(crate) fn spawn(
         ip: Ipv4Addr,
         max_concurrent_streams: Option<u32>,
+        delay_ms: u32,
     ) -> Result<Self, BoxError> {
         let mut command = Command::new(std::env::current_exe()?);
         command
             .env(SERVER_ENV, format!("{ip}:0"))
             .env_remove(MCS_ENV)
+            .env(DELAY_ENV, delay_ms.to_string())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
@@ -161,16 +168,20 @@ pub(crate) fn run(addr: &str) -> Result<(), BoxError> {
         Ok(v) => Some(v.parse::<u32>()?),
         Err(_) => None,
     };
+    let delay = match std::env::var(DELAY_ENV) {
+        Ok(v) => Duration::from_millis(v.parse::<u64>()?),
+        Err(_) => Duration::ZERO,
+    };
     // One thread, named `bench-server` so that profiles tell it from the load generator's
     // `load-client` threads, does all of the server's work.
     std::thread::Builder::new()
         .name("bench-server".into())
-        .spawn(move || serve(addr, mcs))?
+        .spawn(move || serve(addr, mcs, delay))?
         .join()
         .map_err(|_| "server thread panicked")?
 }
 
-fn serve(addr: SocketAddr, mcs: Option<u32>) -> Result<(), BoxError> {
+fn serve(addr: SocketAddr, mcs: Option<u32>, delay: Duration) -> Result<(), BoxError> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -189,11 +200,56 @@ fn serve(addr: SocketAddr, mcs: Option<u32>) -> Result<(), BoxError> {
         }
         Server::builder()
             .max_concurrent_streams(mcs)
-            .add_service(EchoServer::new(service))
+            .add_service(EchoServer::new(Delayed {
+                inner: service,
+                delay,
+            }))
             .serve_with_incoming(incoming)
             .await?;
         Ok(())
     })
+}
+
+/// The bench's echo service, answering every unary call `delay` later (S5's slow server).
+#[derive(Debug)]
+struct Delayed {
+    inner: BenchEcho,
+    delay: Duration,
+}
+
+#[tonic::async_trait]
+impl Echo for Delayed {
+    async fn unary(&self, request: Request<EchoRequest>) -> Result<Response<EchoReply>, Status> {
+        if !self.delay.is_zero() {
+            tokio::time::sleep(self.delay).await;
+        }
+        self.inner.unary(request).await
+    }
+
+    type ServerStreamStream = <BenchEcho as Echo>::ServerStreamStream;
+
+    async fn server_stream(
+        &self,
+        request: Request<StreamRequest>,
+    ) -> Result<Response<Self::ServerStreamStream>, Status> {
+        self.inner.server_stream(request).await
+    }
+
+    async fn client_stream(
+        &self,
+        request: Request<Streaming<EchoRequest>>,
+    ) -> Result<Response<EchoReply>, Status> {
+        self.inner.client_stream(request).await
+    }
+
+    type BidiStream = <BenchEcho as Echo>::BidiStream;
+
+    async fn bidi(
+        &self,
+        request: Request<Streaming<EchoRequest>>,
+    ) -> Result<Response<Self::BidiStream>, Status> {
+        self.inner.bidi(request).await
+    }
 }
 
 /// Answers `stats` lines on stdin with the request count; exits the process at EOF.

@@ -53,7 +53,8 @@ pub type Choice<'a, T> = (&'a T, bool);
 ///
 /// Every policy picks an address first and one of its connections second, and hands the
 /// index it chose to [`Ready::take_or_walk`], which steps over an entry that died or filled
-/// up since the snapshot was built.
+/// up since the snapshot was built (pick first, which must not leave its address for a full
+/// connection, walks that address's range only).
 pub trait Policy {
     /// Picks an entry, or `None` when none is available. `cursor` is shared by every pick of
     /// a pool (round robin's turn); policies that draw at random ignore it.

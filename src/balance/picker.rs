@@ -77,9 +77,51 @@ pub(crate) struct Group {
 pub struct Ready<T> {
     entries: Box<[T]>,
     groups: Box<[Group]>,
-    /// One address, or one connection per address: stepping through `entries` one by one is
-    /// already round robin per address (see [`RoundRobin`]).
-    flat: bool,
+    /// How round robin goes through the entries (see [`RoundRobin`]).
+    turns: Turns,
+}
+
+/// Round robin's way through a snapshot: every address in turn, and each address's visits
+/// through its connections in turn.
+#[derive(Debug)]
+pub(crate) enum Turns {
+    /// One address, or one connection per address: the entries one by one already are.
+    Flat,
+    /// A precomputed turn of entry indices: address by address, rounds of them until every
+    /// address's visits came back to its first connection (as many rounds as the least
+    /// common multiple of the connection counts).
+    Table(Box<[u32]>),
+    /// A turn too long to precompute ([`MAX_TURN`]): computed per pick.
+    Computed,
+}
+
+/// The longest precomputed turn, in entries (4 bytes each).
+const MAX_TURN: usize = 4096;
+
+impl Turns {
+    fn plan(groups: &[Group], entries: usize) -> Self {
+        if groups.len() <= 1 || groups.len() == entries {
+            return Self::Flat;
+        }
+        let mut rounds = 1usize;
+        for group in groups {
+            rounds = rounds / gcd(rounds, group.len) * group.len;
+            if rounds.saturating_mul(groups.len()) > MAX_TURN.max(entries) {
+                return Self::Computed;
+            }
+        }
+        let table = (0..rounds)
+            .flat_map(|round| groups.iter().map(move |g| (g.start + round % g.len) as u32))
+            .collect();
+        Self::Table(table)
+    }
+}
+
+fn gcd(mut a: usize, mut b: usize) -> usize {
+    while b != 0 {
+        (a, b) = (b, a % b);
+    }
+    a
 }
 
 impl<T> Default for Ready<T> {
@@ -87,7 +129,7 @@ impl<T> Default for Ready<T> {
         Self {
             entries: Box::new([]),
             groups: Box::new([]),
-            flat: true,
+            turns: Turns::Flat,
         }
     }
 }
@@ -107,11 +149,11 @@ impl<T: Pickable> Ready<T> {
             });
             entries.extend(address);
         }
-        let flat = groups.len() <= 1 || groups.len() == entries.len();
+        let turns = Turns::plan(&groups, entries.len());
         Self {
             entries: entries.into_boxed_slice(),
             groups: groups.into_boxed_slice(),
-            flat,
+            turns,
         }
     }
 
@@ -138,9 +180,9 @@ impl<T: Pickable> Ready<T> {
         &self.entries[start..start + len]
     }
 
-    /// Whether it holds one address, or one entry per address.
-    pub(crate) fn is_flat(&self) -> bool {
-        self.flat
+    /// How round robin goes through it.
+    pub(crate) fn turns(&self) -> &Turns {
+        &self.turns
     }
 
     /// The entry at `index` if it is available and has room; else the next one that is (in
@@ -289,11 +331,13 @@ impl<T: Pickable> Picker<T> {
     /// least once (for tests that look at every entry).
     #[cfg(test)]
     pub(crate) fn round_robin_cycle(&self) -> usize {
-        if self.ready.is_flat() {
-            self.len()
-        } else {
-            let longest = self.ready.groups().iter().map(|g| g.len).max();
-            self.ready.groups().len() * longest.unwrap_or(0)
+        match self.ready.turns() {
+            Turns::Flat => self.len(),
+            Turns::Table(table) => table.len(),
+            Turns::Computed => {
+                let longest = self.ready.groups().iter().map(|g| g.len).max();
+                self.ready.groups().len() * longest.unwrap_or(0)
+            }
         }
     }
 
@@ -509,6 +553,25 @@ mod tests {
         assert_eq!(per_address(5..7), 400, "{counts:?}");
         assert!((0..4).all(|id| counts[&id] == 100), "{counts:?}");
         assert!((5..7).all(|id| counts[&id] == 200), "{counts:?}");
+    }
+
+    /// Connection counts whose turn is too long to precompute (the least common multiple of
+    /// 13 primes) are computed per pick, with the same shares.
+    #[test]
+    fn round_robin_long_turns_are_computed() {
+        let counts = [2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41];
+        let p = Picker::build(Balance::RoundRobin, addresses(&counts));
+        assert!(matches!(p.ready.turns(), Turns::Computed));
+        let table = Picker::build(Balance::RoundRobin, addresses(&[4, 1, 2]));
+        assert!(matches!(table.ready.turns(), Turns::Table(t) if t.len() == 12));
+        let picks = counts.len() * 41 * 3;
+        let tallied = tally(&p, picks);
+        let mut first = 0;
+        for &n in &counts {
+            let share: usize = (first..first + n).map(|id| tallied[&id]).sum();
+            assert_eq!(share, 41 * 3, "address at {first}");
+            first += n;
+        }
     }
 
     /// The random policies give addresses of 4, 1 and 2 connections about the same share when

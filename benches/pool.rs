@@ -10,7 +10,8 @@
 //!   whose availability is an atomic load); the bench wraps the `Arc` in a newtype only
 //!   because the orphan rule forbids implementing `Pickable` for a foreign `Arc<_>`.
 //! - **`pick/grouped4/N`**: the same with the `N` entries in addresses of 4 connections each,
-//!   where round robin goes per address, then per connection (two divisions instead of one).
+//!   where round robin goes per address, then per connection (an index into the snapshot's
+//!   precomputed turn).
 //! - **`pick/least_request/N`**, **`pick/peak_ewma/N`**: one pick of the two-choice policies
 //!   over `N` single-connection addresses (two random draws, the entries' in-flight counters;
 //!   PeakEWMA also reads the clock once).

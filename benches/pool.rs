@@ -9,6 +9,12 @@
 //!   Entries are `Arc`s to a struct with an `AtomicBool`, as the pool's are (`Arc<Connection>`,
 //!   whose availability is an atomic load); the bench wraps the `Arc` in a newtype only
 //!   because the orphan rule forbids implementing `Pickable` for a foreign `Arc<_>`.
+//! - **`pick/grouped4/N`**: the same with the `N` entries in addresses of 4 connections each,
+//!   where round robin goes per address, then per connection (an index into the snapshot's
+//!   precomputed turn).
+//! - **`pick/least_request/N`**, **`pick/peak_ewma/N`**: one pick of the two-choice policies
+//!   over `N` single-connection addresses (two random draws, the entries' in-flight counters;
+//!   PeakEWMA also reads the clock once).
 //! - **`pick/contended/N`**: 2 OS threads pick from one picker through one shared cursor, the
 //!   pool's situation when two runtime workers make calls at once. Each thread does `iters`
 //!   picks; the wall time from a common start (a barrier) to the last join is divided by 2, so
@@ -62,7 +68,7 @@ use tonic::transport::{Endpoint, Server};
 use tonic_pool::__bench::{Pickable, Picker};
 use tonic_pool::connector::{BoxedIo, Connect, Destination};
 use tonic_pool::resolve::BoxFuture;
-use tonic_pool::Pool;
+use tonic_pool::{Balance, Pool};
 
 mod common;
 
@@ -81,10 +87,12 @@ const CONCURRENT_CALLS: u64 = 32;
 
 // === pick ===
 
-/// What the picker holds for one connection: an `Arc` to a struct with an atomic flag.
+/// What the picker holds for one connection: an `Arc` to a struct with an atomic flag and an
+/// in-flight counter.
 #[derive(Debug)]
 struct Conn {
     closing: AtomicBool,
+    in_flight: AtomicUsize,
 }
 
 /// `Arc<Conn>` in a newtype, only to be allowed to implement `Pickable` (same size and
@@ -97,6 +105,11 @@ impl Pickable for Entry {
     fn is_available(&self) -> bool {
         !self.0.closing.load(Ordering::Acquire)
     }
+
+    #[inline]
+    fn in_flight(&self) -> usize {
+        self.0.in_flight.load(Ordering::Relaxed)
+    }
 }
 
 fn entries(n: usize) -> Vec<Entry> {
@@ -104,6 +117,7 @@ fn entries(n: usize) -> Vec<Entry> {
         .map(|_| {
             Entry(Arc::new(Conn {
                 closing: AtomicBool::new(false),
+                in_flight: AtomicUsize::new(0),
             }))
         })
         .collect()
@@ -120,6 +134,33 @@ fn bench_pick(c: &mut Criterion) {
                 std::hint::black_box(picker.pick(std::hint::black_box(&cursor)));
             });
         });
+    }
+    for n in SIZES.into_iter().filter(|&n| n >= 8) {
+        let by_address = entries(n)
+            .chunks(4)
+            .map(<[Entry]>::to_vec)
+            .collect::<Vec<_>>();
+        let picker = Picker::build(Balance::RoundRobin, by_address);
+        let cursor = AtomicUsize::new(0);
+        group.bench_with_input(BenchmarkId::new("grouped4", n), &n, |b, _| {
+            b.iter(|| {
+                std::hint::black_box(picker.pick(std::hint::black_box(&cursor)));
+            });
+        });
+    }
+    for (name, balance) in [
+        ("least_request", Balance::LeastRequest),
+        ("peak_ewma", Balance::PeakEwma),
+    ] {
+        for n in [4, 64, 1024] {
+            let picker = Picker::build(balance, entries(n).into_iter().map(|e| vec![e]));
+            let cursor = AtomicUsize::new(0);
+            group.bench_with_input(BenchmarkId::new(name, n), &n, |b, _| {
+                b.iter(|| {
+                    std::hint::black_box(picker.pick(std::hint::black_box(&cursor)));
+                });
+            });
+        }
     }
     for n in SIZES {
         let picker = Picker::new(entries(n));

@@ -8,6 +8,7 @@ use std::time::Duration;
 use http::{HeaderValue, Uri};
 
 use crate::backoff::BackoffConfig;
+use crate::balance::Balance;
 use crate::config::{Config, MAX_CONNECTIONS_PER_ENDPOINT, MAX_FRAME_SIZE_RANGE};
 use crate::connector::{Connect, TcpConnector};
 use crate::error::Error;
@@ -103,6 +104,17 @@ impl PoolBuilder {
     /// Defaults to no overrides.
     pub fn connections_for(mut self, addr: SocketAddr, n: usize) -> Self {
         self.config.connections_override.insert(addr, n);
+        self
+    }
+
+    /// How calls are spread over the Ready connections: [`Balance::RoundRobin`],
+    /// [`Balance::LeastRequest`], [`Balance::PeakEwma`] or [`Balance::PickFirst`]. Each
+    /// picks an address first and then one of its connections, so an address's share does
+    /// not grow with its connection count. See [`Balance`] for when to use which.
+    ///
+    /// Defaults to [`Balance::RoundRobin`].
+    pub fn balance(mut self, balance: Balance) -> Self {
+        self.config.balance = balance;
         self
     }
 

@@ -8,6 +8,7 @@ use std::time::Duration;
 use http::{HeaderValue, Uri};
 
 use crate::backoff::BackoffConfig;
+use crate::balance::Balance;
 use crate::connector::TcpSettings;
 
 /// The largest connection count accepted for one endpoint.
@@ -58,6 +59,7 @@ pub(crate) struct Config {
     /// no health checking.
     #[cfg(feature = "health")]
     pub(crate) health_check: Option<String>,
+    pub(crate) balance: Balance,
     /// The first stream id of every connection (unit tests only: ids running out).
     #[cfg(test)]
     pub(crate) initial_stream_id: Option<u32>,
@@ -94,6 +96,7 @@ impl Default for Config {
             min_reresolve_interval: Duration::from_secs(5),
             #[cfg(feature = "health")]
             health_check: None,
+            balance: Balance::RoundRobin,
             #[cfg(test)]
             initial_stream_id: None,
         }

@@ -98,7 +98,9 @@
 //!   one h2 connection (driven by its own task) and runs gRPC's state machine with its own
 //!   backoff. Calls open their HTTP/2 streams from the caller's task.
 //! - The registry keeps every state under one lock and republishes an immutable picker when
-//!   the Ready set changes; a call's pick is one atomic `fetch_add`, lock- and allocation-free.
+//!   the Ready set changes; a call's pick is lock- and allocation-free (round robin: one
+//!   atomic `fetch_add`). [`Balance`] chooses the policy: round robin, least request,
+//!   PeakEWMA or pick first, each per address first, then per connection.
 //! - [`ConnectivityState`] mirrors gRPC's; see the [`state`] module for the diagram and the
 //!   aggregation rules.
 //!
@@ -181,6 +183,7 @@ pub mod __fuzz {
 }
 
 pub use backoff::BackoffConfig;
+pub use balance::Balance;
 /// A boxed, sendable future, as resolvers ([`resolve::Resolve`]) and connectors
 /// ([`connector::Connect`]) return.
 pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;

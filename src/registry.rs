@@ -178,16 +178,18 @@ impl Shared {
         (self.generation.load(Ordering::Acquire), picker.clone())
     }
 
+    /// Builds the picker of the pool's policy over the Ready connections of the active
+    /// endpoints, grouped by address in the endpoint set's order (the order in which the
+    /// resolver first gave them: pick first's preference).
     fn publish_picker(&self, registry: &Registry) {
-        let ready: Vec<Arc<Connection>> = registry
+        let by_address = registry
             .endpoints
             .iter()
             .filter(|e| !e.draining)
-            .flat_map(|e| &e.conns)
-            .filter_map(|c| c.ready.clone())
-            .collect();
+            .map(|e| e.conns.iter().filter_map(|c| c.ready.clone()).collect());
+        let built = Picker::build(self.config.balance, by_address);
         let mut picker = self.picker.write();
-        *picker = Arc::new(Picker::new(ready));
+        *picker = Arc::new(built);
         self.generation.fetch_add(1, Ordering::Release);
     }
 

@@ -1116,7 +1116,7 @@ impl Case {
             .filter(|&c| model.conns[c].has_room())
             .collect();
         let mut handed_out = BTreeSet::new();
-        for start in 0..picker.len() {
+        for start in 0..picker.round_robin_cycle() {
             let cursor = AtomicUsize::new(start);
             match picker.pick_reporting(&cursor) {
                 None => prop_assert!(

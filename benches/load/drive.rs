@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use tonic::client::GrpcService;
 use tonic::transport::channel::Change;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
-use tonic_pool::Pool;
+use tonic_pool::{Balance, Pool};
 
 use crate::common::echo::echo_client::EchoClient;
 use crate::common::request;
@@ -56,11 +56,14 @@ pub(crate) fn run_scenario(
     let mut servers = scenario
         .servers
         .iter()
-        .map(|&last| {
+        .enumerate()
+        .map(|(i, &last)| {
+            let slow = i + 1 == scenario.servers.len();
             ServerProc::spawn(
                 Ipv4Addr::new(127, 0, 0, last),
                 scenario.max_concurrent_streams,
                 tls.as_ref(),
+                if slow { scenario.slow_ms } else { 0 },
             )
         })
         .collect::<Result<Vec<_>, _>>()?;
@@ -130,10 +133,16 @@ async fn run_mode(
             drop(changes);
             result
         }
-        Mode::Pool(n) => {
+        Mode::Pool(_) | Mode::PoolWith(_) => {
+            let (n, balance) = match mode {
+                Mode::PoolWith(balance) => (1, balance),
+                Mode::Pool(n) => (n, Balance::RoundRobin),
+                _ => unreachable!("matched above"),
+            };
             let target = static_target(&addrs);
             let pool = pool_builder(target, tls)?
                 .connections_per_endpoint(n)
+                .balance(balance)
                 .build()?;
             let all = n * addrs.len();
             if !pool

@@ -43,6 +43,7 @@ pub(crate) fn run(rt: &tokio::runtime::Runtime, settings: &Settings) -> Result<(
         servers: &[2, 3, 4],
         concurrency: 64,
         sleep_ms: 1,
+        slow_ms: 0,
         max_concurrent_streams: None,
         tls: false,
         modes: vec![Mode::Pool(1)],

@@ -1,10 +1,10 @@
-//! Load scenarios S1–S4 of `benches/README.md`: a closed-loop load generator against echo
+//! Load scenarios S1–S5 of `benches/README.md`: a closed-loop load generator against echo
 //! servers in separate processes, comparing a plain tonic `Channel`, tonic's
 //! `Channel::balance_channel` and the [`Pool`](tonic_pool::Pool) side by side in one run.
 //! Prints a markdown table and the bars.
 //!
 //! ```sh
-//! cargo bench --bench load                                   # every scenario, ~5 minutes
+//! cargo bench --bench load                                   # every scenario, ~7 minutes
 //! LOAD_SCENARIOS=S1,S2 LOAD_SECS=3 LOAD_ROUNDS=3 cargo bench --bench load
 //! # the metrics' cost: the same pool with and without a recorder, in one run
 //! LOAD_SCENARIOS=S2 LOAD_MODES=channel,pool1,metrics1 LOAD_METRICS=1 cargo bench --bench load --features metrics
@@ -12,12 +12,12 @@
 //!
 //! | variable | default | meaning |
 //! |---|---|---|
-//! | `LOAD_SCENARIOS` | `S1,S2,S3,S4` (and `S2-TLS` with feature `tls`) | which scenarios to run, in this order (`S7` needs `--features health`) |
+//! | `LOAD_SCENARIOS` | `S1,S2,S3,S4,S5` (and `S2-TLS` with feature `tls`) | which scenarios to run, in this order (`S7` needs `--features health`) |
 //! | `LOAD_SECS` | 3 | measured seconds per mode and round |
 //! | `LOAD_WARMUP_SECS` | 1 | unmeasured load before each measurement (connections warm) |
 //! | `LOAD_ROUNDS` | 5 | rounds; each round runs every mode of the scenario once |
 //! | `LOAD_CLIENT_THREADS` | 2 | tokio worker threads of the load generator |
-//! | `LOAD_MODES` | all | only these modes, by kind or kind and count, e.g. `channel,pool1` (to profile one); ratios and bars need `channel` |
+//! | `LOAD_MODES` | all | only these modes, by kind or kind and count, e.g. `channel,pool1` (to profile one), or a pool's policy (`least-request`, `peak-ewma`); ratios and bars need `channel` |
 //! | `LOAD_METRICS` | — | `1`: after each `pool ×N` mode, run `pool+metrics ×N`, the same pool recording its metrics into a Prometheus recorder (needs `--features metrics`); `pool ×N` then has the feature compiled in and no recorder. See `recorder.rs` |
 //! | `LOAD_POOL_SIZES` | — | replaces each scenario's `pool ×N` modes by these sizes, e.g. `1,2,4,8,16`; with three or more, the bench also writes `target/load/<scenario>-connections.svg`, req/s against connection count |
 //!
@@ -64,6 +64,7 @@
 //! | S2 | 127.0.0.2 | 64 | 0 | channel, balance ×1, pool ×1, pool ×4 |
 //! | S3 | 127.0.0.2, `max_concurrent_streams` 100 | 1000 | 20 ms | channel, balance ×4, pool ×4, pool ×16, pool 1→16 |
 //! | S4 | 127.0.0.2/3/4 | 64 | 1 ms | channel (one server), balance ×1/addr, pool ×1/addr |
+//! | S5 | 127.0.0.2/3/4, .4 answers 20 ms later | 64 | 1 ms | channel (a fast server), balance ×1/addr (tower's p2c on pending requests), pool ×1/addr round robin, least request, PeakEWMA |
 //! | S2-TLS | 127.0.0.2, TLS | 64 | 0 | as S2, every connection TLS (feature `tls`) |
 //! | S7 | 127.0.0.2/3/4, health service; .4 turns NOT_SERVING mid-window | 64 | 1 ms | pool ×1/addr with `health_check("")` |
 //!
@@ -77,6 +78,10 @@
 //! S7 (`health.rs`, feature `health`) is not a ratio: it reports failed calls and how long
 //! after its flip to NOT_SERVING the flipped server still started a call (goal: 0 and
 //! ≤ 100 ms).
+//!
+//! S5 is the slow-server scenario of issue 14: its bars are the load-aware policies against
+//! round robin and against `balance_channel`, per round (req/s ≥ 2.0× round robin's and ≥
+//! `balance_channel`'s, p99 ≤ 0.5× round robin's).
 //!
 //! `pool 1→16` starts with one connection and may grow to 16 when its connections are full
 //! (stream-limit awareness); the bench prints how far it grew.
@@ -93,6 +98,8 @@
 use std::error::Error;
 use std::fmt;
 use std::time::Duration;
+
+use tonic_pool::Balance;
 
 // The shared bench code lives beside the bench targets, not inside this one's directory.
 #[path = "../common/mod.rs"]
@@ -227,9 +234,9 @@ impl Settings {
         }
         let (secs, warmup, rounds) = if bench { (3.0, 1.0, 5) } else { (0.3, 0.2, 1) };
         let all = if cfg!(feature = "tls") {
-            "S1,S2,S3,S4,S2-TLS"
+            "S1,S2,S3,S4,S5,S2-TLS"
         } else {
-            "S1,S2,S3,S4"
+            "S1,S2,S3,S4,S5"
         };
         let scenarios = var("LOAD_SCENARIOS", all.to_owned())?
             .split(',')
@@ -293,6 +300,8 @@ enum Mode {
     /// `tonic_pool::Pool` starting with one connection per server and allowed to grow to this
     /// many when its connections are full (stream-limit awareness).
     PoolGrow(usize),
+    /// `tonic_pool::Pool` with one connection per server and this balancing policy.
+    PoolWith(Balance),
 }
 
 impl Mode {
@@ -305,6 +314,7 @@ impl Mode {
             Mode::Pool(n) => ("pool", n),
             Mode::PoolMetrics(n) => ("metrics", n),
             Mode::PoolGrow(n) => ("grow", n),
+            Mode::PoolWith(balance) => return token == policy_name(balance),
         };
         token == kind || token == format!("{kind}{n}")
     }
@@ -318,7 +328,19 @@ impl fmt::Display for Mode {
             Mode::Pool(n) => write!(f, "pool ×{n}"),
             Mode::PoolMetrics(n) => write!(f, "pool+metrics ×{n}"),
             Mode::PoolGrow(n) => write!(f, "pool 1→{n}"),
+            Mode::PoolWith(balance) => write!(f, "pool {}", policy_name(*balance)),
         }
+    }
+}
+
+/// A pool policy as the tables and `LOAD_MODES` name it.
+fn policy_name(balance: Balance) -> &'static str {
+    match balance {
+        Balance::RoundRobin => "round-robin",
+        Balance::LeastRequest => "least-request",
+        Balance::PeakEwma => "peak-ewma",
+        Balance::PickFirst => "pick-first",
+        _ => "other",
     }
 }
 
@@ -330,6 +352,8 @@ struct Scenario {
     servers: &'static [u8],
     concurrency: usize,
     sleep_ms: u32,
+    /// Added by the last server to every call: a server slower than the others (S5).
+    slow_ms: u32,
     max_concurrent_streams: Option<u32>,
     /// Whether every connection is TLS (servers and clients alike).
     tls: bool,
@@ -346,11 +370,12 @@ impl Scenario {
             servers,
             concurrency,
             sleep_ms,
+            slow_ms: 0,
             max_concurrent_streams,
             tls: false,
             modes,
         };
-        use Mode::{Balance, Channel, Pool, PoolGrow};
+        use Mode::{Balance, Channel, Pool, PoolGrow, PoolWith};
         #[allow(unused_mut)] // S2-TLS is added only with the `tls` feature.
         let mut all = vec![
             scenario("S1", &[2], 1, 0, None, vec![Channel, Balance(1), Pool(1)]),
@@ -378,6 +403,23 @@ impl Scenario {
                 None,
                 vec![Channel, Balance(1), Pool(1)],
             ),
+            Self {
+                slow_ms: 20,
+                ..scenario(
+                    "S5",
+                    &[2, 3, 4],
+                    64,
+                    1,
+                    None,
+                    vec![
+                        Channel,
+                        Balance(1),
+                        Pool(1),
+                        PoolWith(tonic_pool::Balance::LeastRequest),
+                        PoolWith(tonic_pool::Balance::PeakEwma),
+                    ],
+                )
+            },
         ];
         #[cfg(feature = "tls")]
         all.push(Self {

@@ -3,6 +3,8 @@
 
 use std::collections::BTreeMap;
 
+use tonic_pool::Balance;
+
 use crate::drive::RunResult;
 use crate::{BoxError, Mode, Scenario, Settings};
 
@@ -22,11 +24,21 @@ impl ScenarioReport {
 
     /// Per-round ratios of `f(mode) / f(channel)`.
     fn ratios(&self, mode: usize, f: impl Fn(&RunResult) -> f64) -> Vec<f64> {
+        self.paired(mode, 0, f)
+    }
+
+    /// Per-round ratios of `f(mode) / f(base)`.
+    fn paired(&self, mode: usize, base: usize, f: impl Fn(&RunResult) -> f64) -> Vec<f64> {
         self.runs[mode]
             .iter()
-            .zip(&self.runs[0])
+            .zip(&self.runs[base])
             .map(|(m, base)| f(m) / f(base))
             .collect()
+    }
+
+    /// The index of `mode`, if it ran.
+    fn mode(&self, mode: Mode) -> Option<usize> {
+        self.modes.iter().position(|m| *m == mode)
     }
 
     /// The first pool mode: the one the bars judge.
@@ -260,6 +272,38 @@ fn print_bars(reports: &[ScenarioReport]) {
                         verdict(rps.0 >= bar).to_owned()
                     };
                     println!("| S3 | {m} req/s ≥ {bar:.2}× | {} | {judged} |", ratio(rps));
+                }
+            }
+            "S5" => {
+                // The load-aware policies against round robin (the first pool mode) and
+                // against tonic's `balance_channel`, per round.
+                let balance = report.mode(Mode::Balance(1));
+                for policy in [Balance::LeastRequest, Balance::PeakEwma] {
+                    let Some(i) = report.mode(Mode::PoolWith(policy)) else {
+                        continue;
+                    };
+                    let mode = report.modes[i];
+                    let rps = stats(report.paired(i, p, |r| r.rps));
+                    let p99 = stats(report.paired(i, p, |r| f64::from(r.p99)));
+                    println!(
+                        "| S5 | {mode} req/s ≥ 2.0× round robin's | {} | {} |",
+                        ratio(rps),
+                        verdict(rps.0 >= 2.0)
+                    );
+                    println!(
+                        "| S5 | {mode} p99 ≤ 0.5× round robin's | {} | {} |",
+                        ratio(p99),
+                        verdict(p99.0 <= 0.5)
+                    );
+                    if let Some(b) = balance {
+                        let versus = stats(report.paired(i, b, |r| r.rps));
+                        println!(
+                            "| S5 | {mode} req/s ≥ 1.0× {}'s | {} | {} |",
+                            report.modes[b],
+                            ratio(versus),
+                            verdict(versus.0 >= 1.0)
+                        );
+                    }
                 }
             }
             _ => {

@@ -12,11 +12,13 @@ use std::time::{Duration, Instant};
 use tonic::server::NamedService;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
+use tonic::{Request, Response, Status, Streaming};
 use tonic_health::pb::health_server::HealthServer;
 use tonic_health::server::{HealthReporter, HealthService};
 use tonic_health::ServingStatus;
 
-use crate::common::echo::echo_server::EchoServer;
+use crate::common::echo::echo_server::{Echo, EchoServer};
+use crate::common::echo::{EchoReply, EchoRequest, StreamRequest};
 use crate::common::BenchEcho;
 use crate::BoxError;
 
@@ -33,6 +35,8 @@ pub(crate) const TLS_NAME: &str = "bench.test";
 /// the bench sets through stdin (`health SERVING|NOT_SERVING`), and that keeps the time its
 /// last `Unary` call started (`last`).
 const HEALTH_ENV: &str = "TONIC_POOL_BENCH_HEALTH";
+/// Milliseconds the server adds to every unary call (S5's slow server), when set.
+const DELAY_ENV: &str = "TONIC_POOL_BENCH_DELAY_MS";
 /// Linux reports process CPU times in clock ticks of 1/100 s (`USER_HZ`) on every common
 /// architecture.
 const CLOCK_TICKS_PER_SEC: u64 = 100;
@@ -67,24 +71,27 @@ pub(crate) struct ServerProc {
 }
 
 impl ServerProc {
+    /// Starts a server on `ip`; `delay_ms` (if not 0) is added to every unary call.
     pub(crate) fn spawn(
         ip: Ipv4Addr,
         max_concurrent_streams: Option<u32>,
         tls: Option<&BenchTls>,
+        delay_ms: u32,
     ) -> Result<Self, BoxError> {
-        Self::spawn_with(ip, max_concurrent_streams, tls, false)
+        Self::spawn_with(ip, max_concurrent_streams, tls, delay_ms, false)
     }
 
     /// A server that also serves gRPC's health service (see [`Self::set_health`]).
     #[cfg_attr(not(feature = "health"), allow(dead_code))] // used by S7 only
     pub(crate) fn spawn_with_health(ip: Ipv4Addr) -> Result<Self, BoxError> {
-        Self::spawn_with(ip, None, None, true)
+        Self::spawn_with(ip, None, None, 0, true)
     }
 
     fn spawn_with(
         ip: Ipv4Addr,
         max_concurrent_streams: Option<u32>,
         tls: Option<&BenchTls>,
+        delay_ms: u32,
         health: bool,
     ) -> Result<Self, BoxError> {
         let mut command = Command::new(std::env::current_exe()?);
@@ -94,6 +101,7 @@ impl ServerProc {
             .env_remove(TLS_CERT_ENV)
             .env_remove(TLS_KEY_ENV)
             .env_remove(HEALTH_ENV)
+            .env(DELAY_ENV, delay_ms.to_string())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
@@ -254,16 +262,25 @@ pub(crate) fn run(addr: &str) -> Result<(), BoxError> {
         (Ok(cert), Ok(key)) => Some(ServerTlsConfig::new().identity(Identity::from_pem(cert, key))),
         _ => None,
     };
+    let delay = match std::env::var(DELAY_ENV) {
+        Ok(v) => Duration::from_millis(v.parse::<u64>()?),
+        Err(_) => Duration::ZERO,
+    };
     // One thread, named `bench-server` so that profiles tell it from the load generator's
     // `load-client` threads, does all of the server's work.
     std::thread::Builder::new()
         .name("bench-server".into())
-        .spawn(move || serve(addr, mcs, tls))?
+        .spawn(move || serve(addr, mcs, tls, delay))?
         .join()
         .map_err(|_| "server thread panicked")?
 }
 
-fn serve(addr: SocketAddr, mcs: Option<u32>, tls: Option<ServerTlsConfig>) -> Result<(), BoxError> {
+fn serve(
+    addr: SocketAddr,
+    mcs: Option<u32>,
+    tls: Option<ServerTlsConfig>,
+    delay: Duration,
+) -> Result<(), BoxError> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -297,7 +314,10 @@ fn serve(addr: SocketAddr, mcs: Option<u32>, tls: Option<ServerTlsConfig>) -> Re
             // Only S7's servers pay for the timestamp of each call.
             Some(health) => {
                 let echo = Timed {
-                    inner: EchoServer::new(service),
+                    inner: EchoServer::new(Delayed {
+                        inner: service,
+                        delay,
+                    }),
                     last_call: health.last_call,
                 };
                 let health =
@@ -310,13 +330,58 @@ fn serve(addr: SocketAddr, mcs: Option<u32>, tls: Option<ServerTlsConfig>) -> Re
             }
             None => {
                 builder
-                    .add_service(EchoServer::new(service))
+                    .add_service(EchoServer::new(Delayed {
+                        inner: service,
+                        delay,
+                    }))
                     .serve_with_incoming(incoming)
                     .await?
             }
         }
         Ok(())
     })
+}
+
+/// The bench's echo service, answering every unary call `delay` later (S5's slow server).
+#[derive(Debug)]
+struct Delayed {
+    inner: BenchEcho,
+    delay: Duration,
+}
+
+#[tonic::async_trait]
+impl Echo for Delayed {
+    async fn unary(&self, request: Request<EchoRequest>) -> Result<Response<EchoReply>, Status> {
+        if !self.delay.is_zero() {
+            tokio::time::sleep(self.delay).await;
+        }
+        self.inner.unary(request).await
+    }
+
+    type ServerStreamStream = <BenchEcho as Echo>::ServerStreamStream;
+
+    async fn server_stream(
+        &self,
+        request: Request<StreamRequest>,
+    ) -> Result<Response<Self::ServerStreamStream>, Status> {
+        self.inner.server_stream(request).await
+    }
+
+    async fn client_stream(
+        &self,
+        request: Request<Streaming<EchoRequest>>,
+    ) -> Result<Response<EchoReply>, Status> {
+        self.inner.client_stream(request).await
+    }
+
+    type BidiStream = <BenchEcho as Echo>::BidiStream;
+
+    async fn bidi(
+        &self,
+        request: Request<Streaming<EchoRequest>>,
+    ) -> Result<Response<Self::BidiStream>, Status> {
+        self.inner.bidi(request).await
+    }
 }
 
 /// The health service's statuses and the time of the last call, of an S7 server.

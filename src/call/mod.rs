@@ -174,6 +174,7 @@ async fn send(
         };
         let (retry, error) = match attempt::attempt(sender, &parts, &mut replay).await {
             Ok((response, unfinished, cursor)) => {
+                guard.response_arrived();
                 // A trailers-only response has its status in its head.
                 guard.set_status_from_head(response.status(), response.headers());
                 replay.commit(&cursor);

@@ -78,16 +78,10 @@ pub(crate) async fn wait_for_connection(
             return Err(Error::shutdown());
         }
         let (_, picker) = shared.load_picker();
-        let mut pick = picker.pick_reporting(&shared.cursor);
-        // Walk on, at most once around the picker, past the connection to avoid.
-        for _ in 1..picker.len() {
-            match pick {
-                Some((conn, _)) if Some(conn.id) == avoid => {
-                    pick = picker.pick_reporting(&shared.cursor);
-                }
-                _ => break,
-            }
-        }
+        let pick = match avoid {
+            None => picker.pick_reporting(&shared.cursor),
+            Some(id) => picker.pick_avoiding(&shared.cursor, |conn| conn.id == id),
+        };
         if let Some((conn, all_full)) = pick {
             if all_full {
                 shared.request_growth(conn.addr);

@@ -51,8 +51,8 @@ use tonic_health::pb::HealthCheckRequest;
 
 use crate::backoff::Backoff;
 use crate::config::Config;
+use crate::conn::events::SlotEvents;
 use crate::conn::ready::Connection;
-use crate::conn::slot::SlotEvents;
 use crate::connector::Destination;
 use crate::error::{error_chain, BoxError};
 use crate::state::ConnectivityState;

@@ -13,6 +13,7 @@
 //! | file | what it owns |
 //! |---|---|
 //! | `slot.rs` | the state machine (Idle → Connecting → Ready → …), backoff, retirement and wind-down |
+//! | `events.rs` | `SlotEvents`: what a slot (and its health Watch) tells the pool |
 //! | `connect.rs` | byte stream + HTTP/2 handshake with the pool's settings, until the server's SETTINGS |
 //! | `driver.rs` | the task that does the connection's I/O, its PINGs (keepalive, BDP) and graceful close |
 //! | `bdp.rs` | adaptive flow control: the bandwidth-delay estimate that grows the windows |
@@ -29,11 +30,13 @@
 pub(crate) mod bdp;
 pub(crate) mod connect;
 pub(crate) mod driver;
+pub(crate) mod events;
 pub(crate) mod frames;
 #[cfg(feature = "health")]
 pub(crate) mod health;
 pub(crate) mod ready;
 pub(crate) mod slot;
 
+pub(crate) use events::SlotEvents;
 pub(crate) use ready::{ConnStats, Connection, InFlight, InFlightGuard};
-pub(crate) use slot::{Control, Slot, SlotEvents};
+pub(crate) use slot::{Control, Slot};

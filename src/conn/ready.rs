@@ -2,7 +2,9 @@
 //! it, its counters, and whether it still takes calls.
 //!
 //! The picker holds `Arc<Connection>`s; a call that picks one holds an [`InFlightGuard`] until
-//! its response ends, which is what capacity, draining, retirement and `close()` count.
+//! its response ends, which is what capacity, draining, retirement, `close()` and the
+//! least-request policies count. The guard also notes when the call was picked, so that the
+//! response's arrival updates the connection's latency estimate (for `Balance::PeakEwma`).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -15,7 +17,7 @@ use parking_lot::{Mutex, RwLock};
 use tokio::sync::Notify;
 use tonic::Code;
 
-use crate::balance::Pickable;
+use crate::balance::{Pickable, RttEstimate};
 use crate::conn::frames::{ConnFate, PeerLimits};
 use crate::growth::Room;
 use crate::state::{CallCounts, Counters, Disconnect, Disconnections, Outcome};
@@ -188,6 +190,8 @@ pub(crate) struct InFlightGuard {
     /// Its metrics (with the `metrics` feature).
     #[cfg(feature = "metrics")]
     pub(crate) metrics: crate::metrics::Attempt,
+    /// When the call picked the connection ([`crate::balance::now_ns`]).
+    picked_at: u64,
 }
 
 impl InFlightGuard {
@@ -236,6 +240,16 @@ impl InFlightGuard {
     /// Whether an outcome was recorded.
     pub(crate) fn has_outcome(&self) -> bool {
         self.outcome.is_some()
+    }
+
+    /// The response headers arrived: the time since the pick is a sample of the connection's
+    /// latency (tower's `CompleteOnResponse`: what the server took, not how long a stream
+    /// stays open).
+    pub(crate) fn response_arrived(&self) {
+        let now = crate::balance::now_ns();
+        self.conn.rtt.observe(std::time::Duration::from_nanos(
+            now.saturating_sub(self.picked_at),
+        ));
     }
 }
 
@@ -300,6 +314,8 @@ pub(crate) struct Connection {
     /// a picker published before that skips it too (see [`crate::conn::health`]).
     #[cfg(feature = "health")]
     serving: AtomicBool,
+    /// Its response times, for `Balance::PeakEwma` (a new connection starts from the default).
+    rtt: RttEstimate,
 }
 
 impl Connection {
@@ -324,6 +340,7 @@ impl Connection {
             limits,
             #[cfg(feature = "health")]
             serving: AtomicBool::new(true),
+            rtt: RttEstimate::new(),
         }
     }
 
@@ -404,6 +421,7 @@ impl Connection {
             outcome: None,
             #[cfg(feature = "metrics")]
             metrics: crate::metrics::Attempt::start(),
+            picked_at: crate::balance::now_ns(),
         }
     }
 }
@@ -416,7 +434,17 @@ impl Pickable for Arc<Connection> {
 
     #[inline]
     fn has_capacity(&self) -> bool {
-        (self.in_flight() as u64) < u64::from(self.limits.max_concurrent_streams())
+        (Connection::in_flight(self) as u64) < u64::from(self.limits.max_concurrent_streams())
+    }
+
+    #[inline]
+    fn in_flight(&self) -> usize {
+        self.in_flight.count.load(Ordering::Relaxed)
+    }
+
+    #[inline]
+    fn rtt(&self) -> Option<&RttEstimate> {
+        Some(&self.rtt)
     }
 }
 

@@ -29,6 +29,7 @@ use crate::backoff::Backoff;
 use crate::config::Config;
 use crate::conn::connect::connect;
 use crate::conn::driver::{DriverEnd, DriverHandle};
+use crate::conn::events::SlotEvents;
 use crate::conn::frames::{GoAway, KillSwitch, Watched};
 use crate::conn::ready::{ConnStats, Connection};
 use crate::connector::{Connect, Destination};
@@ -64,26 +65,6 @@ enum ServeEnd {
     /// A call found that the connection cannot open streams any more (e.g. its stream ids
     /// are used up): replace it.
     Replace(String),
-}
-
-/// What a slot tells the pool, which it knows only through this: its connection's state
-/// changes (with the connection itself when Ready), its end, and a wish to resolve again. The
-/// registry implements it, so that a change reaches the picker and the aggregate states in
-/// the same step (a connection that went away leaves the picker before another call can
-/// pick it). Like grpc-go's SubConn state listener: the slot names no layer above it.
-pub(crate) trait SlotEvents: Send + Sync + 'static {
-    /// The connection of slot `id` is now in state `to`; `ready` with it when Ready.
-    fn transition(
-        &self,
-        id: u64,
-        to: ConnectivityState,
-        reason: &str,
-        ready: Option<Arc<Connection>>,
-    );
-    /// Slot `id` has ended (after its last transition, to Shutdown).
-    fn removed(&self, id: u64);
-    /// A connection was lost or refused: resolve the target again soon.
-    fn reresolve(&self);
 }
 
 /// Everything a slot's task is started with.

@@ -5,6 +5,7 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod balance_policies;
 mod discovery;
 mod dns_resolver;
 mod faults;

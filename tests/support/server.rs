@@ -76,6 +76,8 @@ pub struct ServerOptions {
     pub tls: Option<tonic::transport::ServerTlsConfig>,
     /// Serve gRPC's health service too (the whole server, `""`, starts SERVING).
     pub health: bool,
+    /// Added to every unary call's own `sleep_ms`: a server slower than its peers.
+    pub unary_delay: Duration,
 }
 
 /// Counters shared between a [`TestServer`] handle and its server thread(s).
@@ -455,6 +457,7 @@ async fn serve(
         name,
         name_header: options.name_header.clone(),
         stats,
+        unary_delay: options.unary_delay,
     };
     let health = options
         .health
@@ -576,6 +579,7 @@ struct EchoService {
     /// See [`ServerOptions::name_header`].
     name_header: Option<String>,
     stats: Arc<Stats>,
+    unary_delay: Duration,
 }
 
 impl EchoService {
@@ -649,6 +653,9 @@ impl Echo for EchoService {
                 .to_owned()
         };
         let req = request.into_inner();
+        if !self.unary_delay.is_zero() {
+            tokio::time::sleep(self.unary_delay).await;
+        }
         sleep_ms(req.sleep_ms).await;
         // `user-agent?` asks for the request's user agent as the reply's message.
         if req.message == "user-agent?" {

@@ -163,6 +163,7 @@ impl<T: Pickable> Ready<T> {
     }
 
     /// Whether it holds no entry.
+    #[cfg(any(test, feature = "bench-internals"))]
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
@@ -297,7 +298,8 @@ impl<T> Default for Picker<T> {
 }
 
 impl<T: Pickable> Picker<T> {
-    /// A round-robin picker over these entries, each its own address.
+    /// A round-robin picker over these entries, each its own address (tests and benches).
+    #[cfg(any(test, feature = "bench-internals"))]
     pub fn new(entries: Vec<T>) -> Self {
         Self::build(Balance::RoundRobin, entries.into_iter().map(|e| vec![e]))
     }
@@ -323,6 +325,7 @@ impl<T: Pickable> Picker<T> {
     }
 
     /// Whether it holds no entry.
+    #[cfg(any(test, feature = "bench-internals"))]
     pub fn is_empty(&self) -> bool {
         self.ready.is_empty()
     }

@@ -163,7 +163,6 @@ impl<T: Pickable> Ready<T> {
     }
 
     /// Whether it holds no entry.
-    #[cfg(any(test, feature = "bench-internals"))]
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }

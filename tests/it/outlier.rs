@@ -177,6 +177,8 @@ async fn calls_go_to_ejected_servers_when_all_are_ejected() {
     let servers = servers(5, &[0, 1, 2, 3, 4]);
     let detection = OutlierDetection::default()
         .interval(INTERVAL)
+        // Longer than the wait below: the servers stay ejected throughout.
+        .base_ejection_time(Duration::from_secs(60))
         .max_ejection_percent(100)
         .success_rate(None)
         .failure_percentage(Some(
@@ -185,8 +187,13 @@ async fn calls_go_to_ejected_servers_when_all_are_ejected() {
                 .request_volume(10),
         ));
     let pool = pool_over(&servers, detection).await;
+    // Bounded: were the ejected servers unpickable, the callers' calls would wait for a
+    // connection until the ejections end (60 s) and the load would not stop.
+    let all_ejected = tokio::time::timeout(2 * WAIT, load_until(&pool, |s| ejected_count(s) == 5))
+        .await
+        .unwrap_or_else(|_| panic!("calls hung with every server ejected: {}", pool.snapshot()));
     assert!(
-        load_until(&pool, |s| ejected_count(s) == 5).await,
+        all_ejected,
         "not every server was ejected: {}",
         pool.snapshot()
     );
@@ -194,9 +201,9 @@ async fn calls_go_to_ejected_servers_when_all_are_ejected() {
     let before: u64 = servers.iter().map(TestServer::requests).sum();
     let mut client = client(&pool);
     for i in 0..10 {
-        let status = client
-            .unary(echo(&format!("all ejected {i}")))
+        let status = tokio::time::timeout(WAIT, client.unary(echo(&format!("all ejected {i}"))))
             .await
+            .unwrap_or_else(|_| panic!("call {i} found no server: {}", pool.snapshot()))
             .expect_err("every server fails");
         assert_eq!(status.code(), Code::Unavailable);
         assert!(status.message().contains("fails every call"), "{status:?}");

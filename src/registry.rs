@@ -459,7 +459,7 @@ impl Shared {
                         reason = reason.as_str(),
                         success_rate = format_args!("{:.1}%", success_rate * 100.0),
                         calls = volume,
-                        for_ = ?duration,
+                        ejected_for = ?duration,
                         "outlier ejected"
                     );
                     #[cfg(feature = "metrics")]

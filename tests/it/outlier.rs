@@ -241,3 +241,55 @@ async fn invalid_settings_are_refused() {
         assert!(err.to_string().contains(name), "{err}");
     }
 }
+
+/// With the `metrics` feature, an ejection counts in `tonic_pool.outlier.ejections` by
+/// reason, and `tonic_pool.outlier.ejected` holds how many are out.
+#[cfg(feature = "metrics")]
+#[tokio::test]
+async fn ejections_are_metrics() {
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+
+    // A local recorder sees this thread only: the current-thread runtime runs the pool here.
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let _local = metrics::set_default_local_recorder(&recorder);
+    let servers = servers(5, &[4]);
+    let detection = OutlierDetection::default()
+        .interval(INTERVAL)
+        .success_rate(None)
+        .failure_percentage(Some(
+            FailurePercentageEjection::default()
+                .threshold(50)
+                .request_volume(10),
+        ));
+    let pool = pool_over(&servers, detection).await;
+    let bad = servers[4].addr();
+    assert!(
+        load_until(&pool, |s| is_ejected(s, bad)).await,
+        "the failing server was not ejected: {}",
+        pool.snapshot()
+    );
+    let recorded = snapshotter.snapshot().into_vec();
+    let value = |name: &str, label: Option<(&str, &str)>| {
+        recorded
+            .iter()
+            .find(|(key, ..)| {
+                let key = key.key();
+                key.name() == name
+                    && label
+                        .is_none_or(|(k, v)| key.labels().any(|l| l.key() == k && l.value() == v))
+            })
+            .map(|(.., value)| value)
+    };
+    assert_eq!(
+        value(
+            "tonic_pool.outlier.ejections",
+            Some(("reason", "failure_percentage"))
+        ),
+        Some(&DebugValue::Counter(1))
+    );
+    match value("tonic_pool.outlier.ejected", None) {
+        Some(DebugValue::Gauge(g)) => assert_eq!(g.into_inner(), 1.0),
+        other => panic!("tonic_pool.outlier.ejected: {other:?}"),
+    }
+}

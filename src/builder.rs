@@ -392,6 +392,19 @@ impl PoolBuilder {
         self
     }
 
+    /// Outlier detection (gRFC A50): every `interval`, an address whose calls failed much
+    /// more than its peers' is ejected — it takes no new call, its connections stay open —
+    /// for `base_ejection_time` times the number of its ejections, then comes back. The
+    /// [`OutlierDetection`](crate::OutlierDetection) docs have the settings and A50's
+    /// defaults; the crate docs' [outlier detection](crate#outlier-detection) section says
+    /// which calls count as failures and what happens when every address is an outlier.
+    ///
+    /// Defaults to off. `build()` refuses a zero interval and percentages above 100.
+    pub fn outlier_detection(mut self, detection: crate::OutlierDetection) -> Self {
+        self.config.outlier_detection = Some(detection);
+        self
+    }
+
     /// The connector that opens each connection's byte stream. With the `tls` feature,
     /// `tls(..)` runs TLS over it.
     ///
@@ -737,6 +750,9 @@ fn validate(config: &Config) -> Result<(), Error> {
             "resolve_ttl_bounds: need 0 < floor <= ceiling, got {:?}..={:?}",
             config.resolve_ttl_floor, config.resolve_ttl_ceiling
         )));
+    }
+    if let Some(detection) = &config.outlier_detection {
+        detection.validate().map_err(Error::invalid_config)?;
     }
     if let Some(origin) = &config.origin {
         if origin.scheme().is_none() || origin.authority().is_none() {

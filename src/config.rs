@@ -60,6 +60,8 @@ pub(crate) struct Config {
     #[cfg(feature = "health")]
     pub(crate) health_check: Option<String>,
     pub(crate) balance: Balance,
+    /// Outlier detection (gRFC A50); `None`: off.
+    pub(crate) outlier_detection: Option<crate::outlier::OutlierDetection>,
     /// The first stream id of every connection (unit tests only: ids running out).
     #[cfg(test)]
     pub(crate) initial_stream_id: Option<u32>,
@@ -97,6 +99,7 @@ impl Default for Config {
             #[cfg(feature = "health")]
             health_check: None,
             balance: Balance::RoundRobin,
+            outlier_detection: None,
             #[cfg(test)]
             initial_stream_id: None,
         }

@@ -14,6 +14,7 @@ use tokio::sync::watch;
 
 use crate::conn::{ConnStats, Connection, Control};
 use crate::growth;
+use crate::outlier::AddressOutliers;
 use crate::state::{aggregate, ConnectivityState, Counters};
 
 /// One address of the pool, as the registry keeps it.
@@ -28,6 +29,8 @@ pub(crate) struct EndpointEntry {
     pub(crate) state_since: Instant,
     /// The counters of the connection slots it no longer has.
     pub(crate) removed: Counters,
+    /// Outlier detection's state of it (ejected or not, and since when).
+    pub(crate) outliers: AddressOutliers,
 }
 
 /// One connection slot of an endpoint, as the registry keeps it.

@@ -127,6 +127,21 @@
 //! server's `MAX_CONCURRENT_STREAMS` without counting as a call in flight, and a connection
 //! that is not Ready shows no calls in flight in snapshots.
 //!
+//! ## Outlier detection
+//!
+//! [`PoolBuilder::outlier_detection`] turns on gRFC A50: every interval, an address whose
+//! calls failed much more than its peers' (success rate more than `stdev_factor` standard
+//! deviations below the mean, or failure percentage above a threshold) is ejected: it takes
+//! no new call, its connections stay open and its calls in flight finish. It comes back after
+//! `base_ejection_time` times the number of its ejections (capped), and
+//! `max_ejection_percent` bounds how many are out at once. `OK` counts as a success;
+//! `UNAVAILABLE` and every other status except `CANCELLED` and `DEADLINE_EXCEEDED` count as
+//! failures (a caller giving up says nothing about the server; transparently retried
+//! attempts count neither way). Should every address with a Ready connection be ejected
+//! anyway, calls go to the ejected ones rather than fail. Snapshots show
+//! [`EndpointSnapshot::ejected`] and [`EndpointSnapshot::ejection_count`]; each ejection and
+//! return is logged at INFO with the address's success rate.
+//!
 //! [tonic]: https://docs.rs/tonic
 
 // The face: what users hold.
@@ -149,6 +164,7 @@ mod backoff;
 mod config;
 pub mod connector;
 mod error;
+mod outlier;
 pub mod resolve;
 pub mod state;
 pub mod stream;
@@ -191,6 +207,7 @@ pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T
 pub use builder::PoolBuilder;
 pub use call::{ResponseBody, WaitForReady};
 pub use error::Error;
+pub use outlier::{FailurePercentageEjection, OutlierDetection, SuccessRateEjection};
 pub use pool::{Pool, ResponseFuture};
 pub use state::{
     CallCounts, ConnectionSnapshot, ConnectivityState, Counters, Disconnections, EndpointSnapshot,

@@ -27,6 +27,8 @@
 //! | `tonic_pool.connections.retired` | counter, `{connection}` | `grpc.target` | the pool |
 //! | `tonic_pool.drains` | counter, `{endpoint}` | `grpc.target` | the pool |
 //! | `tonic_pool.calls.waiting` | up-down gauge, `{call}` | `grpc.target` | the pool |
+//! | `tonic_pool.outlier.ejections` | counter, `{endpoint}` | `grpc.target`, `reason` (`success_rate`, `failure_percentage`) | the pool (gRFC A50 names none) |
+//! | `tonic_pool.outlier.ejected` | gauge, `{endpoint}` | `grpc.target` | the pool |
 //!
 //! The subchannel metrics were A78's `grpc.lb.pick_first.*`; gRFC A94 moved them to
 //! `grpc.subchannel.*` and added `grpc.disconnect_error` (`GOAWAY NO_ERROR`, `connection
@@ -77,6 +79,8 @@ const GROWN: &str = "tonic_pool.connections.grown";
 const RETIRED: &str = "tonic_pool.connections.retired";
 const DRAINS: &str = "tonic_pool.drains";
 const WAITING: &str = "tonic_pool.calls.waiting";
+const OUTLIER_EJECTIONS: &str = "tonic_pool.outlier.ejections";
+const OUTLIER_EJECTED: &str = "tonic_pool.outlier.ejected";
 
 const TARGET: &str = "grpc.target";
 const METHOD: &str = "grpc.method";
@@ -205,6 +209,16 @@ impl PoolMetrics {
     /// An endpoint left the address set and drains.
     pub(crate) fn drain(&self) {
         ::metrics::counter!(DRAINS, self.labels()).increment(1);
+    }
+
+    /// Outlier detection ejected an endpoint.
+    pub(crate) fn outlier_ejected(&self, reason: &'static str) {
+        ::metrics::counter!(OUTLIER_EJECTIONS, self.with("reason", reason)).increment(1);
+    }
+
+    /// How many endpoints outlier detection holds ejected.
+    pub(crate) fn outliers_ejected(&self, ejected: usize) {
+        ::metrics::gauge!(OUTLIER_EJECTED, self.labels()).set(ejected as f64);
     }
 
     /// The endpoints in the address set, and how many of them are Ready.
@@ -574,6 +588,16 @@ fn describe() {
             "Endpoints that left the address set and drained"
         );
         describe_gauge!(WAITING, Unit::Count, "Calls waiting for a Ready connection");
+        describe_counter!(
+            OUTLIER_EJECTIONS,
+            Unit::Count,
+            "Endpoints ejected by outlier detection, by reason"
+        );
+        describe_gauge!(
+            OUTLIER_EJECTED,
+            Unit::Count,
+            "Endpoints outlier detection holds ejected"
+        );
     }
 }
 

@@ -24,6 +24,7 @@ use crate::conn::{ConnStats, Connection, Control, InFlight, SlotEvents};
 use crate::endpoint::{ConnEntry, EndpointEntry, KeepAlive};
 use crate::growth::{GrowthRequests, Room};
 use crate::mailbox::{Mail, WeakMailbox};
+use crate::outlier::{self, AddressOutliers, Change, OutlierDetection, Tally};
 use crate::state::{
     aggregate, ConnectionSnapshot, ConnectivityState, Counters, EndpointSnapshot, PoolSnapshot,
     Scope, StateEvent,
@@ -181,11 +182,16 @@ impl Shared {
     /// Builds the picker of the pool's policy over the Ready connections of the active
     /// endpoints, grouped by address in the endpoint set's order (the order in which the
     /// resolver first gave them: pick first's preference).
+    ///
+    /// Endpoints that outlier detection ejected are left out — unless that would leave no
+    /// Ready connection at all: then an outlier is better than failing every call (see
+    /// [`crate::outlier`]).
     fn publish_picker(&self, registry: &Registry) {
-        let by_address = registry
-            .endpoints
-            .iter()
-            .filter(|e| !e.draining)
+        let has_ready = |e: &&EndpointEntry| e.conns.iter().any(|c| c.ready.is_some());
+        let active = || registry.endpoints.iter().filter(|e| !e.draining);
+        let all_ejected = !active().filter(has_ready).any(|e| !e.outliers.is_ejected());
+        let by_address = active()
+            .filter(|e| all_ejected || !e.outliers.is_ejected())
             .map(|e| e.conns.iter().filter_map(|c| c.ready.clone()).collect());
         let built = Picker::build(self.config.balance, by_address);
         let mut picker = self.picker.write();
@@ -367,6 +373,7 @@ impl Shared {
                 keepalive: keepalive.clone(),
                 state_since: Instant::now(),
                 removed: Counters::default(),
+                outliers: AddressOutliers::default(),
             }),
         }
         self.recompute(&mut reg, "connection added");
@@ -411,6 +418,64 @@ impl Shared {
             self.publish_picker(&reg);
             self.recompute(&mut reg, "endpoint removed from the address set");
         }
+    }
+
+    /// One interval of outlier detection (gRFC A50, see [`crate::outlier`]) over the active
+    /// endpoints, from their calls since the last one; republishes the picker if an endpoint
+    /// was ejected or came back. `roll` gives a uniform number in 0..100.
+    pub(crate) fn evaluate_outliers(
+        &self,
+        detection: &OutlierDetection,
+        now: Instant,
+        roll: &mut dyn FnMut() -> u32,
+    ) {
+        let mut reg = self.registry.lock();
+        let mut active: Vec<&mut EndpointEntry> =
+            reg.endpoints.iter_mut().filter(|e| !e.draining).collect();
+        for endpoint in &mut active {
+            let total = Tally::of(&endpoint.counters().calls);
+            endpoint.outliers.end_interval(total);
+        }
+        let addrs: Vec<SocketAddr> = active.iter().map(|e| e.addr).collect();
+        let mut states: Vec<&mut AddressOutliers> =
+            active.into_iter().map(|e| &mut e.outliers).collect();
+        let changes = outlier::evaluate(detection, now, &mut states, roll);
+        if changes.is_empty() {
+            return;
+        }
+        let ejected_now = states.iter().filter(|s| s.is_ejected()).count();
+        for change in &changes {
+            match change {
+                Change::Ejected {
+                    index,
+                    reason,
+                    success_rate,
+                    volume,
+                    duration,
+                } => {
+                    tracing::info!(
+                        target = %self.target,
+                        addr = %addrs[*index],
+                        reason = reason.as_str(),
+                        success_rate = format_args!("{:.1}%", success_rate * 100.0),
+                        calls = volume,
+                        ejected_for = ?duration,
+                        "outlier ejected"
+                    );
+                    #[cfg(feature = "metrics")]
+                    self.metrics.outlier_ejected(reason.as_str());
+                }
+                Change::Returned { index } => {
+                    tracing::info!(target = %self.target, addr = %addrs[*index], "outlier ejection ended");
+                }
+            }
+        }
+        #[cfg(feature = "metrics")]
+        self.metrics.outliers_ejected(ejected_now);
+        #[cfg(not(feature = "metrics"))]
+        let _ = ejected_now;
+        self.publish_picker(&reg);
+        self.recompute(&mut reg, "outlier detection");
     }
 
     /// Forgets a connection whose task ended.
@@ -574,6 +639,8 @@ impl Shared {
                 keepalive_interval: e.keepalive.interval(),
                 state_since: e.state_since,
                 counters: e.counters(),
+                ejected: e.outliers.is_ejected(),
+                ejection_count: e.outliers.ejections,
                 connections: e
                     .conns
                     .iter()

@@ -380,6 +380,11 @@ pub struct EndpointSnapshot {
     pub state_since: Instant,
     /// Its counters: its connections', including connections it no longer has.
     pub counters: Counters,
+    /// Whether outlier detection ejected it: it takes no new call until it comes back (see
+    /// [`PoolBuilder::outlier_detection`](crate::PoolBuilder::outlier_detection)).
+    pub ejected: bool,
+    /// How many times outlier detection ejected it.
+    pub ejection_count: u64,
 }
 
 /// A point-in-time view of the whole pool, from [`Pool::snapshot`](crate::Pool::snapshot).
@@ -455,7 +460,8 @@ impl PoolSnapshot {
 /// ```
 ///
 /// `CALLS` counts attempts started, `FAILED` those that ended with a status other than `OK`
-/// (see [`CallCounts`]). An endpoint leaving the address set shows `(draining)`.
+/// (see [`CallCounts`]). An endpoint leaving the address set shows `(draining)`, one that
+/// outlier detection ejected `(ejected)`.
 impl fmt::Display for PoolSnapshot {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
@@ -480,11 +486,13 @@ impl fmt::Display for PoolSnapshot {
         let one_line = |e: &Option<String>| e.as_deref().unwrap_or("").replace('\n', " ");
         let mut rows: Vec<[String; 7]> = Vec::new();
         for endpoint in &self.endpoints {
-            let state = if endpoint.draining {
-                format!("{} (draining)", endpoint.state)
-            } else {
-                endpoint.state.to_string()
-            };
+            let mut state = endpoint.state.to_string();
+            if endpoint.draining {
+                state.push_str(" (draining)");
+            }
+            if endpoint.ejected {
+                state.push_str(" (ejected)");
+            }
             rows.push([
                 endpoint.addr.to_string(),
                 "*".to_owned(),

@@ -136,6 +136,15 @@ impl Worker {
         // Idle mode: the wait for the idle timeout, and whether the pool is Idle now.
         let mut idle_timer = self.idle_timer();
         let mut idle = false;
+        // Outlier detection's interval (gRFC A50), when it is on.
+        let mut outlier_ticks = config.outlier_detection.as_ref().map(|detection| {
+            let mut ticks = tokio::time::interval_at(
+                tokio::time::Instant::now() + detection.interval,
+                detection.interval,
+            );
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            ticks
+        });
         loop {
             let sleep = async {
                 match next_resolution {
@@ -196,6 +205,12 @@ impl Worker {
                     next_resolution = None;
                     shared.set_no_endpoints_state(ConnectivityState::Idle, "idle timeout");
                     shared.request_idle();
+                }
+                now = async { outlier_ticks.as_mut().expect("guarded by the branch condition").tick().await }, if outlier_ticks.is_some() => {
+                    if let Some(detection) = &config.outlier_detection {
+                        let rng = &mut self.rng;
+                        shared.evaluate_outliers(detection, now.into_std(), &mut || (rng.next_u64() % 100) as u32);
+                    }
                 }
                 _ = wait_until(&mut connect_rx, |requested| *requested), if idle => {
                     idle = false;

@@ -17,6 +17,7 @@ mod hostile;
 mod keepalive;
 mod knobs;
 mod observe;
+mod outlier;
 mod replacement;
 mod resolution;
 mod resolution_timing;

@@ -78,6 +78,9 @@ pub struct ServerOptions {
     pub health: bool,
     /// Added to every unary call's own `sleep_ms`: a server slower than its peers.
     pub unary_delay: Duration,
+    /// Every unary call fails with `UNAVAILABLE` (its transport stays fine): a server whose
+    /// application is broken, for outlier detection.
+    pub fail_unary: bool,
 }
 
 /// Counters shared between a [`TestServer`] handle and its server thread(s).
@@ -458,6 +461,7 @@ async fn serve(
         name_header: options.name_header.clone(),
         stats,
         unary_delay: options.unary_delay,
+        fail_unary: options.fail_unary,
     };
     let health = options
         .health
@@ -580,6 +584,8 @@ struct EchoService {
     name_header: Option<String>,
     stats: Arc<Stats>,
     unary_delay: Duration,
+    /// See [`ServerOptions::fail_unary`].
+    fail_unary: bool,
 }
 
 impl EchoService {
@@ -657,6 +663,12 @@ impl Echo for EchoService {
             tokio::time::sleep(self.unary_delay).await;
         }
         sleep_ms(req.sleep_ms).await;
+        if self.fail_unary {
+            return Err(Status::unavailable(format!(
+                "{}: fails every call",
+                self.name
+            )));
+        }
         // `user-agent?` asks for the request's user agent as the reply's message.
         if req.message == "user-agent?" {
             return Ok(self.unary_response(self.reply(Vec::new(), header("user-agent"), 0)));

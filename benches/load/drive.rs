@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use tonic::client::GrpcService;
 use tonic::transport::channel::Change;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
-use tonic_pool::{Balance, Pool};
+use tonic_pool::{Balance, FailurePercentageEjection, OutlierDetection, Pool, SuccessRateEjection};
 
 use crate::common::echo::echo_client::EchoClient;
 use crate::common::request;
@@ -25,6 +25,8 @@ const SETTLE: Duration = Duration::from_millis(200);
 #[derive(Debug, Clone)]
 pub(crate) struct RunResult {
     pub(crate) rps: f64,
+    /// The share of the window's calls that failed.
+    pub(crate) failed: f64,
     /// p50, p90, p99, max, in µs.
     pub(crate) p50: u32,
     pub(crate) p90: u32,
@@ -58,12 +60,13 @@ pub(crate) fn run_scenario(
         .iter()
         .enumerate()
         .map(|(i, &last)| {
-            let slow = i + 1 == scenario.servers.len();
+            let last_one = i + 1 == scenario.servers.len();
             ServerProc::spawn(
                 Ipv4Addr::new(127, 0, 0, last),
                 scenario.max_concurrent_streams,
                 tls.as_ref(),
-                if slow { scenario.slow_ms } else { 0 },
+                if last_one { scenario.slow_ms } else { 0 },
+                last_one && scenario.failing_last,
             )
         })
         .collect::<Result<Vec<_>, _>>()?;
@@ -102,6 +105,21 @@ pub(crate) fn run_scenario(
     })
 }
 
+/// S6's outlier ejection: gRFC A50's defaults, except what three servers and a 1 s warm-up
+/// need — a 500 ms interval (the first evaluation falls inside the warm-up), success-rate
+/// ejection from 3 hosts and 50 calls (A50's minimum of 5 hosts would never eject among 3),
+/// and failure-percentage ejection on, also from 3 hosts.
+fn s6_outlier_detection() -> OutlierDetection {
+    OutlierDetection::default()
+        .interval(Duration::from_millis(500))
+        .success_rate(Some(
+            SuccessRateEjection::default()
+                .minimum_hosts(3)
+                .request_volume(50),
+        ))
+        .failure_percentage(Some(FailurePercentageEjection::default().minimum_hosts(3)))
+}
+
 /// Connects in `mode`, drives the load, closes.
 async fn run_mode(
     scenario: &Scenario,
@@ -133,17 +151,20 @@ async fn run_mode(
             drop(changes);
             result
         }
-        Mode::Pool(_) | Mode::PoolWith(_) => {
+        Mode::Pool(_) | Mode::PoolWith(_) | Mode::PoolOutlier => {
             let (n, balance) = match mode {
                 Mode::PoolWith(balance) => (1, balance),
                 Mode::Pool(n) => (n, Balance::RoundRobin),
-                _ => unreachable!("matched above"),
+                _ => (1, Balance::RoundRobin),
             };
             let target = static_target(&addrs);
-            let pool = pool_builder(target, tls)?
+            let mut builder = pool_builder(target, tls)?
                 .connections_per_endpoint(n)
-                .balance(balance)
-                .build()?;
+                .balance(balance);
+            if mode == Mode::PoolOutlier {
+                builder = builder.outlier_detection(s6_outlier_detection());
+            }
+            let pool = builder.build()?;
             let all = n * addrs.len();
             if !pool
                 .wait_until(SETUP_TIMEOUT, |s| s.ready_connections() == all)
@@ -327,6 +348,7 @@ where
     });
     Ok(RunResult {
         rps: latencies.len() as f64 / settings.measure.as_secs_f64(),
+        failed: errors.values().sum::<u64>() as f64 / calls.max(1) as f64,
         p50: percentile(&latencies, 0.50),
         p90: percentile(&latencies, 0.90),
         p99: percentile(&latencies, 0.99),

@@ -44,6 +44,7 @@ pub(crate) fn run(rt: &tokio::runtime::Runtime, settings: &Settings) -> Result<(
         concurrency: 64,
         sleep_ms: 1,
         slow_ms: 0,
+        failing_last: false,
         max_concurrent_streams: None,
         tls: false,
         modes: vec![Mode::Pool(1)],

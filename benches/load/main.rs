@@ -1,4 +1,4 @@
-//! Load scenarios S1–S5 of `benches/README.md`: a closed-loop load generator against echo
+//! Load scenarios S1–S7 of `benches/README.md`: a closed-loop load generator against echo
 //! servers in separate processes, comparing a plain tonic `Channel`, tonic's
 //! `Channel::balance_channel` and the [`Pool`](tonic_pool::Pool) side by side in one run.
 //! Prints a markdown table and the bars.
@@ -12,7 +12,7 @@
 //!
 //! | variable | default | meaning |
 //! |---|---|---|
-//! | `LOAD_SCENARIOS` | `S1,S2,S3,S4,S5` (and `S2-TLS` with feature `tls`) | which scenarios to run, in this order (`S7` needs `--features health`) |
+//! | `LOAD_SCENARIOS` | `S1,S2,S3,S4,S5,S6` (and `S2-TLS` with feature `tls`) | which scenarios to run, in this order (`S7` needs `--features health`) |
 //! | `LOAD_SECS` | 3 | measured seconds per mode and round |
 //! | `LOAD_WARMUP_SECS` | 1 | unmeasured load before each measurement (connections warm) |
 //! | `LOAD_ROUNDS` | 5 | rounds; each round runs every mode of the scenario once |
@@ -65,6 +65,7 @@
 //! | S3 | 127.0.0.2, `max_concurrent_streams` 100 | 1000 | 20 ms | channel, balance ×4, pool ×4, pool ×16, pool 1→16 |
 //! | S4 | 127.0.0.2/3/4 | 64 | 1 ms | channel (one server), balance ×1/addr, pool ×1/addr |
 //! | S5 | 127.0.0.2/3/4, .4 answers 20 ms later | 64 | 1 ms | channel (a fast server), balance ×1/addr (tower's p2c on pending requests), pool ×1/addr round robin, least request, PeakEWMA |
+//! | S6 | 127.0.0.2/3/4, .4 fails every call (UNAVAILABLE), transport healthy | 64 | 1 ms | channel (a good server), pool ×1/addr round robin, least request, round robin with outlier ejection |
 //! | S2-TLS | 127.0.0.2, TLS | 64 | 0 | as S2, every connection TLS (feature `tls`) |
 //! | S7 | 127.0.0.2/3/4, health service; .4 turns NOT_SERVING mid-window | 64 | 1 ms | pool ×1/addr with `health_check("")` |
 //!
@@ -78,6 +79,10 @@
 //! S7 (`health.rs`, feature `health`) is not a ratio: it reports failed calls and how long
 //! after its flip to NOT_SERVING the flipped server still started a call (goal: 0 and
 //! ≤ 100 ms).
+//!
+//! S6 is the failing-server scenario of issue 14: its bars are the share of failed calls
+//! (round robin ~1/3; with outlier ejection < 1 % once the first interval has passed, which
+//! the warm-up covers; least request must not be worse than round robin).
 //!
 //! S5 is the slow-server scenario of issue 14: its bars are the load-aware policies against
 //! round robin and against `balance_channel`, per round (req/s ≥ 2.0× round robin's and ≥
@@ -234,9 +239,9 @@ impl Settings {
         }
         let (secs, warmup, rounds) = if bench { (3.0, 1.0, 5) } else { (0.3, 0.2, 1) };
         let all = if cfg!(feature = "tls") {
-            "S1,S2,S3,S4,S5,S2-TLS"
+            "S1,S2,S3,S4,S5,S6,S2-TLS"
         } else {
-            "S1,S2,S3,S4,S5"
+            "S1,S2,S3,S4,S5,S6"
         };
         let scenarios = var("LOAD_SCENARIOS", all.to_owned())?
             .split(',')
@@ -302,6 +307,9 @@ enum Mode {
     PoolGrow(usize),
     /// `tonic_pool::Pool` with one connection per server and this balancing policy.
     PoolWith(Balance),
+    /// `tonic_pool::Pool` with one connection per server, round robin, and outlier ejection
+    /// (S6; see `drive::s6_outlier_detection`).
+    PoolOutlier,
 }
 
 impl Mode {
@@ -315,6 +323,7 @@ impl Mode {
             Mode::PoolMetrics(n) => ("metrics", n),
             Mode::PoolGrow(n) => ("grow", n),
             Mode::PoolWith(balance) => return token == policy_name(balance),
+            Mode::PoolOutlier => return token == "outlier",
         };
         token == kind || token == format!("{kind}{n}")
     }
@@ -329,6 +338,7 @@ impl fmt::Display for Mode {
             Mode::PoolMetrics(n) => write!(f, "pool+metrics ×{n}"),
             Mode::PoolGrow(n) => write!(f, "pool 1→{n}"),
             Mode::PoolWith(balance) => write!(f, "pool {}", policy_name(*balance)),
+            Mode::PoolOutlier => f.write_str("pool outlier-ejection"),
         }
     }
 }
@@ -354,6 +364,9 @@ struct Scenario {
     sleep_ms: u32,
     /// Added by the last server to every call: a server slower than the others (S5).
     slow_ms: u32,
+    /// Whether the last server fails every unary call at once with UNAVAILABLE, its transport
+    /// healthy (S6).
+    failing_last: bool,
     max_concurrent_streams: Option<u32>,
     /// Whether every connection is TLS (servers and clients alike).
     tls: bool,
@@ -371,11 +384,12 @@ impl Scenario {
             concurrency,
             sleep_ms,
             slow_ms: 0,
+            failing_last: false,
             max_concurrent_streams,
             tls: false,
             modes,
         };
-        use Mode::{Balance, Channel, Pool, PoolGrow, PoolWith};
+        use Mode::{Balance, Channel, Pool, PoolGrow, PoolOutlier, PoolWith};
         #[allow(unused_mut)] // S2-TLS is added only with the `tls` feature.
         let mut all = vec![
             scenario("S1", &[2], 1, 0, None, vec![Channel, Balance(1), Pool(1)]),
@@ -417,6 +431,22 @@ impl Scenario {
                         Pool(1),
                         PoolWith(tonic_pool::Balance::LeastRequest),
                         PoolWith(tonic_pool::Balance::PeakEwma),
+                    ],
+                )
+            },
+            Self {
+                failing_last: true,
+                ..scenario(
+                    "S6",
+                    &[2, 3, 4],
+                    64,
+                    1,
+                    None,
+                    vec![
+                        Channel,
+                        Pool(1),
+                        PoolWith(tonic_pool::Balance::LeastRequest),
+                        PoolOutlier,
                     ],
                 )
             },

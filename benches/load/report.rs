@@ -274,6 +274,44 @@ fn print_bars(reports: &[ScenarioReport]) {
                     println!("| S3 | {m} req/s ≥ {bar:.2}× | {} | {judged} |", ratio(rps));
                 }
             }
+            "S6" => {
+                // The share of failed calls: round robin sends the failing server a third;
+                // outlier ejection must bring that under 1 % once its first interval has
+                // passed (inside the warm-up); least request alone must not make it worse.
+                let failed = |i: usize| stats(report.runs[i].iter().map(|r| r.failed));
+                let percent = |f: (f64, f64, f64)| {
+                    format!(
+                        "{:.2} % ({:.2}–{:.2})",
+                        f.0 * 100.0,
+                        f.1 * 100.0,
+                        f.2 * 100.0
+                    )
+                };
+                let round_robin = failed(p);
+                println!(
+                    "| S6 | {} fails ~1/3 (reference) | {} | — |",
+                    report.modes[p],
+                    percent(round_robin)
+                );
+                if let Some(i) = report.mode(Mode::PoolOutlier) {
+                    let f = failed(i);
+                    println!(
+                        "| S6 | {} failed < 1 % | {} | {} |",
+                        report.modes[i],
+                        percent(f),
+                        verdict(f.0 < 0.01)
+                    );
+                }
+                if let Some(i) = report.mode(Mode::PoolWith(Balance::LeastRequest)) {
+                    let f = failed(i);
+                    println!(
+                        "| S6 | {} failed ≤ round robin's | {} | {} |",
+                        report.modes[i],
+                        percent(f),
+                        verdict(f.0 <= round_robin.0 * 1.05)
+                    );
+                }
+            }
             "S5" => {
                 // The load-aware policies against round robin (the first pool mode) and
                 // against tonic's `balance_channel`, per round.

@@ -37,6 +37,9 @@ pub(crate) const TLS_NAME: &str = "bench.test";
 const HEALTH_ENV: &str = "TONIC_POOL_BENCH_HEALTH";
 /// Milliseconds the server adds to every unary call (S5's slow server), when set.
 const DELAY_ENV: &str = "TONIC_POOL_BENCH_DELAY_MS";
+/// Set (to anything) for a server that fails every unary call at once with UNAVAILABLE, its
+/// transport healthy (S6's failing server).
+const FAIL_ENV: &str = "TONIC_POOL_BENCH_FAIL";
 /// Linux reports process CPU times in clock ticks of 1/100 s (`USER_HZ`) on every common
 /// architecture.
 const CLOCK_TICKS_PER_SEC: u64 = 100;
@@ -77,14 +80,15 @@ impl ServerProc {
         max_concurrent_streams: Option<u32>,
         tls: Option<&BenchTls>,
         delay_ms: u32,
+        fail: bool,
     ) -> Result<Self, BoxError> {
-        Self::spawn_with(ip, max_concurrent_streams, tls, delay_ms, false)
+        Self::spawn_with(ip, max_concurrent_streams, tls, delay_ms, fail, false)
     }
 
     /// A server that also serves gRPC's health service (see [`Self::set_health`]).
     #[cfg_attr(not(feature = "health"), allow(dead_code))] // used by S7 only
     pub(crate) fn spawn_with_health(ip: Ipv4Addr) -> Result<Self, BoxError> {
-        Self::spawn_with(ip, None, None, 0, true)
+        Self::spawn_with(ip, None, None, 0, false, true)
     }
 
     fn spawn_with(
@@ -92,6 +96,7 @@ impl ServerProc {
         max_concurrent_streams: Option<u32>,
         tls: Option<&BenchTls>,
         delay_ms: u32,
+        fail: bool,
         health: bool,
     ) -> Result<Self, BoxError> {
         let mut command = Command::new(std::env::current_exe()?);
@@ -102,6 +107,7 @@ impl ServerProc {
             .env_remove(TLS_KEY_ENV)
             .env_remove(HEALTH_ENV)
             .env(DELAY_ENV, delay_ms.to_string())
+            .env_remove(FAIL_ENV)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
@@ -115,6 +121,9 @@ impl ServerProc {
         }
         if health {
             command.env(HEALTH_ENV, "1");
+        }
+        if fail {
+            command.env(FAIL_ENV, "1");
         }
         let mut child = command.spawn()?;
         let stdin = child.stdin.take().ok_or("server stdin")?;
@@ -266,11 +275,12 @@ pub(crate) fn run(addr: &str) -> Result<(), BoxError> {
         Ok(v) => Duration::from_millis(v.parse::<u64>()?),
         Err(_) => Duration::ZERO,
     };
+    let fail = std::env::var_os(FAIL_ENV).is_some();
     // One thread, named `bench-server` so that profiles tell it from the load generator's
     // `load-client` threads, does all of the server's work.
     std::thread::Builder::new()
         .name("bench-server".into())
-        .spawn(move || serve(addr, mcs, tls, delay))?
+        .spawn(move || serve(addr, mcs, tls, delay, fail))?
         .join()
         .map_err(|_| "server thread panicked")?
 }
@@ -280,6 +290,7 @@ fn serve(
     mcs: Option<u32>,
     tls: Option<ServerTlsConfig>,
     delay: Duration,
+    fail: bool,
 ) -> Result<(), BoxError> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -317,6 +328,7 @@ fn serve(
                     inner: EchoServer::new(Delayed {
                         inner: service,
                         delay,
+                        fail,
                     }),
                     last_call: health.last_call,
                 };
@@ -333,6 +345,7 @@ fn serve(
                     .add_service(EchoServer::new(Delayed {
                         inner: service,
                         delay,
+                        fail,
                     }))
                     .serve_with_incoming(incoming)
                     .await?
@@ -342,16 +355,23 @@ fn serve(
     })
 }
 
-/// The bench's echo service, answering every unary call `delay` later (S5's slow server).
+/// The bench's echo service, answering every unary call `delay` later (S5's slow server),
+/// or failing it at once with UNAVAILABLE (S6's failing server).
 #[derive(Debug)]
 struct Delayed {
     inner: BenchEcho,
     delay: Duration,
+    fail: bool,
 }
 
 #[tonic::async_trait]
 impl Echo for Delayed {
     async fn unary(&self, request: Request<EchoRequest>) -> Result<Response<EchoReply>, Status> {
+        if self.fail {
+            // Counted as served (the share column), then refused.
+            self.inner.requests.fetch_add(1, Ordering::Relaxed);
+            return Err(Status::unavailable("failing on purpose (S6)"));
+        }
         if !self.delay.is_zero() {
             tokio::time::sleep(self.delay).await;
         }

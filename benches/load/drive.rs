@@ -151,17 +151,17 @@ async fn run_mode(
             drop(changes);
             result
         }
-        Mode::Pool(_) | Mode::PoolWith(_) | Mode::PoolOutlier => {
+        Mode::Pool(_) | Mode::PoolWith(_) | Mode::PoolOutlier(_) => {
             let (n, balance) = match mode {
-                Mode::PoolWith(balance) => (1, balance),
+                Mode::PoolWith(balance) | Mode::PoolOutlier(balance) => (1, balance),
                 Mode::Pool(n) => (n, Balance::RoundRobin),
-                _ => (1, Balance::RoundRobin),
+                _ => unreachable!("matched above"),
             };
             let target = static_target(&addrs);
             let mut builder = pool_builder(target, tls)?
                 .connections_per_endpoint(n)
                 .balance(balance);
-            if mode == Mode::PoolOutlier {
+            if let Mode::PoolOutlier(_) = mode {
                 builder = builder.outlier_detection(s6_outlier_detection());
             }
             let pool = builder.build()?;

@@ -65,7 +65,7 @@
 //! | S3 | 127.0.0.2, `max_concurrent_streams` 100 | 1000 | 20 ms | channel, balance ×4, pool ×4, pool ×16, pool 1→16 |
 //! | S4 | 127.0.0.2/3/4 | 64 | 1 ms | channel (one server), balance ×1/addr, pool ×1/addr |
 //! | S5 | 127.0.0.2/3/4, .4 answers 20 ms later | 64 | 1 ms | channel (a fast server), balance ×1/addr (tower's p2c on pending requests), pool ×1/addr round robin, least request, PeakEWMA |
-//! | S6 | 127.0.0.2/3/4, .4 fails every call (UNAVAILABLE), transport healthy | 64 | 1 ms | channel (a good server), pool ×1/addr round robin, least request, round robin with outlier ejection |
+//! | S6 | 127.0.0.2/3/4, .4 fails every call (UNAVAILABLE), transport healthy | 64 | 1 ms | channel (a good server), pool ×1/addr round robin, least request, each of them with outlier ejection |
 //! | S2-TLS | 127.0.0.2, TLS | 64 | 0 | as S2, every connection TLS (feature `tls`) |
 //! | S7 | 127.0.0.2/3/4, health service; .4 turns NOT_SERVING mid-window | 64 | 1 ms | pool ×1/addr with `health_check("")` |
 //!
@@ -82,7 +82,8 @@
 //!
 //! S6 is the failing-server scenario of issue 14: its bars are the share of failed calls
 //! (round robin ~1/3; with outlier ejection < 1 % once the first interval has passed, which
-//! the warm-up covers; least request must not be worse than round robin).
+//! the warm-up covers, under either policy: a server that fails fast looks idle to least
+//! request, which alone sends it more than round robin does — ejection must cover that).
 //!
 //! S5 is the slow-server scenario of issue 14: its bars are the load-aware policies against
 //! round robin and against `balance_channel`, per round (req/s ≥ 2.0× round robin's and ≥
@@ -307,9 +308,9 @@ enum Mode {
     PoolGrow(usize),
     /// `tonic_pool::Pool` with one connection per server and this balancing policy.
     PoolWith(Balance),
-    /// `tonic_pool::Pool` with one connection per server, round robin, and outlier ejection
+    /// `tonic_pool::Pool` with one connection per server, this policy, and outlier ejection
     /// (S6; see `drive::s6_outlier_detection`).
-    PoolOutlier,
+    PoolOutlier(Balance),
 }
 
 impl Mode {
@@ -323,7 +324,9 @@ impl Mode {
             Mode::PoolMetrics(n) => ("metrics", n),
             Mode::PoolGrow(n) => ("grow", n),
             Mode::PoolWith(balance) => return token == policy_name(balance),
-            Mode::PoolOutlier => return token == "outlier",
+            Mode::PoolOutlier(balance) => {
+                return token == format!("outlier-{}", policy_name(balance))
+            }
         };
         token == kind || token == format!("{kind}{n}")
     }
@@ -338,7 +341,9 @@ impl fmt::Display for Mode {
             Mode::PoolMetrics(n) => write!(f, "pool+metrics ×{n}"),
             Mode::PoolGrow(n) => write!(f, "pool 1→{n}"),
             Mode::PoolWith(balance) => write!(f, "pool {}", policy_name(*balance)),
-            Mode::PoolOutlier => f.write_str("pool outlier-ejection"),
+            Mode::PoolOutlier(balance) => {
+                write!(f, "pool {} + ejection", policy_name(*balance))
+            }
         }
     }
 }
@@ -446,7 +451,8 @@ impl Scenario {
                         Channel,
                         Pool(1),
                         PoolWith(tonic_pool::Balance::LeastRequest),
-                        PoolOutlier,
+                        PoolOutlier(tonic_pool::Balance::RoundRobin),
+                        PoolOutlier(tonic_pool::Balance::LeastRequest),
                     ],
                 )
             },

@@ -32,7 +32,7 @@ use crate::state::Outcome;
 /// rejected call from it; tonic 0.14 builds that one itself), so the pool must offer it.
 #[derive(Debug, Default)]
 pub struct ResponseBody {
-    /// h2's stream; `None` only in the empty default body.
+    /// h2's stream; `None` in the empty default body and once the response has ended.
     inner: Option<RecvStream>,
     /// The call's deadline, if it has one.
     deadline: Option<Instant>,
@@ -97,6 +97,10 @@ impl ResponseBody {
                     guard.set_status_from(trailers);
                 }
                 self.end(true);
+                // Let h2's stream go: a caller may keep an ended body (a finished `Streaming`)
+                // for long, and while any stream handle lives, a connection that is closing
+                // (drained, retired) cannot finish its GOAWAY and close.
+                self.inner = None;
                 Poll::Ready(trailers.map(|t| Ok(Frame::trailers(t))))
             }
             Poll::Ready(Err(e)) => Poll::Ready(Some(Err(self.fail(transport_error(e))))),

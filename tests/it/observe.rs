@@ -353,6 +353,113 @@ async fn metrics_after_a_scripted_run() {
 
 /// Reading what the debugging recorder holds: `(name, labels, value)` of each metric.
 #[cfg(feature = "metrics")]
+/// The pool's own lifecycle metrics: connections that growth opened (`grown`), the same
+/// connections closed again once idle (`retired`), and an address that left the set
+/// (`drains`), counted exactly as often as the pool did each.
+#[cfg(feature = "metrics")]
+#[tokio::test]
+async fn lifecycle_metrics_count_growth_retirement_and_drains() {
+    use metrics_util::debugging::DebuggingRecorder;
+    use recorded::counter;
+    use support::common::slow_echo;
+    use support::ServerOptions;
+    use tonic_pool::resolve::Push;
+
+    // A current-thread test: the recorder is this thread's, and so are the pool's tasks.
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let _local = metrics::set_default_local_recorder(&recorder);
+
+    // One stream per connection on the first server, so that concurrent calls grow it.
+    let limited = TestServer::start_with(
+        loopback(2),
+        ServerOptions {
+            max_concurrent_streams: Some(1),
+            ..ServerOptions::default()
+        },
+    );
+    let other = TestServer::start(loopback(3));
+    // The limited server alone at first: with another address that has room, calls would go
+    // there instead of growing the full one.
+    let push = Push::new();
+    push.insert(limited.addr());
+    let pool = builder("lifecycle.test:50051")
+        .discovery(push.clone())
+        .connections_per_endpoint(1)
+        .max_connections_per_endpoint(4)
+        .grown_idle_timeout(Duration::from_millis(200))
+        .build()
+        .unwrap();
+    wait_all_ready(&pool, 1).await;
+    assert!(
+        pool.wait_until(WAIT, |s| s
+            .endpoint(limited.addr())
+            .is_some_and(|e| e.connections[0].max_concurrent_streams == Some(1)))
+            .await,
+        "the pool read the limit: {:#?}",
+        pool.snapshot()
+    );
+
+    // A burst: 4 concurrent slow calls to the one-stream server.
+    let calls: Vec<_> = (0..4)
+        .map(|i| {
+            let mut client = client(&pool);
+            tokio::spawn(async move { client.unary(slow_echo(&format!("burst-{i}"), 100)).await })
+        })
+        .collect();
+    for call in calls {
+        call.await
+            .unwrap()
+            .expect("no call fails while the endpoint grows");
+    }
+    // Growth's connections close once idle; the endpoint's own one stays.
+    assert!(
+        pool.wait_until(WAIT, |s| s
+            .endpoint(limited.addr())
+            .is_some_and(|e| e.connections.len() == 1))
+            .await,
+        "grown connections retired: {:#?}",
+        pool.snapshot()
+    );
+    // The other server joins, the limited one leaves: it drains.
+    push.insert(other.addr());
+    wait_endpoint(&pool, other.addr(), ConnectivityState::Ready).await;
+    push.remove(limited.addr());
+    assert!(
+        pool.wait_until(WAIT, |s| s.endpoint(limited.addr()).is_none())
+            .await,
+        "the removed address drained: {:#?}",
+        pool.snapshot()
+    );
+
+    let all: Vec<_> = snapshotter
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .map(|(key, _, _, value)| {
+            let (_, key) = key.into_parts();
+            let labels = key
+                .labels()
+                .map(|l| (l.key().to_owned(), l.value().to_owned()))
+                .collect();
+            (key.name().to_owned(), labels, value)
+        })
+        .collect();
+    let grown = counter(&all, "tonic_pool.connections.grown", &[]);
+    assert!(grown >= 1, "the burst grew the endpoint: {all:#?}");
+    assert_eq!(
+        counter(&all, "tonic_pool.connections.retired", &[]),
+        grown,
+        "every grown connection retired once idle"
+    );
+    assert_eq!(
+        counter(&all, "tonic_pool.drains", &[]),
+        1,
+        "one address drained"
+    );
+    pool.close().await.unwrap();
+}
+
 mod recorded {
     use metrics_util::debugging::DebugValue;
 

@@ -43,7 +43,7 @@ mod rng;
 mod round_robin;
 
 pub use least_request::LeastRequest;
-pub(crate) use peak_ewma::now_ns;
+pub(crate) use peak_ewma::{epoch, now_ns};
 pub use peak_ewma::{PeakEwma, RttEstimate};
 pub use pick_first::PickFirst;
 pub use picker::{Pickable, Picker};

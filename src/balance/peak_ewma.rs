@@ -17,12 +17,16 @@ use std::time::{Duration, Instant};
 use super::picker::{Choice, Pickable, Policy, Ready};
 use super::{PEAK_EWMA_DECAY, PEAK_EWMA_DEFAULT_RTT};
 
-/// Nanoseconds since the first time any estimate looked at the clock (one epoch per process,
-/// so that an estimate fits in atomics).
-pub(crate) fn now_ns() -> u64 {
+/// The process's one clock epoch: the first time anything asked for it.
+pub(crate) fn epoch() -> Instant {
     static EPOCH: OnceLock<Instant> = OnceLock::new();
-    let epoch = *EPOCH.get_or_init(Instant::now);
-    u64::try_from(epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    *EPOCH.get_or_init(Instant::now)
+}
+
+/// Nanoseconds since [`epoch`] (one epoch per process, so that a time fits in an atomic: the
+/// latency estimates, and a call's start, which also stamps its connection's last call).
+pub(crate) fn now_ns() -> u64 {
+    u64::try_from(epoch().elapsed().as_nanos()).unwrap_or(u64::MAX)
 }
 
 fn nanos(d: Duration) -> f64 {

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use parking_lot::{Mutex, RwLock};
@@ -33,9 +33,8 @@ pub(crate) struct ConnStats {
     calls: AtomicU64,
     /// Attempts that ended, by [`Outcome::class`].
     ended: [AtomicU64; OUTCOME_CLASSES],
-    /// When the last call started: nanoseconds since `epoch`, plus one (0: never).
+    /// When the last call started: [`crate::balance::now_ns`], plus one (0: never).
     last_call: AtomicU64,
-    epoch: Instant,
     connects: AtomicU64,
     connect_attempts: AtomicU64,
     connect_failures: AtomicU64,
@@ -71,7 +70,6 @@ impl ConnStats {
             calls: AtomicU64::new(0),
             ended: Default::default(),
             last_call: AtomicU64::new(0),
-            epoch: Instant::now(),
             connects: AtomicU64::new(0),
             connect_attempts: AtomicU64::new(0),
             connect_failures: AtomicU64::new(0),
@@ -169,7 +167,7 @@ impl ConnStats {
             goaways: self.goaways.lock().clone(),
             last_call: match load(&self.last_call) {
                 0 => None,
-                nanos => Some(self.epoch + Duration::from_nanos(nanos - 1)),
+                nanos => Some(crate::balance::epoch() + Duration::from_nanos(nanos - 1)),
             },
         }
     }
@@ -408,10 +406,12 @@ impl Connection {
     pub(crate) fn start_call(self: &Arc<Self>) -> InFlightGuard {
         let stats = &self.stats;
         stats.calls.fetch_add(1, Ordering::Relaxed);
-        let since_epoch = stats.epoch.elapsed().as_nanos() as u64;
+        // One clock read per call: the connection's last call and the pick time that the
+        // response's arrival turns into a latency sample (`Balance::PeakEwma`).
+        let now = crate::balance::now_ns();
         stats
             .last_call
-            .store(since_epoch.saturating_add(1), Ordering::Relaxed);
+            .store(now.saturating_add(1), Ordering::Relaxed);
         let place = self.in_flight.inc();
         stats.pool.inc();
         InFlightGuard {
@@ -421,7 +421,7 @@ impl Connection {
             outcome: None,
             #[cfg(feature = "metrics")]
             metrics: crate::metrics::Attempt::start(),
-            picked_at: crate::balance::now_ns(),
+            picked_at: now,
         }
     }
 }

@@ -4,8 +4,6 @@
 
 use crate::support;
 
-use std::io::Read;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -163,40 +161,34 @@ async fn unreachable_target_is_a_connect_error() {
 
 /// Runs the binary with `args`, at most `WAIT`; returns its exit code, stdout and stderr.
 fn run_binary(args: &[&str]) -> (Option<i32>, String, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tonic-pool-tune"))
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start tonic-pool-tune");
-    // Bounded: at most WAIT in steps of 50 ms (its output is far below a pipe's buffer, so
-    // it cannot block on writing while this waits).
-    let mut status = None;
-    for _ in 0..WAIT.as_millis() / 50 {
-        status = child.try_wait().expect("wait for tonic-pool-tune");
-        if status.is_some() {
-            break;
+    // Waits on the process's exit, bounded by WAIT: on timeout the future is dropped and
+    // `kill_on_drop` ends the process.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let output = runtime.block_on(async {
+        let run = tokio::process::Command::new(env!("CARGO_BIN_EXE_tonic-pool-tune"))
+            .args(args)
+            .kill_on_drop(true)
+            .output();
+        tokio::time::timeout(WAIT, run).await
+    });
+    match output {
+        Ok(output) => {
+            let output = output.expect("run tonic-pool-tune");
+            (
+                output.status.code(),
+                String::from_utf8_lossy(&output.stdout).into_owned(),
+                String::from_utf8_lossy(&output.stderr).into_owned(),
+            )
         }
-        std::thread::sleep(Duration::from_millis(50));
+        Err(_) => (
+            None,
+            String::new(),
+            format!("tonic-pool-tune ran past {WAIT:?}"),
+        ),
     }
-    if status.is_none() {
-        let _ = child.kill();
-        status = child.wait().ok();
-    }
-    let (mut stdout, mut stderr) = (String::new(), String::new());
-    child
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut stdout)
-        .unwrap();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut stderr)
-        .unwrap();
-    (status.and_then(|s| s.code()), stdout, stderr)
 }
 
 /// The binary runs a sweep, writes the plot, and ends its output with the builder line and,

@@ -165,6 +165,7 @@ mod config;
 pub mod connector;
 mod error;
 mod outlier;
+mod subset;
 pub mod resolve;
 pub mod state;
 pub mod stream;

@@ -7,13 +7,14 @@ use std::time::Duration;
 
 use http::{HeaderValue, Uri};
 
-use crate::backoff::BackoffConfig;
+use crate::backoff::{BackoffConfig, FastRng};
 use crate::balance::Balance;
 use crate::config::{Config, MAX_CONNECTIONS_PER_ENDPOINT, MAX_FRAME_SIZE_RANGE};
 use crate::connector::{Connect, TcpConnector};
 use crate::error::Error;
 use crate::pool::Pool;
 use crate::resolve::{DnsResolver, Push, Resolve, Source, SystemResolver};
+use crate::subset::{Identity, Subsetting};
 use crate::target::{Target, TargetKind};
 
 /// Builds a [`Pool`]. Made by [`Pool::builder`].
@@ -35,6 +36,16 @@ pub struct PoolBuilder {
     tls: Option<crate::tls::TlsConfig>,
     /// A setter's input that could not be taken; reported by `build()`.
     invalid: Option<String>,
+    /// Subsetting as set; `build()` validates it into `Config::subset`.
+    subset: SubsetSettings,
+}
+
+/// The subsetting setters' values, before `build()` checks that they fit together.
+#[derive(Debug, Default)]
+struct SubsetSettings {
+    size: Option<usize>,
+    seed: Option<u64>,
+    client_index: Option<u64>,
 }
 
 impl Pool {
@@ -58,6 +69,7 @@ impl PoolBuilder {
             #[cfg(feature = "tls")]
             tls: None,
             invalid: None,
+            subset: SubsetSettings::default(),
         }
     }
 
@@ -104,6 +116,76 @@ impl PoolBuilder {
     /// Defaults to no overrides.
     pub fn connections_for(mut self, addr: SocketAddr, n: usize) -> Self {
         self.config.connections_override.insert(addr, n);
+        self
+    }
+
+    /// Subsetting: connects to only `k` of the resolved addresses, chosen so that across a
+    /// fleet of clients the servers share the connections evenly and a change of the address
+    /// set moves few of them. It is for many clients over many servers (1 000 clients of a
+    /// headless Service with 500 pods): each server then holds about `clients × k / servers`
+    /// connections instead of one per client, and each client spreads its calls over `k`
+    /// connections, which HTTP/2 batches better than 500. It is not for a target with one
+    /// address (an L4 load balancer, a ClusterIP Service): there is nothing to choose from.
+    ///
+    /// The subset is chosen from every resolution (or pushed set) anew: addresses that enter
+    /// it connect and addresses that leave it drain, as when the resolver adds or removes
+    /// them. With `k` or fewer addresses the pool uses them all. Snapshots show only the
+    /// subset's endpoints. As in gRFC A68, an address of the subset whose server fails is not
+    /// swapped for another while the resolver still lists it: choose `k` so that the others
+    /// can carry the calls.
+    ///
+    /// By default the subset comes from rendezvous hashing (gRFC A68) with a random seed per
+    /// pool; [`subset_seed`](Self::subset_seed) fixes the seed, and
+    /// [`subset_client_index`](Self::subset_client_index) switches to deterministic subsetting
+    /// (exact balance, more churn). The README's section on subsetting compares them.
+    ///
+    /// Defaults to off (every address). `build()` refuses 0.
+    pub fn subset_size(mut self, k: usize) -> Self {
+        self.subset.size = Some(k);
+        self
+    }
+
+    /// The seed of this client's subset under rendezvous hashing (gRFC A68): the subset is the
+    /// `k` addresses whose hash with the seed is lowest. The hash is fixed (not `std`'s), so
+    /// the same seed and the same addresses give the same subset in every process: a client
+    /// whose seed outlives its restarts (say, a hash of its pod name) reconnects to the same
+    /// servers.
+    ///
+    /// Over many clients with independent seeds, each server's connection count is
+    /// Binomial(clients, k / servers): even as chance makes it, not exactly. With 1 000
+    /// clients, 500 servers and `k = 20` that is 40 ± 6 connections each, and the busiest
+    /// server has about 2.5 times the connections of the idlest; the spread narrows as
+    /// `clients × k / servers` grows. In exchange, a change of the address set moves only the
+    /// connections it must: an added address enters a subset only where it ranks among the
+    /// `k` lowest, and a removed one is replaced by the next in line; no other connection
+    /// moves.
+    ///
+    /// Defaults to a random seed per pool. Needs [`subset_size`](Self::subset_size); cannot
+    /// be combined with [`subset_client_index`](Self::subset_client_index).
+    pub fn subset_seed(mut self, seed: u64) -> Self {
+        self.subset.seed = Some(seed);
+        self
+    }
+
+    /// Deterministic subsetting (Google's SRE book, "Load Balancing in the Datacenter") for a
+    /// client that knows its index in its fleet (a StatefulSet ordinal, a shard number):
+    /// clients are grouped in rounds of `servers / k` (rounded down); each round shuffles the
+    /// addresses with the round's number as seed, and the round's `i`-th client takes the
+    /// `i`-th slice of `k`. Indexes should run densely from 0, and every client must see the
+    /// same addresses and use the same `k`. The fleet's size need not be given.
+    ///
+    /// Within a complete round every server gets exactly one connection (the `servers mod k`
+    /// left over sit the round out, by turns), so a fleet of whole rounds is exactly even:
+    /// 1 000 clients, 500 servers and `k = 20` give every server 40 connections. The price is
+    /// churn: a change of the address set reshuffles every round, and one of `servers / k`
+    /// regroups every client. Adding or removing 10 % of those 500 servers moves about 96 %
+    /// of the connections, where rendezvous hashing ([`subset_seed`](Self::subset_seed))
+    /// moves about 10 %. Use it where servers change rarely and balance matters most.
+    ///
+    /// Defaults to off (rendezvous hashing). Needs [`subset_size`](Self::subset_size); cannot
+    /// be combined with [`subset_seed`](Self::subset_seed).
+    pub fn subset_client_index(mut self, index: u64) -> Self {
+        self.subset.client_index = Some(index);
         self
     }
 
@@ -556,6 +638,7 @@ impl PoolBuilder {
             ));
         }
         validate(&self.config)?;
+        self.config.subset = subsetting(&self.subset)?;
         let connector: Arc<dyn Connect> = match self.connector.take() {
             Some(c) => c,
             None => Arc::new(TcpConnector::new()),
@@ -686,6 +769,36 @@ fn default_resolver(target: &Target) -> Arc<dyn Resolve> {
     }
 }
 
+/// The subsetting the settings ask for, if any; an error names what does not fit.
+fn subsetting(settings: &SubsetSettings) -> Result<Option<Subsetting>, Error> {
+    let identity = match (settings.seed, settings.client_index) {
+        (Some(_), Some(_)) => {
+            return Err(Error::invalid_config(
+                "subset_seed(…) and subset_client_index(…) are both set: a pool's subset \
+                 comes from rendezvous hashing (a seed) or from deterministic subsetting (an \
+                 index), not both",
+            ))
+        }
+        (None, Some(index)) => Identity::ClientIndex(index),
+        (Some(seed), None) => Identity::Seed(seed),
+        // gRFC A68: a random seed per client.
+        (None, None) => Identity::Seed(FastRng::random_seed()),
+    };
+    match settings.size {
+        Some(0) => Err(Error::invalid_config(
+            "subset_size must be at least 1, got 0 (leave it unset to use every address)",
+        )),
+        Some(size) => Ok(Some(Subsetting { size, identity })),
+        None if settings.seed.is_some() || settings.client_index.is_some() => {
+            Err(Error::invalid_config(
+                "subset_seed(…) or subset_client_index(…) is set without subset_size(…): \
+                 set how many addresses the subset holds",
+            ))
+        }
+        None => Ok(None),
+    }
+}
+
 fn validate(config: &Config) -> Result<(), Error> {
     let range = 1..=MAX_CONNECTIONS_PER_ENDPOINT;
     if !range.contains(&config.connections_per_endpoint) {
@@ -772,7 +885,8 @@ impl fmt::Debug for PoolBuilder {
             .field("connector", &self.connector)
             .field("resolver", &self.resolver)
             .field("scheme_resolvers", &self.scheme_resolvers)
-            .field("discovery", &self.discovery);
+            .field("discovery", &self.discovery)
+            .field("subset", &self.subset);
         #[cfg(feature = "tls")]
         f.field("tls", &self.tls);
         f.finish()

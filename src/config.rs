@@ -10,6 +10,7 @@ use http::{HeaderValue, Uri};
 use crate::backoff::BackoffConfig;
 use crate::balance::Balance;
 use crate::connector::TcpSettings;
+use crate::subset::Subsetting;
 
 /// The largest connection count accepted for one endpoint.
 pub(crate) const MAX_CONNECTIONS_PER_ENDPOINT: usize = 1024;
@@ -62,6 +63,8 @@ pub(crate) struct Config {
     pub(crate) balance: Balance,
     /// Outlier detection (gRFC A50); `None`: off.
     pub(crate) outlier_detection: Option<crate::outlier::OutlierDetection>,
+    /// Which of the resolved addresses to connect to; `None`: all of them.
+    pub(crate) subset: Option<Subsetting>,
     /// The first stream id of every connection (unit tests only: ids running out).
     #[cfg(test)]
     pub(crate) initial_stream_id: Option<u32>,
@@ -100,6 +103,7 @@ impl Default for Config {
             health_check: None,
             balance: Balance::RoundRobin,
             outlier_detection: None,
+            subset: None,
             #[cfg(test)]
             initial_stream_id: None,
         }

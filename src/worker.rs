@@ -44,6 +44,7 @@ use crate::mailbox::{Inbox, Mail};
 use crate::registry::Shared;
 use crate::resolve::{Resolution, Resolve, ResolveError, Source};
 use crate::state::{wait_until, ConnectivityState};
+use crate::subset::Subsetting;
 use crate::BoxFuture;
 
 #[derive(Debug)]
@@ -311,10 +312,16 @@ impl Worker {
         }
     }
 
-    /// Makes the slots match the address set. New addresses are added before removed ones
-    /// drain, so that replacing the only address never leaves the pool with no endpoint.
-    fn apply(&mut self, addresses: &[SocketAddr]) {
+    /// Makes the slots match the address set (with subsetting, the subset of it). New
+    /// addresses are added before removed ones drain, so that replacing the only address
+    /// never leaves the pool with no endpoint.
+    fn apply(&mut self, resolved: &[SocketAddr]) {
         let shared = self.shared.clone();
+        let subset = shared
+            .config
+            .subset
+            .map(|subsetting| self.subset(&subsetting, resolved));
+        let addresses = subset.as_deref().unwrap_or(resolved);
         for &addr in addresses {
             if shared.is_active(addr) {
                 continue;
@@ -332,6 +339,23 @@ impl Worker {
                 shared.set_draining(addr);
             }
         }
+    }
+
+    /// The subset of `resolved` to connect to; logged with counts (a subset of 20 out of 500
+    /// addresses is not 520 log lines): at INFO when it changes, else at DEBUG.
+    fn subset(&self, subsetting: &Subsetting, resolved: &[SocketAddr]) -> Vec<SocketAddr> {
+        let subset = subsetting.choose(resolved);
+        let active = self.shared.active_addresses();
+        let kept = subset.iter().filter(|addr| active.contains(addr)).count();
+        let (added, removed) = (subset.len() - kept, active.len() - kept);
+        let target = &self.shared.target;
+        let (size, identity) = (subsetting.size, &subsetting.identity);
+        if added + removed > 0 {
+            tracing::info!(%target, resolved = resolved.len(), size, ?identity, chosen = subset.len(), added, removed, "subset chosen");
+        } else {
+            tracing::debug!(%target, resolved = resolved.len(), size, ?identity, chosen = subset.len(), "subset unchanged");
+        }
+        subset
     }
 
     /// Opens one more connection to `addr` if all of its connections are full and Ready and

@@ -165,10 +165,10 @@ mod config;
 pub mod connector;
 mod error;
 mod outlier;
-mod subset;
 pub mod resolve;
 pub mod state;
 pub mod stream;
+mod subset;
 pub mod target;
 // The tuner behind the `tonic-pool-tune` binary: a tool, not the pool's API.
 #[cfg(feature = "tls")]

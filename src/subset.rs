@@ -193,7 +193,9 @@ mod tests {
     fn load(subsets: &[Vec<SocketAddr>], servers: &[SocketAddr]) -> HashMap<SocketAddr, usize> {
         let mut load: HashMap<SocketAddr, usize> = servers.iter().map(|&a| (a, 0)).collect();
         for addr in subsets.iter().flatten() {
-            *load.get_mut(addr).expect("a subset holds only the fleet's servers") += 1;
+            *load
+                .get_mut(addr)
+                .expect("a subset holds only the fleet's servers") += 1;
         }
         load
     }
@@ -231,7 +233,11 @@ mod tests {
         assert_eq!(weight(0, v4), 0x7e9c_245a_538b_1f7f);
         assert_eq!(weight(42, v4), 0x45ba_7261_e010_d8df);
         assert_eq!(weight(42, v6), 0x7316_ec98_b2b4_844e);
-        assert_eq!(mix(0), 0xe220_a839_7b1d_cdaf, "SplitMix64's first output for seed 0");
+        assert_eq!(
+            mix(0),
+            0xe220_a839_7b1d_cdaf,
+            "SplitMix64's first output for seed 0"
+        );
     }
 
     /// A subset is a function of the address set: order and duplicates do not change it; it
@@ -343,7 +349,10 @@ mod tests {
              on removed servers); +10 % moves {moved_up} (minimum {minimum:.0}; then max \
              {max}, min {min})"
         );
-        assert!(moved_up as f64 <= 1.1 * minimum, "{moved_up} > {minimum} + 10 %");
+        assert!(
+            moved_up as f64 <= 1.1 * minimum,
+            "{moved_up} > {minimum} + 10 %"
+        );
     }
 
     /// Deterministic subsetting balances exactly: within a round the clients' subsets are

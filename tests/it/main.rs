@@ -27,6 +27,7 @@ mod shutdown;
 mod states;
 mod stream_limit;
 mod streaming;
+mod subset;
 mod support_proxy;
 mod support_smoke;
 mod targets;

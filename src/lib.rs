@@ -94,6 +94,9 @@
 //! - Addresses come from resolving the target (DNS, address lists, or a resolver of your own
 //!   that owns its scheme: [`PoolBuilder::resolver_for_scheme`]), or are pushed by a caller
 //!   with its own discovery stream ([`resolve::Push`], [`PoolBuilder::discovery`]).
+//! - Subsetting ([`PoolBuilder::subset_size`]): in a large fleet each client connects to
+//!   `k` of the addresses, chosen by rendezvous hashing (gRFC A68) or, for clients that know
+//!   their index, deterministically (Google's SRE book).
 //! - The worker (one task per pool) owns resolution and the connection slots; each slot owns
 //!   one h2 connection (driven by its own task) and runs gRPC's state machine with its own
 //!   backoff. Calls open their HTTP/2 streams from the caller's task.

@@ -7,9 +7,10 @@
 //! - it resolves the target when the pool leaves Idle, then again when the answer's TTL
 //!   (clamped to the configured floor and ceiling) runs out, and early when a connection is
 //!   lost — but never more often than the minimum re-resolution interval;
-//! - it applies each new address set: slots for new addresses start connecting, addresses
-//!   still listed keep their connections, removed ones drain (no new calls; calls in flight
-//!   finish, bounded by the drain timeout);
+//! - it applies each new address set (with subsetting, the subset `subset.rs` chooses from
+//!   it): slots for new addresses start connecting, addresses still listed keep their
+//!   connections, removed ones drain (no new calls; calls in flight finish, bounded by the
+//!   drain timeout);
 //! - a failed or empty answer keeps the last good set and is retried with backoff; the pool
 //!   is TransientFailure only if no good answer ever came;
 //! - a pool whose addresses are pushed ([`Push`](crate::resolve::Push)) resolves nothing: each
@@ -341,8 +342,8 @@ impl Worker {
         }
     }
 
-    /// The subset of `resolved` to connect to; logged with counts (a subset of 20 out of 500
-    /// addresses is not 520 log lines): at INFO when it changes, else at DEBUG.
+    /// The subset of `resolved` to connect to, logged in one line of counts (never the
+    /// hundreds of resolved addresses): at INFO when it changes, else at DEBUG.
     fn subset(&self, subsetting: &Subsetting, resolved: &[SocketAddr]) -> Vec<SocketAddr> {
         let subset = subsetting.choose(resolved);
         let active = self.shared.active_addresses();

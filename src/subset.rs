@@ -268,6 +268,41 @@ mod tests {
         assert!(deterministic(7, &[], K).is_empty());
     }
 
+    proptest::proptest! {
+        /// gRFC A68's promise, for any seed, set and `k`: one address added changes a
+        /// client's subset at most by that address entering (in place of one member), and one
+        /// removed at most by that address leaving (for the next in line).
+        #[test]
+        fn one_address_moves_at_most_one_connection(
+            seed in proptest::prelude::any::<u64>(),
+            n in 0u32..60,
+            k in 1usize..30,
+            which in 0u32..1000,
+        ) {
+            let set = servers(0..n);
+            let subset = rendezvous(seed, &set, k);
+            let changes = |after: &[SocketAddr]| {
+                let entered: Vec<_> = after.iter().filter(|a| !subset.contains(a)).copied().collect();
+                let left: Vec<_> = subset.iter().filter(|a| !after.contains(a)).copied().collect();
+                (entered, left)
+            };
+
+            let added = servers(n + which..n + which + 1)[0];
+            let more: Vec<_> = set.iter().copied().chain([added]).collect();
+            let (entered, left) = changes(&rendezvous(seed, &more, k));
+            proptest::prop_assert!(entered.is_empty() || entered == [added], "{entered:?}");
+            proptest::prop_assert!(left.len() <= entered.len(), "{left:?}");
+
+            if n > 0 {
+                let removed = set[(which % n) as usize];
+                let fewer: Vec<_> = set.iter().copied().filter(|&a| a != removed).collect();
+                let (entered, left) = changes(&rendezvous(seed, &fewer, k));
+                proptest::prop_assert!(left.is_empty() || left == [removed], "{left:?}");
+                proptest::prop_assert!(entered.len() <= left.len(), "{entered:?}");
+            }
+        }
+    }
+
     /// Rendezvous hashing balances as chance does, no better and no worse: each server's count
     /// is Binomial(1 000, 20/500), mean 40, variance 38.4. The sample variance over the 500
     /// servers is within 25 % of it (its own standard error is 6 %; a hash whose weights are

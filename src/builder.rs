@@ -130,7 +130,8 @@ impl PoolBuilder {
     /// The subset is chosen from every resolution (or pushed set) anew: addresses that enter
     /// it connect and addresses that leave it drain, as when the resolver adds or removes
     /// them. With `k` or fewer addresses the pool uses them all. Snapshots show only the
-    /// subset's endpoints. As in gRFC A68, an address of the subset whose server fails is not
+    /// subset's endpoints, and the connection counts (`connections_per_endpoint`,
+    /// `connections_for`) apply to them alone. As in gRFC A68, an address of the subset whose server fails is not
     /// swapped for another while the resolver still lists it: choose `k` so that the others
     /// can carry the calls.
     ///

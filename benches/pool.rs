@@ -412,6 +412,27 @@ fn median_min_max(mut v: Vec<f64>) -> (f64, f64, f64) {
     (median, v[0], v[v.len() - 1])
 }
 
+/// A pool like [`Clients`]' one, built after a Prometheus recorder was installed as the
+/// global recorder, so that it records every metric (with the `metrics` feature). Pools
+/// built before that got no-op handles: `pool` then measures the feature compiled in
+/// without a recorder. The recorder is installed once and stays for the process.
+#[cfg(feature = "metrics")]
+async fn metrics_pool() -> EchoClient<Pool> {
+    static RECORDER: std::sync::Once = std::sync::Once::new();
+    RECORDER.call_once(|| {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        metrics::set_global_recorder(recorder).expect("no other global recorder");
+    });
+    let pool = Pool::builder("static:///127.0.0.1:1")
+        .connector(spawn_duplex_server())
+        .build()
+        .expect("pool");
+    pool.wait_ready(Duration::from_secs(5))
+        .await
+        .expect("pool ready");
+    EchoClient::new(pool)
+}
+
 /// `CALL_ONLY`: `count` calls in one mode, after a warm-up (see the module docs).
 fn one_mode_alone(mode: &str, count: u64) {
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -433,7 +454,13 @@ fn one_mode_alone(mode: &str, count: u64) {
                 calls(&clients.pool, 200, 1).await;
                 calls(&clients.pool, count, 1).await
             }
-            other => panic!("CALL_ONLY={other:?}: expected direct, channel or pool"),
+            #[cfg(feature = "metrics")]
+            "pool-metrics" => {
+                let pool = metrics_pool().await;
+                calls(&pool, 200, 1).await;
+                calls(&pool, count, 1).await
+            }
+            other => panic!("CALL_ONLY={other:?}: expected direct, channel, pool or pool-metrics"),
         }
     });
     println!(

@@ -177,7 +177,9 @@ impl ConnStats {
 /// dropped (a transparent retry drops it and takes a new one).
 #[derive(Debug)]
 pub(crate) struct InFlightGuard {
-    conn: Arc<Connection>,
+    /// The connection the call is on (a field, so that a call can hold it while it updates
+    /// the guard's other fields).
+    pub(crate) conn: Arc<Connection>,
     /// How many calls the connection counted with this one, when it was picked.
     place: usize,
     /// Given back to pick again, not ended: wakes no call waiting for room.
@@ -193,11 +195,6 @@ pub(crate) struct InFlightGuard {
 }
 
 impl InFlightGuard {
-    /// The connection the call is on.
-    pub(crate) fn conn(&self) -> &Arc<Connection> {
-        &self.conn
-    }
-
     /// Records how the attempt ended (counted when the guard is dropped).
     #[inline]
     pub(crate) fn set_outcome(&mut self, outcome: Outcome) {
@@ -233,6 +230,12 @@ impl InFlightGuard {
             };
             self.outcome = Some(Outcome::Status(code));
         }
+    }
+
+    /// When the call picked the connection ([`crate::balance::now_ns`]).
+    #[cfg(feature = "metrics")]
+    pub(crate) fn picked_at(&self) -> u64 {
+        self.picked_at
     }
 
     /// Whether an outcome was recorded.
@@ -279,7 +282,9 @@ impl Drop for InFlightGuard {
             let outcome = self.outcome.unwrap_or(Outcome::Status(Code::Cancelled));
             stats.ended(outcome);
             #[cfg(feature = "metrics")]
-            self.metrics.ended(outcome);
+            if let Some(metrics) = &stats.metrics {
+                self.metrics.ended(metrics, self.picked_at, outcome);
+            }
         }
     }
 }
@@ -420,7 +425,7 @@ impl Connection {
             requeued: false,
             outcome: None,
             #[cfg(feature = "metrics")]
-            metrics: crate::metrics::Attempt::start(),
+            metrics: crate::metrics::Attempt::default(),
             picked_at: now,
         }
     }

@@ -44,7 +44,13 @@
 //!   default 21, of 2 000 calls per mode; 0 skips it) and the median (min–max) of the
 //!   per-round `pool / channel` ratios is printed as a markdown table. It runs whatever
 //!   criterion filter is given, and not in `cargo test --benches`.
-//! - **one mode alone, for instruction counts**: with `CALL_ONLY=direct|channel|pool`, the bench
+//!
+//!   With `--features metrics` a fourth mode joins the rounds: `pool+metrics`, a pool built
+//!   after a Prometheus recorder (`metrics-exporter-prometheus`) was installed, so that it
+//!   records every metric; `pool` then has the feature compiled in and no recorder (its
+//!   handles are no-ops). `pool+metrics / pool` is what recording costs per call.
+//! - **one mode alone, for instruction counts**: with `CALL_ONLY=direct|channel|pool`
+//!   (`pool-metrics` with the `metrics` feature: the recording pool), the bench
 //!   makes 200 warm-up calls and then `CALL_COUNT` (default 2 000) calls, one at a time, in that
 //!   mode only, and exits without running criterion. Under
 //!   `valgrind --tool=callgrind`, the difference between two counts (say 1 000 and 3 000 calls)
@@ -364,39 +370,70 @@ fn bench_call_overhead(c: &mut Criterion, rt: &tokio::runtime::Runtime, clients:
 /// from one mode after the other and drift with the machine's load.
 fn paired_call_overhead(rt: &tokio::runtime::Runtime, clients: &Clients, rounds: usize) {
     const CALLS_PER_ROUND: u64 = 2_000;
+    // With the `metrics` feature, a fourth mode: a pool recording into Prometheus, paired
+    // with `pool` (the feature compiled in, no recorder).
+    #[cfg(feature = "metrics")]
+    let recording = Some(rt.block_on(metrics_pool()));
+    #[cfg(not(feature = "metrics"))]
+    let recording: Option<EchoClient<Pool>> = None;
+    let modes = if recording.is_some() { 4 } else { 3 };
     println!(
         "\ncall_overhead, paired: {rounds} rounds of {CALLS_PER_ROUND} calls per mode, modes alternating\n"
     );
-    println!("| calls in flight | direct µs/call | channel µs/call | pool µs/call | pool / channel (min–max) |");
-    println!("|---|---|---|---|---|");
+    if recording.is_some() {
+        println!("| calls in flight | direct µs/call | channel µs/call | pool µs/call | pool / channel (min–max) | pool+metrics µs/call | pool+metrics / pool (min–max) |");
+        println!("|---|---|---|---|---|---|---|");
+    } else {
+        println!("| calls in flight | direct µs/call | channel µs/call | pool µs/call | pool / channel (min–max) |");
+        println!("|---|---|---|---|---|");
+    }
     for tasks in [1, CONCURRENT_CALLS] {
-        // times[mode][round], µs per call; mode 0 direct, 1 channel, 2 pool.
-        let mut times: [Vec<f64>; 3] = Default::default();
+        // times[mode][round], µs per call; mode 0 direct, 1 channel, 2 pool, 3 pool+metrics.
+        let mut times: [Vec<f64>; 4] = Default::default();
+        let recording = recording.as_ref();
+        let run = |mode: usize| async move {
+            match mode {
+                0 => calls(&clients.direct, CALLS_PER_ROUND, tasks).await,
+                1 => calls(&clients.channel, CALLS_PER_ROUND, tasks).await,
+                2 => calls(&clients.pool, CALLS_PER_ROUND, tasks).await,
+                _ => {
+                    let client = recording.expect("the fourth mode has a pool");
+                    calls(client, CALLS_PER_ROUND, tasks).await
+                }
+            }
+        };
         rt.block_on(async {
             // One unmeasured round warms every mode.
-            calls(&clients.direct, CALLS_PER_ROUND, tasks).await;
-            calls(&clients.channel, CALLS_PER_ROUND, tasks).await;
-            calls(&clients.pool, CALLS_PER_ROUND, tasks).await;
+            for mode in 0..modes {
+                run(mode).await;
+            }
             for round in 0..rounds {
-                for k in 0..3 {
-                    let mode = (round + k) % 3;
-                    let took = match mode {
-                        0 => calls(&clients.direct, CALLS_PER_ROUND, tasks).await,
-                        1 => calls(&clients.channel, CALLS_PER_ROUND, tasks).await,
-                        _ => calls(&clients.pool, CALLS_PER_ROUND, tasks).await,
-                    };
+                for k in 0..modes {
+                    let mode = (round + k) % modes;
+                    let took = run(mode).await;
                     times[mode].push(took.as_secs_f64() * 1e6 / CALLS_PER_ROUND as f64);
                 }
             }
         });
-        let ratios: Vec<f64> = times[2].iter().zip(&times[1]).map(|(p, c)| p / c).collect();
-        let (ratio, lo, hi) = median_min_max(ratios);
-        println!(
+        let paired = |a: usize, b: usize| {
+            let ratios: Vec<f64> = times[a].iter().zip(&times[b]).map(|(x, y)| x / y).collect();
+            median_min_max(ratios)
+        };
+        let (ratio, lo, hi) = paired(2, 1);
+        print!(
             "| {tasks} | {:.2} | {:.2} | {:.2} | {ratio:.3}× ({lo:.3}–{hi:.3}) |",
             median_min_max(times[0].clone()).0,
             median_min_max(times[1].clone()).0,
             median_min_max(times[2].clone()).0,
         );
+        if modes == 4 {
+            let (ratio, lo, hi) = paired(3, 2);
+            print!(
+                " {:.2} | {ratio:.3}× ({lo:.3}–{hi:.3}) |",
+                median_min_max(times[3].clone()).0
+            );
+        }
+        println!();
     }
 }
 

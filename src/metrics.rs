@@ -53,6 +53,7 @@ use std::sync::{Arc, OnceLock};
 use ::metrics::{Counter, Gauge, Histogram, Label, SharedString, Unit};
 use tonic::Code;
 
+use crate::conn::ready::Lost;
 use crate::state::{Disconnect, Outcome};
 
 /// How many distinct `grpc.method` values a pool records before it records `other`.
@@ -161,14 +162,15 @@ impl PoolMetrics {
         ::metrics::counter!(CONNECT_FAILED, self.labels()).increment(1);
     }
 
-    /// An open connection stopped serving.
-    pub(crate) fn disconnected(&self, reason: Disconnect) {
+    /// An open connection stopped serving, for `reason` (and, lost without a GOAWAY, what
+    /// broke it).
+    pub(crate) fn disconnected(&self, reason: Disconnect, lost: Lost) {
         let error: SharedString = match reason {
             Disconnect::GoAway(code) => match h2_code_name(code) {
                 Some(name) => format!("GOAWAY {name}").into(),
                 None => format!("GOAWAY {code:#x}").into(),
             },
-            Disconnect::Reset => "connection reset".into(),
+            Disconnect::Reset => lost_error(lost).into(),
             Disconnect::KeepAliveTimeout => "connection timed out".into(),
             Disconnect::Drained | Disconnect::Retired | Disconnect::Shutdown => {
                 "subchannel shutdown".into()
@@ -251,6 +253,21 @@ fn h2_code_name(code: u32) -> Option<&'static str> {
         "HTTP_1_1_REQUIRED",
     ];
     NAMES.get(code as usize).copied()
+}
+
+/// gRFC A94's `grpc.disconnect_error` of a connection lost without a GOAWAY: the socket
+/// error's kind where there is one (`connection reset` for a peer's RST), `socket error` for
+/// other socket errors and for a peer that closed the socket without a GOAWAY, `unknown` for
+/// HTTP/2 closing it on a protocol error.
+fn lost_error(lost: Lost) -> &'static str {
+    use std::io::ErrorKind;
+    match lost {
+        Lost::Io(ErrorKind::ConnectionReset) => "connection reset",
+        Lost::Io(ErrorKind::ConnectionAborted) => "connection aborted",
+        Lost::Io(ErrorKind::TimedOut) => "connection timed out",
+        Lost::Io(_) | Lost::Eof => "socket error",
+        Lost::Protocol | Lost::No => "unknown",
+    }
 }
 
 /// Counts a call in `tonic_pool.calls.waiting` while it lives.

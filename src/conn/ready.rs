@@ -53,6 +53,33 @@ pub(crate) struct ConnStats {
 
 const OUTCOME_CLASSES: usize = 5;
 
+/// What broke a connection that ended without a GOAWAY ([`Disconnect::Reset`] in the
+/// snapshot, which counts them together), told apart for the metrics'
+/// `grpc.disconnect_error` (gRFC A94: `connection reset`, `connection aborted`, `socket
+/// error`, …).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Lost {
+    /// Not lost: it ended for another reason (a GOAWAY, a keepalive timeout, the pool's doing).
+    No,
+    /// An I/O error of this kind (`ConnectionReset` for a peer's RST).
+    Io(std::io::ErrorKind),
+    /// The peer closed the byte stream without a GOAWAY.
+    Eof,
+    /// HTTP/2 closed it: a protocol error of the peer's, found on our side.
+    Protocol,
+}
+
+impl Lost {
+    /// What the error h2's connection ended with says broke it.
+    pub(crate) fn from_h2(error: &h2::Error) -> Self {
+        match error.get_io() {
+            Some(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => Self::Eof,
+            Some(io) => Self::Io(io.kind()),
+            None => Self::Protocol,
+        }
+    }
+}
+
 fn disconnect_index(reason: Disconnect) -> usize {
     match reason {
         Disconnect::GoAway(_) => 0,
@@ -121,16 +148,18 @@ impl ConnStats {
     }
 
     /// A Ready connection of this slot stopped serving; `goaway` is the error code of the
-    /// GOAWAY it received, if it did.
-    pub(crate) fn disconnected(&self, reason: Disconnect, goaway: Option<u32>) {
+    /// GOAWAY it received, if it did; `lost` what broke a connection lost without one.
+    pub(crate) fn disconnected(&self, reason: Disconnect, goaway: Option<u32>, lost: Lost) {
         self.disconnections[disconnect_index(reason)].fetch_add(1, Ordering::Relaxed);
         if let Some(code) = goaway {
             *self.goaways.lock().entry(code).or_default() += 1;
         }
         #[cfg(feature = "metrics")]
         if let Some(metrics) = &self.metrics {
-            metrics.disconnected(reason);
+            metrics.disconnected(reason, lost);
         }
+        #[cfg(not(feature = "metrics"))]
+        let _ = lost;
     }
 
     /// An attempt ended.

@@ -55,6 +55,7 @@ use tonic::Code;
 
 use crate::conn::ready::Lost;
 use crate::state::{Disconnect, Outcome};
+use crate::target::Target;
 
 /// How many distinct `grpc.method` values a pool records before it records `other`.
 pub(crate) const MAX_METHODS: usize = 100;
@@ -117,9 +118,11 @@ pub(crate) struct PoolMetrics {
 }
 
 impl PoolMetrics {
+    /// The metrics of the pool of `target` (as written, or already canonical): its
+    /// `grpc.target` is the canonical form (see [`canonical_target`]).
     pub(crate) fn new(target: &str) -> Self {
         describe();
-        let target = SharedString::from(Arc::<str>::from(target));
+        let target = SharedString::from(Arc::<str>::from(canonical_target(target)));
         let labels = vec![Label::new(TARGET, target.clone())];
         Self {
             open_connections: ::metrics::gauge!(OPEN_CONNECTIONS, labels.clone()),
@@ -253,6 +256,17 @@ fn h2_code_name(code: u32) -> Option<&'static str> {
         "HTTP_1_1_REQUIRED",
     ];
     NAMES.get(code as usize).copied()
+}
+
+/// gRFC A66's `grpc.target`: the canonical target string ([`Target::canonical`]:
+/// `dns:///svc:50051` for `svc:50051`). A target of a resolver's own scheme, which
+/// [`Target::parse`] does not know, is canonical as written. Canonical targets stay as they
+/// are, so the pool may hand over either form.
+fn canonical_target(target: &str) -> String {
+    match Target::parse(target) {
+        Ok(parsed) => parsed.canonical(),
+        Err(_) => target.trim().to_owned(),
+    }
 }
 
 /// gRFC A94's `grpc.disconnect_error` of a connection lost without a GOAWAY: the socket

@@ -553,6 +553,43 @@ async fn an_unanswered_keepalive_counts_as_connection_timed_out() {
     proxy.set_mode(Mode::Forward);
 }
 
+/// `grpc.target` is the canonical target (gRFC A66), not the target as written: a pool built
+/// for `127.0.0.2:port` (no scheme: DNS, gRPC's default) labels its per-call and its
+/// connection metrics `dns:///127.0.0.2:port`, as gRPC does.
+#[cfg(feature = "metrics")]
+#[tokio::test]
+async fn metrics_name_the_canonical_target() {
+    let recorder = metrics_util::debugging::DebuggingRecorder::new();
+    let _local = metrics::set_default_local_recorder(&recorder);
+    let server = TestServer::start(loopback(2));
+    let written = server.addr().to_string();
+    let pool = builder(&written).build().unwrap();
+    wait_all_ready(&pool, 1).await;
+    client(&pool)
+        .unary(echo("canonical"))
+        .await
+        .expect("call ok");
+    pool.close().await.unwrap();
+
+    let canonical = format!("dns:///{written}");
+    let mut named = Vec::new();
+    for (key, _, _, _) in recorder.snapshotter().snapshot().into_vec() {
+        let (_, key) = key.into_parts();
+        for label in key.labels().filter(|l| l.key() == "grpc.target") {
+            assert_eq!(label.value(), canonical, "{}", key.name());
+            named.push(key.name().to_owned());
+        }
+    }
+    for name in [
+        "grpc.client.attempt.started",
+        "grpc.client.call.duration",
+        "grpc.subchannel.connection_attempts_succeeded",
+        "grpc.subchannel.open_connections",
+    ] {
+        assert!(named.iter().any(|n| n == name), "{name} not in {named:?}");
+    }
+}
+
 mod recorded {
     use metrics_util::debugging::DebugValue;
 

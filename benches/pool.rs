@@ -37,6 +37,10 @@
 //!   more, or less, than tonic's `Channel` (`Buffer` + `Reconnect` + hyper's client) per RPC. The `/1`
 //!   variants make one call at a time; the `/32` variants keep 32 calls in flight from 32
 //!   tasks and report the time per call (CPU-bound throughput, wake-ups amortised).
+//! - **`recorder/alone`, `recorder/contended`** (feature `metrics`): what
+//!   `metrics-exporter-prometheus` charges for the metric operations of one call (a counter
+//!   increment and four histogram samples), on one thread and on two threads recording into
+//!   the same handles at once — the part of the metrics' cost that is the recorder's.
 //! - **paired call overhead** (printed after criterion's summary): criterion measures one
 //!   mode after the other, so on a shared machine its `pool` and `channel` figures can be
 //!   minutes and a load change apart. As `benches/README.md` asks for ratios measured side by
@@ -221,6 +225,104 @@ fn bench_republish(c: &mut Criterion) {
         });
     });
     std::hint::black_box(published.len());
+    group.finish();
+}
+
+// === what a recorder charges per call ===
+
+/// The metric operations a pool makes per call with the `metrics` feature: one counter
+/// increment (`grpc.client.attempt.started`) and four histogram samples (attempt duration,
+/// sent and received sizes, call duration), on handles registered once.
+#[cfg(feature = "metrics")]
+struct CallHandles {
+    started: metrics::Counter,
+    histograms: [metrics::Histogram; 4],
+}
+
+#[cfg(feature = "metrics")]
+impl CallHandles {
+    fn register(recorder: &impl metrics::Recorder) -> Self {
+        metrics::with_local_recorder(recorder, || {
+            let labels = [("grpc.method", "echo.Echo/Unary"), ("grpc.status", "OK")];
+            Self {
+                started: metrics::counter!("grpc.client.attempt.started", &labels[..1]),
+                histograms: [
+                    metrics::histogram!("grpc.client.attempt.duration", &labels),
+                    metrics::histogram!(
+                        "grpc.client.attempt.sent_total_compressed_message_size",
+                        &labels
+                    ),
+                    metrics::histogram!(
+                        "grpc.client.attempt.rcvd_total_compressed_message_size",
+                        &labels
+                    ),
+                    metrics::histogram!("grpc.client.call.duration", &labels),
+                ],
+            }
+        })
+    }
+
+    #[inline]
+    fn one_call(&self) {
+        self.started.increment(1);
+        for (i, histogram) in self.histograms.iter().enumerate() {
+            histogram.record(std::hint::black_box(i as f64));
+        }
+    }
+}
+
+/// `recorder/*` (feature `metrics`): what `metrics-exporter-prometheus` charges for one
+/// call's metric operations ([`CallHandles::one_call`]) — `alone` on one thread, `contended`
+/// on two threads recording into the same handles at once (the time per call on each
+/// thread), as a pool's calls do from two runtime workers. The recorder's samples are drained
+/// (its upkeep) between batches, outside the timed span, as its exporter does every 5 s.
+#[cfg(feature = "metrics")]
+fn bench_recorder(c: &mut Criterion) {
+    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+    let handle = recorder.handle();
+    let handles = CallHandles::register(&recorder);
+    let mut group = c.benchmark_group("recorder");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("alone", |b| {
+        b.iter_custom(|iters| {
+            let began = Instant::now();
+            for _ in 0..iters {
+                handles.one_call();
+            }
+            let took = began.elapsed();
+            handle.run_upkeep();
+            took
+        });
+    });
+    group.bench_function("contended", |b| {
+        b.iter_custom(|iters| {
+            const THREADS: usize = 2;
+            let start = Barrier::new(THREADS + 1);
+            let took = std::thread::scope(|scope| {
+                let workers: Vec<_> = (0..THREADS)
+                    .map(|_| {
+                        let (start, handles) = (&start, &handles);
+                        scope.spawn(move || {
+                            start.wait();
+                            let began = Instant::now();
+                            for _ in 0..iters {
+                                handles.one_call();
+                            }
+                            began.elapsed()
+                        })
+                    })
+                    .collect();
+                start.wait();
+                let per_thread: Vec<Duration> = workers
+                    .into_iter()
+                    .map(|w| w.join().expect("recording thread panicked"))
+                    .collect();
+                per_thread.iter().sum::<Duration>() / THREADS as u32
+            });
+            handle.run_upkeep();
+            took
+        });
+    });
     group.finish();
 }
 
@@ -519,6 +621,8 @@ fn main() {
     let mut c = Criterion::default().configure_from_args();
     bench_pick(&mut c);
     bench_republish(&mut c);
+    #[cfg(feature = "metrics")]
+    bench_recorder(&mut c);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -590,6 +590,61 @@ async fn metrics_name_the_canonical_target() {
     }
 }
 
+/// A request that still streams after its response started (a bidirectional call) is
+/// counted whole in `grpc.client.attempt.sent_total_compressed_message_size`: the messages
+/// sent after the response headers arrived too, not only those before.
+#[cfg(feature = "metrics")]
+#[tokio::test]
+async fn a_streamed_request_counts_every_message_sent() {
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+    use prost::Message as _;
+
+    let recorder = DebuggingRecorder::new();
+    let _local = metrics::set_default_local_recorder(&recorder);
+    let server = TestServer::start(loopback(2));
+    let pool = builder(&static_target(&[&server])).build().unwrap();
+    wait_all_ready(&pool, 1).await;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let first = echo("x");
+    let second = echo("a longer second message");
+    tx.send(first.clone()).await.unwrap();
+    let mut replies = client(&pool)
+        .bidi(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .expect("response started")
+        .into_inner();
+    // The response has started: what follows goes out after it.
+    assert_eq!(replies.message().await.unwrap().unwrap().message, "x");
+    tx.send(second.clone()).await.unwrap();
+    drop(tx);
+    let reply = replies.message().await.unwrap().unwrap();
+    assert_eq!(reply.message, second.message);
+    assert!(replies.message().await.unwrap().is_none());
+    drop(replies);
+    pool.close().await.unwrap();
+
+    let sent = recorder
+        .snapshotter()
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .find_map(|(key, _, _, value)| {
+            let (_, key) = key.into_parts();
+            let bidi = key.name() == "grpc.client.attempt.sent_total_compressed_message_size"
+                && key
+                    .labels()
+                    .any(|l| l.key() == "grpc.method" && l.value() == "echo.Echo/Bidi");
+            match value {
+                DebugValue::Histogram(values) if bidi => {
+                    Some(values.iter().map(|v| v.into_inner()).collect::<Vec<_>>())
+                }
+                _ => None,
+            }
+        });
+    let both = (first.encoded_len() + second.encoded_len()) as f64;
+    assert_eq!(sent, Some(vec![both]));
+}
+
 mod recorded {
     use metrics_util::debugging::DebugValue;
 

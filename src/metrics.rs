@@ -41,11 +41,31 @@
 //! from others, so it records the first [`MAX_METHODS`] paths it sees and `other` after them.
 //! Message sizes count the gRPC messages' bytes without their 5-byte prefixes.
 //!
-//! Cost: per-call handles are looked up once per method and status and kept, so an attempt
-//! costs a read lock on the method table, a counter add, and at its end three histogram
-//! records (four for the call's last attempt), plus a clock read at each end. Connection
-//! and resolution metrics are registered when they happen (rare). Install the recorder
-//! before building the pool: handles registered before that go nowhere.
+//! `grpc.target` is the canonical target, as gRPC writes it ([`Target::canonical`]):
+//! `dns:///svc:50051` for a pool built for `svc:50051`.
+//!
+//! `grpc.disconnect_error` follows gRFC A94: the first reason seen — a GOAWAY received names
+//! its code even if the socket then fails — else what broke the connection: `connection
+//! reset` (the peer's RST), `connection aborted`, `connection timed out` (a keepalive PING
+//! unanswered, or the socket's timeout), `socket error` (other socket errors, and a peer that
+//! closed the socket without a GOAWAY), `unknown` (HTTP/2 closed it on the peer's protocol
+//! error); `subchannel shutdown` when the pool closed it (drained, retired, closed).
+//!
+//! ## Cost
+//!
+//! Per call, the pool itself allocates nothing, takes no lock, and writes no memory another
+//! thread reads: the call finds its method in a table of write-once slots (a hash of the
+//! path, an acquire load, a string comparison) and carries a 2-byte id; the attempt's start
+//! and the call's are the clock read the pick already makes; the request's message bytes
+//! are counted by the attempt's body cursor as frames go out (no wrapper body), the
+//! response's as the body is read; at the attempt's end one more clock read, then one
+//! counter increment and four histogram samples (three for an attempt that is retried). The
+//! handles are registered once per method and status. What the samples cost is the
+//! recorder's: `metrics-exporter-prometheus` takes ~0.3 µs for a call's five operations on
+//! one thread, more when two threads record into the same handles at once (its samples go
+//! to shared atomic buckets); `benches/RESULTS.md` section 22b has the measurements.
+//! Connection and resolution metrics are registered when they happen (rare). Install the
+//! recorder before building the pool: handles registered before that go nowhere.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -53,7 +73,6 @@ use std::sync::{Arc, OnceLock};
 use ::metrics::{Counter, Gauge, Histogram, Label, SharedString, Unit};
 use tonic::Code;
 
-use crate::conn::ready::Lost;
 use crate::state::{Disconnect, Outcome};
 use crate::target::Target;
 
@@ -165,15 +184,16 @@ impl PoolMetrics {
         ::metrics::counter!(CONNECT_FAILED, self.labels()).increment(1);
     }
 
-    /// An open connection stopped serving, for `reason` (and, lost without a GOAWAY, what
-    /// broke it).
-    pub(crate) fn disconnected(&self, reason: Disconnect, lost: Lost) {
+    /// An open connection stopped serving, for `reason`; `lost_error` is the
+    /// `grpc.disconnect_error` of a connection lost without a GOAWAY ([`Disconnect::Reset`]),
+    /// which the connection tells apart (`connection reset`, `socket error`, …).
+    pub(crate) fn disconnected(&self, reason: Disconnect, lost_error: &'static str) {
         let error: SharedString = match reason {
             Disconnect::GoAway(code) => match h2_code_name(code) {
                 Some(name) => format!("GOAWAY {name}").into(),
                 None => format!("GOAWAY {code:#x}").into(),
             },
-            Disconnect::Reset => lost_error(lost).into(),
+            Disconnect::Reset => lost_error.into(),
             Disconnect::KeepAliveTimeout => "connection timed out".into(),
             Disconnect::Drained | Disconnect::Retired | Disconnect::Shutdown => {
                 "subchannel shutdown".into()
@@ -221,9 +241,10 @@ impl PoolMetrics {
         }
     }
 
-    /// A call that failed with no connection to count it: its `grpc.client.call.duration`.
-    pub(crate) fn call_failed_without_connection(&self, call: CallMetrics, code: Code) {
-        let elapsed = crate::balance::now_ns().saturating_sub(call.started);
+    /// A call that failed with no connection to count it, at `now`: its
+    /// `grpc.client.call.duration`.
+    pub(crate) fn call_failed_without_connection(&self, call: CallMetrics, now: u64, code: Code) {
+        let elapsed = now.saturating_sub(call.started);
         self.method_metrics(call.method)
             .status(code)
             .call_duration
@@ -266,21 +287,6 @@ fn canonical_target(target: &str) -> String {
     match Target::parse(target) {
         Ok(parsed) => parsed.canonical(),
         Err(_) => target.trim().to_owned(),
-    }
-}
-
-/// gRFC A94's `grpc.disconnect_error` of a connection lost without a GOAWAY: the socket
-/// error's kind where there is one (`connection reset` for a peer's RST), `socket error` for
-/// other socket errors and for a peer that closed the socket without a GOAWAY, `unknown` for
-/// HTTP/2 closing it on a protocol error.
-fn lost_error(lost: Lost) -> &'static str {
-    use std::io::ErrorKind;
-    match lost {
-        Lost::Io(ErrorKind::ConnectionReset) => "connection reset",
-        Lost::Io(ErrorKind::ConnectionAborted) => "connection aborted",
-        Lost::Io(ErrorKind::TimedOut) => "connection timed out",
-        Lost::Io(_) | Lost::Eof => "socket error",
-        Lost::Protocol | Lost::No => "unknown",
     }
 }
 
@@ -468,7 +474,7 @@ impl MethodMetrics {
 }
 
 /// What a call's attempts need to know of the call: its method and when it started
-/// ([`crate::balance::now_ns`]). Two words, copied into each attempt.
+/// (on the pool's clock, `crate::balance::now_ns`). Two words, copied into each attempt.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct CallMetrics {
     pub(crate) method: MethodId,
@@ -530,10 +536,10 @@ impl Attempt {
         self.rcvd.feed(data);
     }
 
-    /// The attempt, which picked its connection at `picked_at` ([`crate::balance::now_ns`]),
-    /// ended with `outcome`: its duration and sizes, and the call's duration unless the call
-    /// goes on with another attempt. One clock read.
-    pub(crate) fn ended(&self, metrics: &PoolMetrics, picked_at: u64, outcome: Outcome) {
+    /// The attempt, which picked its connection at `picked_at`, ended at `now` (both on the
+    /// pool's clock, `crate::balance::now_ns`) with `outcome`: its duration and sizes, and
+    /// the call's duration unless the call goes on with another attempt.
+    pub(crate) fn ended(&self, metrics: &PoolMetrics, picked_at: u64, now: u64, outcome: Outcome) {
         let Some(call) = self.call else {
             // Dropped before the call named it: never sent.
             return;
@@ -547,7 +553,6 @@ impl Attempt {
             }
         };
         let status = method.status(code);
-        let now = crate::balance::now_ns();
         status
             .attempt_duration
             .record(seconds(now.saturating_sub(picked_at)));

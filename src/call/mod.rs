@@ -106,9 +106,11 @@ pub(crate) async fn run(
         shared.call_failed_without_connection();
         #[cfg(feature = "metrics")]
         if let Outcome::Status(code) = outcome_of(error) {
-            shared
-                .metrics
-                .call_failed_without_connection(call_metrics, code);
+            shared.metrics.call_failed_without_connection(
+                call_metrics,
+                crate::balance::now_ns(),
+                code,
+            );
         }
         #[cfg(not(feature = "metrics"))]
         let _ = error;

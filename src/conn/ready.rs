@@ -70,6 +70,22 @@ pub(crate) enum Lost {
 }
 
 impl Lost {
+    /// gRFC A94's `grpc.disconnect_error` for it: the socket error's kind where there is one
+    /// (`connection reset` for a peer's RST), `socket error` for other socket errors and for
+    /// a peer that closed the socket without a GOAWAY, `unknown` for HTTP/2 closing it on a
+    /// protocol error.
+    #[cfg(feature = "metrics")]
+    pub(crate) fn disconnect_error(self) -> &'static str {
+        use std::io::ErrorKind;
+        match self {
+            Self::Io(ErrorKind::ConnectionReset) => "connection reset",
+            Self::Io(ErrorKind::ConnectionAborted) => "connection aborted",
+            Self::Io(ErrorKind::TimedOut) => "connection timed out",
+            Self::Io(_) | Self::Eof => "socket error",
+            Self::Protocol | Self::No => "unknown",
+        }
+    }
+
     /// What the error h2's connection ended with says broke it.
     pub(crate) fn from_h2(error: &h2::Error) -> Self {
         match error.get_io() {
@@ -156,7 +172,7 @@ impl ConnStats {
         }
         #[cfg(feature = "metrics")]
         if let Some(metrics) = &self.metrics {
-            metrics.disconnected(reason, lost);
+            metrics.disconnected(reason, lost.disconnect_error());
         }
         #[cfg(not(feature = "metrics"))]
         let _ = lost;
@@ -312,7 +328,9 @@ impl Drop for InFlightGuard {
             stats.ended(outcome);
             #[cfg(feature = "metrics")]
             if let Some(metrics) = &stats.metrics {
-                self.metrics.ended(metrics, self.picked_at, outcome);
+                // The attempt's one clock read of its own: its end.
+                let now = crate::balance::now_ns();
+                self.metrics.ended(metrics, self.picked_at, now, outcome);
             }
         }
     }

@@ -37,6 +37,10 @@
 //!   more, or less, than tonic's `Channel` (`Buffer` + `Reconnect` + hyper's client) per RPC. The `/1`
 //!   variants make one call at a time; the `/32` variants keep 32 calls in flight from 32
 //!   tasks and report the time per call (CPU-bound throughput, wake-ups amortised).
+//! - **`recorder/alone`, `recorder/contended`** (feature `metrics`): what
+//!   `metrics-exporter-prometheus` charges for the metric operations of one call (a counter
+//!   increment and four histogram samples), on one thread and on two threads recording into
+//!   the same handles at once — the part of the metrics' cost that is the recorder's.
 //! - **paired call overhead** (printed after criterion's summary): criterion measures one
 //!   mode after the other, so on a shared machine its `pool` and `channel` figures can be
 //!   minutes and a load change apart. As `benches/README.md` asks for ratios measured side by
@@ -44,7 +48,13 @@
 //!   default 21, of 2 000 calls per mode; 0 skips it) and the median (min–max) of the
 //!   per-round `pool / channel` ratios is printed as a markdown table. It runs whatever
 //!   criterion filter is given, and not in `cargo test --benches`.
-//! - **one mode alone, for instruction counts**: with `CALL_ONLY=direct|channel|pool`, the bench
+//!
+//!   With `--features metrics` a fourth mode joins the rounds: `pool+metrics`, a pool built
+//!   after a Prometheus recorder (`metrics-exporter-prometheus`) was installed, so that it
+//!   records every metric; `pool` then has the feature compiled in and no recorder (its
+//!   handles are no-ops). `pool+metrics / pool` is what recording costs per call.
+//! - **one mode alone, for instruction counts**: with `CALL_ONLY=direct|channel|pool`
+//!   (`pool-metrics` with the `metrics` feature: the recording pool), the bench
 //!   makes 200 warm-up calls and then `CALL_COUNT` (default 2 000) calls, one at a time, in that
 //!   mode only, and exits without running criterion. Under
 //!   `valgrind --tool=callgrind`, the difference between two counts (say 1 000 and 3 000 calls)
@@ -218,6 +228,104 @@ fn bench_republish(c: &mut Criterion) {
     group.finish();
 }
 
+// === what a recorder charges per call ===
+
+/// The metric operations a pool makes per call with the `metrics` feature: one counter
+/// increment (`grpc.client.attempt.started`) and four histogram samples (attempt duration,
+/// sent and received sizes, call duration), on handles registered once.
+#[cfg(feature = "metrics")]
+struct CallHandles {
+    started: metrics::Counter,
+    histograms: [metrics::Histogram; 4],
+}
+
+#[cfg(feature = "metrics")]
+impl CallHandles {
+    fn register(recorder: &impl metrics::Recorder) -> Self {
+        metrics::with_local_recorder(recorder, || {
+            let labels = [("grpc.method", "echo.Echo/Unary"), ("grpc.status", "OK")];
+            Self {
+                started: metrics::counter!("grpc.client.attempt.started", &labels[..1]),
+                histograms: [
+                    metrics::histogram!("grpc.client.attempt.duration", &labels),
+                    metrics::histogram!(
+                        "grpc.client.attempt.sent_total_compressed_message_size",
+                        &labels
+                    ),
+                    metrics::histogram!(
+                        "grpc.client.attempt.rcvd_total_compressed_message_size",
+                        &labels
+                    ),
+                    metrics::histogram!("grpc.client.call.duration", &labels),
+                ],
+            }
+        })
+    }
+
+    #[inline]
+    fn one_call(&self) {
+        self.started.increment(1);
+        for (i, histogram) in self.histograms.iter().enumerate() {
+            histogram.record(std::hint::black_box(i as f64));
+        }
+    }
+}
+
+/// `recorder/*` (feature `metrics`): what `metrics-exporter-prometheus` charges for one
+/// call's metric operations ([`CallHandles::one_call`]) — `alone` on one thread, `contended`
+/// on two threads recording into the same handles at once (the time per call on each
+/// thread), as a pool's calls do from two runtime workers. The recorder's samples are drained
+/// (its upkeep) between batches, outside the timed span, as its exporter does every 5 s.
+#[cfg(feature = "metrics")]
+fn bench_recorder(c: &mut Criterion) {
+    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+    let handle = recorder.handle();
+    let handles = CallHandles::register(&recorder);
+    let mut group = c.benchmark_group("recorder");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("alone", |b| {
+        b.iter_custom(|iters| {
+            let began = Instant::now();
+            for _ in 0..iters {
+                handles.one_call();
+            }
+            let took = began.elapsed();
+            handle.run_upkeep();
+            took
+        });
+    });
+    group.bench_function("contended", |b| {
+        b.iter_custom(|iters| {
+            const THREADS: usize = 2;
+            let start = Barrier::new(THREADS + 1);
+            let took = std::thread::scope(|scope| {
+                let workers: Vec<_> = (0..THREADS)
+                    .map(|_| {
+                        let (start, handles) = (&start, &handles);
+                        scope.spawn(move || {
+                            start.wait();
+                            let began = Instant::now();
+                            for _ in 0..iters {
+                                handles.one_call();
+                            }
+                            began.elapsed()
+                        })
+                    })
+                    .collect();
+                start.wait();
+                let per_thread: Vec<Duration> = workers
+                    .into_iter()
+                    .map(|w| w.join().expect("recording thread panicked"))
+                    .collect();
+                per_thread.iter().sum::<Duration>() / THREADS as u32
+            });
+            handle.run_upkeep();
+            took
+        });
+    });
+    group.finish();
+}
+
 // === call overhead ===
 
 /// A pool connector that opens a `tokio::io::duplex` pipe and hands its other half to the
@@ -364,39 +472,70 @@ fn bench_call_overhead(c: &mut Criterion, rt: &tokio::runtime::Runtime, clients:
 /// from one mode after the other and drift with the machine's load.
 fn paired_call_overhead(rt: &tokio::runtime::Runtime, clients: &Clients, rounds: usize) {
     const CALLS_PER_ROUND: u64 = 2_000;
+    // With the `metrics` feature, a fourth mode: a pool recording into Prometheus, paired
+    // with `pool` (the feature compiled in, no recorder).
+    #[cfg(feature = "metrics")]
+    let recording = Some(rt.block_on(metrics_pool()));
+    #[cfg(not(feature = "metrics"))]
+    let recording: Option<EchoClient<Pool>> = None;
+    let modes = if recording.is_some() { 4 } else { 3 };
     println!(
         "\ncall_overhead, paired: {rounds} rounds of {CALLS_PER_ROUND} calls per mode, modes alternating\n"
     );
-    println!("| calls in flight | direct µs/call | channel µs/call | pool µs/call | pool / channel (min–max) |");
-    println!("|---|---|---|---|---|");
+    if recording.is_some() {
+        println!("| calls in flight | direct µs/call | channel µs/call | pool µs/call | pool / channel (min–max) | pool+metrics µs/call | pool+metrics / pool (min–max) |");
+        println!("|---|---|---|---|---|---|---|");
+    } else {
+        println!("| calls in flight | direct µs/call | channel µs/call | pool µs/call | pool / channel (min–max) |");
+        println!("|---|---|---|---|---|");
+    }
     for tasks in [1, CONCURRENT_CALLS] {
-        // times[mode][round], µs per call; mode 0 direct, 1 channel, 2 pool.
-        let mut times: [Vec<f64>; 3] = Default::default();
+        // times[mode][round], µs per call; mode 0 direct, 1 channel, 2 pool, 3 pool+metrics.
+        let mut times: [Vec<f64>; 4] = Default::default();
+        let recording = recording.as_ref();
+        let run = |mode: usize| async move {
+            match mode {
+                0 => calls(&clients.direct, CALLS_PER_ROUND, tasks).await,
+                1 => calls(&clients.channel, CALLS_PER_ROUND, tasks).await,
+                2 => calls(&clients.pool, CALLS_PER_ROUND, tasks).await,
+                _ => {
+                    let client = recording.expect("the fourth mode has a pool");
+                    calls(client, CALLS_PER_ROUND, tasks).await
+                }
+            }
+        };
         rt.block_on(async {
             // One unmeasured round warms every mode.
-            calls(&clients.direct, CALLS_PER_ROUND, tasks).await;
-            calls(&clients.channel, CALLS_PER_ROUND, tasks).await;
-            calls(&clients.pool, CALLS_PER_ROUND, tasks).await;
+            for mode in 0..modes {
+                run(mode).await;
+            }
             for round in 0..rounds {
-                for k in 0..3 {
-                    let mode = (round + k) % 3;
-                    let took = match mode {
-                        0 => calls(&clients.direct, CALLS_PER_ROUND, tasks).await,
-                        1 => calls(&clients.channel, CALLS_PER_ROUND, tasks).await,
-                        _ => calls(&clients.pool, CALLS_PER_ROUND, tasks).await,
-                    };
+                for k in 0..modes {
+                    let mode = (round + k) % modes;
+                    let took = run(mode).await;
                     times[mode].push(took.as_secs_f64() * 1e6 / CALLS_PER_ROUND as f64);
                 }
             }
         });
-        let ratios: Vec<f64> = times[2].iter().zip(&times[1]).map(|(p, c)| p / c).collect();
-        let (ratio, lo, hi) = median_min_max(ratios);
-        println!(
+        let paired = |a: usize, b: usize| {
+            let ratios: Vec<f64> = times[a].iter().zip(&times[b]).map(|(x, y)| x / y).collect();
+            median_min_max(ratios)
+        };
+        let (ratio, lo, hi) = paired(2, 1);
+        print!(
             "| {tasks} | {:.2} | {:.2} | {:.2} | {ratio:.3}× ({lo:.3}–{hi:.3}) |",
             median_min_max(times[0].clone()).0,
             median_min_max(times[1].clone()).0,
             median_min_max(times[2].clone()).0,
         );
+        if modes == 4 {
+            let (ratio, lo, hi) = paired(3, 2);
+            print!(
+                " {:.2} | {ratio:.3}× ({lo:.3}–{hi:.3}) |",
+                median_min_max(times[3].clone()).0
+            );
+        }
+        println!();
     }
 }
 
@@ -410,6 +549,27 @@ fn median_min_max(mut v: Vec<f64>) -> (f64, f64, f64) {
         (v[mid - 1] + v[mid]) / 2.0
     };
     (median, v[0], v[v.len() - 1])
+}
+
+/// A pool like [`Clients`]' one, built after a Prometheus recorder was installed as the
+/// global recorder, so that it records every metric (with the `metrics` feature). Pools
+/// built before that got no-op handles: `pool` then measures the feature compiled in
+/// without a recorder. The recorder is installed once and stays for the process.
+#[cfg(feature = "metrics")]
+async fn metrics_pool() -> EchoClient<Pool> {
+    static RECORDER: std::sync::Once = std::sync::Once::new();
+    RECORDER.call_once(|| {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        metrics::set_global_recorder(recorder).expect("no other global recorder");
+    });
+    let pool = Pool::builder("static:///127.0.0.1:1")
+        .connector(spawn_duplex_server())
+        .build()
+        .expect("pool");
+    pool.wait_ready(Duration::from_secs(5))
+        .await
+        .expect("pool ready");
+    EchoClient::new(pool)
 }
 
 /// `CALL_ONLY`: `count` calls in one mode, after a warm-up (see the module docs).
@@ -433,7 +593,13 @@ fn one_mode_alone(mode: &str, count: u64) {
                 calls(&clients.pool, 200, 1).await;
                 calls(&clients.pool, count, 1).await
             }
-            other => panic!("CALL_ONLY={other:?}: expected direct, channel or pool"),
+            #[cfg(feature = "metrics")]
+            "pool-metrics" => {
+                let pool = metrics_pool().await;
+                calls(&pool, 200, 1).await;
+                calls(&pool, count, 1).await
+            }
+            other => panic!("CALL_ONLY={other:?}: expected direct, channel, pool or pool-metrics"),
         }
     });
     println!(
@@ -455,6 +621,8 @@ fn main() {
     let mut c = Criterion::default().configure_from_args();
     bench_pick(&mut c);
     bench_republish(&mut c);
+    #[cfg(feature = "metrics")]
+    bench_recorder(&mut c);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -41,22 +41,40 @@
 //! from others, so it records the first [`MAX_METHODS`] paths it sees and `other` after them.
 //! Message sizes count the gRPC messages' bytes without their 5-byte prefixes.
 //!
-//! Cost: per-call handles are looked up once per method and status and kept, so an attempt
-//! costs a read lock on the method table, a counter add, and at its end three histogram
-//! records (four for the call's last attempt), plus a clock read at each end. Connection
-//! and resolution metrics are registered when they happen (rare). Install the recorder
-//! before building the pool: handles registered before that go nowhere.
+//! `grpc.target` is the canonical target, as gRPC writes it ([`Target::canonical`]):
+//! `dns:///svc:50051` for a pool built for `svc:50051`.
+//!
+//! `grpc.disconnect_error` follows gRFC A94: the first reason seen — a GOAWAY received names
+//! its code even if the socket then fails — else what broke the connection: `connection
+//! reset` (the peer's RST), `connection aborted`, `connection timed out` (a keepalive PING
+//! unanswered, or the socket's timeout), `socket error` (other socket errors, and a peer that
+//! closed the socket without a GOAWAY), `unknown` (HTTP/2 closed it on the peer's protocol
+//! error); `subchannel shutdown` when the pool closed it (drained, retired, closed).
+//!
+//! ## Cost
+//!
+//! Per call, the pool itself allocates nothing, takes no lock, and writes no memory another
+//! thread reads: the call finds its method in a table of write-once slots (a hash of the
+//! path, an acquire load, a string comparison) and carries a 2-byte id; the attempt's start
+//! and the call's are the clock read the pick already makes; the request's message bytes
+//! are counted by the attempt's body cursor as frames go out (no wrapper body), the
+//! response's as the body is read; at the attempt's end one more clock read, then one
+//! counter increment and four histogram samples (three for an attempt that is retried). The
+//! handles are registered once per method and status. What the samples cost is the
+//! recorder's: `metrics-exporter-prometheus` takes ~0.3 µs for a call's five operations on
+//! one thread, more when two threads record into the same handles at once (its samples go
+//! to shared atomic buckets); `benches/RESULTS.md` section 22b has the measurements.
+//! Connection and resolution metrics are registered when they happen (rare). Install the
+//! recorder before building the pool: handles registered before that go nowhere.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::Instant;
 
 use ::metrics::{Counter, Gauge, Histogram, Label, SharedString, Unit};
-use parking_lot::RwLock;
 use tonic::Code;
 
 use crate::state::{Disconnect, Outcome};
+use crate::target::Target;
 
 /// How many distinct `grpc.method` values a pool records before it records `other`.
 pub(crate) const MAX_METHODS: usize = 100;
@@ -111,8 +129,7 @@ const STATUS_NAMES: [&str; 17] = [
 #[derive(Debug)]
 pub(crate) struct PoolMetrics {
     target: SharedString,
-    methods: RwLock<HashMap<Box<str>, Arc<MethodMetrics>>>,
-    other: OnceLock<Arc<MethodMetrics>>,
+    methods: MethodTable,
     open_connections: Gauge,
     waiting: Gauge,
     endpoints: Gauge,
@@ -120,9 +137,11 @@ pub(crate) struct PoolMetrics {
 }
 
 impl PoolMetrics {
+    /// The metrics of the pool of `target` (as written, or already canonical): its
+    /// `grpc.target` is the canonical form (see [`canonical_target`]).
     pub(crate) fn new(target: &str) -> Self {
         describe();
-        let target = SharedString::from(Arc::<str>::from(target));
+        let target = SharedString::from(Arc::<str>::from(canonical_target(target)));
         let labels = vec![Label::new(TARGET, target.clone())];
         Self {
             open_connections: ::metrics::gauge!(OPEN_CONNECTIONS, labels.clone()),
@@ -130,8 +149,7 @@ impl PoolMetrics {
             endpoints: ::metrics::gauge!(RR_ENDPOINTS, labels.clone()),
             endpoints_ready: ::metrics::gauge!(RR_ENDPOINTS_READY, labels),
             target,
-            methods: RwLock::default(),
-            other: OnceLock::new(),
+            methods: MethodTable::new(),
         }
     }
 
@@ -146,29 +164,14 @@ impl PoolMetrics {
         ]
     }
 
-    /// The handles of the method at `path` (a request's URI path).
-    pub(crate) fn method(&self, path: &str) -> Arc<MethodMetrics> {
-        let name = path.strip_prefix('/').unwrap_or(path);
-        if let Some(method) = self.methods.read().get(name) {
-            return method.clone();
-        }
-        let mut methods = self.methods.write();
-        if methods.len() >= MAX_METHODS && !methods.contains_key(name) {
-            drop(methods);
-            return self
-                .other
-                .get_or_init(|| Arc::new(MethodMetrics::new(&self.target, "other".into())))
-                .clone();
-        }
-        methods
-            .entry(name.into())
-            .or_insert_with(|| {
-                Arc::new(MethodMetrics::new(
-                    &self.target,
-                    SharedString::from(name.to_owned()),
-                ))
-            })
-            .clone()
+    /// The method at `path` (a request's URI path), registered the first time it is seen.
+    #[inline]
+    pub(crate) fn method(&self, path: &str) -> MethodId {
+        self.methods.find(&self.target, path)
+    }
+
+    fn method_metrics(&self, id: MethodId) -> &MethodMetrics {
+        self.methods.get(&self.target, id)
     }
 
     /// A connection attempt succeeded: the connection is open.
@@ -181,14 +184,16 @@ impl PoolMetrics {
         ::metrics::counter!(CONNECT_FAILED, self.labels()).increment(1);
     }
 
-    /// An open connection stopped serving.
-    pub(crate) fn disconnected(&self, reason: Disconnect) {
+    /// An open connection stopped serving, for `reason`; `lost_error` is the
+    /// `grpc.disconnect_error` of a connection lost without a GOAWAY ([`Disconnect::Reset`]),
+    /// which the connection tells apart (`connection reset`, `socket error`, …).
+    pub(crate) fn disconnected(&self, reason: Disconnect, lost_error: &'static str) {
         let error: SharedString = match reason {
             Disconnect::GoAway(code) => match h2_code_name(code) {
                 Some(name) => format!("GOAWAY {name}").into(),
                 None => format!("GOAWAY {code:#x}").into(),
             },
-            Disconnect::Reset => "connection reset".into(),
+            Disconnect::Reset => lost_error.into(),
             Disconnect::KeepAliveTimeout => "connection timed out".into(),
             Disconnect::Drained | Disconnect::Retired | Disconnect::Shutdown => {
                 "subchannel shutdown".into()
@@ -236,12 +241,14 @@ impl PoolMetrics {
         }
     }
 
-    /// A call that failed with no connection to count it: its `grpc.client.call.duration`.
-    pub(crate) fn call_failed_without_connection(&self, path: &str, started: Instant, code: Code) {
-        self.method(path)
+    /// A call that failed with no connection to count it, at `now`: its
+    /// `grpc.client.call.duration`.
+    pub(crate) fn call_failed_without_connection(&self, call: CallMetrics, now: u64, code: Code) {
+        let elapsed = now.saturating_sub(call.started);
+        self.method_metrics(call.method)
             .status(code)
             .call_duration
-            .record(started.elapsed());
+            .record(seconds(elapsed));
     }
 
     /// A call waits for a connection until the returned guard drops.
@@ -272,6 +279,17 @@ fn h2_code_name(code: u32) -> Option<&'static str> {
     NAMES.get(code as usize).copied()
 }
 
+/// gRFC A66's `grpc.target`: the canonical target string ([`Target::canonical`]:
+/// `dns:///svc:50051` for `svc:50051`). A target of a resolver's own scheme, which
+/// [`Target::parse`] does not know, is canonical as written. Canonical targets stay as they
+/// are, so the pool may hand over either form.
+fn canonical_target(target: &str) -> String {
+    match Target::parse(target) {
+        Ok(parsed) => parsed.canonical(),
+        Err(_) => target.trim().to_owned(),
+    }
+}
+
 /// Counts a call in `tonic_pool.calls.waiting` while it lives.
 #[derive(Debug)]
 pub(crate) struct Waiting<'a>(&'a Gauge);
@@ -280,6 +298,109 @@ impl Drop for Waiting<'_> {
     fn drop(&mut self) {
         self.0.decrement(1.0);
     }
+}
+
+/// How many slots the method table has: a power of two, well above [`MAX_METHODS`], so that
+/// probes stay short.
+const METHOD_SLOTS: usize = 256;
+
+/// A method's place in its pool's [`MethodTable`]: what a call carries instead of a handle.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct MethodId(u16);
+
+impl MethodId {
+    /// The methods past [`MAX_METHODS`], recorded as `other`.
+    const OTHER: Self = Self(u16::MAX);
+}
+
+/// The per-call handles of the methods a pool has seen, found without a lock: an
+/// open-addressing table of slots that are written once (`OnceLock`), so that finding a known
+/// method is a hash of its name, an acquire load and a string comparison — no lock, no
+/// reference count, no allocation, nothing written that another thread reads.
+#[derive(Debug)]
+struct MethodTable {
+    slots: Box<[OnceLock<Box<MethodMetrics>>]>,
+    /// Slots taken (or being taken), at most [`MAX_METHODS`].
+    taken: AtomicUsize,
+    other: OnceLock<MethodMetrics>,
+}
+
+impl MethodTable {
+    fn new() -> Self {
+        Self {
+            slots: (0..METHOD_SLOTS).map(|_| OnceLock::new()).collect(),
+            taken: AtomicUsize::new(0),
+            other: OnceLock::new(),
+        }
+    }
+
+    fn find(&self, target: &SharedString, path: &str) -> MethodId {
+        let name = path.strip_prefix('/').unwrap_or(path);
+        let mut index = name_hash(name.as_bytes()) as usize % METHOD_SLOTS;
+        for _ in 0..METHOD_SLOTS {
+            let method = match self.slots[index].get() {
+                Some(method) => method,
+                None => match self.register(target, index, name) {
+                    Some(method) => method,
+                    None => return MethodId::OTHER,
+                },
+            };
+            if *method.method == *name {
+                return MethodId(index as u16);
+            }
+            index = (index + 1) % METHOD_SLOTS;
+        }
+        MethodId::OTHER
+    }
+
+    /// Fills the empty slot `index` with `name`, unless the table is full; another thread may
+    /// fill it first (with the same name or another): the slot's method is returned either way.
+    #[cold]
+    fn register(&self, target: &SharedString, index: usize, name: &str) -> Option<&MethodMetrics> {
+        if self.taken.fetch_add(1, Ordering::Relaxed) >= MAX_METHODS {
+            self.taken.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
+        let mut filled = false;
+        let method = self.slots[index].get_or_init(|| {
+            filled = true;
+            Box::new(MethodMetrics::new(
+                target,
+                SharedString::from(name.to_owned()),
+            ))
+        });
+        if !filled {
+            self.taken.fetch_sub(1, Ordering::Relaxed);
+        }
+        Some(method)
+    }
+
+    fn get(&self, target: &SharedString, id: MethodId) -> &MethodMetrics {
+        match self.slots.get(usize::from(id.0)).and_then(OnceLock::get) {
+            Some(method) => method,
+            None => self
+                .other
+                .get_or_init(|| MethodMetrics::new(target, "other".into())),
+        }
+    }
+}
+
+/// A method name's hash: its length and its first and last eight bytes (method paths of one
+/// service share their start and differ at their end), mixed by two multiplications. A
+/// collision only makes a probe longer: the table compares whole names.
+#[inline]
+fn name_hash(name: &[u8]) -> u64 {
+    const K: u64 = 0x9e37_79b9_7f4a_7c15;
+    let word = |bytes: &[u8]| {
+        let mut word = [0u8; 8];
+        word[..bytes.len()].copy_from_slice(bytes);
+        u64::from_le_bytes(word)
+    };
+    let n = name.len().min(8);
+    let head = word(&name[..n]);
+    let tail = word(&name[name.len() - n..]);
+    let mixed = (head ^ (name.len() as u64)).wrapping_mul(K) ^ tail;
+    mixed.wrapping_mul(K) >> 32
 }
 
 /// The per-call handles of one method, by status as statuses are seen.
@@ -315,6 +436,7 @@ impl MethodMetrics {
         }
     }
 
+    #[inline]
     fn status(&self, code: Code) -> &StatusMetrics {
         let index = (code as usize).min(STATUS_NAMES.len() - 1);
         self.statuses[index].get_or_init(|| {
@@ -351,45 +473,61 @@ impl MethodMetrics {
     }
 }
 
-/// One attempt's metrics, carried by its in-flight guard: when it started, its method (once
-/// the call names it), and the bytes of the messages it sent and received.
+/// What a call's attempts need to know of the call: its method and when it started
+/// (on the pool's clock, `crate::balance::now_ns`). Two words, copied into each attempt.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct CallMetrics {
+    pub(crate) method: MethodId,
+    pub(crate) started: u64,
+}
+
+/// Nanoseconds as the seconds a duration histogram records.
+#[inline]
+fn seconds(nanos: u64) -> f64 {
+    nanos as f64 * 1e-9
+}
+
+/// One attempt's metrics, carried by its in-flight guard: its call (once the call names it)
+/// and the bytes of the messages it sent and received. Its start is the guard's pick time.
 #[derive(Debug, Default)]
 pub(crate) struct Attempt {
-    started: Option<Instant>,
-    call: Option<CallOf>,
+    call: Option<CallMetrics>,
+    sent: Sent,
     rcvd: MessageBytes,
 }
 
+/// The bytes of request messages an attempt sent.
 #[derive(Debug)]
-struct CallOf {
-    method: Arc<MethodMetrics>,
-    call_started: Instant,
-    sent: Arc<AtomicU64>,
+enum Sent {
+    /// Known when the response started: the whole request had been sent (a unary call).
+    Counted(u64),
+    /// The request body still streams after the response started: its writer counts on.
+    Streaming(Arc<AtomicU64>),
+}
+
+impl Default for Sent {
+    fn default() -> Self {
+        Self::Counted(0)
+    }
 }
 
 impl Attempt {
-    /// An attempt picked its connection now.
-    pub(crate) fn start() -> Self {
-        Self {
-            started: Some(Instant::now()),
-            ..Self::default()
-        }
+    /// The call names its method and start: `grpc.client.attempt.started`.
+    #[inline]
+    pub(crate) fn of_call(&mut self, metrics: &PoolMetrics, call: CallMetrics) {
+        metrics.method_metrics(call.method).started.increment(1);
+        self.call = Some(call);
     }
 
-    /// The call names its method, when it started and the count of its request's message
-    /// bytes: `grpc.client.attempt.started`.
-    pub(crate) fn of_call(
-        &mut self,
-        method: Arc<MethodMetrics>,
-        call_started: Instant,
-        sent: Arc<AtomicU64>,
-    ) {
-        method.started.increment(1);
-        self.call = Some(CallOf {
-            method,
-            call_started,
-            sent,
-        });
+    /// What the attempt sent, as its body cursor counted it. Once the response has started
+    /// with the request still streaming, the cursor keeps counting into a shared cell (the
+    /// only allocation of the metrics on a call, and only on such streaming calls).
+    pub(crate) fn sent(&mut self, sent: &mut SentBytes, still_sending: bool) {
+        self.sent = if still_sending {
+            Sent::Streaming(sent.share())
+        } else {
+            Sent::Counted(sent.bytes.total)
+        };
     }
 
     /// A data frame of the response arrived.
@@ -398,27 +536,36 @@ impl Attempt {
         self.rcvd.feed(data);
     }
 
-    /// The attempt ended with `outcome`: its duration and sizes, and the call's duration
-    /// unless the call goes on with another attempt.
-    pub(crate) fn ended(&self, outcome: Outcome) {
-        let (Some(call), Some(started)) = (&self.call, self.started) else {
+    /// The attempt, which picked its connection at `picked_at`, ended at `now` (both on the
+    /// pool's clock, `crate::balance::now_ns`) with `outcome`: its duration and sizes, and
+    /// the call's duration unless the call goes on with another attempt.
+    pub(crate) fn ended(&self, metrics: &PoolMetrics, picked_at: u64, now: u64, outcome: Outcome) {
+        let Some(call) = self.call else {
             // Dropped before the call named it: never sent.
             return;
         };
+        let method = metrics.method_metrics(call.method);
         let code = match outcome {
             Outcome::Status(code) => code,
             Outcome::Retried(reason) => {
-                call.method.retried(reason);
+                method.retried(reason);
                 Code::Unavailable
             }
         };
-        let status = call.method.status(code);
-        let now = Instant::now();
-        status.attempt_duration.record(now - started);
-        status.sent.record(call.sent.load(Ordering::Relaxed) as f64);
+        let status = method.status(code);
+        status
+            .attempt_duration
+            .record(seconds(now.saturating_sub(picked_at)));
+        let sent = match &self.sent {
+            Sent::Counted(n) => *n,
+            Sent::Streaming(n) => n.load(Ordering::Relaxed),
+        };
+        status.sent.record(sent as f64);
         status.rcvd.record(self.rcvd.total as f64);
         if let Outcome::Status(_) = outcome {
-            status.call_duration.record(now - call.call_started);
+            status
+                .call_duration
+                .record(seconds(now.saturating_sub(call.started)));
         }
     }
 }
@@ -428,80 +575,62 @@ impl Attempt {
 #[derive(Debug, Default)]
 pub(crate) struct MessageBytes {
     total: u64,
-    prefix: [u8; 5],
-    prefix_len: usize,
-    message_left: u64,
+    /// What is left of the message being read (a length prefix is 32 bits).
+    message_left: u32,
+    prefix: [u8; 4],
+    /// Bytes of the 5-byte prefix read so far.
+    prefix_len: u8,
 }
 
 impl MessageBytes {
     pub(crate) fn feed(&mut self, mut data: &[u8]) {
         while !data.is_empty() {
             if self.message_left > 0 {
-                let n = (self.message_left as usize).min(data.len());
+                let n = data.len().min(self.message_left as usize);
                 self.total += n as u64;
-                self.message_left -= n as u64;
+                self.message_left -= n as u32;
                 data = &data[n..];
                 continue;
             }
-            let n = (5 - self.prefix_len).min(data.len());
-            self.prefix[self.prefix_len..self.prefix_len + n].copy_from_slice(&data[..n]);
-            self.prefix_len += n;
-            data = &data[n..];
+            // The prefix: a compressed flag, then the big-endian length.
+            if self.prefix_len > 0 {
+                self.prefix[usize::from(self.prefix_len) - 1] = data[0];
+            }
+            self.prefix_len += 1;
+            data = &data[1..];
             if self.prefix_len == 5 {
-                let [_, a, b, c, d] = self.prefix;
-                self.message_left = u64::from(u32::from_be_bytes([a, b, c, d]));
+                self.message_left = u32::from_be_bytes(self.prefix);
                 self.prefix_len = 0;
             }
         }
     }
-
-    pub(crate) fn total(&self) -> u64 {
-        self.total
-    }
 }
 
-/// A request body that counts the bytes of the messages pulled from it into `sent`.
-pub(crate) fn count_sent(body: tonic::body::Body) -> (tonic::body::Body, Arc<AtomicU64>) {
-    let sent = Arc::new(AtomicU64::new(0));
-    let counting = CountingBody {
-        inner: body,
-        bytes: MessageBytes::default(),
-        sent: sent.clone(),
-    };
-    (tonic::body::Body::new(counting), sent)
-}
-
-struct CountingBody {
-    inner: tonic::body::Body,
+/// The request message bytes one attempt sent, counted by its body cursor as frames go out
+/// (replayed or new): no wrapper around the request body, nothing allocated.
+#[derive(Debug, Default)]
+pub(crate) struct SentBytes {
     bytes: MessageBytes,
-    sent: Arc<AtomicU64>,
+    /// Where the count goes once the attempt's response started with its request still
+    /// streaming (see [`Attempt::sent`]).
+    shared: Option<Arc<AtomicU64>>,
 }
 
-impl http_body::Body for CountingBody {
-    type Data = bytes::Bytes;
-    type Error = tonic::Status;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, tonic::Status>>> {
-        let this = &mut *self;
-        let frame = std::pin::Pin::new(&mut this.inner).poll_frame(cx);
-        if let std::task::Poll::Ready(Some(Ok(frame))) = &frame {
-            if let Some(data) = frame.data_ref() {
-                this.bytes.feed(data);
-                this.sent.store(this.bytes.total(), Ordering::Relaxed);
-            }
+impl SentBytes {
+    /// A data frame of the request went to the attempt.
+    #[inline]
+    pub(crate) fn feed(&mut self, data: &[u8]) {
+        self.bytes.feed(data);
+        if let Some(shared) = &self.shared {
+            shared.store(self.bytes.total, Ordering::Relaxed);
         }
-        frame
     }
 
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
+    fn share(&mut self) -> Arc<AtomicU64> {
+        let total = self.bytes.total;
+        self.shared
+            .get_or_insert_with(|| Arc::new(AtomicU64::new(total)))
+            .clone()
     }
 }
 
@@ -603,7 +732,34 @@ fn describe() {
 
 #[cfg(test)]
 mod tests {
-    use super::MessageBytes;
+    use super::{MessageBytes, MethodId, MethodTable, SharedString, MAX_METHODS};
+
+    /// The method table finds each method again under the id it was registered with, tells
+    /// methods apart whatever their hashes (many names share their first and last eight
+    /// bytes), and records the methods past [`MAX_METHODS`] as `other`.
+    #[test]
+    fn method_table_finds_methods_and_caps_them() {
+        let table = MethodTable::new();
+        let target = SharedString::from("dns:///svc:50051");
+        let path = |i: usize| format!("/pkg.Service/Method{i:03}Call");
+        let ids: Vec<MethodId> = (0..MAX_METHODS)
+            .map(|i| table.find(&target, &path(i)))
+            .collect();
+        for (i, id) in ids.iter().enumerate() {
+            assert_ne!(*id, MethodId::OTHER, "method {i} is recorded as itself");
+            assert_eq!(table.find(&target, &path(i)), *id, "found again");
+            assert_eq!(&*table.get(&target, *id).method, &path(i)[1..]);
+        }
+        let mut distinct = ids.clone();
+        distinct.sort_by_key(|id| id.0);
+        distinct.dedup();
+        assert_eq!(distinct.len(), MAX_METHODS);
+        // Full: a new method is `other`, a known one is still itself.
+        let late = table.find(&target, "/pkg.Service/Late");
+        assert_eq!(late, MethodId::OTHER);
+        assert_eq!(&*table.get(&target, late).method, "other");
+        assert_eq!(table.find(&target, &path(7)), ids[7]);
+    }
 
     /// Message bytes are counted without their prefixes, however the frames split them.
     #[test]
@@ -619,7 +775,7 @@ mod tests {
             for chunk in stream.chunks(split) {
                 bytes.feed(chunk);
             }
-            assert_eq!(bytes.total(), 21, "split every {split} bytes");
+            assert_eq!(bytes.total, 21, "split every {split} bytes");
         }
     }
 }

@@ -201,6 +201,25 @@ impl Target {
         &self.source
     }
 
+    /// The canonical target string, as gRPC names a channel's target in its metrics
+    /// (gRFC A66's `grpc.target`): a target written without a scheme gets gRPC's default
+    /// one (`svc:50051` → `dns:///svc:50051`); a target of gRPC's own schemes (`dns:`,
+    /// `static:`, `ipv4:`, `ipv6:`) or of a registered one stays as written, its scheme in
+    /// lower case; `http(s)://host[:port]`, tonic's form that gRPC does not know, is the DNS
+    /// target it resolves as, with its port (`http://svc` → `dns:///svc:80`).
+    pub fn canonical(&self) -> String {
+        let is_custom = |scheme: &str| matches!(&self.kind, TargetKind::Custom { scheme: s, .. } if s.eq_ignore_ascii_case(scheme));
+        match split_scheme(&self.source, &is_custom) {
+            None => format!("dns:///{}", self.source),
+            Some((scheme, _))
+                if scheme.eq_ignore_ascii_case("http") || scheme.eq_ignore_ascii_case("https") =>
+            {
+                format!("dns:///{}", self.authority())
+            }
+            Some((scheme, rest)) => format!("{}:{rest}", scheme.to_ascii_lowercase()),
+        }
+    }
+
     /// Whether the target asked for TLS (`https://`).
     pub fn is_tls(&self) -> bool {
         self.tls
@@ -772,5 +791,43 @@ mod tests {
         assert!(matches!(dns.kind(), TargetKind::Dns { .. }));
         assert_eq!(dns.host(), Some("svc"));
         assert_eq!(Target::parse("static:///127.0.0.1:1").unwrap().host(), None);
+    }
+
+    /// The canonical target (gRFC A66's `grpc.target`): gRPC's default `dns:///` before a
+    /// target without a scheme, gRPC's own forms as written (scheme in lower case), and
+    /// tonic's `http(s)://` as the DNS target it resolves as, port included.
+    #[test]
+    fn canonical_targets_are_grpcs() {
+        let schemes = ["k8s"];
+        for (input, canonical) in [
+            ("svc:50051", "dns:///svc:50051"),
+            ("svc", "dns:///svc"),
+            ("127.0.0.1:50051", "dns:///127.0.0.1:50051"),
+            ("[::1]:50051", "dns:///[::1]:50051"),
+            ("dns:///svc:50051", "dns:///svc:50051"),
+            ("DNS:///svc:50051", "dns:///svc:50051"),
+            ("dns:svc:50051", "dns:svc:50051"),
+            ("dns://127.0.0.53/svc:50051", "dns://127.0.0.53/svc:50051"),
+            (
+                "static:///127.0.0.2:50051,127.0.0.3:50051",
+                "static:///127.0.0.2:50051,127.0.0.3:50051",
+            ),
+            ("ipv4:127.0.0.1,127.0.0.2:9", "ipv4:127.0.0.1,127.0.0.2:9"),
+            ("ipv6:[::1]:7", "ipv6:[::1]:7"),
+            ("http://svc:8080", "dns:///svc:8080"),
+            ("http://svc", "dns:///svc:80"),
+            ("https://svc/", "dns:///svc:443"),
+            ("https://[::1]:9", "dns:///[::1]:9"),
+            ("  svc:1  ", "dns:///svc:1"),
+            ("k8s:///ns/svc:8080", "k8s:///ns/svc:8080"),
+            ("K8S:ns/svc", "k8s:ns/svc"),
+        ] {
+            let target = Target::parse_with_schemes(input, &schemes).unwrap();
+            assert_eq!(target.canonical(), canonical, "{input}");
+            // Canonical is a fixed point: it parses to the same addresses.
+            let again = Target::parse_with_schemes(&target.canonical(), &schemes).unwrap();
+            assert_eq!(again.kind(), target.kind(), "{input}");
+            assert_eq!(again.canonical(), canonical, "{input}");
+        }
     }
 }

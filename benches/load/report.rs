@@ -169,6 +169,31 @@ fn print_bars(reports: &[ScenarioReport]) {
     let verdict = |ok: bool| if ok { "yes" } else { "**no**" };
     let ratio = |(m, lo, hi): (f64, f64, f64)| format!("{m:.3}× ({lo:.2}–{hi:.2})");
     for report in reports {
+        // `LOAD_METRICS=1`: what recording costs, paired per round with the same pool
+        // without a recorder (no baseline needed).
+        for (i, mode) in report.modes.iter().enumerate() {
+            let Mode::PoolMetrics(n) = *mode else {
+                continue;
+            };
+            let Some(plain) = report.mode(Mode::Pool(n)) else {
+                continue;
+            };
+            let cpu = stats(report.paired(i, plain, |r| r.client_cpu_us));
+            let rps = stats(report.paired(i, plain, |r| r.rps));
+            println!(
+                "| {} | {mode} client CPU/req ≤ 1.03× {}'s | {} | {} |",
+                report.id,
+                report.modes[plain],
+                ratio(cpu),
+                verdict(cpu.0 <= 1.03)
+            );
+            println!(
+                "| {} | {mode} req/s vs {}'s (reference) | {} | — |",
+                report.id,
+                report.modes[plain],
+                ratio(rps)
+            );
+        }
         let Some(p) = report.pool().filter(|_| report.has_baseline()) else {
             continue;
         };

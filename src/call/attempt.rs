@@ -98,14 +98,14 @@ pub(crate) async fn attempt(
     mut sender: SendRequest<Bytes>,
     head: &Parts,
     replay: &mut Replay,
-) -> Result<(Response<RecvStream>, Option<Pipe>, Cursor), AttemptError> {
+    cursor: &mut Cursor,
+) -> Result<(Response<RecvStream>, Option<Pipe>), AttemptError> {
     let mut request = Request::new(());
     *request.method_mut() = head.method.clone();
     *request.uri_mut() = head.uri.clone();
     *request.version_mut() = head.version;
     *request.headers_mut() = head.headers.clone();
-    let mut cursor = Cursor::default();
-    let end_of_stream = replay.is_end(&cursor);
+    let end_of_stream = replay.is_end(cursor);
     // A fresh handle has no stream pending open, so it needs no `poll_ready`; it only checks
     // that the connection has not failed, which `send_request` checks too.
     let (mut response, stream) = sender
@@ -114,7 +114,7 @@ pub(crate) async fn attempt(
     let mut pipe = (!end_of_stream).then(|| Pipe::new(stream));
     let head = poll_fn(|cx| {
         if let Some(p) = &mut pipe {
-            match p.poll(replay, &mut cursor, cx) {
+            match p.poll(replay, cursor, cx) {
                 Poll::Ready(Ok(())) => pipe = None,
                 Poll::Ready(Err(PipeError::Body(status))) => {
                     return Poll::Ready(Err(AttemptError::Body(status)))
@@ -135,7 +135,7 @@ pub(crate) async fn attempt(
         }
     })
     .await?;
-    Ok((head, pipe, cursor))
+    Ok((head, pipe))
 }
 
 impl Pipe {
@@ -344,9 +344,10 @@ mod tests {
             .into_parts()
             .0;
         let mut replay = Replay::new(body);
+        let mut cursor = Cursor::default();
         let attempted = tokio::time::timeout(
             std::time::Duration::from_secs(5),
-            attempt(send.clone(), &head, &mut replay),
+            attempt(send.clone(), &head, &mut replay, &mut cursor),
         )
         .await;
         let Ok(attempted) = attempted else {
@@ -355,7 +356,7 @@ mod tests {
                 frames_of_stream_1(&written.lock().unwrap())
             );
         };
-        let (response, unfinished, _) = attempted.unwrap();
+        let (response, unfinished) = attempted.unwrap();
         assert!(
             unfinished.is_none(),
             "the whole body went out before the response"

@@ -55,7 +55,7 @@ use crate::state::{ConnectivityState, Outcome};
 use self::attempt::AttemptError;
 use self::body::transport_error;
 use self::pick::{make_room, wait_for_connection};
-use self::replay::Replay;
+use self::replay::{Cursor, Replay};
 use self::retry::{is_broken_pipe, never_processed, unsent_cause, Retries, Retry, Unsent};
 
 pub use self::body::ResponseBody;
@@ -69,8 +69,15 @@ pub(crate) async fn run(
     req: Request<tonic::body::Body>,
     options: CallOptions,
 ) -> Result<Response<ResponseBody>, Error> {
+    // The call's method and start, for its metrics: the start is its first pick's clock
+    // read when it picked at once (no clock read of its own).
     #[cfg(feature = "metrics")]
-    let (call_started, path) = (std::time::Instant::now(), req.uri().path().to_owned());
+    let call_metrics = crate::metrics::CallMetrics {
+        method: shared.metrics.method(req.uri().path()),
+        started: first
+            .as_ref()
+            .map_or_else(crate::balance::now_ns, InFlightGuard::picked_at),
+    };
     // Whether the call's last attempt holds its place on a connection: that attempt counts
     // the call's end. A place given back while waiting for room was no attempt, and one that
     // is retried ends no call.
@@ -83,7 +90,7 @@ pub(crate) async fn run(
         options.deadline,
         &mut on_connection,
         #[cfg(feature = "metrics")]
-        call_started,
+        call_metrics,
     );
     let result = match options.deadline {
         None => send.await,
@@ -99,9 +106,11 @@ pub(crate) async fn run(
         shared.call_failed_without_connection();
         #[cfg(feature = "metrics")]
         if let Outcome::Status(code) = outcome_of(error) {
-            shared
-                .metrics
-                .call_failed_without_connection(&path, call_started, code);
+            shared.metrics.call_failed_without_connection(
+                call_metrics,
+                crate::balance::now_ns(),
+                code,
+            );
         }
         #[cfg(not(feature = "metrics"))]
         let _ = error;
@@ -131,14 +140,9 @@ async fn send(
     wait_for_ready: bool,
     deadline: Option<Instant>,
     on_connection: &mut bool,
-    #[cfg(feature = "metrics")] call_started: std::time::Instant,
+    #[cfg(feature = "metrics")] call_metrics: crate::metrics::CallMetrics,
 ) -> Result<Response<ResponseBody>, Error> {
     let (parts, body) = req.into_parts();
-    #[cfg(feature = "metrics")]
-    let (body, sent, method) = {
-        let (body, sent) = crate::metrics::count_sent(body);
-        (body, sent, shared.metrics.method(parts.uri.path()))
-    };
     let mut replay = Replay::new(body);
     let mut retries = Retries::default();
     // A connection that refused the call: its retry goes to another one if there is one.
@@ -157,10 +161,8 @@ async fn send(
         let mut guard = make_room(shared, guard, wait_for_ready).await?;
         *on_connection = true;
         #[cfg(feature = "metrics")]
-        guard
-            .metrics
-            .of_call(method.clone(), call_started, sent.clone());
-        let ready = guard.conn();
+        guard.metrics.of_call(&shared.metrics, call_metrics);
+        let ready = &guard.conn;
         let Some(sender) = ready.sender() else {
             // The connection retired between the pick and here: nothing was sent.
             let counted = retries.count(Retry::Unsent, None);
@@ -172,8 +174,14 @@ async fn send(
             *on_connection = false;
             continue;
         };
-        let (retry, error) = match attempt::attempt(sender, &parts, &mut replay).await {
-            Ok((response, unfinished, cursor)) => {
+        let mut cursor = Cursor::default();
+        let attempted = attempt::attempt(sender, &parts, &mut replay, &mut cursor).await;
+        #[cfg(feature = "metrics")]
+        guard
+            .metrics
+            .sent(&mut cursor.sent, matches!(&attempted, Ok((_, Some(_)))));
+        let (retry, error) = match attempted {
+            Ok((response, unfinished)) => {
                 guard.response_arrived();
                 // A trailers-only response has its status in its head.
                 guard.set_status_from_head(response.status(), response.headers());

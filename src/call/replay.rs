@@ -51,6 +51,9 @@ pub(crate) struct Replay {
 pub(crate) struct Cursor {
     next: usize,
     done: bool,
+    /// The message bytes this attempt's frames carried (feature `metrics`).
+    #[cfg(feature = "metrics")]
+    pub(crate) sent: crate::metrics::SentBytes,
 }
 
 impl Replay {
@@ -117,6 +120,8 @@ impl Replay {
                 ))));
             };
             cursor.next += 1;
+            #[cfg(feature = "metrics")]
+            cursor.sent.feed(&frame);
             if self.no_replay && cursor.next == self.first_kept + 1 {
                 // Committed: no other attempt will need it again.
                 self.kept.pop_front();
@@ -145,6 +150,8 @@ impl Replay {
                     Ok(data) => {
                         self.read += 1;
                         cursor.next += 1;
+                        #[cfg(feature = "metrics")]
+                        cursor.sent.feed(&data);
                         if !self.no_replay {
                             if self.buffered + data.len() <= REPLAY_BUFFER_LIMIT {
                                 self.buffered += data.len();
@@ -200,10 +207,9 @@ mod tests {
         assert_eq!(collect(&mut replay).await, b"hello world");
         assert!(replay.can_replay());
         assert_eq!(collect(&mut replay).await, b"hello world");
-        replay.commit(&Cursor {
-            next: usize::MAX,
-            done: true,
-        });
+        let mut done = Cursor::default();
+        (done.next, done.done) = (usize::MAX, true);
+        replay.commit(&done);
         assert!(!replay.can_replay());
     }
 

@@ -53,6 +53,49 @@ pub(crate) struct ConnStats {
 
 const OUTCOME_CLASSES: usize = 5;
 
+/// What broke a connection that ended without a GOAWAY ([`Disconnect::Reset`] in the
+/// snapshot, which counts them together), told apart for the metrics'
+/// `grpc.disconnect_error` (gRFC A94: `connection reset`, `connection aborted`, `socket
+/// error`, …).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Lost {
+    /// Not lost: it ended for another reason (a GOAWAY, a keepalive timeout, the pool's doing).
+    No,
+    /// An I/O error of this kind (`ConnectionReset` for a peer's RST).
+    Io(std::io::ErrorKind),
+    /// The peer closed the byte stream without a GOAWAY.
+    Eof,
+    /// HTTP/2 closed it: a protocol error of the peer's, found on our side.
+    Protocol,
+}
+
+impl Lost {
+    /// gRFC A94's `grpc.disconnect_error` for it: the socket error's kind where there is one
+    /// (`connection reset` for a peer's RST), `socket error` for other socket errors and for
+    /// a peer that closed the socket without a GOAWAY, `unknown` for HTTP/2 closing it on a
+    /// protocol error.
+    #[cfg(feature = "metrics")]
+    pub(crate) fn disconnect_error(self) -> &'static str {
+        use std::io::ErrorKind;
+        match self {
+            Self::Io(ErrorKind::ConnectionReset) => "connection reset",
+            Self::Io(ErrorKind::ConnectionAborted) => "connection aborted",
+            Self::Io(ErrorKind::TimedOut) => "connection timed out",
+            Self::Io(_) | Self::Eof => "socket error",
+            Self::Protocol | Self::No => "unknown",
+        }
+    }
+
+    /// What the error h2's connection ended with says broke it.
+    pub(crate) fn from_h2(error: &h2::Error) -> Self {
+        match error.get_io() {
+            Some(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => Self::Eof,
+            Some(io) => Self::Io(io.kind()),
+            None => Self::Protocol,
+        }
+    }
+}
+
 fn disconnect_index(reason: Disconnect) -> usize {
     match reason {
         Disconnect::GoAway(_) => 0,
@@ -121,16 +164,18 @@ impl ConnStats {
     }
 
     /// A Ready connection of this slot stopped serving; `goaway` is the error code of the
-    /// GOAWAY it received, if it did.
-    pub(crate) fn disconnected(&self, reason: Disconnect, goaway: Option<u32>) {
+    /// GOAWAY it received, if it did; `lost` what broke a connection lost without one.
+    pub(crate) fn disconnected(&self, reason: Disconnect, goaway: Option<u32>, lost: Lost) {
         self.disconnections[disconnect_index(reason)].fetch_add(1, Ordering::Relaxed);
         if let Some(code) = goaway {
             *self.goaways.lock().entry(code).or_default() += 1;
         }
         #[cfg(feature = "metrics")]
         if let Some(metrics) = &self.metrics {
-            metrics.disconnected(reason);
+            metrics.disconnected(reason, lost.disconnect_error());
         }
+        #[cfg(not(feature = "metrics"))]
+        let _ = lost;
     }
 
     /// An attempt ended.
@@ -177,7 +222,9 @@ impl ConnStats {
 /// dropped (a transparent retry drops it and takes a new one).
 #[derive(Debug)]
 pub(crate) struct InFlightGuard {
-    conn: Arc<Connection>,
+    /// The connection the call is on (a field, so that a call can hold it while it updates
+    /// the guard's other fields).
+    pub(crate) conn: Arc<Connection>,
     /// How many calls the connection counted with this one, when it was picked.
     place: usize,
     /// Given back to pick again, not ended: wakes no call waiting for room.
@@ -193,11 +240,6 @@ pub(crate) struct InFlightGuard {
 }
 
 impl InFlightGuard {
-    /// The connection the call is on.
-    pub(crate) fn conn(&self) -> &Arc<Connection> {
-        &self.conn
-    }
-
     /// Records how the attempt ended (counted when the guard is dropped).
     #[inline]
     pub(crate) fn set_outcome(&mut self, outcome: Outcome) {
@@ -233,6 +275,12 @@ impl InFlightGuard {
             };
             self.outcome = Some(Outcome::Status(code));
         }
+    }
+
+    /// When the call picked the connection ([`crate::balance::now_ns`]).
+    #[cfg(feature = "metrics")]
+    pub(crate) fn picked_at(&self) -> u64 {
+        self.picked_at
     }
 
     /// Whether an outcome was recorded.
@@ -279,7 +327,11 @@ impl Drop for InFlightGuard {
             let outcome = self.outcome.unwrap_or(Outcome::Status(Code::Cancelled));
             stats.ended(outcome);
             #[cfg(feature = "metrics")]
-            self.metrics.ended(outcome);
+            if let Some(metrics) = &stats.metrics {
+                // The attempt's one clock read of its own: its end.
+                let now = crate::balance::now_ns();
+                self.metrics.ended(metrics, self.picked_at, now, outcome);
+            }
         }
     }
 }
@@ -420,7 +472,7 @@ impl Connection {
             requeued: false,
             outcome: None,
             #[cfg(feature = "metrics")]
-            metrics: crate::metrics::Attempt::start(),
+            metrics: crate::metrics::Attempt::default(),
             picked_at: now,
         }
     }

@@ -31,7 +31,7 @@ use crate::conn::connect::connect;
 use crate::conn::driver::{DriverEnd, DriverHandle};
 use crate::conn::events::SlotEvents;
 use crate::conn::frames::{GoAway, KillSwitch, Watched};
-use crate::conn::ready::{ConnStats, Connection};
+use crate::conn::ready::{ConnStats, Connection, Lost};
 use crate::connector::{Connect, Destination};
 use crate::endpoint::KeepAlive;
 use crate::error::error_chain;
@@ -238,6 +238,7 @@ async fn serve(slot: &Slot, retired: &mut Retired) -> &'static str {
         let mut driver = crate::conn::driver::spawn(connection, ready.clone(), pings);
         let mut goaway_rx = signals.clone();
         let mut keepalive_timed_out = false;
+        let mut lost = Lost::No;
         let serving = async {
             tokio::select! {
                 biased;
@@ -249,8 +250,15 @@ async fn serve(slot: &Slot, retired: &mut Retired) -> &'static str {
                     // A GOAWAY read just before the end explains it better than h2's result.
                     let goaway = signals.borrow().goaway.clone();
                     ServeEnd::after(goaway, || match end {
-                        DriverEnd::Closed(Ok(())) | DriverEnd::Retired => "connection closed".to_owned(),
-                        DriverEnd::Closed(Err(e)) => format!("connection lost: {}", error_chain(&e)),
+                        DriverEnd::Closed(Ok(())) => {
+                            lost = Lost::Eof;
+                            "connection closed".to_owned()
+                        }
+                        DriverEnd::Retired => "connection closed".to_owned(),
+                        DriverEnd::Closed(Err(e)) => {
+                            lost = Lost::from_h2(&e);
+                            format!("connection lost: {}", error_chain(&e))
+                        }
                         DriverEnd::KeepAliveTimeout(t) => {
                             keepalive_timed_out = true;
                             format!("connection lost: keepalive PING not acknowledged within {t:?}")
@@ -267,7 +275,7 @@ async fn serve(slot: &Slot, retired: &mut Retired) -> &'static str {
         };
         let end = serve_ready(slot, &ready, serving).await;
         let goaway = signals.borrow().goaway.as_ref().map(|g| g.error_code);
-        stats.disconnected(end.disconnect(goaway, keepalive_timed_out), goaway);
+        stats.disconnected(end.disconnect(goaway, keepalive_timed_out), goaway, lost);
         // No new call goes to this connection from here on, even through stale pickers.
         ready.mark_closing();
         // Calls in flight finish on it; the slot keeps it until it has ended.

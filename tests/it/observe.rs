@@ -460,6 +460,191 @@ async fn lifecycle_metrics_count_growth_retirement_and_drains() {
     pool.close().await.unwrap();
 }
 
+/// What a pool with one connection through `proxy` counts once `fault` broke that
+/// connection: the endpoint's disconnections (after the first one is counted) and, with
+/// the `metrics` feature, each `grpc.disconnect_error` of `grpc.subchannel.disconnections`
+/// with its count. The test runs on a current-thread runtime so that the debugging recorder
+/// of its thread sees the pool's every emission.
+async fn one_lost_connection(
+    pool: tonic_pool::Pool,
+    fault: impl FnOnce(),
+) -> (tonic_pool::Disconnections, Vec<(String, u64)>) {
+    #[cfg(feature = "metrics")]
+    let recorder = metrics_util::debugging::DebuggingRecorder::new();
+    #[cfg(feature = "metrics")]
+    let _local = metrics::set_default_local_recorder(&recorder);
+    wait_all_ready(&pool, 1).await;
+    fault();
+    assert!(
+        pool.wait_until(WAIT, |s| s.counters.disconnections.total() >= 1)
+            .await,
+        "the connection was lost: {:#?}",
+        pool.snapshot()
+    );
+    let disconnections = pool.snapshot().counters.disconnections;
+    #[allow(unused_mut)]
+    let mut errors = Vec::new();
+    #[cfg(feature = "metrics")]
+    for (key, _, _, value) in recorder.snapshotter().snapshot().into_vec() {
+        let (_, key) = key.into_parts();
+        if key.name() != "grpc.subchannel.disconnections" {
+            continue;
+        }
+        let error = key
+            .labels()
+            .find(|l| l.key() == "grpc.disconnect_error")
+            .map(|l| l.value().to_owned())
+            .unwrap_or_default();
+        let metrics_util::debugging::DebugValue::Counter(n) = value else {
+            panic!("{error}: {value:?}");
+        };
+        errors.push((error, n));
+    }
+    pool.close().await.unwrap();
+    (disconnections, errors)
+}
+
+/// A peer that resets the TCP connection (the proxy closes both sides with RST) is counted
+/// as a `reset` disconnection, and in the metrics as gRFC A94's `connection reset` — not a
+/// keepalive timeout, a GOAWAY nor a shutdown.
+#[tokio::test]
+async fn a_reset_connection_counts_as_connection_reset() {
+    use support::proxy::TestProxy;
+
+    let server = TestServer::start(loopback(2));
+    let proxy = TestProxy::start(loopback(7), server.addr());
+    let pool = builder(&format!("static:///{}", proxy.addr()))
+        .build()
+        .unwrap();
+    let (disconnections, errors) = one_lost_connection(pool, || proxy.reset_all()).await;
+    assert_eq!(disconnections.reset, 1, "{disconnections:?}");
+    assert_eq!(disconnections.total(), 1, "{disconnections:?}");
+    if cfg!(feature = "metrics") {
+        assert_eq!(errors, [("connection reset".to_owned(), 1)]);
+    }
+}
+
+/// A peer that stops answering (the proxy black-holes the connection) is found by keepalive:
+/// the PING goes unanswered, and the disconnection is counted as a `keepalive_timeout`, in
+/// the metrics as gRFC A94's `connection timed out` (which covers keepalive) — not as a
+/// reset, though the pool drops the connection itself.
+#[tokio::test]
+async fn an_unanswered_keepalive_counts_as_connection_timed_out() {
+    use support::proxy::{Mode, TestProxy};
+
+    let server = TestServer::start(loopback(2));
+    let proxy = TestProxy::start(loopback(8), server.addr());
+    let pool = builder(&format!("static:///{}", proxy.addr()))
+        .http2_keep_alive_interval(Duration::from_millis(200))
+        .keep_alive_timeout(Duration::from_millis(300))
+        .keep_alive_while_idle(true)
+        // Reconnects through the black hole never finish their handshake: connect
+        // failures, not disconnections.
+        .connect_timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let (disconnections, errors) =
+        one_lost_connection(pool, || proxy.set_mode(Mode::Blackhole)).await;
+    assert_eq!(disconnections.keepalive_timeout, 1, "{disconnections:?}");
+    assert_eq!(disconnections.total(), 1, "{disconnections:?}");
+    if cfg!(feature = "metrics") {
+        assert_eq!(errors, [("connection timed out".to_owned(), 1)]);
+    }
+    proxy.set_mode(Mode::Forward);
+}
+
+/// `grpc.target` is the canonical target (gRFC A66), not the target as written: a pool built
+/// for `127.0.0.2:port` (no scheme: DNS, gRPC's default) labels its per-call and its
+/// connection metrics `dns:///127.0.0.2:port`, as gRPC does.
+#[cfg(feature = "metrics")]
+#[tokio::test]
+async fn metrics_name_the_canonical_target() {
+    let recorder = metrics_util::debugging::DebuggingRecorder::new();
+    let _local = metrics::set_default_local_recorder(&recorder);
+    let server = TestServer::start(loopback(2));
+    let written = server.addr().to_string();
+    let pool = builder(&written).build().unwrap();
+    wait_all_ready(&pool, 1).await;
+    client(&pool)
+        .unary(echo("canonical"))
+        .await
+        .expect("call ok");
+    pool.close().await.unwrap();
+
+    let canonical = format!("dns:///{written}");
+    let mut named = Vec::new();
+    for (key, _, _, _) in recorder.snapshotter().snapshot().into_vec() {
+        let (_, key) = key.into_parts();
+        for label in key.labels().filter(|l| l.key() == "grpc.target") {
+            assert_eq!(label.value(), canonical, "{}", key.name());
+            named.push(key.name().to_owned());
+        }
+    }
+    for name in [
+        "grpc.client.attempt.started",
+        "grpc.client.call.duration",
+        "grpc.subchannel.connection_attempts_succeeded",
+        "grpc.subchannel.open_connections",
+    ] {
+        assert!(named.iter().any(|n| n == name), "{name} not in {named:?}");
+    }
+}
+
+/// A request that still streams after its response started (a bidirectional call) is
+/// counted whole in `grpc.client.attempt.sent_total_compressed_message_size`: the messages
+/// sent after the response headers arrived too, not only those before.
+#[cfg(feature = "metrics")]
+#[tokio::test]
+async fn a_streamed_request_counts_every_message_sent() {
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+    use prost::Message as _;
+
+    let recorder = DebuggingRecorder::new();
+    let _local = metrics::set_default_local_recorder(&recorder);
+    let server = TestServer::start(loopback(2));
+    let pool = builder(&static_target(&[&server])).build().unwrap();
+    wait_all_ready(&pool, 1).await;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let first = echo("x");
+    let second = echo("a longer second message");
+    tx.send(first.clone()).await.unwrap();
+    let mut replies = client(&pool)
+        .bidi(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .expect("response started")
+        .into_inner();
+    // The response has started: what follows goes out after it.
+    assert_eq!(replies.message().await.unwrap().unwrap().message, "x");
+    tx.send(second.clone()).await.unwrap();
+    drop(tx);
+    let reply = replies.message().await.unwrap().unwrap();
+    assert_eq!(reply.message, second.message);
+    assert!(replies.message().await.unwrap().is_none());
+    drop(replies);
+    pool.close().await.unwrap();
+
+    let sent = recorder
+        .snapshotter()
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .find_map(|(key, _, _, value)| {
+            let (_, key) = key.into_parts();
+            let bidi = key.name() == "grpc.client.attempt.sent_total_compressed_message_size"
+                && key
+                    .labels()
+                    .any(|l| l.key() == "grpc.method" && l.value() == "echo.Echo/Bidi");
+            match value {
+                DebugValue::Histogram(values) if bidi => {
+                    Some(values.iter().map(|v| v.into_inner()).collect::<Vec<_>>())
+                }
+                _ => None,
+            }
+        });
+    let both = (first.encoded_len() + second.encoded_len()) as f64;
+    assert_eq!(sent, Some(vec![both]));
+}
+
 mod recorded {
     use metrics_util::debugging::DebugValue;
 

@@ -46,6 +46,11 @@ use crate::resolve::{Resolution, Resolve, ResolveError, Source};
 use crate::state::{wait_until, ConnectivityState};
 use crate::BoxFuture;
 
+/// However little of the close timeout is left once the calls in flight are done, slot tasks
+/// told to shut down get at least this long to end before they are aborted (a slot cuts its
+/// calls after a 2 s flush).
+const TASKS_STOP_AT_LEAST: Duration = Duration::from_secs(5);
+
 #[derive(Debug)]
 pub(crate) struct Worker {
     shared: Arc<Shared>,
@@ -394,6 +399,13 @@ impl Worker {
     }
 
     /// Stops every slot, waits for their tasks, marks the pool Shutdown and answers `close()`.
+    ///
+    /// Slot tasks end soon once told (an idle connection at once, one with calls after the
+    /// slot's flush); with thousands of them that still takes a while, and slowness is not a
+    /// failure. So the wait lasts until the pool's close timeout has passed since it was shut
+    /// down (`close()` spent part of it waiting for calls in flight), and at least
+    /// [`TASKS_STOP_AT_LEAST`]; only tasks still running then are aborted, and reported. A
+    /// `close()` therefore takes at most its close timeout plus [`TASKS_STOP_AT_LEAST`].
     async fn shutdown(mut self, reply: Option<oneshot::Sender<Vec<Error>>>) {
         let shared = self.shared.clone();
         shared.shut_down(if reply.is_some() {
@@ -402,8 +414,10 @@ impl Worker {
             "last pool handle dropped"
         });
         shared.control_all(Control::Shutdown);
-        // Slot tasks end at their next poll once told; bound the wait all the same.
-        let joined = tokio::time::timeout(Duration::from_secs(10), async {
+        let now = Instant::now();
+        let shut_down_at = shared.shut_down_at().unwrap_or(now);
+        let deadline = (shut_down_at + shared.config.close_timeout).max(now + TASKS_STOP_AT_LEAST);
+        let joined = tokio::time::timeout_at(deadline, async {
             while let Some(joined) = self.tasks.join_next().await {
                 if let Err(e) = joined {
                     if e.is_panic() {
@@ -417,10 +431,13 @@ impl Worker {
         .await;
         if joined.is_err() {
             self.failures.push(Error::close_failure(format!(
-                "{} connection task(s) did not stop within 10s and were aborted",
-                self.tasks.len()
+                "{} connection task(s) did not stop within {:?} of the pool's shutdown and were aborted",
+                self.tasks.len(),
+                deadline - shut_down_at
             )));
             self.tasks.abort_all();
+            // Aborted tasks end at their next poll: none outlives close().
+            while self.tasks.join_next().await.is_some() {}
         }
         tracing::debug!(target = %shared.target, "worker stopped");
         if let Some(reply) = reply {

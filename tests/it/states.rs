@@ -6,14 +6,13 @@ use std::time::Duration;
 
 use support::common::{builder, client, echo, static_target, WAIT};
 use support::{loopback, TestServer};
-use tokio::sync::broadcast;
 use tokio::time::Instant;
 use tonic_pool::state::Scope;
-use tonic_pool::{ConnectivityState::*, StateEvent};
+use tonic_pool::ConnectivityState::*;
 
 /// The next pool-level transition, skipping endpoint and connection events.
 async fn next_pool_event(
-    events: &mut broadcast::Receiver<StateEvent>,
+    events: &mut tonic_pool::StateEvents,
 ) -> (tonic_pool::ConnectivityState, tonic_pool::ConnectivityState) {
     let deadline = Instant::now() + WAIT;
     loop {

@@ -71,10 +71,14 @@ pub(crate) const PUBLISH_AT_ONCE_UP_TO: usize = 256;
 const PUBLICATION_SPACING: u32 = 9;
 
 /// How far apart, per connection of the pool, [`Pool::wait_until`](crate::Pool::wait_until)
-/// checks its condition: a snapshot costs about a quarter of this per connection, so
-/// checking takes about a tenth of a core however fast the pool changes. Below
-/// [`TIMER_RESOLUTION`] (pools of up to 400 connections) it checks after every change.
+/// checks its condition at least. Below [`TIMER_RESOLUTION`] (pools of up to 400
+/// connections) it checks after every change; above, also at least
+/// [`SNAPSHOT_SPACING`] times as long as the last check took apart, so that checking
+/// takes at most about a tenth of a core however fast the pool changes.
 const SNAPSHOT_SPACING_PER_CONNECTION: Duration = Duration::from_nanos(2_500);
+
+/// See [`SNAPSHOT_SPACING_PER_CONNECTION`].
+const SNAPSHOT_SPACING: u32 = 9;
 
 /// Below this, a deferred publication does not wait on a timer (whose resolution is a
 /// millisecond): it runs once the tasks already woken have run, which still batches the
@@ -914,9 +918,11 @@ impl Shared {
         loop {
             version.borrow_and_update();
             let checked = tokio::time::Instant::now();
+            let started = Instant::now();
             if condition(&self.snapshot()) {
                 return true;
             }
+            let cost = started.elapsed();
             if version.changed().await.is_err() {
                 return condition(&self.snapshot());
             }
@@ -924,6 +930,7 @@ impl Shared {
             let spacing = SNAPSHOT_SPACING_PER_CONNECTION * connections;
             if spacing >= TIMER_RESOLUTION {
                 // Changes made meanwhile are seen by the next check.
+                let spacing = spacing.max(cost * SNAPSHOT_SPACING);
                 tokio::time::sleep_until(checked + spacing).await;
             }
         }

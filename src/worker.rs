@@ -445,3 +445,106 @@ impl Worker {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+    use crate::config::Config;
+    use crate::connector::TcpConnector;
+    use crate::mailbox::WeakMailbox;
+    use crate::target::Target;
+
+    /// A worker whose pool has this close timeout, with no slot: the tests give it tasks.
+    fn worker(close_timeout: Duration) -> (Arc<Shared>, Worker) {
+        let config = Config {
+            close_timeout,
+            ..Config::default()
+        };
+        let target = Target::parse("static:///127.0.0.1:50051").expect("target");
+        let (mailbox, inbox) = crate::mailbox::mailbox();
+        let shared = Shared::new(
+            config,
+            target,
+            tokio::runtime::Handle::current(),
+            WeakMailbox::new(&mailbox),
+        );
+        let worker = Worker {
+            shared: shared.clone(),
+            connector: Arc::new(TcpConnector::new()),
+            resolver: None,
+            inbox,
+            tasks: JoinSet::new(),
+            rng: FastRng::new(1),
+            failures: Vec::new(),
+            ever_resolved: false,
+            last_resolution: None,
+        };
+        (shared, worker)
+    }
+
+    /// Shuts the worker down as `close()` does; returns the failures it answers with.
+    async fn close(worker: Worker) -> Vec<Error> {
+        let (reply, answer) = oneshot::channel();
+        worker.shutdown(Some(reply)).await;
+        answer.await.expect("the worker answers")
+    }
+
+    /// 2 000 connection tasks that take 12 to 14 s to stop (longer than the fixed 10 s the
+    /// worker used to allow) within a 30 s close timeout are all waited for: the close
+    /// reports no failure and aborts none.
+    #[tokio::test(start_paused = true)]
+    async fn slow_connection_tasks_are_waited_for_within_the_close_timeout() {
+        let (shared, mut worker) = worker(Duration::from_secs(30));
+        let stopped = Arc::new(AtomicUsize::new(0));
+        for i in 0..2_000 {
+            let stopped = stopped.clone();
+            worker.tasks.spawn(async move {
+                tokio::time::sleep(Duration::from_millis(12_000 + i)).await;
+                stopped.fetch_add(1, Ordering::Relaxed);
+            });
+        }
+        let failures = close(worker).await;
+        assert!(failures.is_empty(), "{failures:?}");
+        assert_eq!(stopped.load(Ordering::Relaxed), 2_000);
+        assert_eq!(shared.state(), ConnectivityState::Shutdown);
+    }
+
+    /// A task that never stops is aborted, and reported, once the close timeout has passed
+    /// since the pool was shut down — the 8 s `close()` spent waiting for calls counted — and
+    /// no sooner than 5 s after the worker was asked when no close timeout is left.
+    #[tokio::test(start_paused = true)]
+    async fn stuck_connection_tasks_are_aborted_once_the_close_timeout_has_passed() {
+        let (shared, mut worker) = worker(Duration::from_secs(20));
+        let shut_down = Instant::now();
+        shared.shut_down("close() called");
+        tokio::time::sleep(Duration::from_secs(8)).await;
+        worker.tasks.spawn(std::future::pending::<()>());
+        let failures = close(worker).await;
+        assert_eq!(shut_down.elapsed(), Duration::from_secs(20));
+        assert_eq!(failures.len(), 1, "{failures:?}");
+        assert!(
+            failures[0]
+                .to_string()
+                .contains("1 connection task(s) did not stop"),
+            "{}",
+            failures[0]
+        );
+
+        let (shared, mut worker) = worker_with_spent_timeout().await;
+        let asked = Instant::now();
+        worker.tasks.spawn(std::future::pending::<()>());
+        assert_eq!(close(worker).await.len(), 1);
+        assert_eq!(asked.elapsed(), TASKS_STOP_AT_LEAST);
+        drop(shared);
+    }
+
+    /// A worker whose pool was shut down longer than its close timeout ago.
+    async fn worker_with_spent_timeout() -> (Arc<Shared>, Worker) {
+        let (shared, worker) = worker(Duration::from_secs(1));
+        shared.shut_down("close() called");
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        (shared, worker)
+    }
+}

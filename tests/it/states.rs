@@ -123,3 +123,35 @@ async fn unreachable_address_is_transient_failure() {
     assert!(err.to_string().contains("connect error"), "{err}");
     pool.close().await.unwrap();
 }
+
+/// `wait_until_summary` returns once the pool's O(1) summary shows every connection Ready,
+/// and the summary's counts agree with the snapshot's, then show the closed pool.
+#[tokio::test]
+async fn the_summary_counts_what_the_snapshot_lists() {
+    let (a, b) = (
+        TestServer::start(loopback(2)),
+        TestServer::start(loopback(3)),
+    );
+    let pool = builder(&static_target(&[&a, &b]))
+        .connections_per_endpoint(3)
+        .build()
+        .unwrap();
+    assert!(
+        pool.wait_until_summary(WAIT, |s| s.connections.ready == 6)
+            .await
+    );
+    let (summary, snapshot) = (pool.summary(), pool.snapshot());
+    assert_eq!(summary.state, Ready);
+    assert_eq!(summary.state, snapshot.state);
+    assert_eq!(summary.endpoints.ready, 2);
+    assert_eq!(summary.endpoints.total(), snapshot.endpoints.len());
+    assert_eq!(summary.connections.total(), 6);
+    assert_eq!(snapshot.ready_connections(), 6);
+    assert_eq!(
+        (summary.draining_endpoints, summary.in_flight),
+        (0, snapshot.in_flight())
+    );
+    pool.close().await.unwrap();
+    assert_eq!(pool.summary().state, Shutdown);
+    assert_eq!(pool.summary().connections.total(), 0);
+}

@@ -36,6 +36,8 @@
 //!   mark the picker stale, and one deferred publication takes them all, spaced so that
 //!   publishing costs a small share of a core. Pools of up to [`PUBLISH_AT_ONCE_UP_TO`] Ready
 //!   connections, where a build costs a few microseconds, publish every change at once.
+//!   Once the pool is shut down it offers no connection (calls are refused): its picker is
+//!   emptied once, and the thousands of connections leaving at `close()` publish nothing.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -291,8 +293,12 @@ impl Shared {
     /// Endpoints that outlier detection ejected are left out — unless that would leave no
     /// Ready connection at all: then an outlier is better than failing every call (see
     /// [`crate::outlier`]).
+    ///
+    /// A pool that was shut down publishes an empty picker, once: calls are refused from
+    /// then on, and its connections leaving one by one (thousands at `close()`) publish nothing.
     fn publish_picker(&self, reg: &mut Registry) {
         let started = Instant::now();
+        let shut_down = self.is_shut_down();
         let has_ready = |e: &EndpointEntry| e.conns.iter().any(|c| c.ready.is_some());
         let all_ejected = !reg
             .endpoints
@@ -301,7 +307,9 @@ impl Shared {
             .any(|e| !e.outliers.is_ejected());
         let mut by_address = Vec::with_capacity(reg.active.len());
         for endpoint in reg.endpoints.values_mut() {
-            let included = !endpoint.draining && (all_ejected || !endpoint.outliers.is_ejected());
+            let included = !shut_down
+                && !endpoint.draining
+                && (all_ejected || !endpoint.outliers.is_ejected());
             let mut group = Vec::new();
             for conn in &mut endpoint.conns {
                 conn.published = included && conn.ready.is_some();
@@ -331,6 +339,10 @@ impl Shared {
     /// The Ready set changed (a connection entered it, or left it; `urgent` when calls could
     /// still pick the one that left): publishes now or later (see the module docs).
     fn ready_set_changed(&self, reg: &mut Registry, urgent: bool) {
+        if self.is_shut_down() {
+            // Its picker is empty for good (see `shut_down`).
+            return;
+        }
         let ready = reg.connection_states.ready;
         let publication = &mut reg.publication;
         let nothing_live = publication.live_entries == 0 && ready > 0;
@@ -825,10 +837,14 @@ impl Shared {
 
     /// The pool is closed: no new calls, state Shutdown for good.
     pub(crate) fn shut_down(&self, reason: &str) {
-        self.shut_down.store(true, Ordering::Release);
         let mut reg = self.registry.lock();
+        let first = !self.shut_down.swap(true, Ordering::AcqRel);
         reg.shut_down_at
             .get_or_insert_with(tokio::time::Instant::now);
+        if first {
+            // Calls are refused from now on: no connection is offered any more.
+            self.publish_picker(&mut reg);
+        }
         self.refresh(&mut reg, None, reason);
     }
 
@@ -1204,9 +1220,11 @@ mod tests {
             256,
             "one publication per change"
         );
+        // Slept, not yielded: the deferred publication may wait on the (paused) clock, which
+        // only moves while every task sleeps.
         tokio::time::timeout(WAIT, async {
             while published() != 300 {
-                tokio::task::yield_now().await;
+                tokio::time::sleep(Duration::from_millis(1)).await;
             }
         })
         .await

@@ -20,9 +20,12 @@
 //!   picks; the wall time from a common start (a barrier) to the last join is divided by 2, so
 //!   the reported time is wall time per pick over both threads (throughput: picks per second
 //!   summed over the threads). Thread start-up is outside the timed span.
-//! - **`republish/1024`**: what the registry does on every change of the Ready set: collect
-//!   1024 `Arc` clones into a `Vec`, box it into a `Picker` behind a new `Arc` — and drop the
+//! - **`republish/1024`**: what the registry does to publish the Ready set: collect 1024
+//!   `Arc` clones into a `Vec`, box it into a `Picker` behind a new `Arc` — and drop the
 //!   previous picker (1024 `Arc` decrements), which the pool also pays eventually.
+//! - **`republish/16000`**: the same for a fleet of 250 addresses × 64 connections, grouped by
+//!   address. Pools of up to 256 Ready connections publish every change; larger ones only
+//!   the changes calls need at once, and one batch for the rest (`registry.rs`).
 //! - **`call_overhead/*`**: one unary RPC (32-byte payload) through a generated `EchoClient`
 //!   to an in-process tonic echo server, on a current-thread tokio runtime, so that client
 //!   and server CPU are both counted, on one core, without cross-thread wake-ups:
@@ -222,6 +225,31 @@ fn bench_republish(c: &mut Criterion) {
     group.bench_function(BenchmarkId::from_parameter(N), |b| {
         b.iter(|| {
             published = Arc::new(Picker::new(std::hint::black_box(collect())));
+        });
+    });
+    std::hint::black_box(published.len());
+    // A fleet: 250 addresses × 64 connections, grouped by address as the registry builds it.
+    // What one publication costs there; the registry publishes at once only the changes calls
+    // need at once, and batches the others (see `registry.rs`, "Cost per change").
+    const ADDRESSES: usize = 250;
+    const PER_ADDRESS: usize = 64;
+    let fleet: Vec<Option<Entry>> = entries(ADDRESSES * PER_ADDRESS)
+        .into_iter()
+        .map(Some)
+        .collect();
+    let by_address = || -> Vec<Vec<Entry>> {
+        fleet
+            .chunks(PER_ADDRESS)
+            .map(|slots| slots.iter().flatten().cloned().collect())
+            .collect()
+    };
+    let mut published = Arc::new(Picker::build(Balance::RoundRobin, by_address()));
+    group.bench_function(BenchmarkId::from_parameter(ADDRESSES * PER_ADDRESS), |b| {
+        b.iter(|| {
+            published = Arc::new(Picker::build(
+                Balance::RoundRobin,
+                std::hint::black_box(by_address()),
+            ));
         });
     });
     std::hint::black_box(published.len());

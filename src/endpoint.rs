@@ -4,6 +4,11 @@
 //!
 //! The registry keeps the endpoints (it is their one owner, under its lock); the worker
 //! decides what to add and remove; slots report their connection's states.
+//!
+//! An endpoint counts its connections per state ([`StateCounts`], kept by the registry on
+//! every change), so that its aggregate state costs O(1) however many connections it has;
+//! its connections stay in the order of their ids (ids only grow and removal keeps the
+//! order), so that one is found by a binary search.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,7 +20,7 @@ use tokio::sync::watch;
 use crate::conn::{ConnStats, Connection, Control};
 use crate::growth;
 use crate::outlier::AddressOutliers;
-use crate::state::{aggregate, ConnectivityState, Counters};
+use crate::state::{ConnectivityState, Counters, StateCounts};
 
 /// One address of the pool, as the registry keeps it.
 #[derive(Debug)]
@@ -23,7 +28,10 @@ pub(crate) struct EndpointEntry {
     pub(crate) addr: SocketAddr,
     pub(crate) draining: bool,
     pub(crate) state: ConnectivityState,
+    /// Its connections, in the order of their ids.
     pub(crate) conns: Vec<ConnEntry>,
+    /// Its connections by the state they count as ([`ConnEntry::effective`]).
+    pub(crate) counts: StateCounts,
     pub(crate) keepalive: Arc<KeepAlive>,
     /// When it entered its current state.
     pub(crate) state_since: Instant,
@@ -41,6 +49,8 @@ pub(crate) struct ConnEntry {
     /// Failed since it was last Ready: counts as TransientFailure in aggregates.
     pub(crate) failed: bool,
     pub(crate) ready: Option<Arc<Connection>>,
+    /// Whether `ready` is an entry of the published picker (see the registry's publication).
+    pub(crate) published: bool,
     pub(crate) stats: Arc<ConnStats>,
     pub(crate) last_error: Option<String>,
     /// What the worker asks of the slot's task (run, drain, shut down).
@@ -63,8 +73,14 @@ impl ConnEntry {
 }
 
 impl EndpointEntry {
+    /// Its aggregate state, from its counts: O(1).
     pub(crate) fn aggregate(&self) -> ConnectivityState {
-        aggregate(self.conns.iter().map(ConnEntry::effective))
+        self.counts.aggregate()
+    }
+
+    /// Where the connection `id` is in [`conns`](Self::conns): O(log n).
+    pub(crate) fn position(&self, id: u64) -> Option<usize> {
+        self.conns.binary_search_by_key(&id, |c| c.id).ok()
     }
 
     /// Its counters: its connection slots', those it no longer has included.

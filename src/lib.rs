@@ -215,7 +215,7 @@ pub use outlier::{FailurePercentageEjection, OutlierDetection, SuccessRateEjecti
 pub use pool::{Pool, ResponseFuture};
 pub use state::{
     CallCounts, ConnectionSnapshot, ConnectivityState, Counters, Disconnections, EndpointSnapshot,
-    PoolSnapshot, Scope, StateEvent, StateWatch,
+    PoolSnapshot, PoolSummary, Scope, StateCounts, StateEvent, StateEvents, StateWatch,
 };
 pub use stream::{ResilientStream, StreamEvent};
 pub use target::{Target, TargetError};

@@ -27,7 +27,8 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use tokio::sync::watch;
+use tokio::sync::broadcast::error::{RecvError, TryRecvError};
+use tokio::sync::{broadcast, mpsc, watch};
 
 /// The connectivity state of a connection, an endpoint or a whole pool, as gRPC defines it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -64,7 +65,9 @@ impl fmt::Display for ConnectivityState {
     }
 }
 
-/// Aggregates states with gRPC's rule. An empty set is `TransientFailure`.
+/// Aggregates states with gRPC's rule. An empty set is `TransientFailure`. (The pool counts
+/// states instead, [`StateCounts::aggregate`]; this is the rule those counts must follow.)
+#[cfg(test)]
 ///
 /// `Shutdown` members are ignored (a closing connection says nothing about the others); a set
 /// made only of `Shutdown` members is `Shutdown`.
@@ -91,6 +94,109 @@ where
     } else {
         ConnectivityState::Shutdown
     }
+}
+
+/// How many connections or endpoints are in each state: what the pool keeps up to date on
+/// every change, so that its aggregates and [`PoolSummary`] cost O(1) however large it is.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StateCounts {
+    /// In `IDLE`.
+    pub idle: usize,
+    /// In `CONNECTING`.
+    pub connecting: usize,
+    /// In `READY`.
+    pub ready: usize,
+    /// In `TRANSIENT_FAILURE`.
+    pub transient_failure: usize,
+    /// In `SHUTDOWN`.
+    pub shutdown: usize,
+}
+
+impl StateCounts {
+    /// How many are in `state`.
+    pub fn get(&self, state: ConnectivityState) -> usize {
+        match state {
+            ConnectivityState::Idle => self.idle,
+            ConnectivityState::Connecting => self.connecting,
+            ConnectivityState::Ready => self.ready,
+            ConnectivityState::TransientFailure => self.transient_failure,
+            ConnectivityState::Shutdown => self.shutdown,
+        }
+    }
+
+    /// How many there are, whatever their state.
+    pub fn total(&self) -> usize {
+        self.idle + self.connecting + self.ready + self.transient_failure + self.shutdown
+    }
+
+    fn slot(&mut self, state: ConnectivityState) -> &mut usize {
+        match state {
+            ConnectivityState::Idle => &mut self.idle,
+            ConnectivityState::Connecting => &mut self.connecting,
+            ConnectivityState::Ready => &mut self.ready,
+            ConnectivityState::TransientFailure => &mut self.transient_failure,
+            ConnectivityState::Shutdown => &mut self.shutdown,
+        }
+    }
+
+    /// Counts one more in `state`.
+    pub(crate) fn add(&mut self, state: ConnectivityState) {
+        *self.slot(state) += 1;
+    }
+
+    /// Counts one fewer in `state` (which must have been counted).
+    pub(crate) fn remove(&mut self, state: ConnectivityState) {
+        let slot = self.slot(state);
+        debug_assert!(*slot > 0, "{state} was not counted");
+        *slot = slot.saturating_sub(1);
+    }
+
+    /// One member moves from `from` to `to`.
+    pub(crate) fn moved(&mut self, from: ConnectivityState, to: ConnectivityState) {
+        if from != to {
+            self.remove(from);
+            self.add(to);
+        }
+    }
+
+    /// The aggregate of the members counted, by gRPC's rule (see the module docs), in O(1):
+    /// Shutdown members are ignored unless all are; an empty set is TransientFailure.
+    pub(crate) fn aggregate(&self) -> ConnectivityState {
+        if self.ready > 0 {
+            ConnectivityState::Ready
+        } else if self.connecting > 0 {
+            ConnectivityState::Connecting
+        } else if self.idle > 0 {
+            ConnectivityState::Idle
+        } else if self.transient_failure > 0 || self.shutdown == 0 {
+            ConnectivityState::TransientFailure
+        } else {
+            ConnectivityState::Shutdown
+        }
+    }
+}
+
+/// The pool in a few numbers, from [`Pool::summary`](crate::Pool::summary): what it keeps up
+/// to date on every change, so that reading it costs O(1) whatever the pool's size — unlike
+/// a [`PoolSnapshot`], which lists every endpoint and connection. Wait on it with
+/// [`Pool::wait_until_summary`](crate::Pool::wait_until_summary).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PoolSummary {
+    /// The pool's aggregate state.
+    pub state: ConnectivityState,
+    /// The connections of the endpoints in the address set, by their state (as
+    /// [`ConnectionSnapshot::state`] shows it).
+    pub connections: StateCounts,
+    /// The endpoints in the address set, by their aggregate state.
+    pub endpoints: StateCounts,
+    /// Endpoints that left the address set and are finishing their calls.
+    pub draining_endpoints: usize,
+    /// Their connections.
+    pub draining_connections: usize,
+    /// Calls in flight over the whole pool.
+    pub in_flight: usize,
 }
 
 /// Waits until the watched value satisfies `condition` and returns a copy of it, or `None`
@@ -132,6 +238,173 @@ pub struct StateEvent {
     pub to: ConnectivityState,
     /// Why, in words (e.g. `connect error: connection refused`).
     pub reason: String,
+}
+
+/// How many connection transitions a slow [`StateEvents`] receiver may fall behind before it
+/// misses some.
+const CONNECTION_EVENT_CAPACITY: usize = 4096;
+
+/// An event with its place in the pool's sequence of events.
+type Numbered = (u64, StateEvent);
+
+/// Where the registry sends every transition, under its lock (which orders them): connection
+/// transitions to one bounded broadcast, pool and endpoint transitions to each receiver's own
+/// queue, which loses none. Numbered, so that a receiver puts them back in order.
+#[derive(Debug)]
+pub(crate) struct EventSender {
+    next: u64,
+    connections: broadcast::Sender<Numbered>,
+    scoped: Vec<mpsc::UnboundedSender<Numbered>>,
+}
+
+impl EventSender {
+    pub(crate) fn new() -> Self {
+        Self {
+            next: 0,
+            connections: broadcast::channel(CONNECTION_EVENT_CAPACITY).0,
+            scoped: Vec::new(),
+        }
+    }
+
+    /// A receiver of every transition from now on.
+    pub(crate) fn subscribe(&mut self) -> StateEvents {
+        let (scoped_tx, scoped) = mpsc::unbounded_channel();
+        self.scoped.push(scoped_tx);
+        StateEvents {
+            connections: Some(self.connections.subscribe()),
+            scoped: Some(scoped),
+            next_connection: None,
+            next_scoped: None,
+        }
+    }
+
+    pub(crate) fn send(&mut self, event: StateEvent) {
+        let numbered = (self.next, event);
+        self.next += 1;
+        if matches!(numbered.1.scope, Scope::Connection { .. }) {
+            let _ = self.connections.send(numbered);
+        } else {
+            // Receivers that were dropped are forgotten on the way.
+            self.scoped.retain(|tx| tx.send(numbered.clone()).is_ok());
+        }
+    }
+}
+
+/// Every state transition of a pool, its endpoints and its connections, in order, from
+/// [`Pool::events`](crate::Pool::events).
+///
+/// The pool's and its endpoints' transitions are never lost: each receiver has its own queue
+/// of them (a few per endpoint each time the address set or a server's health changes; a
+/// receiver kept must be read, or dropped). Connection transitions — two or three per
+/// connection at start-up and at close, tens of thousands in a large pool — share one buffer
+/// of 4096: a receiver that falls further behind misses the oldest of them and learns how
+/// many from [`RecvError::Lagged`], then goes on with the rest, in order.
+#[derive(Debug)]
+pub struct StateEvents {
+    /// `None` once closed.
+    connections: Option<broadcast::Receiver<Numbered>>,
+    scoped: Option<mpsc::UnboundedReceiver<Numbered>>,
+    /// The next event of each kind, already taken from its channel.
+    next_connection: Option<Numbered>,
+    next_scoped: Option<Numbered>,
+}
+
+impl StateEvents {
+    /// The next transition; waits for one.
+    ///
+    /// Fails with [`RecvError::Lagged`]`(n)` when `n` connection transitions were missed
+    /// (the next call goes on after them), and with [`RecvError::Closed`] once the pool is
+    /// gone and every transition was received.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: dropping the future loses no event.
+    pub async fn recv(&mut self) -> Result<StateEvent, RecvError> {
+        loop {
+            if let Some(event) = self.take_ready()? {
+                return Ok(event);
+            }
+            if self.connections.is_none() && self.scoped.is_none() {
+                return Err(RecvError::Closed);
+            }
+            let connections = async {
+                match &mut self.connections {
+                    Some(rx) => rx.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            let scoped = async {
+                match &mut self.scoped {
+                    Some(rx) => rx.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                got = connections => match got {
+                    Ok(event) => self.next_connection = Some(event),
+                    Err(RecvError::Closed) => self.connections = None,
+                    Err(lagged) => return Err(lagged),
+                },
+                got = scoped => match got {
+                    Some(event) => self.next_scoped = Some(event),
+                    None => self.scoped = None,
+                },
+            }
+        }
+    }
+
+    /// The next transition if one has arrived, without waiting.
+    ///
+    /// Fails with [`TryRecvError::Empty`] when none has, and otherwise as
+    /// [`recv`](Self::recv) does.
+    pub fn try_recv(&mut self) -> Result<StateEvent, TryRecvError> {
+        match self.take_ready() {
+            Ok(Some(event)) => Ok(event),
+            Err(RecvError::Lagged(n)) => Err(TryRecvError::Lagged(n)),
+            Err(RecvError::Closed) => Err(TryRecvError::Closed),
+            Ok(None) if self.connections.is_none() && self.scoped.is_none() => {
+                Err(TryRecvError::Closed)
+            }
+            Ok(None) => Err(TryRecvError::Empty),
+        }
+    }
+
+    /// Takes what has arrived of both kinds, and hands out the earlier of the two. Both are
+    /// sent under one lock in the order of their numbers, so once an event has arrived, every
+    /// earlier one of the other kind has too: the earlier of the two is the next.
+    fn take_ready(&mut self) -> Result<Option<StateEvent>, RecvError> {
+        if self.next_connection.is_none() {
+            if let Some(rx) = &mut self.connections {
+                match rx.try_recv() {
+                    Ok(event) => self.next_connection = Some(event),
+                    Err(TryRecvError::Lagged(n)) => return Err(RecvError::Lagged(n)),
+                    Err(TryRecvError::Closed) => self.connections = None,
+                    Err(TryRecvError::Empty) => {}
+                }
+            }
+        }
+        if self.next_scoped.is_none() {
+            if let Some(rx) = &mut self.scoped {
+                match rx.try_recv() {
+                    Ok(event) => self.next_scoped = Some(event),
+                    Err(mpsc::error::TryRecvError::Disconnected) => self.scoped = None,
+                    Err(mpsc::error::TryRecvError::Empty) => {}
+                }
+            }
+        }
+        let connection_first = match (&self.next_connection, &self.next_scoped) {
+            (Some((a, _)), Some((b, _))) => a < b,
+            (Some(_), None) => true,
+            (None, Some(_)) => false,
+            (None, None) => return Ok(None),
+        };
+        let next = if connection_first {
+            self.next_connection.take()
+        } else {
+            self.next_scoped.take()
+        };
+        Ok(next.map(|(_, event)| event))
+    }
 }
 
 /// A handle to watch the pool's aggregate state.
@@ -585,6 +858,11 @@ mod tests {
                 else if !states.is_empty() && states.iter().all(|s| *s == Shutdown) { Shutdown }
                 else { TransientFailure };
             prop_assert_eq!(a, expected);
+            let mut counts = StateCounts::default();
+            for state in &states {
+                counts.add(*state);
+            }
+            prop_assert_eq!(counts.aggregate(), expected);
         }
     }
 }

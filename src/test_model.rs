@@ -50,6 +50,7 @@ use proptest::test_runner::TestCaseError;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 use tokio::sync::{mpsc, watch};
 
+use crate::balance::Pickable;
 use crate::config::Config;
 use crate::conn::driver::{DriverHandle, H2Connection};
 use crate::conn::frames::{
@@ -148,15 +149,22 @@ struct Setup {
     /// Built with `connect_lazily`: nothing happens until [`Event::Connect`].
     lazy: bool,
     connections_per_endpoint: usize,
+    /// Changes of the Ready set that may wait are deferred (as in a pool of thousands of
+    /// connections) rather than published at once (as in a small one).
+    defer: bool,
 }
 
 fn setup() -> impl Strategy<Value = Setup> {
-    (proptest::bool::weighted(0.25), 1usize..=2).prop_map(|(lazy, connections_per_endpoint)| {
-        Setup {
+    (
+        proptest::bool::weighted(0.25),
+        1usize..=2,
+        proptest::bool::weighted(0.5),
+    )
+        .prop_map(|(lazy, connections_per_endpoint, defer)| Setup {
             lazy,
             connections_per_endpoint,
-        }
-    })
+            defer,
+        })
 }
 
 // === the model ===
@@ -343,8 +351,12 @@ impl Model {
         }
     }
 
-    /// The connections the picker must hold: those of Ready slots of active endpoints.
+    /// The connections the picker must hold: those of Ready slots of active endpoints, none
+    /// once the pool is shut down (calls are refused).
     fn pickable(&self) -> Vec<usize> {
+        if self.shut_down {
+            return Vec::new();
+        }
         self.slots
             .iter()
             .filter(|s| !s.removed && !self.endpoints[s.endpoint].draining)
@@ -529,6 +541,10 @@ async fn settle(mut done: impl FnMut() -> bool) -> bool {
 struct Case {
     shared: Arc<Shared>,
     model: Model,
+    defer: bool,
+    /// Checks so far: with `defer`, every other one looks at the registry without making the
+    /// pending publication, so that deferred changes pile up across steps.
+    checks: std::cell::Cell<usize>,
     /// The event being applied, for messages.
     step: String,
 }
@@ -544,15 +560,20 @@ impl Case {
         // The worker is played by the test: nothing reads its mailbox, so requests to it
         // (re-resolution, growth) go nowhere.
         let (mailbox, _) = crate::mailbox::mailbox();
-        let shared = Arc::new(Shared::new(
+        let shared = Shared::new(
             config,
             target,
             tokio::runtime::Handle::current(),
             crate::mailbox::WeakMailbox::new(&mailbox),
-        ));
+        );
+        if setup.defer {
+            shared.defer_publications();
+        }
         Self {
             shared,
             model: Model::new(),
+            defer: setup.defer,
+            checks: std::cell::Cell::new(0),
             step: "build".to_owned(),
         }
     }
@@ -1012,7 +1033,43 @@ impl Case {
     fn check(&self, after: &str) -> Result<(), TestCaseError> {
         let step = format!("{} — after {after}", self.step);
         let model = &self.model;
-        let snapshot = self.shared.snapshot();
+        let pickable = model.pickable();
+
+        // The published picker, deferred changes pending or not: a call can pick from it
+        // only connections it may take (an entry that is not one is no longer available: a
+        // pick steps over it), and it holds one whenever there is one, so that calls never
+        // wait while a connection is Ready.
+        let (_, published) = self.shared.load_picker();
+        for entry in published.entries() {
+            let c = model.conn_of(entry);
+            prop_assert!(
+                !entry.is_available() || c.is_some_and(|c| pickable.contains(&c)),
+                "{}: the published picker offers #{:?}, not one of {:?}",
+                &step,
+                c,
+                pickable
+            );
+        }
+        if !pickable.is_empty() {
+            prop_assert!(
+                published
+                    .entries()
+                    .iter()
+                    .any(|e| model.conn_of(e).is_some_and(|c| pickable.contains(&c))),
+                "{}: Ready connections {:?} but none in the published picker",
+                &step,
+                pickable
+            );
+        }
+        let checks = self.checks.get();
+        self.checks.set(checks + 1);
+        let as_is = self.defer && checks % 2 == 1;
+        let snapshot = if as_is {
+            self.shared.snapshot_as_is()
+        } else {
+            // Makes a deferred publication first, if one is pending.
+            self.shared.snapshot()
+        };
 
         // The pool's aggregate, in the snapshot and in the watch.
         let pool = model.pool_state();
@@ -1091,20 +1148,62 @@ impl Case {
             );
         }
 
+        // The summary: the counts the registry keeps agree with the snapshot.
+        let summary = self.shared.summary();
+        prop_assert_eq!(summary.state, snapshot.state, "{}: summary state", &step);
+        let mut connections = crate::state::StateCounts::default();
+        let mut endpoints = crate::state::StateCounts::default();
+        let (mut draining_endpoints, mut draining_connections) = (0, 0);
+        for endpoint in &snapshot.endpoints {
+            if endpoint.draining {
+                draining_endpoints += 1;
+                draining_connections += endpoint.connections.len();
+            } else {
+                endpoints.add(endpoint.state);
+                for conn in &endpoint.connections {
+                    connections.add(conn.state);
+                }
+            }
+        }
+        prop_assert_eq!(
+            summary.connections,
+            connections,
+            "{}: summary connections",
+            &step
+        );
+        prop_assert_eq!(summary.endpoints, endpoints, "{}: summary endpoints", &step);
+        prop_assert_eq!(
+            (summary.draining_endpoints, summary.draining_connections),
+            (draining_endpoints, draining_connections),
+            "{}: summary draining",
+            &step
+        );
+        prop_assert_eq!(
+            summary.in_flight,
+            model.calls.len(),
+            "{}: summary in flight",
+            &step
+        );
+        if as_is {
+            // The picker's exact content is checked once the publication is made.
+            return Ok(());
+        }
+
         // The picker: exactly the Ready connections of active endpoints. Only the entries it
         // hands out can be told apart through its API, so: as many entries, and starting
         // from every position, a pick is an available one, one with room whenever there is
         // one, `all_full` exactly when none has room — and together the picks cover every
         // available connection with room (or, all being full, every available one).
         let (_, picker) = self.shared.load_picker();
-        let pickable = model.pickable();
         prop_assert_eq!(picker.len(), pickable.len(), "{}: picker size", &step);
-        prop_assert_eq!(
-            snapshot.ready_connections(),
-            pickable.len(),
-            "{}: ready connections",
-            &step
-        );
+        if !model.shut_down {
+            prop_assert_eq!(
+                snapshot.ready_connections(),
+                pickable.len(),
+                "{}: ready connections",
+                &step
+            );
+        }
         let available: BTreeSet<usize> = pickable
             .iter()
             .copied()
@@ -1212,6 +1311,7 @@ fn endpoint_lookup_finds_the_active_endpoint_of_a_relisted_address() {
         let mut case = Case::new(Setup {
             lazy: false,
             connections_per_endpoint: 1,
+            defer: false,
         });
         case.start(false).unwrap();
         for (index, event) in events.iter().enumerate() {

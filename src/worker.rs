@@ -48,6 +48,11 @@ use crate::state::{wait_until, ConnectivityState};
 use crate::subset::Subsetting;
 use crate::BoxFuture;
 
+/// However little of the close timeout is left once the calls in flight are done, slot tasks
+/// told to shut down get at least this long to end before they are aborted (a slot cuts its
+/// calls after a 2 s flush).
+const TASKS_STOP_AT_LEAST: Duration = Duration::from_secs(5);
+
 #[derive(Debug)]
 pub(crate) struct Worker {
     shared: Arc<Shared>,
@@ -419,6 +424,13 @@ impl Worker {
     }
 
     /// Stops every slot, waits for their tasks, marks the pool Shutdown and answers `close()`.
+    ///
+    /// Slot tasks end soon once told (an idle connection at once, one with calls after the
+    /// slot's flush); with thousands of them that still takes a while, and slowness is not a
+    /// failure. So the wait lasts until the pool's close timeout has passed since it was shut
+    /// down (`close()` spent part of it waiting for calls in flight), and at least
+    /// [`TASKS_STOP_AT_LEAST`]; only tasks still running then are aborted, and reported. A
+    /// `close()` therefore takes at most its close timeout plus [`TASKS_STOP_AT_LEAST`].
     async fn shutdown(mut self, reply: Option<oneshot::Sender<Vec<Error>>>) {
         let shared = self.shared.clone();
         shared.shut_down(if reply.is_some() {
@@ -427,8 +439,10 @@ impl Worker {
             "last pool handle dropped"
         });
         shared.control_all(Control::Shutdown);
-        // Slot tasks end at their next poll once told; bound the wait all the same.
-        let joined = tokio::time::timeout(Duration::from_secs(10), async {
+        let now = Instant::now();
+        let shut_down_at = shared.shut_down_at().unwrap_or(now);
+        let deadline = (shut_down_at + shared.config.close_timeout).max(now + TASKS_STOP_AT_LEAST);
+        let joined = tokio::time::timeout_at(deadline, async {
             while let Some(joined) = self.tasks.join_next().await {
                 if let Err(e) = joined {
                     if e.is_panic() {
@@ -442,14 +456,120 @@ impl Worker {
         .await;
         if joined.is_err() {
             self.failures.push(Error::close_failure(format!(
-                "{} connection task(s) did not stop within 10s and were aborted",
-                self.tasks.len()
+                "{} connection task(s) did not stop within {:?} of the pool's shutdown and were aborted",
+                self.tasks.len(),
+                deadline - shut_down_at
             )));
             self.tasks.abort_all();
+            // Aborted tasks end at their next poll: none outlives close().
+            while self.tasks.join_next().await.is_some() {}
         }
         tracing::debug!(target = %shared.target, "worker stopped");
         if let Some(reply) = reply {
             let _ = reply.send(std::mem::take(&mut self.failures));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+    use crate::config::Config;
+    use crate::connector::TcpConnector;
+    use crate::mailbox::WeakMailbox;
+    use crate::target::Target;
+
+    /// A worker whose pool has this close timeout, with no slot: the tests give it tasks.
+    fn worker(close_timeout: Duration) -> (Arc<Shared>, Worker) {
+        let config = Config {
+            close_timeout,
+            ..Config::default()
+        };
+        let target = Target::parse("static:///127.0.0.1:50051").expect("target");
+        let (mailbox, inbox) = crate::mailbox::mailbox();
+        let shared = Shared::new(
+            config,
+            target,
+            tokio::runtime::Handle::current(),
+            WeakMailbox::new(&mailbox),
+        );
+        let worker = Worker {
+            shared: shared.clone(),
+            connector: Arc::new(TcpConnector::new()),
+            resolver: None,
+            inbox,
+            tasks: JoinSet::new(),
+            rng: FastRng::new(1),
+            failures: Vec::new(),
+            ever_resolved: false,
+            last_resolution: None,
+        };
+        (shared, worker)
+    }
+
+    /// Shuts the worker down as `close()` does; returns the failures it answers with.
+    async fn close(worker: Worker) -> Vec<Error> {
+        let (reply, answer) = oneshot::channel();
+        worker.shutdown(Some(reply)).await;
+        answer.await.expect("the worker answers")
+    }
+
+    /// 2 000 connection tasks that take 12 to 14 s to stop (longer than the fixed 10 s the
+    /// worker used to allow) within a 30 s close timeout are all waited for: the close
+    /// reports no failure and aborts none.
+    #[tokio::test(start_paused = true)]
+    async fn slow_connection_tasks_are_waited_for_within_the_close_timeout() {
+        let (shared, mut worker) = worker(Duration::from_secs(30));
+        let stopped = Arc::new(AtomicUsize::new(0));
+        for i in 0..2_000 {
+            let stopped = stopped.clone();
+            worker.tasks.spawn(async move {
+                tokio::time::sleep(Duration::from_millis(12_000 + i)).await;
+                stopped.fetch_add(1, Ordering::Relaxed);
+            });
+        }
+        let failures = close(worker).await;
+        assert!(failures.is_empty(), "{failures:?}");
+        assert_eq!(stopped.load(Ordering::Relaxed), 2_000);
+        assert_eq!(shared.state(), ConnectivityState::Shutdown);
+    }
+
+    /// A task that never stops is aborted, and reported, once the close timeout has passed
+    /// since the pool was shut down — the 8 s `close()` spent waiting for calls counted — and
+    /// no sooner than 5 s after the worker was asked when no close timeout is left.
+    #[tokio::test(start_paused = true)]
+    async fn stuck_connection_tasks_are_aborted_once_the_close_timeout_has_passed() {
+        let (shared, mut worker) = worker(Duration::from_secs(20));
+        let shut_down = Instant::now();
+        shared.shut_down("close() called");
+        tokio::time::sleep(Duration::from_secs(8)).await;
+        worker.tasks.spawn(std::future::pending::<()>());
+        let failures = close(worker).await;
+        assert_eq!(shut_down.elapsed(), Duration::from_secs(20));
+        assert_eq!(failures.len(), 1, "{failures:?}");
+        assert!(
+            failures[0]
+                .to_string()
+                .contains("1 connection task(s) did not stop"),
+            "{}",
+            failures[0]
+        );
+
+        let (shared, mut worker) = worker_with_spent_timeout().await;
+        let asked = Instant::now();
+        worker.tasks.spawn(std::future::pending::<()>());
+        assert_eq!(close(worker).await.len(), 1);
+        assert_eq!(asked.elapsed(), TASKS_STOP_AT_LEAST);
+        drop(shared);
+    }
+
+    /// A worker whose pool was shut down longer than its close timeout ago.
+    async fn worker_with_spent_timeout() -> (Arc<Shared>, Worker) {
+        let (shared, worker) = worker(Duration::from_secs(1));
+        shared.shut_down("close() called");
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        (shared, worker)
     }
 }

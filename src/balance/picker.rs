@@ -323,6 +323,12 @@ impl<T: Pickable> Picker<T> {
         self.ready.len()
     }
 
+    /// Every entry it holds, address by address (tests look at what a picker offers).
+    #[cfg(test)]
+    pub(crate) fn entries(&self) -> &[T] {
+        self.ready.entries()
+    }
+
     /// Whether it holds no entry.
     #[cfg(any(test, feature = "bench-internals"))]
     pub fn is_empty(&self) -> bool {

@@ -6,14 +6,13 @@ use std::time::Duration;
 
 use support::common::{builder, client, echo, static_target, WAIT};
 use support::{loopback, TestServer};
-use tokio::sync::broadcast;
 use tokio::time::Instant;
 use tonic_pool::state::Scope;
-use tonic_pool::{ConnectivityState::*, StateEvent};
+use tonic_pool::ConnectivityState::*;
 
 /// The next pool-level transition, skipping endpoint and connection events.
 async fn next_pool_event(
-    events: &mut broadcast::Receiver<StateEvent>,
+    events: &mut tonic_pool::StateEvents,
 ) -> (tonic_pool::ConnectivityState, tonic_pool::ConnectivityState) {
     let deadline = Instant::now() + WAIT;
     loop {
@@ -123,4 +122,36 @@ async fn unreachable_address_is_transient_failure() {
     assert!(err.is_deadline_exceeded());
     assert!(err.to_string().contains("connect error"), "{err}");
     pool.close().await.unwrap();
+}
+
+/// `wait_until_summary` returns once the pool's O(1) summary shows every connection Ready,
+/// and the summary's counts agree with the snapshot's, then show the closed pool.
+#[tokio::test]
+async fn the_summary_counts_what_the_snapshot_lists() {
+    let (a, b) = (
+        TestServer::start(loopback(2)),
+        TestServer::start(loopback(3)),
+    );
+    let pool = builder(&static_target(&[&a, &b]))
+        .connections_per_endpoint(3)
+        .build()
+        .unwrap();
+    assert!(
+        pool.wait_until_summary(WAIT, |s| s.connections.ready == 6)
+            .await
+    );
+    let (summary, snapshot) = (pool.summary(), pool.snapshot());
+    assert_eq!(summary.state, Ready);
+    assert_eq!(summary.state, snapshot.state);
+    assert_eq!(summary.endpoints.ready, 2);
+    assert_eq!(summary.endpoints.total(), snapshot.endpoints.len());
+    assert_eq!(summary.connections.total(), 6);
+    assert_eq!(snapshot.ready_connections(), 6);
+    assert_eq!(
+        (summary.draining_endpoints, summary.in_flight),
+        (0, snapshot.in_flight())
+    );
+    pool.close().await.unwrap();
+    assert_eq!(pool.summary().state, Shutdown);
+    assert_eq!(pool.summary().connections.total(), 0);
 }

@@ -216,7 +216,7 @@ impl Shared {
         let (connect_tx, _) = watch::channel(false);
         let seed = crate::backoff::FastRng::random_seed();
         #[cfg(feature = "metrics")]
-        let target_name = target.to_string();
+        let target_name = target.canonical();
         Self {
             config: Arc::new(config),
             target,

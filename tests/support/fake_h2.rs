@@ -116,8 +116,10 @@ async fn serve(socket: &mut tokio::net::TcpStream, goaways: &AtomicU64) -> std::
                 let mut goaway = 0u32.to_be_bytes().to_vec();
                 goaway.extend_from_slice(&ENHANCE_YOUR_CALM.to_be_bytes());
                 goaway.extend_from_slice(b"too_many_pings");
-                socket.write_all(&frame(0x7, 0, 0, &goaway)).await?;
+                // Counted before it is written: the client may act on the GOAWAY (and the
+                // test check the count) before this task runs again after the write.
                 goaways.fetch_add(1, Ordering::Relaxed);
+                socket.write_all(&frame(0x7, 0, 0, &goaway)).await?;
                 socket.shutdown().await?;
                 return Ok(());
             }

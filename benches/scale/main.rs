@@ -56,8 +56,8 @@
 //!   so that recycling does not come in waves, A chosen so that together they recycle
 //!   `SCALE_CHURN_RATE` connections per second. After a warm-up of A (the first recycling),
 //!   the calls phase runs for `SCALE_CHURN_SECS`; replacements per second are the
-//!   connections the servers accepted in the window; the pool's GOAWAY count is printed
-//!   beside it. Ratio: req/s against the no-churn calls phase of the same size in the same
+//!   connections the servers accepted in the window; the pool's GOAWAY count and its
+//!   transparently retried attempts are printed beside it. Ratio: req/s against the no-churn calls phase of the same size in the same
 //!   round, when that size is measured.
 //! - **close()**: its wall time and result, bounded by 60 s; then the client's and the
 //!   servers' open fds are compared with before the pool was built (waited for up to 5 s):
@@ -434,13 +434,14 @@ fn churn_ages(settings: &Settings) -> Vec<Duration> {
 fn fmt_calls(c: &Calls) -> String {
     format!(
         "{:.0} req/s, client {:.1} µs/call, {:.2} writes/call, failed {}, accepted {}, \
-         GOAWAYs {}, other {:.2} cores",
+         GOAWAYs {}, retried {}, other {:.2} cores",
         c.rps,
         c.client_cpu_us,
         c.writes_per_call,
         c.failed_total(),
         c.accepted,
         c.goaways,
+        c.retried,
         c.other_cores
     )
 }
@@ -666,10 +667,10 @@ fn print_report(settings: &Settings, rounds: &[Round]) -> Vec<String> {
         );
         println!(
             "| connections | replaced per second (servers accepted) | GOAWAYs seen by the pool per second \
-             | req/s | × no churn, same size (per round) | client CPU per call (µs) | failed calls \
-             | connections after | other processes (cores) |"
+             | attempts retried by the pool | req/s | × no churn, same size (per round) \
+             | client CPU per call (µs) | failed calls | connections after | other processes (cores) |"
         );
-        println!("|---|---|---|---|---|---|---|---|---|");
+        println!("|---|---|---|---|---|---|---|---|---|---|");
         let no_churn = settings
             .sizes
             .iter()
@@ -704,10 +705,11 @@ fn print_report(settings: &Settings, rounds: &[Round]) -> Vec<String> {
             ));
         }
         println!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             settings.churn_size,
             mmm(&replaced, 0),
             mmm(&goaways, 0),
+            mmm(&f(|c| c.retried as f64), 0),
             mmm(&f(|c| c.rps), 0),
             mmm(&ratios, 2),
             mmm(&f(|c| c.client_cpu_us), 1),

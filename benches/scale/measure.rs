@@ -58,6 +58,9 @@ pub(crate) struct Calls {
     pub(crate) accepted: u64,
     /// Connections the pool saw end with a GOAWAY during the window.
     pub(crate) goaways: u64,
+    /// Attempts the pool sent again on another connection (transparent retries, which the
+    /// caller never sees) during the window.
+    pub(crate) retried: u64,
     pub(crate) other_cores: f64,
 }
 
@@ -290,7 +293,7 @@ pub(crate) fn calls(
         // This future runs on the thread that called `block_on`, not on a runtime worker,
         // so the short blocking reads below do not stall the callers.
         tokio::time::sleep_until(window_start.into()).await;
-        let goaways0 = goaways(&pool.snapshot());
+        let (goaways0, retried0) = pool_counts(&pool.snapshot());
         let accepted0 = servers_accepted(servers)?;
         let machine0 = machine_busy()?;
         let server0 = servers_cpu(servers)?;
@@ -302,7 +305,7 @@ pub(crate) fn calls(
         let server1 = servers_cpu(servers)?;
         let machine1 = machine_busy()?;
         let accepted1 = servers_accepted(servers)?;
-        let goaways1 = goaways(&pool.snapshot());
+        let (goaways1, retried1) = pool_counts(&pool.snapshot());
         let mut result = Calls::default();
         let mut ok = 0;
         while let Some(done) = tasks.join_next().await {
@@ -323,6 +326,7 @@ pub(crate) fn calls(
             writes1.saturating_sub(writes0) as f64 / result.calls.max(1) as f64;
         result.accepted = accepted1.saturating_sub(accepted0);
         result.goaways = goaways1.saturating_sub(goaways0);
+        result.retried = retried1.saturating_sub(retried0);
         result.other_cores = machine1
             .saturating_sub(machine0)
             .saturating_sub(client_cpu + server_cpu)
@@ -368,8 +372,10 @@ pub(crate) fn connections(snapshot: &PoolSnapshot) -> usize {
     snapshot.endpoints.iter().map(|e| e.connections.len()).sum()
 }
 
-fn goaways(snapshot: &PoolSnapshot) -> u64 {
-    snapshot.counters.disconnections.goaway
+/// Connections ended by GOAWAY and transparently retried attempts, over the pool's life.
+fn pool_counts(snapshot: &PoolSnapshot) -> (u64, u64) {
+    let counters = &snapshot.counters;
+    (counters.disconnections.goaway, counters.calls.retried)
 }
 
 fn servers_cpu(servers: &[ServerProc]) -> Result<Duration, BoxError> {

@@ -17,7 +17,7 @@
 //! | `SCALE_CONCURRENCY` | 64 | concurrent callers |
 //! | `SCALE_CHURN_CONNECTIONS` | 1000 | pool size of the churn phase (0: no churn phase) |
 //! | `SCALE_CHURN_RATE` | 100 | connections the churn servers recycle per second, together |
-//! | `SCALE_CHURN_SECS` | 10 | measured seconds of the churn phase |
+//! | `SCALE_CHURN_SECS` | size / rate (10) | measured seconds of the churn phase; longer than size / rate reaches the second recycling cycle |
 //! | `SCALE_READY_TIMEOUT_SECS` | 60 | bound on start-up; a size that is not all Ready by then is reported as timed out |
 //! | `SCALE_CLIENT_THREADS` | 2 | worker threads of the client runtime |
 //! | `SCALE_SERVER_PROCS` | 2 | processes the servers are spread over (each ≤ 20 000 fds) |
@@ -52,10 +52,11 @@
 //!   The **baseline** of each round is the same load over one address × 4 connections; the
 //!   ratio is per round against it.
 //! - **Churn**: a second set of servers whose addresses send GOAWAY to each connection at a
-//!   fixed age (tonic's `max_connection_age`), the ages spread over [A, 2A] across addresses
-//!   so that recycling does not come in waves, A chosen so that together they recycle
-//!   `SCALE_CHURN_RATE` connections per second. After a warm-up of A (the first recycling),
-//!   the calls phase runs for `SCALE_CHURN_SECS`; replacements per second are the
+//!   fixed age (tonic's `max_connection_age`), address i of n at A × (1 + i / n) with
+//!   A = size / `SCALE_CHURN_RATE`: the connections open together at start-up, so between A
+//!   and 2A the addresses recycle theirs one after the other, evenly, at that rate. After a
+//!   warm-up of A the calls phase runs for `SCALE_CHURN_SECS` (A by default, the first
+//!   cycle, where the rate is even); replacements per second are the
 //!   connections the servers accepted in the window; the pool's GOAWAY count and its
 //!   transparently retried attempts are printed beside it. Ratio: req/s against the no-churn calls phase of the same size in the same
 //!   round, when that size is measured.
@@ -155,10 +156,10 @@ impl Settings {
             Ok(Duration::try_from_secs_f64(var(name, default)?)
                 .map_err(|e| format!("{name}: {e}"))?)
         };
-        let (servers, sizes, rounds, window, warmup, churn_size, churn_window) = if bench {
-            (250, "250,1000,4000,16000", 3, 3.0, 1.0, 1000, 10.0)
+        let (servers, sizes, rounds, window, warmup, churn_size) = if bench {
+            (250, "250,1000,4000,16000", 3, 3.0, 1.0, 1000)
         } else {
-            (8, "8,32", 1, 0.3, 0.2, 32, 0.5)
+            (8, "8,32", 1, 0.3, 0.2, 32)
         };
         let servers: usize = var("SCALE_SERVERS", servers)?;
         let sizes_text = var("SCALE_CONNECTIONS", sizes.to_owned())?;
@@ -167,16 +168,26 @@ impl Settings {
             .map(|s| s.trim().parse::<usize>())
             .collect::<Result<Vec<_>, _>>()
             .map_err(|_| format!("SCALE_CONNECTIONS={sizes_text:?}: expected e.g. 250,1000"))?;
+        let churn_size = var("SCALE_CHURN_CONNECTIONS", churn_size)?;
+        let churn_rate: f64 = var("SCALE_CHURN_RATE", 100.0)?;
+        if !(churn_rate > 0.0 && churn_rate.is_finite()) {
+            return Err("SCALE_CHURN_RATE must be > 0".into());
+        }
         let settings = Self {
+            churn_size,
+            churn_rate,
             servers,
             sizes,
             rounds: var("SCALE_ROUNDS", rounds)?,
             window: secs("SCALE_CALL_SECS", window)?,
             warmup: secs("SCALE_WARMUP_SECS", warmup)?,
             concurrency: var("SCALE_CONCURRENCY", 64)?,
-            churn_size: var("SCALE_CHURN_CONNECTIONS", churn_size)?,
-            churn_rate: var("SCALE_CHURN_RATE", 100.0)?,
-            churn_window: secs("SCALE_CHURN_SECS", churn_window)?,
+            churn_window: match std::env::var("SCALE_CHURN_SECS") {
+                Ok(_) => secs("SCALE_CHURN_SECS", 0.0)?,
+                // The first recycling cycle, [A, 2A] (see `churn_ages`).
+                Err(_) => Duration::try_from_secs_f64(churn_size as f64 / churn_rate)
+                    .map_err(|e| format!("SCALE_CHURN_RATE: {e}"))?,
+            },
             ready_timeout: secs("SCALE_READY_TIMEOUT_SECS", 60.0)?,
             client_threads: var("SCALE_CLIENT_THREADS", 2)?,
             server_procs: var("SCALE_SERVER_PROCS", 2)?,
@@ -195,13 +206,11 @@ impl Settings {
         if self.server_procs == 0 || self.server_procs > self.servers {
             return Err("SCALE_SERVER_PROCS must be 1..=SCALE_SERVERS".into());
         }
-        if self.window.is_zero() || self.churn_window.is_zero() || self.ready_timeout.is_zero() {
+        let no_churn_window = self.churn_size > 0 && self.churn_window.is_zero();
+        if self.window.is_zero() || no_churn_window || self.ready_timeout.is_zero() {
             return Err(
                 "SCALE_CALL_SECS, SCALE_CHURN_SECS, SCALE_READY_TIMEOUT_SECS must be > 0".into(),
             );
-        }
-        if !(self.churn_rate > 0.0 && self.churn_rate.is_finite()) {
-            return Err("SCALE_CHURN_RATE must be > 0".into());
         }
         let churn = (self.churn_size > 0).then_some(self.churn_size);
         for size in self.sizes.iter().copied().chain(churn) {
@@ -406,26 +415,19 @@ fn spawn_servers(
         .collect()
 }
 
-/// The churn servers' connection ages: spread over [A, 2A] across addresses (so that the
-/// connections, all opened at start-up, are not recycled in waves), with A such that they
-/// recycle `SCALE_CHURN_RATE` connections per second together: the rate is
-/// Σ per_address / age_i, hence A = per_address / rate × Σ 1 / f_i with age_i = A × f_i.
+/// The churn servers' connection ages: address i of n recycles its connections at
+/// A × (1 + i / n), with A = size / `SCALE_CHURN_RATE`. The connections all open at start-up,
+/// so between A and 2A every address recycles its connections once, one address every A / n
+/// seconds: `SCALE_CHURN_RATE` connections per second, evenly — no waves. (A replaced
+/// connection's own age ends after 2A, so a window within [A, 2A] sees first recycles only.)
 fn churn_ages(settings: &Settings) -> Vec<Duration> {
     if settings.churn_size == 0 {
         return Vec::new();
     }
     let n = settings.servers;
-    let factor = |i: usize| {
-        if n == 1 {
-            1.0
-        } else {
-            1.0 + i as f64 / (n - 1) as f64
-        }
-    };
-    let per_address = settings.per_address(settings.churn_size) as f64;
-    let a = per_address / settings.churn_rate * (0..n).map(|i| 1.0 / factor(i)).sum::<f64>();
+    let a = settings.churn_size as f64 / settings.churn_rate;
     (0..n)
-        .map(|i| Duration::from_secs_f64(a * factor(i)))
+        .map(|i| Duration::from_secs_f64(a * (1.0 + i as f64 / n as f64)))
         .collect()
 }
 

@@ -27,6 +27,22 @@ pub(crate) mod echo {
 use echo::echo_server::Echo;
 use echo::{EchoReply, EchoRequest, StreamRequest};
 
+/// Median, min and max (NaN-free input assumed; empty gives zeros).
+pub(crate) fn stats(values: impl IntoIterator<Item = f64>) -> (f64, f64, f64) {
+    let mut v: Vec<f64> = values.into_iter().collect();
+    if v.is_empty() {
+        return (0.0, 0.0, 0.0);
+    }
+    v.sort_by(f64::total_cmp);
+    let mid = v.len() / 2;
+    let median = if v.len() % 2 == 1 {
+        v[mid]
+    } else {
+        (v[mid - 1] + v[mid]) / 2.0
+    };
+    (median, v[0], v[v.len() - 1])
+}
+
 /// The request every bench sends: a 32-byte payload, no message, and the given server sleep.
 pub(crate) fn request(sleep_ms: u32) -> EchoRequest {
     EchoRequest {

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use tonic_pool::Balance;
 
+use crate::common::stats;
 use crate::drive::RunResult;
 use crate::{BoxError, Mode, Scenario, Settings};
 
@@ -45,22 +46,6 @@ impl ScenarioReport {
     fn pool(&self) -> Option<usize> {
         self.modes.iter().position(|m| matches!(m, Mode::Pool(_)))
     }
-}
-
-/// Median, min and max (NaN-free input assumed; empty gives zeros).
-fn stats(values: impl IntoIterator<Item = f64>) -> (f64, f64, f64) {
-    let mut v: Vec<f64> = values.into_iter().collect();
-    if v.is_empty() {
-        return (0.0, 0.0, 0.0);
-    }
-    v.sort_by(f64::total_cmp);
-    let mid = v.len() / 2;
-    let median = if v.len() % 2 == 1 {
-        v[mid]
-    } else {
-        (v[mid - 1] + v[mid]) / 2.0
-    };
-    (median, v[0], v[v.len() - 1])
 }
 
 fn median(values: impl IntoIterator<Item = f64>) -> f64 {

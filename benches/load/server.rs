@@ -1,6 +1,11 @@
 //! The echo servers: each runs in a process of its own (this binary re-executed), so that its
 //! CPU can be read apart from the load generator's. [`ServerProc`] is the bench's handle on
 //! one; [`run`] is what the re-executed binary does; the `/proc` readers measure CPU.
+//!
+//! The load bench starts one process per address; the scale bench (`benches/scale/`, which
+//! shares this file) starts few processes with many addresses each — one tonic `Server` per
+//! address on the process's one thread — and may give each address a `max_connection_age`,
+//! so that its connections are recycled (GOAWAY) at a rate the bench chooses.
 
 use std::io::{self, BufRead, BufReader, Write};
 use std::net::{Ipv4Addr, SocketAddr};
@@ -22,8 +27,12 @@ use crate::common::echo::{EchoReply, EchoRequest, StreamRequest};
 use crate::common::BenchEcho;
 use crate::BoxError;
 
-/// Set (to `ip:port`) when this binary runs as a server process.
+/// Set (to `ip:port`, or several separated by commas) when this binary runs as a server
+/// process.
 pub(crate) const SERVER_ENV: &str = "TONIC_POOL_BENCH_SERVER";
+/// Each address's `max_connection_age` in ms (comma-separated, one per address of
+/// [`SERVER_ENV`]), when set: the server sends GOAWAY to a connection that old.
+const MAX_AGE_ENV: &str = "TONIC_POOL_BENCH_MAX_AGE_MS";
 /// The server's `max_concurrent_streams`, when set.
 const MCS_ENV: &str = "TONIC_POOL_BENCH_MCS";
 /// The server's TLS certificate and key (PEM), when it serves TLS.
@@ -67,7 +76,10 @@ impl BenchTls {
 /// A server process started by this bench; it exits when dropped (its stdin closes).
 #[derive(Debug)]
 pub(crate) struct ServerProc {
+    /// The first (in the load bench: the only) address it serves.
     pub(crate) addr: SocketAddr,
+    /// Every address it serves, in the order asked for.
+    pub(crate) addrs: Vec<SocketAddr>,
     child: Child,
     stdin: Option<ChildStdin>,
     stdout: BufReader<ChildStdout>,
@@ -82,26 +94,51 @@ impl ServerProc {
         delay_ms: u32,
         fail: bool,
     ) -> Result<Self, BoxError> {
-        Self::spawn_with(ip, max_concurrent_streams, tls, delay_ms, fail, false)
+        Self::spawn_with(
+            &[ip],
+            None,
+            max_concurrent_streams,
+            tls,
+            delay_ms,
+            fail,
+            false,
+        )
     }
 
     /// A server that also serves gRPC's health service (see [`Self::set_health`]).
     #[cfg_attr(not(feature = "health"), allow(dead_code))] // used by S7 only
     pub(crate) fn spawn_with_health(ip: Ipv4Addr) -> Result<Self, BoxError> {
-        Self::spawn_with(ip, None, None, 0, false, true)
+        Self::spawn_with(&[ip], None, None, None, 0, false, true)
+    }
+
+    /// One process serving every address of `ips` (one tonic `Server` each, ports chosen by
+    /// the OS); with `max_ages`, address `i` sends GOAWAY to each connection `max_ages[i]`
+    /// after accepting it (tonic's `max_connection_age`), which recycles connections.
+    #[allow(dead_code)] // used by the scale bench only
+    pub(crate) fn spawn_many(
+        ips: &[Ipv4Addr],
+        max_ages: Option<&[Duration]>,
+    ) -> Result<Self, BoxError> {
+        if ips.is_empty() || max_ages.is_some_and(|ages| ages.len() != ips.len()) {
+            return Err("spawn_many: one max age per address, at least one address".into());
+        }
+        Self::spawn_with(ips, max_ages, None, None, 0, false, false)
     }
 
     fn spawn_with(
-        ip: Ipv4Addr,
+        ips: &[Ipv4Addr],
+        max_ages: Option<&[Duration]>,
         max_concurrent_streams: Option<u32>,
         tls: Option<&BenchTls>,
         delay_ms: u32,
         fail: bool,
         health: bool,
     ) -> Result<Self, BoxError> {
+        let list: Vec<String> = ips.iter().map(|ip| format!("{ip}:0")).collect();
         let mut command = Command::new(std::env::current_exe()?);
         command
-            .env(SERVER_ENV, format!("{ip}:0"))
+            .env(SERVER_ENV, list.join(","))
+            .env_remove(MAX_AGE_ENV)
             .env_remove(MCS_ENV)
             .env_remove(TLS_CERT_ENV)
             .env_remove(TLS_KEY_ENV)
@@ -125,21 +162,34 @@ impl ServerProc {
         if fail {
             command.env(FAIL_ENV, "1");
         }
+        if let Some(ages) = max_ages {
+            let ms: Vec<String> = ages.iter().map(|a| a.as_millis().to_string()).collect();
+            command.env(MAX_AGE_ENV, ms.join(","));
+        }
         let mut child = command.spawn()?;
         let stdin = child.stdin.take().ok_or("server stdin")?;
         let stdout = BufReader::new(child.stdout.take().ok_or("server stdout")?);
+        let first = SocketAddr::from((ips[0], 0));
         let mut server = Self {
-            addr: SocketAddr::from((ip, 0)),
+            addr: first,
+            addrs: Vec::new(),
             child,
             stdin: Some(stdin),
             stdout,
         };
-        // The server prints its address as soon as it listens (or exits on failure: EOF).
+        // The server prints its addresses (comma-separated) as soon as it listens on every
+        // one of them (or exits on failure: EOF).
         let line = server.read_line()?;
-        server.addr = line
+        server.addrs = line
             .strip_prefix("listening ")
-            .ok_or_else(|| format!("server on {ip}: unexpected first line {line:?}"))?
-            .parse()?;
+            .ok_or_else(|| format!("server on {}: unexpected first line {line:?}", ips[0]))?
+            .split(',')
+            .map(str::parse)
+            .collect::<Result<_, _>>()?;
+        if server.addrs.len() != ips.len() {
+            return Err(format!("server: asked for {} addresses, got {line:?}", ips.len()).into());
+        }
+        server.addr = server.addrs[0];
         Ok(server)
     }
 
@@ -181,9 +231,28 @@ impl ServerProc {
         parse_pair(&answer)
     }
 
+    /// Connections the server has accepted so far, over all its addresses.
+    #[allow(dead_code)] // used by the scale bench only
+    pub(crate) fn accepted(&mut self) -> Result<u64, BoxError> {
+        Ok(self.ask("accepted")?.parse()?)
+    }
+
     /// CPU time the server process has used so far.
-    fn cpu(&self) -> Result<Duration, BoxError> {
+    pub(crate) fn cpu(&self) -> Result<Duration, BoxError> {
         process_cpu(&format!("/proc/{}/stat", self.child.id()))
+    }
+
+    /// The server's process id (for `/proc/<pid>/…`).
+    #[allow(dead_code)] // used by the scale bench only
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// File descriptors the server process has open now (its listeners, its connections'
+    /// sockets, a few of its own): the server-side view of how many connections are open.
+    #[allow(dead_code)] // used by the scale bench only
+    pub(crate) fn open_fds(&self) -> Result<usize, BoxError> {
+        open_fds(&format!("/proc/{}/fd", self.child.id()))
     }
 }
 
@@ -228,6 +297,12 @@ pub(crate) fn process_cpu(path: &str) -> Result<Duration, BoxError> {
     Ok(Duration::from_millis(ticks * 1000 / CLOCK_TICKS_PER_SEC))
 }
 
+/// How many file descriptors a process has open (`/proc/<pid>/fd`, or `/proc/self/fd`).
+#[allow(dead_code)] // used by the scale bench only
+pub(crate) fn open_fds(dir: &str) -> Result<usize, BoxError> {
+    Ok(std::fs::read_dir(dir)?.count())
+}
+
 /// CPU time the whole machine has been busy (every core, every process: the `cpu` line of
 /// `/proc/stat`, user + nice + system + irq + softirq + steal).
 pub(crate) fn machine_busy() -> Result<Duration, BoxError> {
@@ -260,9 +335,19 @@ pub(crate) fn server_counters(
 
 // === the server process's side (this binary with `TONIC_POOL_BENCH_SERVER` set) ===
 
-/// Serves the echo service on `addr` until stdin closes.
-pub(crate) fn run(addr: &str) -> Result<(), BoxError> {
-    let addr: SocketAddr = addr.parse()?;
+/// Serves the echo service on every address of `addrs` (comma-separated) until stdin closes.
+pub(crate) fn run(addrs: &str) -> Result<(), BoxError> {
+    let addrs: Vec<SocketAddr> = addrs.split(',').map(str::parse).collect::<Result<_, _>>()?;
+    let max_ages: Vec<Option<Duration>> = match std::env::var(MAX_AGE_ENV) {
+        Ok(v) => v
+            .split(',')
+            .map(|ms| ms.parse::<u64>().map(|ms| Some(Duration::from_millis(ms))))
+            .collect::<Result<_, _>>()?,
+        Err(_) => vec![None; addrs.len()],
+    };
+    if max_ages.len() != addrs.len() {
+        return Err(format!("{MAX_AGE_ENV}: one age per address of {SERVER_ENV}").into());
+    }
     let mcs = match std::env::var(MCS_ENV) {
         Ok(v) => Some(v.parse::<u32>()?),
         Err(_) => None,
@@ -276,30 +361,50 @@ pub(crate) fn run(addr: &str) -> Result<(), BoxError> {
         Err(_) => Duration::ZERO,
     };
     let fail = std::env::var_os(FAIL_ENV).is_some();
+    let settings = ServeSettings {
+        mcs,
+        tls,
+        delay,
+        fail,
+    };
     // One thread, named `bench-server` so that profiles tell it from the load generator's
     // `load-client` threads, does all of the server's work.
     std::thread::Builder::new()
         .name("bench-server".into())
-        .spawn(move || serve(addr, mcs, tls, delay, fail))?
+        .spawn(move || serve(&addrs, &max_ages, &settings))?
         .join()
         .map_err(|_| "server thread panicked")?
 }
 
-fn serve(
-    addr: SocketAddr,
+/// What every address of a server process shares.
+#[derive(Clone, Debug)]
+struct ServeSettings {
     mcs: Option<u32>,
     tls: Option<ServerTlsConfig>,
     delay: Duration,
     fail: bool,
+}
+
+fn serve(
+    addrs: &[SocketAddr],
+    max_ages: &[Option<Duration>],
+    settings: &ServeSettings,
 ) -> Result<(), BoxError> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     let handle = rt.handle().clone();
     rt.block_on(async move {
-        let incoming = TcpIncoming::bind(addr)?.with_nodelay(Some(true));
-        let bound = incoming.local_addr()?;
+        let incomings = addrs
+            .iter()
+            .map(|addr| Ok(TcpIncoming::bind(*addr)?.with_nodelay(Some(true))))
+            .collect::<Result<Vec<_>, BoxError>>()?;
+        let bound = incomings
+            .iter()
+            .map(|incoming| Ok(incoming.local_addr()?.to_string()))
+            .collect::<Result<Vec<_>, BoxError>>()?;
         let service = BenchEcho::default();
+        let accepted = Arc::new(AtomicU64::new(0));
         let health = std::env::var_os(HEALTH_ENV).map(|_| Health {
             reporter: HealthReporter::new(),
             last_call: Arc::default(),
@@ -307,6 +412,7 @@ fn serve(
         });
         let control_state = Control {
             requests: Arc::clone(&service.requests),
+            accepted: Arc::clone(&accepted),
             health: health.clone(),
         };
         std::thread::Builder::new()
@@ -314,45 +420,95 @@ fn serve(
             .spawn(move || control(&control_state))?;
         {
             let mut out = io::stdout().lock();
-            writeln!(out, "listening {bound}")?;
+            writeln!(out, "listening {}", bound.join(","))?;
             out.flush()?;
         }
-        let mut builder = Server::builder().max_concurrent_streams(mcs);
-        if let Some(tls) = tls {
-            builder = builder.tls_config(tls)?;
+        // One tonic `Server` per address, all on this one thread: each its own
+        // `max_connection_age`.
+        let mut servers = tokio::task::JoinSet::new();
+        for (incoming, max_age) in incomings.into_iter().zip(max_ages) {
+            let accepted = Arc::clone(&accepted);
+            let incoming = tokio_stream::StreamExt::map(incoming, move |io| {
+                if io.is_ok() {
+                    accepted.fetch_add(1, Ordering::Relaxed);
+                }
+                io
+            });
+            servers.spawn(serve_one(
+                incoming,
+                *max_age,
+                settings.clone(),
+                service.clone(),
+                health.clone(),
+            ));
         }
-        match health {
-            // Only S7's servers pay for the timestamp of each call.
-            Some(health) => {
-                let echo = Timed {
-                    inner: EchoServer::new(Delayed {
-                        inner: service,
-                        delay,
-                        fail,
-                    }),
-                    last_call: health.last_call,
-                };
-                let health =
-                    HealthServer::new(HealthService::from_health_reporter(health.reporter));
-                builder
-                    .add_service(echo)
-                    .add_service(health)
-                    .serve_with_incoming(incoming)
-                    .await?
-            }
-            None => {
-                builder
-                    .add_service(EchoServer::new(Delayed {
-                        inner: service,
-                        delay,
-                        fail,
-                    }))
-                    .serve_with_incoming(incoming)
-                    .await?
-            }
+        // A server ends only on an error; the process ends when stdin closes.
+        while let Some(done) = servers.join_next().await {
+            done.map_err(|_| "server task panicked")??;
         }
         Ok(())
     })
+}
+
+/// One address's server, until it fails.
+async fn serve_one<I, IO, IE>(
+    incoming: I,
+    max_age: Option<Duration>,
+    settings: ServeSettings,
+    service: BenchEcho,
+    health: Option<Health>,
+) -> Result<(), BoxError>
+where
+    I: tokio_stream::Stream<Item = Result<IO, IE>> + Send + 'static,
+    IO: tokio::io::AsyncRead
+        + tokio::io::AsyncWrite
+        + tonic::transport::server::Connected
+        + Unpin
+        + Send
+        + 'static,
+    IO::ConnectInfo: Clone + Send + Sync + 'static,
+    IE: Into<BoxError>,
+{
+    let ServeSettings {
+        mcs,
+        tls,
+        delay,
+        fail,
+    } = settings;
+    let mut builder = Server::builder().max_concurrent_streams(mcs);
+    if let Some(age) = max_age {
+        builder = builder.max_connection_age(age);
+    }
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls)?;
+    }
+    let echo = EchoServer::new(Delayed {
+        inner: service,
+        delay,
+        fail,
+    });
+    match health {
+        // Only S7's servers pay for the timestamp of each call.
+        Some(health) => {
+            let echo = Timed {
+                inner: echo,
+                last_call: health.last_call,
+            };
+            let health = HealthServer::new(HealthService::from_health_reporter(health.reporter));
+            builder
+                .add_service(echo)
+                .add_service(health)
+                .serve_with_incoming(incoming)
+                .await?
+        }
+        None => {
+            builder
+                .add_service(echo)
+                .serve_with_incoming(incoming)
+                .await?
+        }
+    }
+    Ok(())
 }
 
 /// The bench's echo service, answering every unary call `delay` later (S5's slow server),
@@ -418,6 +574,8 @@ struct Health {
 #[derive(Debug)]
 struct Control {
     requests: Arc<AtomicU64>,
+    /// Connections accepted, over every address.
+    accepted: Arc<AtomicU64>,
     health: Option<Health>,
 }
 
@@ -459,7 +617,8 @@ where
     }
 }
 
-/// Answers the bench's lines on stdin: `stats` with the request count; on an S7 server
+/// Answers the bench's lines on stdin: `stats` with the request count, `accepted` with the
+/// connections accepted; on an S7 server
 /// `health STATUS` with the time of the change and the request count then, `last` with the
 /// time of the last call and the request count. Exits the process at EOF.
 fn control(state: &Control) {
@@ -471,6 +630,7 @@ fn control(state: &Control) {
         let requests = || state.requests.load(Ordering::Relaxed);
         let answer = match (line, &state.health) {
             ("stats", _) => requests().to_string(),
+            ("accepted", _) => state.accepted.load(Ordering::Relaxed).to_string(),
             ("last", Some(health)) => {
                 format!(
                     "{} {}",

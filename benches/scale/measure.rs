@@ -7,8 +7,8 @@ use std::net::SocketAddr;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::broadcast::{self, error::RecvError};
-use tonic_pool::{ConnectivityState, Pool, PoolSnapshot, Scope, StateEvent};
+use tokio::sync::broadcast::error::RecvError;
+use tonic_pool::{ConnectivityState, Pool, PoolSnapshot, Scope, StateEvents};
 
 use crate::common::echo::echo_client::EchoClient;
 use crate::common::request;
@@ -187,7 +187,7 @@ struct Waited {
 /// Counts Ready connections from the events (connection id → Ready or not) until `total`.
 async fn count_ready(
     pool: &Pool,
-    mut events: broadcast::Receiver<StateEvent>,
+    mut events: StateEvents,
     total: usize,
     deadline: Instant,
 ) -> Result<Waited, BoxError> {

@@ -48,7 +48,7 @@ use std::time::{Duration, Instant};
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::watch;
 
-use crate::balance::{Pickable, Picker};
+use crate::balance::{Balance, Pickable, Picker};
 use crate::config::Config;
 use crate::conn::{ConnStats, Connection, Control, InFlight, SlotEvents};
 use crate::endpoint::{ConnEntry, EndpointEntry, KeepAlive};
@@ -141,6 +141,9 @@ struct Registry {
     active: HashMap<SocketAddr, u64>,
     /// The key of each connection's endpoint.
     conn_endpoint: HashMap<u64, u64>,
+    /// Each address's place in the latest address set (pick first's preference: resolver
+    /// order); addresses it does not list come after, in the order they were added.
+    rank: HashMap<SocketAddr, usize>,
     /// The active endpoints, by their aggregate state.
     endpoint_states: StateCounts,
     /// The connections of active endpoints, by their state.
@@ -225,6 +228,7 @@ impl Shared {
             registry: Mutex::new(Registry {
                 endpoints: BTreeMap::new(),
                 next_endpoint: 0,
+                rank: HashMap::new(),
                 active: HashMap::new(),
                 conn_endpoint: HashMap::new(),
                 endpoint_states: StateCounts::default(),
@@ -306,6 +310,8 @@ impl Shared {
             .filter(|e| !e.draining && has_ready(e))
             .any(|e| !e.outliers.is_ejected());
         let mut by_address = Vec::with_capacity(reg.active.len());
+        let mut ranks = Vec::new();
+        let by_rank = self.config.balance == Balance::PickFirst;
         for endpoint in reg.endpoints.values_mut() {
             let included = !shut_down
                 && !endpoint.draining
@@ -318,8 +324,18 @@ impl Shared {
                 }
             }
             if !group.is_empty() {
+                if by_rank {
+                    ranks.push(reg.rank.get(&endpoint.addr).copied().unwrap_or(usize::MAX));
+                }
                 by_address.push(group);
             }
+        }
+        if by_rank {
+            // Pick first prefers the resolver's order; a stable sort keeps the order of
+            // addition among addresses the latest set does not list.
+            let mut ranked: Vec<_> = ranks.into_iter().zip(by_address).collect();
+            ranked.sort_by_key(|(rank, _)| *rank);
+            by_address = ranked.into_iter().map(|(_, group)| group).collect();
         }
         let built = Arc::new(Picker::build(self.config.balance, by_address));
         let publication = &mut reg.publication;
@@ -600,6 +616,26 @@ impl Shared {
             .filter(|e| !e.draining)
             .map(|e| e.addr)
             .collect()
+    }
+
+    /// Records the order of the latest address set (resolved or pushed, before subsetting):
+    /// pick first prefers its addresses in that order. Republishes the picker if the order
+    /// of its Ready addresses may have changed.
+    pub(crate) fn set_address_order(&self, addresses: &[SocketAddr]) {
+        let mut reg = self.registry.lock();
+        let rank: HashMap<SocketAddr, usize> = addresses
+            .iter()
+            .enumerate()
+            .rev()
+            .map(|(i, addr)| (*addr, i))
+            .collect();
+        if rank == reg.rank {
+            return;
+        }
+        reg.rank = rank;
+        if self.config.balance == Balance::PickFirst && !self.is_shut_down() {
+            self.publish_picker(&mut reg);
+        }
     }
 
     /// Tells every connection slot, draining ones included, what to do (the pool closes).

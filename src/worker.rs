@@ -25,6 +25,7 @@
 //! [`Pool::close`](crate::Pool::close) asks — checked first in every turn, not at the next
 //! timer — and takes every slot task with it.
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -328,6 +329,7 @@ impl Worker {
             .subset
             .map(|subsetting| self.subset(&subsetting, resolved));
         let addresses = subset.as_deref().unwrap_or(resolved);
+        shared.set_address_order(resolved);
         for &addr in addresses {
             if shared.is_active(addr) {
                 continue;
@@ -339,8 +341,11 @@ impl Worker {
                 self.spawn_slot(addr, keepalive.clone(), None);
             }
         }
+        // A set, so that a large address set (a headless Service of thousands of pods) is not
+        // compared address by address.
+        let wanted: HashSet<SocketAddr> = addresses.iter().copied().collect();
         for addr in shared.active_addresses() {
-            if !addresses.contains(&addr) {
+            if !wanted.contains(&addr) {
                 tracing::info!(target = %shared.target, %addr, "address removed; draining");
                 shared.set_draining(addr);
             }

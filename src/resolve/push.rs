@@ -119,12 +119,11 @@ impl Push {
     /// Replaces the whole set (duplicates dropped): addresses not in `addresses` drain, new
     /// ones connect, the others keep their connections.
     pub fn replace(&self, addresses: impl IntoIterator<Item = SocketAddr>) {
-        let mut unique = Vec::new();
-        for addr in addresses {
-            if !unique.contains(&addr) {
-                unique.push(addr);
-            }
-        }
+        let mut seen = std::collections::HashSet::new();
+        let unique: Vec<SocketAddr> = addresses
+            .into_iter()
+            .filter(|addr| seen.insert(*addr))
+            .collect();
         let mut pushed = self.inner.lock();
         pushed.addresses = unique;
         pushed.publish();

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use support::common::{builder, client, echo, static_target, wait_all_ready};
 use support::{loopback, ServerOptions, TestServer};
+use tonic_pool::resolve::Push;
 use tonic_pool::{Balance, Pool};
 
 /// Makes `calls` unary calls, `workers` at a time, all of which must succeed; returns the
@@ -115,6 +116,40 @@ async fn pick_first_fails_over_in_order_and_returns() {
     assert_eq!(count(&answered, &second), 40, "{answered:?}");
 
     first.restart();
+    wait_all_ready(&pool, 3).await;
+    let answered = spread_calls(&pool, 4, 40).await;
+    assert_eq!(count(&answered, &first), 40, "{answered:?}");
+    pool.close().await.unwrap();
+}
+
+/// Pick first follows the resolver's order, not the order in which addresses first
+/// appeared: when a pushed set puts the second address first, every call goes there; when
+/// that server stops, calls fail over to the next address in the new order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pick_first_follows_the_latest_order() {
+    let first = TestServer::start(loopback(2));
+    let mut second = TestServer::start(loopback(3));
+    let third = TestServer::start(loopback(4));
+    let fourth = TestServer::start(loopback(5));
+    let push = Push::new();
+    push.replace([first.addr(), second.addr(), third.addr()]);
+    let pool = builder("push.test:443")
+        .balance(Balance::PickFirst)
+        .discovery(push.clone())
+        .build()
+        .unwrap();
+    wait_all_ready(&pool, 3).await;
+    let answered = spread_calls(&pool, 4, 40).await;
+    assert_eq!(count(&answered, &first), 40, "{answered:?}");
+
+    // The same addresses, reordered, and a new one: once the new one is Ready the worker has
+    // applied the set, its order included.
+    push.replace([second.addr(), first.addr(), third.addr(), fourth.addr()]);
+    wait_all_ready(&pool, 4).await;
+    let answered = spread_calls(&pool, 4, 40).await;
+    assert_eq!(count(&answered, &second), 40, "{answered:?}");
+
+    second.stop();
     wait_all_ready(&pool, 3).await;
     let answered = spread_calls(&pool, 4, 40).await;
     assert_eq!(count(&answered, &first), 40, "{answered:?}");

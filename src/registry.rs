@@ -18,9 +18,10 @@
 //!
 //! - **Finding the connection**: a map from connection id to its endpoint's key, then a
 //!   binary search among that endpoint's connections (kept in id order). Endpoints live in a
-//!   map by a key that only grows, so iterating them keeps the order they were added in (pick
-//!   first's preference) and removing one touches nothing else; a second map gives the active
-//!   endpoint of each address.
+//!   map by a key that only grows, so iterating them keeps the order they were added in, and
+//!   removing one touches nothing else; a second map gives the active endpoint of each
+//!   address. Pick first's preference, the latest address set's order, is a third map
+//!   (address → rank) that only its publication reads.
 //! - **Aggregates**: each endpoint counts its connections per state ([`StateCounts`]), the
 //!   registry counts the active endpoints per state and their connections per state. A change
 //!   moves one connection between two counts, re-aggregates its endpoint from its counts and,

@@ -100,9 +100,10 @@ pub enum Balance {
     /// next one, and back to the first once it is Ready again. When every connection of that
     /// address is full the calls stay there (it grows, if allowed), they do not spill over.
     ///
-    /// Resolver order is the order in which the addresses first appeared: one that joins on
-    /// a later resolution ranks after those already there. Unlike gRPC's `pick_first`, the
-    /// pool keeps every address connected, so failing over does not wait for a connection.
+    /// Resolver order is the order of the latest address set (resolved or pushed): a set
+    /// that reorders its addresses moves the calls to its new first address with a Ready
+    /// connection. Unlike gRPC's `pick_first`, the pool keeps every address connected, so
+    /// failing over does not wait for a connection.
     ///
     /// For a leader, a local sidecar, sticky backends; the others are warm standbys.
     PickFirst,

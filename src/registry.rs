@@ -151,6 +151,8 @@ struct Registry {
     connection_states: StateCounts,
     draining_endpoints: usize,
     draining_connections: usize,
+    /// Active endpoints that outlier detection ejected.
+    ejected_endpoints: usize,
     publication: Publication,
     /// Where every transition goes, numbered under the lock.
     events: EventSender,
@@ -236,6 +238,7 @@ impl Shared {
                 connection_states: StateCounts::default(),
                 draining_endpoints: 0,
                 draining_connections: 0,
+                ejected_endpoints: 0,
                 publication: Publication {
                     stale: false,
                     scheduled: false,
@@ -669,6 +672,9 @@ impl Shared {
         }
         reg.draining_connections += endpoint.conns.len();
         reg.draining_endpoints += 1;
+        if endpoint.outliers.is_ejected() {
+            reg.ejected_endpoints = reg.ejected_endpoints.saturating_sub(1);
+        }
         reg.endpoint_states.remove(endpoint.state);
         tracing::debug!(%addr, "endpoint draining");
         if published {
@@ -702,6 +708,7 @@ impl Shared {
             return;
         }
         let ejected_now = states.iter().filter(|s| s.is_ejected()).count();
+        reg.ejected_endpoints = ejected_now;
         for change in &changes {
             match change {
                 Change::Ejected {
@@ -773,6 +780,9 @@ impl Shared {
                 } else {
                     reg.endpoint_states.remove(endpoint.state);
                     reg.active.remove(&endpoint.addr);
+                    if endpoint.outliers.is_ejected() {
+                        reg.ejected_endpoints = reg.ejected_endpoints.saturating_sub(1);
+                    }
                 }
                 // And an endpoint's with the pool.
                 reg.removed.add(&endpoint.removed);
@@ -950,6 +960,7 @@ impl Shared {
             endpoints: reg.endpoint_states,
             draining_endpoints: reg.draining_endpoints,
             draining_connections: reg.draining_connections,
+            ejected_endpoints: reg.ejected_endpoints,
             in_flight: self.in_flight.get(),
         }
     }

@@ -195,6 +195,9 @@ pub struct PoolSummary {
     pub draining_endpoints: usize,
     /// Their connections.
     pub draining_connections: usize,
+    /// Endpoints in the address set that outlier detection ejected (gRFC A50): Ready, but
+    /// given no calls until their ejection ends (see [`EndpointSnapshot::ejected`]).
+    pub ejected_endpoints: usize,
     /// Calls in flight over the whole pool.
     pub in_flight: usize,
 }

@@ -1154,11 +1154,13 @@ impl Case {
         let mut connections = crate::state::StateCounts::default();
         let mut endpoints = crate::state::StateCounts::default();
         let (mut draining_endpoints, mut draining_connections) = (0, 0);
+        let mut ejected_endpoints = 0;
         for endpoint in &snapshot.endpoints {
             if endpoint.draining {
                 draining_endpoints += 1;
                 draining_connections += endpoint.connections.len();
             } else {
+                ejected_endpoints += usize::from(endpoint.ejected);
                 endpoints.add(endpoint.state);
                 for conn in &endpoint.connections {
                     connections.add(conn.state);
@@ -1176,6 +1178,12 @@ impl Case {
             (summary.draining_endpoints, summary.draining_connections),
             (draining_endpoints, draining_connections),
             "{}: summary draining",
+            &step
+        );
+        prop_assert_eq!(
+            summary.ejected_endpoints,
+            ejected_endpoints,
+            "{}: summary ejected",
             &step
         );
         prop_assert_eq!(

@@ -90,6 +90,10 @@ async fn success_rate_ejects_a_failing_server_until_its_time_passes() {
     assert_eq!(ejected_count(&snapshot), 1, "{snapshot}");
     assert_eq!(snapshot.endpoint(bad).unwrap().ejection_count, 1);
     assert!(format!("{snapshot}").contains("(ejected)"), "{snapshot}");
+    // The O(1) summary counts it too, Ready as its connections are.
+    let summary = pool.summary();
+    assert_eq!(summary.ejected_endpoints, 1, "{summary:?}");
+    assert_eq!(summary.endpoints.ready, 6, "{summary:?}");
 
     // Ejected: every new call goes to the others.
     let before = servers[0].requests();
@@ -113,6 +117,7 @@ async fn success_rate_ejects_a_failing_server_until_its_time_passes() {
         pool.snapshot()
     );
     assert_eq!(pool.snapshot().endpoint(bad).unwrap().ejection_count, 1);
+    assert_eq!(pool.summary().ejected_endpoints, 0);
     // Round robin over six addresses: twelve calls reach it again.
     for i in 0..12 {
         let _ = client.unary(echo(&format!("after {i}"))).await;

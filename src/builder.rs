@@ -1,7 +1,7 @@
 //! [`PoolBuilder`]: every setting of a pool, with its default, validated by `build()`.
 
 use std::fmt;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -113,9 +113,10 @@ impl PoolBuilder {
     /// load balancer among pod addresses). It applies whenever that address is in the set,
     /// including when it appears later. Must be 1..=1024.
     ///
-    /// Defaults to no overrides.
-    pub fn connections_for(mut self, addr: SocketAddr, n: usize) -> Self {
-        self.config.connections_override.insert(addr, n);
+    /// Defaults to no overrides. Takes a `SocketAddr` or an [`EndpointAddr`](crate::EndpointAddr)
+    /// (a Unix socket).
+    pub fn connections_for(mut self, addr: impl Into<crate::EndpointAddr>, n: usize) -> Self {
+        self.config.connections_override.insert(addr.into(), n);
         self
     }
 

@@ -1,8 +1,8 @@
 //! The settings a pool runs with, validated by [`PoolBuilder::build`](crate::PoolBuilder::build).
 //! A leaf: every layer may read it, it reads nothing of theirs.
 
+use crate::addr::EndpointAddr;
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use http::{HeaderValue, Uri};
@@ -25,7 +25,7 @@ pub(crate) const MAX_FRAME_SIZE_RANGE: std::ops::RangeInclusive<u32> = 16_384..=
 #[derive(Clone, Debug)]
 pub(crate) struct Config {
     pub(crate) connections_per_endpoint: usize,
-    pub(crate) connections_override: HashMap<SocketAddr, usize>,
+    pub(crate) connections_override: HashMap<EndpointAddr, usize>,
     pub(crate) max_connections_per_endpoint: Option<usize>,
     pub(crate) grown_idle_timeout: Option<Duration>,
     pub(crate) backoff: BackoffConfig,
@@ -112,19 +112,19 @@ impl Default for Config {
 
 impl Config {
     /// How many connections `addr` may grow to when all of its connections are full.
-    pub(crate) fn max_connections_for(&self, addr: SocketAddr) -> usize {
+    pub(crate) fn max_connections_for(&self, addr: &EndpointAddr) -> usize {
         self.max_connections_per_endpoint
             .unwrap_or(0)
             .max(self.connections_for(addr))
     }
 
     /// Whether `addr` may open connections beyond its own count when they are all full.
-    pub(crate) fn may_grow(&self, addr: SocketAddr) -> bool {
+    pub(crate) fn may_grow(&self, addr: &EndpointAddr) -> bool {
         self.max_connections_for(addr) > self.connections_for(addr)
     }
 
     /// How many connections `addr` gets.
-    pub(crate) fn connections_for(&self, addr: SocketAddr) -> usize {
+    pub(crate) fn connections_for(&self, addr: &EndpointAddr) -> usize {
         self.connections_override
             .get(&addr)
             .copied()

@@ -14,7 +14,16 @@
 //! with [`TcpSettings::connect`] (or applies them to a stream it opened with
 //! [`TcpSettings::apply`]), so that a custom connector — a TLS wrapper, a proxy dialer —
 //! keeps them instead of silently losing them. [`TcpConnector`] does exactly that and nothing
-//! more, so a wrapping connector can call it as its inner connector:
+//! more, so a wrapping connector can call it as its inner connector.
+//!
+//! # Unix domain sockets
+//!
+//! A `unix:` or `unix-abstract:` target's endpoint is an [`EndpointAddr::Unix`] or
+//! [`EndpointAddr::UnixAbstract`] in [`Destination::addr`]; [`TcpConnector`] (the default)
+//! opens those with [`connect_unix`], and the TCP settings do not apply to them. TLS, when
+//! configured, wraps the Unix stream as it wraps TCP (verifying `localhost`, the host of a
+//! Unix target, unless a server name is set). A connector of your own that only knows TCP
+//! takes the socket address with [`EndpointAddr::socket_addr`]:
 //!
 //! ```
 //! use std::io;
@@ -27,8 +36,13 @@
 //!
 //! impl Connect for Wrapping {
 //!     fn connect(&self, dst: &Destination) -> BoxFuture<'static, io::Result<BoxedIo>> {
-//!         let (tcp, addr) = (dst.tcp.clone(), dst.addr);
+//!         let (tcp, addr) = (dst.tcp.clone(), dst.addr.clone());
 //!         Box::pin(async move {
+//!             let Some(addr) = addr.socket_addr() else {
+//!                 // A `unix:` target: no TCP settings apply.
+//!                 let stream = tonic_pool::connector::connect_unix(&addr).await?;
+//!                 return Ok(Box::new(stream) as BoxedIo);
+//!             };
 //!             let stream = tcp.connect(addr).await?; // nodelay, keepalive, local address
 //!             Ok(Box::new(stream) as BoxedIo)
 //!         })
@@ -42,8 +56,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::{TcpSocket, TcpStream, UnixStream};
 
+use crate::addr::EndpointAddr;
 use crate::BoxFuture;
 
 /// A byte stream the pool can run HTTP/2 over.
@@ -59,7 +74,7 @@ pub type BoxedIo = Box<dyn Io>;
 #[non_exhaustive]
 pub struct Destination {
     /// The resolved address.
-    pub addr: SocketAddr,
+    pub addr: EndpointAddr,
     /// The host of the target (a DNS name or an IP literal): the TLS server name.
     pub host: String,
     /// Whether the target asked for TLS (`https://`).
@@ -72,9 +87,9 @@ pub struct Destination {
 impl Destination {
     /// A destination with the default TCP settings (for a connector's own tests; the pool
     /// makes its destinations itself).
-    pub fn new(addr: SocketAddr, host: impl Into<String>, tls: bool) -> Self {
+    pub fn new(addr: impl Into<EndpointAddr>, host: impl Into<String>, tls: bool) -> Self {
         Self {
-            addr,
+            addr: addr.into(),
             host: host.into(),
             tls,
             tcp: TcpSettings::default(),
@@ -168,6 +183,52 @@ impl TcpSettings {
     }
 }
 
+/// Opens a Unix domain socket stream to a [`EndpointAddr::Unix`] path or (Linux) an
+/// [`EndpointAddr::UnixAbstract`] name; the default connector's way to Unix targets, for
+/// a connector of your own to reuse. TCP settings do not apply to Unix sockets.
+///
+/// A TCP address, or an abstract name on a system without the abstract namespace, is an
+/// [`io::ErrorKind::InvalidInput`] error.
+pub async fn connect_unix(addr: &EndpointAddr) -> io::Result<UnixStream> {
+    match addr {
+        EndpointAddr::Unix(path) => UnixStream::connect(path).await,
+        EndpointAddr::UnixAbstract(name) => connect_abstract(name.clone()).await,
+        EndpointAddr::Tcp(addr) => Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{addr} is a TCP address, not a Unix socket"),
+        )),
+    }
+}
+
+/// Connects to a name in Linux's abstract namespace (std adds the leading NUL). std's
+/// connect blocks (a full listen backlog makes it wait), so it runs on the blocking pool and
+/// the connected socket is handed to tokio.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+async fn connect_abstract(name: std::sync::Arc<[u8]>) -> io::Result<UnixStream> {
+    #[cfg(target_os = "android")]
+    use std::os::android::net::SocketAddrExt;
+    #[cfg(target_os = "linux")]
+    use std::os::linux::net::SocketAddrExt;
+    let stream = tokio::task::spawn_blocking(move || {
+        let addr = std::os::unix::net::SocketAddr::from_abstract_name(&*name)?;
+        let stream = std::os::unix::net::UnixStream::connect_addr(&addr)?;
+        stream.set_nonblocking(true)?;
+        Ok::<_, io::Error>(stream)
+    })
+    .await
+    .map_err(io::Error::other)??;
+    UnixStream::from_std(stream)
+}
+
+/// The abstract namespace is Linux's own.
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+async fn connect_abstract(_: std::sync::Arc<[u8]>) -> io::Result<UnixStream> {
+    Err(io::Error::new(
+        io::ErrorKind::InvalidInput,
+        "unix-abstract: sockets exist only on Linux",
+    ))
+}
+
 /// Opens the byte stream for one connection.
 pub trait Connect: fmt::Debug + Send + Sync + 'static {
     /// Connects to `dst`, with the TCP settings in [`Destination::tcp`] if it opens TCP. The
@@ -183,7 +244,7 @@ pub trait Connect: fmt::Debug + Send + Sync + 'static {
 }
 
 /// The default connector: plaintext TCP with the pool's TCP settings (those of each
-/// [`Destination`]).
+/// [`Destination`]), and Unix domain sockets for `unix:` and `unix-abstract:` targets.
 #[derive(Clone, Debug, Default)]
 pub struct TcpConnector {
     _private: (),
@@ -198,7 +259,12 @@ impl TcpConnector {
 
 impl Connect for TcpConnector {
     fn connect(&self, dst: &Destination) -> BoxFuture<'static, io::Result<BoxedIo>> {
-        let (tcp, addr) = (dst.tcp.clone(), dst.addr);
-        Box::pin(async move { Ok(Box::new(tcp.connect(addr).await?) as BoxedIo) })
+        let (tcp, addr) = (dst.tcp.clone(), dst.addr.clone());
+        Box::pin(async move {
+            match addr {
+                EndpointAddr::Tcp(addr) => Ok(Box::new(tcp.connect(addr).await?) as BoxedIo),
+                unix => Ok(Box::new(connect_unix(&unix).await?) as BoxedIo),
+            }
+        })
     }
 }

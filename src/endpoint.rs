@@ -10,7 +10,7 @@
 //! its connections stay in the order of their ids (ids only grow and removal keeps the
 //! order), so that one is found by a binary search.
 
-use std::net::SocketAddr;
+use crate::addr::EndpointAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -25,7 +25,7 @@ use crate::state::{ConnectivityState, Counters, StateCounts};
 /// One address of the pool, as the registry keeps it.
 #[derive(Debug)]
 pub(crate) struct EndpointEntry {
-    pub(crate) addr: SocketAddr,
+    pub(crate) addr: EndpointAddr,
     pub(crate) draining: bool,
     pub(crate) state: ConnectivityState,
     /// Its connections, in the order of their ids.

@@ -16,7 +16,7 @@
 //!
 //! This module holds the rules and signals; it names nothing above it.
 
-use std::net::SocketAddr;
+use crate::addr::EndpointAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
@@ -73,24 +73,24 @@ impl Room {
 /// of full picks costs one lock each and one message in all.
 #[derive(Debug, Default)]
 pub(crate) struct GrowthRequests {
-    pending: Mutex<Vec<SocketAddr>>,
+    pending: Mutex<Vec<EndpointAddr>>,
 }
 
 impl GrowthRequests {
     /// Notes a request for another connection to `addr`; true if it is new (then the caller
     /// tells the worker).
-    pub(crate) fn note(&self, addr: SocketAddr) -> bool {
+    pub(crate) fn note(&self, addr: &EndpointAddr) -> bool {
         let mut pending = self.pending.lock();
         if pending.contains(&addr) {
             return false;
         }
-        pending.push(addr);
+        pending.push(addr.clone());
         true
     }
 
     /// The worker takes the request for `addr`: later full picks ask again.
-    pub(crate) fn take(&self, addr: SocketAddr) {
-        self.pending.lock().retain(|a| *a != addr);
+    pub(crate) fn take(&self, addr: &EndpointAddr) {
+        self.pending.lock().retain(|a| a != addr);
     }
 }
 
@@ -119,7 +119,7 @@ pub(crate) fn room_coming(
 /// A call's place on a connection, as waiting for room sees it.
 pub(crate) trait Place: Send {
     /// The address of the connection.
-    fn addr(&self) -> SocketAddr;
+    fn addr(&self) -> EndpointAddr;
     /// Whether the call came after the server's stream limit on its connection was taken.
     fn is_beyond_stream_limit(&self) -> bool;
     /// Gives the place back without sending: the call will pick again.
@@ -138,9 +138,9 @@ pub(crate) trait RoomSource: Sync {
     /// Picks a connection (waiting for one as the call's wait-for-ready says).
     fn pick(&self) -> impl std::future::Future<Output = Result<Self::Place, Error>> + Send;
     /// Whether another Ready connection is coming for `addr` ([`room_coming`]).
-    fn room_coming(&self, addr: SocketAddr) -> bool;
+    fn room_coming(&self, addr: &EndpointAddr) -> bool;
     /// Asks for another connection to `addr`.
-    fn request_growth(&self, addr: SocketAddr);
+    fn request_growth(&self, addr: &EndpointAddr);
 }
 
 /// The longest a call waits in the pool for room before it queues on a full connection.
@@ -179,7 +179,7 @@ pub(crate) async fn make_room<S: RoomSource>(
         if !guard.is_beyond_stream_limit() || Instant::now() >= give_up {
             return Ok(guard);
         }
-        if !source.room_coming(addr) {
+        if !source.room_coming(&addr) {
             // No connection is coming. But the pick above may predate the state that says
             // so: the last connection growth may open can have become Ready (and calls can
             // have ended) between that pick and this look. One last pick, on a picker at
@@ -188,7 +188,7 @@ pub(crate) async fn make_room<S: RoomSource>(
             guard.requeue();
             return source.pick().await;
         }
-        source.request_growth(addr);
+        source.request_growth(&addr);
         // The place is given back for the wait: others may take it meanwhile.
         guard.requeue();
         tokio::select! {

@@ -163,6 +163,7 @@ mod worker;
 // One connection.
 mod conn;
 // Leaves: every layer may use them.
+mod addr;
 mod backoff;
 mod config;
 pub mod connector;
@@ -202,6 +203,7 @@ pub mod __fuzz {
     }
 }
 
+pub use addr::EndpointAddr;
 pub use backoff::BackoffConfig;
 pub use balance::Balance;
 /// A boxed, sendable future, as resolvers ([`resolve::Resolve`]) and connectors

@@ -8,6 +8,8 @@
 
 use std::net::SocketAddr;
 
+use crate::addr::EndpointAddr;
+
 use tokio::sync::{mpsc, oneshot};
 
 use crate::error::Error;
@@ -21,7 +23,7 @@ pub(crate) enum Mail {
     /// A connection was lost or refused: resolve again soon (rate-limited by the worker).
     Reresolve,
     /// Every connection of this address was full when a call picked one: open another.
-    Grow(SocketAddr),
+    Grow(EndpointAddr),
     /// The whole new address set of a pool whose addresses are pushed
     /// ([`Push`](crate::resolve::Push)); applied as a resolver's answer is.
     Addresses(Vec<SocketAddr>),

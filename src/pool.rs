@@ -302,7 +302,7 @@ impl Pool {
         }
         let (conn, all_full) = self.cached.pick_reporting(&shared.cursor)?;
         if all_full {
-            shared.request_growth(conn.addr);
+            shared.request_growth(&conn.addr);
         }
         Some(conn.start_call())
     }

@@ -40,8 +40,8 @@
 //!   Once the pool is shut down it offers no connection (calls are refused): its picker is
 //!   emptied once, and the thousands of connections leaving at `close()` publish nothing.
 
+use crate::addr::EndpointAddr;
 use std::collections::{BTreeMap, HashMap};
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
@@ -139,12 +139,12 @@ struct Registry {
     endpoints: BTreeMap<u64, EndpointEntry>,
     next_endpoint: u64,
     /// The key of the active (not draining) endpoint of each address.
-    active: HashMap<SocketAddr, u64>,
+    active: HashMap<EndpointAddr, u64>,
     /// The key of each connection's endpoint.
     conn_endpoint: HashMap<u64, u64>,
     /// Each address's place in the latest address set (pick first's preference: resolver
     /// order); addresses it does not list come after, in the order they were added.
-    rank: HashMap<SocketAddr, usize>,
+    rank: HashMap<EndpointAddr, usize>,
     /// The active endpoints, by their aggregate state.
     endpoint_states: StateCounts,
     /// The connections of active endpoints, by their state.
@@ -192,7 +192,7 @@ struct Publication {
 impl Registry {
     /// The endpoint at `addr` that is in the address set (a draining one may share its
     /// address while its calls finish).
-    fn active(&self, addr: SocketAddr) -> Option<&EndpointEntry> {
+    fn active(&self, addr: &EndpointAddr) -> Option<&EndpointEntry> {
         self.active
             .get(&addr)
             .and_then(|key| self.endpoints.get(key))
@@ -480,22 +480,22 @@ impl Shared {
     }
 
     /// Every connection was full when a call picked one of `addr`'s: ask for another.
-    pub(crate) fn request_growth(&self, addr: SocketAddr) {
+    pub(crate) fn request_growth(&self, addr: &EndpointAddr) {
         if self.config.may_grow(addr) && self.growth.note(addr) {
-            self.mailbox.post(Mail::Grow(addr));
+            self.mailbox.post(Mail::Grow(addr.clone()));
         }
     }
 
     /// Whether every connection of the active endpoint at `addr` is Ready (no connect under
     /// way), and how many it has.
-    pub(crate) fn endpoint_settled(&self, addr: SocketAddr) -> Option<(bool, usize)> {
+    pub(crate) fn endpoint_settled(&self, addr: &EndpointAddr) -> Option<(bool, usize)> {
         let reg = self.registry.lock();
         reg.active(addr).map(|e| (e.settled(), e.conns.len()))
     }
 
     /// Whether `addr` is about to get another Ready connection (see
     /// [`growth::room_coming`](crate::growth::room_coming)).
-    pub(crate) fn room_coming(&self, addr: SocketAddr) -> bool {
+    pub(crate) fn room_coming(&self, addr: &EndpointAddr) -> bool {
         if !self.config.may_grow(addr) {
             return false;
         }
@@ -505,7 +505,7 @@ impl Shared {
     }
 
     /// The keepalive interval shared by `addr`'s connections.
-    pub(crate) fn endpoint_keepalive(&self, addr: SocketAddr) -> Option<Arc<KeepAlive>> {
+    pub(crate) fn endpoint_keepalive(&self, addr: &EndpointAddr) -> Option<Arc<KeepAlive>> {
         let reg = self.registry.lock();
         reg.active(addr).map(|e| e.keepalive.clone())
     }
@@ -542,7 +542,7 @@ impl Shared {
     /// Registers a new connection slot for `addr` (creating the endpoint if needed).
     pub(crate) fn add_connection(
         &self,
-        addr: SocketAddr,
+        addr: EndpointAddr,
         keepalive: &Arc<KeepAlive>,
         control: watch::Sender<Control>,
     ) -> (u64, Arc<ConnStats>) {
@@ -580,7 +580,7 @@ impl Shared {
                 reg.endpoints.insert(
                     key,
                     EndpointEntry {
-                        addr,
+                        addr: addr.clone(),
                         draining: false,
                         state: initial,
                         conns: Vec::new(),
@@ -608,30 +608,30 @@ impl Shared {
     }
 
     /// Whether `addr` has an endpoint in the address set.
-    pub(crate) fn is_active(&self, addr: SocketAddr) -> bool {
+    pub(crate) fn is_active(&self, addr: &EndpointAddr) -> bool {
         self.registry.lock().active.contains_key(&addr)
     }
 
     /// The addresses of the endpoints in the address set, in the order they were added.
-    pub(crate) fn active_addresses(&self) -> Vec<SocketAddr> {
+    pub(crate) fn active_addresses(&self) -> Vec<EndpointAddr> {
         let reg = self.registry.lock();
         reg.endpoints
             .values()
             .filter(|e| !e.draining)
-            .map(|e| e.addr)
+            .map(|e| e.addr.clone())
             .collect()
     }
 
     /// Records the order of the latest address set (resolved or pushed, before subsetting):
     /// pick first prefers its addresses in that order. Republishes the picker if the order
     /// of its Ready addresses may have changed.
-    pub(crate) fn set_address_order(&self, addresses: &[SocketAddr]) {
+    pub(crate) fn set_address_order(&self, addresses: &[EndpointAddr]) {
         let mut reg = self.registry.lock();
-        let rank: HashMap<SocketAddr, usize> = addresses
+        let rank: HashMap<EndpointAddr, usize> = addresses
             .iter()
             .enumerate()
             .rev()
-            .map(|(i, addr)| (*addr, i))
+            .map(|(i, addr)| (addr.clone(), i))
             .collect();
         if rank == reg.rank {
             return;
@@ -652,7 +652,7 @@ impl Shared {
 
     /// Marks an endpoint as leaving the address set: it is no longer picked, and its slots
     /// drain (calls in flight finish, bounded by the drain timeout).
-    pub(crate) fn set_draining(&self, addr: SocketAddr) {
+    pub(crate) fn set_draining(&self, addr: &EndpointAddr) {
         let mut reg = self.registry.lock();
         let reg = &mut *reg;
         let Some(key) = reg.active.remove(&addr) else {
@@ -700,7 +700,7 @@ impl Shared {
             let total = Tally::of(&endpoint.counters().calls);
             endpoint.outliers.end_interval(total);
         }
-        let addrs: Vec<SocketAddr> = active.iter().map(|e| e.addr).collect();
+        let addrs: Vec<EndpointAddr> = active.iter().map(|e| e.addr.clone()).collect();
         let mut states: Vec<&mut AddressOutliers> =
             active.into_iter().map(|e| &mut e.outliers).collect();
         let changes = outlier::evaluate(detection, now, &mut states, roll);
@@ -814,7 +814,7 @@ impl Shared {
         let Some(index) = endpoint.position(id) else {
             return;
         };
-        let (addr, draining) = (endpoint.addr, endpoint.draining);
+        let (addr, draining) = (endpoint.addr.clone(), endpoint.draining);
         let conn = &mut endpoint.conns[index];
         let from = conn.state;
         let counted_as = conn.effective();
@@ -910,7 +910,7 @@ impl Shared {
                 endpoint.state_since = Instant::now();
                 tracing::debug!(addr = %endpoint.addr, %from, to = %new, reason, "endpoint state");
                 reg.events.send(StateEvent {
-                    scope: Scope::Endpoint(endpoint.addr),
+                    scope: Scope::Endpoint(endpoint.addr.clone()),
                     from,
                     to: new,
                     reason: reason.to_owned(),
@@ -1019,7 +1019,7 @@ impl Shared {
             .endpoints
             .values()
             .map(|e| EndpointSnapshot {
-                addr: e.addr,
+                addr: e.addr.clone(),
                 state: e.state,
                 draining: e.draining,
                 keepalive_interval: e.keepalive.interval(),
@@ -1120,11 +1120,12 @@ mod tests {
         shared.set_no_endpoints_state(Connecting, "resolving");
         let mut ids = Vec::new();
         for a in 0..addresses {
-            let addr = std::net::SocketAddr::from(([127, 0, 0, 1 + a], 50051));
+            let addr =
+                crate::EndpointAddr::from(std::net::SocketAddr::from(([127, 0, 0, 1 + a], 50051)));
             let keepalive = Arc::new(KeepAlive::new(None));
             for _ in 0..per_address {
                 let (control, _) = watch::channel(Control::Run);
-                ids.push(shared.add_connection(addr, &keepalive, control).0);
+                ids.push(shared.add_connection(addr.clone(), &keepalive, control).0);
             }
         }
         (shared, ids)
@@ -1171,8 +1172,12 @@ mod tests {
             missed > 0,
             "the connection transitions overflowed the buffer"
         );
-        let endpoint =
-            |a: u8| Scope::Endpoint(std::net::SocketAddr::from(([127, 0, 0, 1 + a], 50051)));
+        let endpoint = |a: u8| {
+            Scope::Endpoint(crate::EndpointAddr::from(std::net::SocketAddr::from((
+                [127, 0, 0, 1 + a],
+                50051,
+            ))))
+        };
         let mut expected: Vec<_> = (0..4).map(|a| (endpoint(a), Connecting, Ready)).collect();
         expected.insert(1, (Scope::Pool, Connecting, Ready));
         expected.push((Scope::Pool, Ready, Shutdown));
@@ -1231,7 +1236,7 @@ mod tests {
                 ));
                 Arc::new(crate::conn::Connection::new(
                     id,
-                    std::net::SocketAddr::from(([127, 0, 0, 1], 50051)),
+                    crate::EndpointAddr::from(std::net::SocketAddr::from(([127, 0, 0, 1], 50051))),
                     send.clone(),
                     stats,
                     watched.fate.clone(),

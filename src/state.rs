@@ -22,9 +22,9 @@
 //! counts as TransientFailure until it is Ready again, so that its reconnect attempts do not make
 //! the aggregate flap back to Connecting (and calls keep failing fast while a server is down).
 
+use crate::addr::EndpointAddr;
 use std::collections::BTreeMap;
 use std::fmt;
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use tokio::sync::broadcast::error::{RecvError, TryRecvError};
@@ -219,11 +219,11 @@ pub enum Scope {
     /// The pool as a whole.
     Pool,
     /// The endpoint (resolved address).
-    Endpoint(SocketAddr),
+    Endpoint(EndpointAddr),
     /// One connection of an endpoint, by its pool-unique id.
     Connection {
         /// The address the connection goes to.
-        addr: SocketAddr,
+        addr: EndpointAddr,
         /// The connection's id, unique within the pool.
         id: u64,
     },
@@ -642,7 +642,7 @@ pub struct ConnectionSnapshot {
 #[non_exhaustive]
 pub struct EndpointSnapshot {
     /// The address.
-    pub addr: SocketAddr,
+    pub addr: EndpointAddr,
     /// Its aggregate state.
     pub state: ConnectivityState,
     /// Whether it left the address set and is only finishing its calls.
@@ -710,7 +710,8 @@ impl PoolSnapshot {
     /// The snapshot of the endpoint at `addr`, if there is one: the active one (in the address
     /// set, taking new calls) when an address was removed and listed again while its old
     /// endpoint still drains; otherwise the draining one.
-    pub fn endpoint(&self, addr: SocketAddr) -> Option<&EndpointSnapshot> {
+    pub fn endpoint(&self, addr: impl Into<EndpointAddr>) -> Option<&EndpointSnapshot> {
+        let addr = addr.into();
         let mut at = self.endpoints.iter().filter(|e| e.addr == addr);
         let first = at.next()?;
         Some(

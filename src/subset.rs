@@ -39,9 +39,55 @@
 //! round's seed, a uniformly random permutation that every client of the round computes
 //! alike from the same set, whatever order the set came in.
 //!
-//! A leaf: it uses nothing of the crate.
+//! A leaf: it uses nothing of the crate but the address type. It weighs any [`Key`]: a
+//! TCP [`EndpointAddr`] weighs exactly what its `SocketAddr` weighs (the pinned values
+//! below hold for both), a Unix path or abstract name is folded in by its bytes.
 
+use std::hash::Hash;
 use std::net::SocketAddr;
+
+use crate::addr::EndpointAddr;
+
+/// What subsetting chooses among: an address with a pinned weight (the endpoint address, and
+/// the socket address it wraps for TCP, which weighs the same).
+pub(crate) trait Key: Clone + Eq + Hash + Ord {
+    /// Feeds the address to the weight, word by word.
+    fn fold(&self, fold: &mut dyn FnMut(u64));
+}
+
+impl Key for SocketAddr {
+    fn fold(&self, fold: &mut dyn FnMut(u64)) {
+        let port = u64::from(self.port());
+        match self {
+            SocketAddr::V4(v4) => fold(4 << 56 | port << 32 | u64::from(v4.ip().to_bits())),
+            SocketAddr::V6(v6) => {
+                let ip = v6.ip().to_bits();
+                fold(6 << 56 | port << 32 | u64::from(v6.scope_id()));
+                fold((ip >> 64) as u64);
+                fold(ip as u64);
+            }
+        }
+    }
+}
+
+impl Key for EndpointAddr {
+    /// A TCP address weighs what its socket address weighs; a Unix path or abstract name is
+    /// a tag (apart from 4 and 6) and its length, then its bytes eight at a time,
+    /// little-endian, the last word padded with zeros.
+    fn fold(&self, fold: &mut dyn FnMut(u64)) {
+        let (tag, bytes): (u64, &[u8]) = match self {
+            EndpointAddr::Tcp(addr) => return addr.fold(fold),
+            EndpointAddr::Unix(path) => (0x75, path.as_os_str().as_encoded_bytes()),
+            EndpointAddr::UnixAbstract(name) => (0x61, name),
+        };
+        fold(tag << 56 | bytes.len() as u64);
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            fold(u64::from_le_bytes(word));
+        }
+    }
+}
 
 /// How a pool chooses its subset of the resolved addresses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -64,7 +110,7 @@ pub(crate) enum Identity {
 impl Subsetting {
     /// The addresses this client connects to: `size` of `addresses`, or all of them (without
     /// duplicates) when there are no more.
-    pub(crate) fn choose(&self, addresses: &[SocketAddr]) -> Vec<SocketAddr> {
+    pub(crate) fn choose<A: Key>(&self, addresses: &[A]) -> Vec<A> {
         match self.identity {
             Identity::Seed(seed) => rendezvous(seed, addresses, self.size),
             Identity::ClientIndex(index) => deterministic(index, addresses, self.size),
@@ -74,7 +120,7 @@ impl Subsetting {
 
 /// The `k` addresses of lowest weight under `seed` (gRFC A68), lowest first; all of them
 /// when there are no more than `k`.
-pub(crate) fn rendezvous(seed: u64, addresses: &[SocketAddr], k: usize) -> Vec<SocketAddr> {
+pub(crate) fn rendezvous<A: Key>(seed: u64, addresses: &[A], k: usize) -> Vec<A> {
     let mut ranked = ranked(seed, addresses);
     ranked.truncate(k);
     ranked
@@ -82,11 +128,7 @@ pub(crate) fn rendezvous(seed: u64, addresses: &[SocketAddr], k: usize) -> Vec<S
 
 /// Client `client_index`'s slice of `k` in its round's shuffle (the SRE book's deterministic
 /// subsetting); all the addresses when there are no more than `k`.
-pub(crate) fn deterministic(
-    client_index: u64,
-    addresses: &[SocketAddr],
-    k: usize,
-) -> Vec<SocketAddr> {
+pub(crate) fn deterministic<A: Key>(client_index: u64, addresses: &[A], k: usize) -> Vec<A> {
     let unique = unique(addresses);
     if unique.len() <= k {
         return unique;
@@ -108,40 +150,30 @@ const ROUND_DOMAIN: u64 = 0x243f_6a88_85a3_08d3;
 
 /// `addresses` without duplicates, ordered by weight under `seed` (ties, which take a 64-bit
 /// collision, by address, so that the order never depends on the input's).
-fn ranked(seed: u64, addresses: &[SocketAddr]) -> Vec<SocketAddr> {
-    let mut weighted: Vec<(u64, SocketAddr)> = unique(addresses)
+fn ranked<A: Key>(seed: u64, addresses: &[A]) -> Vec<A> {
+    let mut weighted: Vec<(u64, A)> = unique(addresses)
         .into_iter()
-        .map(|addr| (weight(seed, addr), addr))
+        .map(|addr| (weight(seed, &addr), addr))
         .collect();
     weighted.sort_unstable();
     weighted.into_iter().map(|(_, addr)| addr).collect()
 }
 
 /// `addresses` without duplicates, in the order first seen.
-fn unique(addresses: &[SocketAddr]) -> Vec<SocketAddr> {
+fn unique<A: Key>(addresses: &[A]) -> Vec<A> {
     let mut seen = std::collections::HashSet::with_capacity(addresses.len());
     addresses
         .iter()
-        .copied()
-        .filter(|addr| seen.insert(*addr))
+        .filter(|&addr| seen.insert(addr))
+        .cloned()
         .collect()
 }
 
 /// The rendezvous weight of `addr` for the client with `seed`: stable across processes,
 /// platforms and Rust versions (see the module docs).
-pub(crate) fn weight(seed: u64, addr: SocketAddr) -> u64 {
+pub(crate) fn weight<A: Key>(seed: u64, addr: &A) -> u64 {
     let mut h = mix(seed);
-    let mut fold = |word: u64| h = mix(h ^ word);
-    let port = u64::from(addr.port());
-    match addr {
-        SocketAddr::V4(v4) => fold(4 << 56 | port << 32 | u64::from(v4.ip().to_bits())),
-        SocketAddr::V6(v6) => {
-            let ip = v6.ip().to_bits();
-            fold(6 << 56 | port << 32 | u64::from(v6.scope_id()));
-            fold((ip >> 64) as u64);
-            fold(ip as u64);
-        }
-    }
+    addr.fold(&mut |word: u64| h = mix(h ^ word));
     mix(h)
 }
 
@@ -230,9 +262,9 @@ mod tests {
     fn weights_are_pinned() {
         let v4: SocketAddr = "127.0.0.1:50051".parse().unwrap();
         let v6 = SocketAddr::V6(SocketAddrV6::new(Ipv6Addr::LOCALHOST, 50051, 0, 0));
-        assert_eq!(weight(0, v4), 0x7e9c_245a_538b_1f7f);
-        assert_eq!(weight(42, v4), 0x45ba_7261_e010_d8df);
-        assert_eq!(weight(42, v6), 0x7316_ec98_b2b4_844e);
+        assert_eq!(weight(0, &v4), 0x7e9c_245a_538b_1f7f);
+        assert_eq!(weight(42, &v4), 0x45ba_7261_e010_d8df);
+        assert_eq!(weight(42, &v6), 0x7316_ec98_b2b4_844e);
         assert_eq!(
             mix(0),
             0xe220_a839_7b1d_cdaf,
@@ -264,8 +296,8 @@ mod tests {
             assert_eq!(subset.iter().collect::<HashSet<_>>(), few.iter().collect());
             assert_eq!(subset.len(), few.len());
         }
-        assert!(rendezvous(7, &[], K).is_empty());
-        assert!(deterministic(7, &[], K).is_empty());
+        assert!(rendezvous::<SocketAddr>(7, &[], K).is_empty());
+        assert!(deterministic::<SocketAddr>(7, &[], K).is_empty());
     }
 
     proptest::proptest! {

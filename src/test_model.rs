@@ -656,10 +656,10 @@ impl Case {
             }
             let keepalive = Arc::new(KeepAlive::new(self.shared.config.keep_alive_interval));
             let mut slots = Vec::new();
-            for _ in 0..self.shared.config.connections_for(addr) {
+            for _ in 0..self.shared.config.connections_for(&addr.into()) {
                 // The slot is played by the test: its control handle goes nowhere.
                 let (control, _) = tokio::sync::watch::channel(crate::conn::Control::Run);
-                let (id, stats) = self.shared.add_connection(addr, &keepalive, control);
+                let (id, stats) = self.shared.add_connection(addr.into(), &keepalive, control);
                 slots.push(self.model.add_slot(id, addr, stats));
                 self.check("connection added")?;
             }
@@ -673,7 +673,7 @@ impl Case {
             .copied()
             .collect();
         for addr in removed {
-            self.shared.set_draining(addr);
+            self.shared.set_draining(&addr.into());
             let slots = self.model.active.remove(&addr).unwrap_or_default();
             if let Some(&first) = slots.first() {
                 let endpoint = self.model.slots[first].endpoint;
@@ -719,7 +719,7 @@ impl Case {
         let slot = &self.model.slots[s];
         let ready = Arc::new(Connection::new(
             slot.id,
-            slot.addr,
+            slot.addr.into(),
             send,
             slot.stats.clone(),
             watched.fate,
@@ -916,7 +916,7 @@ impl Case {
             return Ok(());
         };
         if all_full {
-            self.shared.request_growth(ready.addr);
+            self.shared.request_growth(&ready.addr);
         }
         let c = self.model.conn_of(ready);
         prop_assert!(c.is_some(), "{}: picked an unknown connection", self.step);
@@ -1083,7 +1083,7 @@ impl Case {
             .endpoints
             .iter()
             .map(|e| EndpointView {
-                addr: e.addr,
+                addr: e.addr.socket_addr().expect("the model's addresses are TCP"),
                 draining: e.draining,
                 state: e.state,
                 connections: e

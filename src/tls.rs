@@ -481,7 +481,11 @@ mod tests {
     use super::*;
 
     fn dst(host: &str) -> Destination {
-        Destination::new("127.0.0.2:443".parse().unwrap(), host, true)
+        Destination::new(
+            "127.0.0.2:443".parse::<std::net::SocketAddr>().unwrap(),
+            host,
+            true,
+        )
     }
 
     /// The certificate is checked against the target's host, not the address connected to;

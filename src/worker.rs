@@ -27,6 +27,8 @@
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
+
+use crate::addr::EndpointAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -183,8 +185,8 @@ impl Worker {
                         }
                     }
                     Some(Mail::Grow(addr)) => {
-                        shared.growth.take(addr);
-                        self.grow(addr);
+                        shared.growth.take(&addr);
+                        self.grow(&addr);
                     }
                     Some(Mail::Addresses(set)) => self.on_push(set, &mut resolve_backoff),
                 },
@@ -295,7 +297,9 @@ impl Worker {
                 // new addresses connect the pool is Connecting, not TransientFailure.
                 shared.set_no_endpoints_state(ConnectivityState::Connecting, "resolved");
                 shared.record_resolution(resolution.addresses.len());
-                self.apply(&resolution.addresses);
+                let resolved: Vec<EndpointAddr> =
+                    resolution.addresses.iter().map(|&a| a.into()).collect();
+                self.apply(&resolved);
                 if !self.is_dynamic() {
                     return None;
                 }
@@ -322,7 +326,7 @@ impl Worker {
     /// Makes the slots match the address set (with subsetting, the subset of it). New
     /// addresses are added before removed ones drain, so that replacing the only address
     /// never leaves the pool with no endpoint.
-    fn apply(&mut self, resolved: &[SocketAddr]) {
+    fn apply(&mut self, resolved: &[EndpointAddr]) {
         let shared = self.shared.clone();
         let subset = shared
             .config
@@ -330,7 +334,7 @@ impl Worker {
             .map(|subsetting| self.subset(&subsetting, resolved));
         let addresses = subset.as_deref().unwrap_or(resolved);
         shared.set_address_order(resolved);
-        for &addr in addresses {
+        for addr in addresses {
             if shared.is_active(addr) {
                 continue;
             }
@@ -338,26 +342,26 @@ impl Worker {
             tracing::info!(target = %shared.target, %addr, connections = n, "address added");
             let keepalive = Arc::new(KeepAlive::new(shared.config.keep_alive_interval));
             for _ in 0..n {
-                self.spawn_slot(addr, keepalive.clone(), None);
+                self.spawn_slot(addr.clone(), keepalive.clone(), None);
             }
         }
         // A set, so that a large address set (a headless Service of thousands of pods) is not
         // compared address by address.
-        let wanted: HashSet<SocketAddr> = addresses.iter().copied().collect();
+        let wanted: HashSet<&EndpointAddr> = addresses.iter().collect();
         for addr in shared.active_addresses() {
             if !wanted.contains(&addr) {
                 tracing::info!(target = %shared.target, %addr, "address removed; draining");
-                shared.set_draining(addr);
+                shared.set_draining(&addr);
             }
         }
     }
 
     /// The subset of `resolved` to connect to, logged in one line of counts (never the
     /// hundreds of resolved addresses): at INFO when it changes, else at DEBUG.
-    fn subset(&self, subsetting: &Subsetting, resolved: &[SocketAddr]) -> Vec<SocketAddr> {
+    fn subset(&self, subsetting: &Subsetting, resolved: &[EndpointAddr]) -> Vec<EndpointAddr> {
         let subset = subsetting.choose(resolved);
         let active = self.shared.active_addresses();
-        let kept = subset.iter().filter(|addr| active.contains(addr)).count();
+        let kept = subset.iter().filter(|&addr| active.contains(addr)).count();
         let (added, removed) = (subset.len() - kept, active.len() - kept);
         let target = &self.shared.target;
         let (size, identity) = (subsetting.size, &subsetting.identity);
@@ -371,7 +375,7 @@ impl Worker {
 
     /// Opens one more connection to `addr` if all of its connections are full and Ready and
     /// it is below its maximum. One at a time: the next only once this one is Ready.
-    fn grow(&mut self, addr: SocketAddr) {
+    fn grow(&mut self, addr: &EndpointAddr) {
         let shared = self.shared.clone();
         let max = shared.config.max_connections_for(addr);
         let Some((settled, count)) = shared.endpoint_settled(addr) else {
@@ -385,25 +389,29 @@ impl Worker {
             None => return,
         };
         tracing::info!(target = %shared.target, %addr, connections = count + 1, max, "every connection full; opening another");
-        self.spawn_slot(addr, keepalive, shared.config.grown_idle_timeout);
+        self.spawn_slot(addr.clone(), keepalive, shared.config.grown_idle_timeout);
     }
 
     /// Starts a slot and registers it (with its control handle) in the registry, which keeps
     /// the endpoint set; `retire_when_idle` is set for the slots that growth adds.
     fn spawn_slot(
         &mut self,
-        addr: SocketAddr,
+        addr: EndpointAddr,
         keepalive: Arc<KeepAlive>,
         retire_when_idle: Option<Duration>,
     ) {
         let shared = &self.shared;
         let (control, control_rx) = watch::channel(Control::Run);
-        let (id, stats) = shared.add_connection(addr, &keepalive, control);
+        let (id, stats) = shared.add_connection(addr.clone(), &keepalive, control);
         // The name the target gives the servers, else the address itself.
-        let host = shared
-            .target
-            .host()
-            .map_or_else(|| addr.ip().to_string(), str::to_owned);
+        let host = match (shared.target.host(), addr.socket_addr()) {
+            (Some(host), _) => host.to_owned(),
+            (None, Some(tcp)) => tcp.ip().to_string(),
+            // Unix targets have a host (`localhost`); a pushed Unix address has none.
+            (None, None) => "localhost".to_owned(),
+        };
+        // Every event of a connection carries its address and slot id, inside the pool's span.
+        let span = tracing::debug_span!("conn", %addr, id);
         let slot = conn::Slot {
             id,
             dst: Destination {
@@ -423,8 +431,6 @@ impl Worker {
             seed: self.rng.next_u64(),
             retire_when_idle,
         };
-        // Every event of a connection carries its address and slot id, inside the pool's span.
-        let span = tracing::debug_span!("conn", %addr, id);
         self.tasks.spawn(conn::slot::run(slot).instrument(span));
     }
 

@@ -218,9 +218,10 @@ impl AddressSets {
 fn serving_exactly(s: &PoolSnapshot, expected: &[SocketAddr]) -> bool {
     let active: Vec<_> = s.endpoints.iter().filter(|e| !e.draining).collect();
     active.len() == expected.len()
-        && active
-            .iter()
-            .all(|e| expected.contains(&e.addr) && e.state == ConnectivityState::Ready)
+        && active.iter().all(|e| {
+            e.addr.socket_addr().is_some_and(|a| expected.contains(&a))
+                && e.state == ConnectivityState::Ready
+        })
 }
 
 /// The kinds of calls the soak makes.

@@ -376,7 +376,7 @@ mod pool_tests {
         let connector = PipeConnector::default();
         let io = connector
             .connect(&Destination::new(
-                "127.0.0.1:1".parse().unwrap(),
+                "127.0.0.1:1".parse::<std::net::SocketAddr>().unwrap(),
                 "test",
                 false,
             ))

@@ -1,7 +1,7 @@
 //! Picking a connection for a call, or waiting for one: the wait-for-ready table of the
 //! module docs above, and the wait for room beside a full connection while its endpoint grows.
 
-use std::net::SocketAddr;
+use crate::addr::EndpointAddr;
 use std::sync::Arc;
 
 use tokio::sync::watch;
@@ -36,11 +36,11 @@ impl RoomSource for CallRoom<'_> {
             .start_call())
     }
 
-    fn room_coming(&self, addr: SocketAddr) -> bool {
+    fn room_coming(&self, addr: &EndpointAddr) -> bool {
         self.shared.room_coming(addr)
     }
 
-    fn request_growth(&self, addr: SocketAddr) {
+    fn request_growth(&self, addr: &EndpointAddr) {
         self.shared.request_growth(addr);
     }
 }
@@ -84,7 +84,7 @@ pub(crate) async fn wait_for_connection(
         };
         if let Some((conn, all_full)) = pick {
             if all_full {
-                shared.request_growth(conn.addr);
+                shared.request_growth(&conn.addr);
             }
             return Ok(conn.clone());
         }

@@ -417,7 +417,10 @@ mod tests {
         ));
         let ready = Arc::new(Connection::new(
             0,
-            "127.0.0.1:1".parse().unwrap(),
+            "127.0.0.1:1"
+                .parse::<std::net::SocketAddr>()
+                .unwrap()
+                .into(),
             send,
             stats,
             watched.fate,

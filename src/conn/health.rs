@@ -220,10 +220,11 @@ fn origin(config: &Config, dst: &Destination) -> Uri {
         return origin.clone();
     }
     let scheme = if dst.tls { "https" } else { "http" };
-    let authority = if dst.host.parse::<IpAddr>().is_ok() {
-        dst.addr.to_string()
-    } else {
-        format!("{}:{}", dst.host, dst.addr.port())
+    let authority = match dst.addr.socket_addr() {
+        Some(tcp) if dst.host.parse::<IpAddr>().is_ok() => tcp.to_string(),
+        Some(tcp) => format!("{}:{}", dst.host, tcp.port()),
+        // A Unix socket has no port: the host alone (`localhost`, as gRPC sends).
+        None => dst.host.clone(),
     };
     Uri::try_from(format!("{scheme}://{authority}"))
         .unwrap_or_else(|_| Uri::from_static("http://localhost"))
@@ -426,10 +427,14 @@ mod tests {
             Arc::new(InFlight::default()),
             Arc::new(crate::growth::Room::default()),
         ));
-        let dst = Destination::new("127.0.0.1:1".parse().unwrap(), "127.0.0.1", false);
+        let dst = Destination::new(
+            "127.0.0.1:1".parse::<std::net::SocketAddr>().unwrap(),
+            "127.0.0.1",
+            false,
+        );
         let ready = Arc::new(Connection::new(
             0,
-            dst.addr,
+            dst.addr.clone(),
             send,
             stats,
             watched.fate,

@@ -6,8 +6,8 @@
 //! least-request policies count. The guard also notes when the call was picked, so that the
 //! response's arrival updates the connection's latency estimate (for `Balance::PeakEwma`).
 
+use crate::addr::EndpointAddr;
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -300,8 +300,8 @@ impl InFlightGuard {
 }
 
 impl crate::growth::Place for InFlightGuard {
-    fn addr(&self) -> SocketAddr {
-        self.conn.addr
+    fn addr(&self) -> EndpointAddr {
+        self.conn.addr.clone()
     }
 
     /// HTTP/2 would queue the call until one of the calls before it on its connection ends.
@@ -340,7 +340,7 @@ impl Drop for InFlightGuard {
 #[derive(Debug)]
 pub(crate) struct Connection {
     pub(crate) id: u64,
-    pub(crate) addr: SocketAddr,
+    pub(crate) addr: EndpointAddr,
     /// The handle that opens streams; taken away when the connection retires, so that h2,
     /// holding no handle and no stream any more, sends GOAWAY(NO_ERROR) and closes by itself.
     /// A read lock per call (uncontended: a writer comes once, at retirement).
@@ -371,7 +371,7 @@ pub(crate) struct Connection {
 impl Connection {
     pub(crate) fn new(
         id: u64,
-        addr: SocketAddr,
+        addr: EndpointAddr,
         send: h2::client::SendRequest<Bytes>,
         stats: Arc<ConnStats>,
         fate: Arc<ConnFate>,

@@ -166,7 +166,7 @@ async fn serve(slot: &Slot, retired: &mut Retired) -> &'static str {
         retire_when_idle,
         backoff_resets,
     } = slot;
-    let (events, id, addr) = (&**events, *id, dst.addr);
+    let (events, id, addr) = (&**events, *id, dst.addr.clone());
     let mut control = control.clone();
     let mut backoff = Backoff::new(config.backoff.clone(), *seed);
     let mut connect_rx = connect_requested.clone();
@@ -234,7 +234,14 @@ async fn serve(slot: &Slot, retired: &mut Retired) -> &'static str {
         // A reset asked while this attempt ran has been served by its success.
         backoff_resets.borrow_and_update();
         stats.connected();
-        let ready = Arc::new(Connection::new(id, addr, send, stats.clone(), fate, limits));
+        let ready = Arc::new(Connection::new(
+            id,
+            addr.clone(),
+            send,
+            stats.clone(),
+            fate,
+            limits,
+        ));
         let mut driver = crate::conn::driver::spawn(connection, ready.clone(), pings);
         let mut goaway_rx = signals.clone();
         let mut keepalive_timed_out = false;

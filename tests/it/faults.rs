@@ -74,9 +74,9 @@ async fn black_holed_address_is_routed_around() {
     assert!(after.failed.is_empty(), "{:?}", after.failed);
     assert!(after.ok > 0);
     while let Ok(event) = events.try_recv() {
-        if let Scope::Connection { addr, .. } = event.scope {
+        if let Scope::Connection { addr, .. } = &event.scope {
             assert!(
-                !(addr == stalled && event.to == ConnectivityState::Ready),
+                !(*addr == stalled && event.to == ConnectivityState::Ready),
                 "a black-holed connection became Ready: {event:?}"
             );
         }

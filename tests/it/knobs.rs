@@ -38,7 +38,11 @@ struct InspectingConnector {
 
 impl Connect for InspectingConnector {
     fn connect(&self, dst: &Destination) -> BoxFuture<'static, io::Result<BoxedIo>> {
-        let (tcp, addr, seen) = (dst.tcp.clone(), dst.addr, self.seen.clone());
+        let (tcp, addr, seen) = (
+            dst.tcp.clone(),
+            dst.addr.socket_addr().expect("a TCP target"),
+            self.seen.clone(),
+        );
         Box::pin(async move {
             let stream = tcp.connect(addr).await?;
             let sock = socket2::SockRef::from(&stream);

@@ -195,7 +195,12 @@ fn active(s: &PoolSnapshot) -> BTreeMap<SocketAddr, usize> {
     s.endpoints
         .iter()
         .filter(|e| !e.draining)
-        .map(|e| (e.addr, e.connections.len()))
+        .map(|e| {
+            (
+                e.addr.socket_addr().expect("TCP endpoints"),
+                e.connections.len(),
+            )
+        })
         .collect()
 }
 

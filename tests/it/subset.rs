@@ -20,7 +20,7 @@ fn active(snapshot: &PoolSnapshot) -> BTreeSet<SocketAddr> {
         .endpoints
         .iter()
         .filter(|e| !e.draining)
-        .map(|e| e.addr)
+        .filter_map(|e| e.addr.socket_addr())
         .collect()
 }
 

@@ -656,10 +656,16 @@ impl PoolBuilder {
                 .map(|(_, r)| r.clone()),
             _ => None,
         };
-        let addresses = match (self.discovery, scheme_resolver, self.resolver) {
-            (Some(push), _, _) => Source::Push(push),
-            (None, Some(r), _) | (None, None, Some(r)) => Source::Resolver(r),
-            (None, None, None) => Source::Resolver(default_resolver(&target)),
+        // A Unix socket is one fixed address: no resolver (not even one given) sees it.
+        let unix = match target.kind() {
+            TargetKind::Unix(addr) => Some(addr.clone()),
+            _ => None,
+        };
+        let addresses = match (self.discovery, unix, scheme_resolver, self.resolver) {
+            (Some(push), _, _, _) => Source::Push(push),
+            (None, Some(addr), _, _) => Source::Fixed(addr),
+            (None, None, Some(r), _) | (None, None, None, Some(r)) => Source::Resolver(r),
+            (None, None, None, None) => Source::Resolver(default_resolver(&target)),
         };
         let runtime = match self.runtime {
             Some(handle) => handle,

@@ -11,11 +11,24 @@
 //! | `http://host:port`, `https://host:port` | DNS as above; the scheme sets plaintext or TLS; default ports 80 and 443 |
 //! | `static:///1.2.3.4:50051,[::1]:50051` | exactly these addresses, never resolved; ports required |
 //! | `ipv4:1.2.3.4[:port],…`, `ipv6:[::1][:port],…` | gRPC's literal lists; port 443 when omitted |
-//! | `unix:path`, `unix:///abs/path`, `unix-abstract:name` | refused: [`TargetError::UnsupportedScheme`] (endpoints are IP socket addresses) |
+//! | `unix:path`, `unix:///abs/path` | the Unix domain socket at `path` (relative to the working directory, or absolute); one endpoint, never resolved |
+//! | `unix-abstract:name` | (Linux) the socket `name` in the abstract namespace (the leading NUL added by the pool; `%XX` escapes decoded, so `%00` is a NUL); one endpoint |
 //! | `scheme://[authority]/endpoint`, `scheme:endpoint` | a scheme of your own, e.g. `k8s:///ns/svc:8080`: [`TargetKind::Custom`], resolved by the resolver registered for it |
 //!
 //! A host that is an IP literal is used as is, without a DNS query. IPv6 literals go in
 //! brackets. Every malformed target is a [`TargetError`] that names the problem.
+//!
+//! ## Unix domain sockets
+//!
+//! A `unix:` or `unix-abstract:` target is [`TargetKind::Unix`]: one fixed
+//! [`EndpointAddr`] (sidecars and local proxies), which no resolver sees. As gRPC does, its
+//! requests carry `:authority` `localhost` ([`Target::authority`], [`Target::host`]), which
+//! is also the name a TLS connector verifies unless a server name is given. `unix://` must be
+//! followed by an absolute path (`unix:///run/app.sock`: three slashes; an authority such as
+//! `unix://host/path` is refused). An empty path or name, or a path with a NUL byte, is a
+//! [`TargetError::InvalidUnixPath`]; a path that does not exist parses (the socket may come
+//! later) and fails to connect, leaving the pool in TransientFailure with the error. On
+//! systems without them the schemes are [`TargetError::UnsupportedScheme`].
 //!
 //! ## Schemes of your own
 //!
@@ -37,6 +50,8 @@
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::str::FromStr;
+
+use crate::addr::EndpointAddr;
 
 /// The default port of DNS targets without one (gRPC's rule).
 const DEFAULT_GRPC_PORT: u16 = 443;
@@ -66,6 +81,9 @@ pub enum TargetKind {
         /// The port every resolved address gets.
         port: u16,
     },
+    /// A Unix domain socket (`unix:path`, `unix:///abs/path`, `unix-abstract:name`): an
+    /// [`EndpointAddr::Unix`] or [`EndpointAddr::UnixAbstract`], the pool's one endpoint.
+    Unix(EndpointAddr),
     /// A target of a scheme a user's resolver registered
     /// ([`PoolBuilder::resolver_for_scheme`](crate::PoolBuilder::resolver_for_scheme)), in
     /// gRPC's `scheme://authority/endpoint` form; only that resolver gives it meaning.
@@ -104,9 +122,12 @@ pub enum TargetError {
     UnknownScheme(String),
     /// A target of a registered scheme has nothing after its scheme and authority.
     MissingEndpoint(String),
-    /// A scheme of gRPC's naming that the pool does not support: `unix` and `unix-abstract`
-    /// (its endpoints are IP socket addresses).
+    /// A scheme of gRPC's naming that this platform does not support: `unix` off Unix
+    /// systems, `unix-abstract` off Linux.
     UnsupportedScheme(String),
+    /// A `unix:` or `unix-abstract:` target names no usable socket: the path or name is
+    /// empty, a path has a NUL byte, or `unix://` is not followed by an absolute path.
+    InvalidUnixPath(String),
     /// A host is missing (e.g. `dns:///:50051`).
     MissingHost,
     /// The host is not a valid DNS name or IP literal.
@@ -140,8 +161,13 @@ impl fmt::Display for TargetError {
             Self::MissingEndpoint(t) => write!(f, "target {t:?} has no endpoint after its scheme"),
             Self::UnsupportedScheme(s) => write!(
                 f,
-                "target scheme {s:?} is not supported (the pool connects to IP addresses; \
-                 Unix domain socket targets are not implemented)"
+                "target scheme {s:?} is not supported on this platform (unix needs a Unix \
+                 system, unix-abstract Linux)"
+            ),
+            Self::InvalidUnixPath(t) => write!(
+                f,
+                "target {t:?} names no Unix socket (expected unix:path, unix:///absolute/path \
+                 or unix-abstract:name, non-empty, without NUL bytes in a path)"
             ),
             Self::MissingHost => f.write_str("target has no host"),
             Self::InvalidHost(h) => write!(f, "invalid host {h:?}"),
@@ -226,8 +252,8 @@ impl Target {
     }
 
     /// The `:authority` requests carry by default: `host:port` for DNS targets, the first
-    /// address for static lists; for a custom target its endpoint when that is a
-    /// `host[:port]`, else `localhost`.
+    /// address for static lists, `localhost` for a Unix socket (as gRPC); for a custom target
+    /// its endpoint when that is a `host[:port]`, else `localhost`.
     pub fn authority(&self) -> String {
         match &self.kind {
             TargetKind::Dns { host, port, .. } => {
@@ -238,6 +264,7 @@ impl Target {
                 }
             }
             TargetKind::Static(addrs) => addrs[0].to_string(),
+            TargetKind::Unix(_) => "localhost".to_owned(),
             TargetKind::Custom { endpoint, .. } => match endpoint_host(endpoint) {
                 Some(_) => endpoint.clone(),
                 None => "localhost".to_owned(),
@@ -247,12 +274,13 @@ impl Target {
 
     /// The host name (or IP literal) the target names, which a TLS connector verifies the
     /// server's certificate against: the host of a DNS target; the endpoint's host for a
-    /// custom target whose endpoint is a `host[:port]`; `None` for address lists and other
-    /// custom targets.
+    /// custom target whose endpoint is a `host[:port]`; `localhost` for a Unix socket (as
+    /// gRPC); `None` for address lists and other custom targets.
     pub fn host(&self) -> Option<&str> {
         match &self.kind {
             TargetKind::Dns { host, .. } => Some(host),
             TargetKind::Static(_) => None,
+            TargetKind::Unix(_) => Some("localhost"),
             TargetKind::Custom { endpoint, .. } => endpoint_host(endpoint),
         }
     }
@@ -284,6 +312,49 @@ fn endpoint_host(endpoint: &str) -> Option<&str> {
         Ok(_) => split_host_port(endpoint).ok().map(|(host, _)| host),
         Err(_) => None,
     }
+}
+
+/// `unix:path`, `unix:///absolute/path` or `unix-abstract:name` (`scheme` in lower case).
+fn parse_unix(scheme: &str, rest: &str, source: &str) -> Result<TargetKind, TargetError> {
+    let invalid = || TargetError::InvalidUnixPath(source.to_owned());
+    if !cfg!(unix)
+        || (scheme == "unix-abstract" && !cfg!(any(target_os = "linux", target_os = "android")))
+    {
+        return Err(TargetError::UnsupportedScheme(scheme.to_owned()));
+    }
+    if scheme == "unix-abstract" {
+        let name = percent_decode(rest).ok_or_else(invalid)?;
+        if name.is_empty() {
+            return Err(invalid());
+        }
+        return Ok(TargetKind::Unix(EndpointAddr::unix_abstract(name)));
+    }
+    // `unix://` takes an empty authority and an absolute path: three slashes in all.
+    let path = match rest.strip_prefix("//") {
+        Some(after) if after.starts_with('/') => after,
+        Some(_) => return Err(invalid()),
+        None => rest,
+    };
+    if path.is_empty() || path.contains('\0') {
+        return Err(invalid());
+    }
+    Ok(TargetKind::Unix(EndpointAddr::unix(path)))
+}
+
+/// `s` with its `%XX` escapes decoded; `None` for a `%` not followed by two hex digits.
+fn percent_decode(s: &str) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(s.len());
+    let mut bytes = s.bytes();
+    while let Some(b) = bytes.next() {
+        if b == b'%' {
+            let hex = [bytes.next()?, bytes.next()?];
+            let hex = std::str::from_utf8(&hex).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+        } else {
+            out.push(b);
+        }
+    }
+    Some(out)
 }
 
 /// `scheme://authority/endpoint` or `scheme:endpoint`, for a scheme a resolver registered.
@@ -372,9 +443,7 @@ fn parse_kind(s: &str, custom: &dyn Fn(&str) -> bool) -> Result<(TargetKind, boo
             })?;
             Ok((TargetKind::Static(addrs), false))
         }
-        scheme @ ("unix" | "unix-abstract") => {
-            Err(TargetError::UnsupportedScheme(scheme.to_owned()))
-        }
+        scheme @ ("unix" | "unix-abstract") => Ok((parse_unix(scheme, rest, s)?, false)),
         other if custom(other) => Ok((parse_custom(other, rest, s)?, false)),
         other => Err(TargetError::UnknownScheme(other.to_owned())),
     }
@@ -651,6 +720,31 @@ mod tests {
         }
     }
 
+    /// gRPC's Unix forms: a relative or absolute path (`unix://` takes three slashes), an
+    /// abstract name with its `%XX` escapes decoded; all of them `localhost` as authority.
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    #[test]
+    fn unix_targets() {
+        let cases = [
+            ("unix:relative/sock", EndpointAddr::unix("relative/sock")),
+            ("unix:/tmp/sock", EndpointAddr::unix("/tmp/sock")),
+            ("unix:///tmp/sock", EndpointAddr::unix("/tmp/sock")),
+            ("UNIX:/tmp/sock", EndpointAddr::unix("/tmp/sock")),
+            ("unix-abstract:name", EndpointAddr::unix_abstract("name")),
+            (
+                "unix-abstract:grpc%00abstract",
+                EndpointAddr::unix_abstract(b"grpc\0abstract"),
+            ),
+        ];
+        for (input, addr) in cases {
+            let t = Target::parse(input).unwrap_or_else(|e| panic!("{input}: {e}"));
+            assert_eq!(t.kind(), &TargetKind::Unix(addr), "{input}");
+            assert_eq!(t.authority(), "localhost", "{input}");
+            assert_eq!(t.host(), Some("localhost"), "{input}");
+            assert!(!t.is_tls());
+        }
+    }
+
     /// Every malformed target maps to the error that names its problem.
     #[test]
     fn malformed_targets() {
@@ -659,11 +753,17 @@ mod tests {
             ("", Empty),
             ("   ", Empty),
             ("ftp://host:1", UnknownScheme("ftp".into())),
-            ("unix:///tmp/sock", UnsupportedScheme("unix".into())),
-            ("unix:relative/sock", UnsupportedScheme("unix".into())),
+            ("unix:", InvalidUnixPath("unix:".into())),
+            ("unix://", InvalidUnixPath("unix://".into())),
             (
-                "unix-abstract:name",
-                UnsupportedScheme("unix-abstract".into()),
+                "unix://host/sock",
+                InvalidUnixPath("unix://host/sock".into()),
+            ),
+            ("unix:a\0b", InvalidUnixPath("unix:a\0b".into())),
+            ("unix-abstract:", InvalidUnixPath("unix-abstract:".into())),
+            (
+                "unix-abstract:%0",
+                InvalidUnixPath("unix-abstract:%0".into()),
             ),
             ("dns:///:50051", MissingHost),
             ("dns://", MissingHost),

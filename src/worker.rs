@@ -60,8 +60,10 @@ const TASKS_STOP_AT_LEAST: Duration = Duration::from_secs(5);
 pub(crate) struct Worker {
     shared: Arc<Shared>,
     connector: Arc<dyn Connect>,
-    /// The resolver; `None` when the addresses are pushed (they arrive as mail).
+    /// The resolver; `None` when the addresses are pushed (they arrive as mail) or fixed.
     resolver: Option<Arc<dyn Resolve>>,
+    /// The one address of a target that is never resolved (a Unix socket).
+    fixed: Option<EndpointAddr>,
     inbox: Inbox,
     tasks: JoinSet<()>,
     rng: FastRng,
@@ -77,18 +79,20 @@ impl Worker {
         addresses: Source,
         inbox: Inbox,
     ) -> Self {
-        let resolver = match addresses {
-            Source::Resolver(resolver) => Some(resolver),
+        let (resolver, fixed) = match addresses {
+            Source::Resolver(resolver) => (Some(resolver), None),
             Source::Push(push) => {
                 // From now on every change of the set is posted to this worker.
                 push.attach(Box::new(shared.mailbox().clone()));
-                None
+                (None, None)
             }
+            Source::Fixed(addr) => (None, Some(addr)),
         };
         Self {
             shared,
             connector,
             resolver,
+            fixed,
             inbox,
             tasks: JoinSet::new(),
             rng: FastRng::new(FastRng::random_seed()),
@@ -126,16 +130,21 @@ impl Worker {
         let reply;
         shared.set_no_endpoints_state(
             ConnectivityState::Connecting,
-            if self.resolver.is_some() {
-                "resolving"
-            } else {
-                "waiting for pushed addresses"
+            match (&self.resolver, &self.fixed) {
+                (Some(_), _) => "resolving",
+                (None, Some(_)) => "connecting",
+                (None, None) => "waiting for pushed addresses",
             },
         );
 
         let mut resolve_backoff = Backoff::new(config.backoff.clone(), self.rng.next_u64());
         if let Some(set) = pushed_while_idle {
             self.on_push(set, &mut resolve_backoff);
+        }
+        // A fixed address is the whole set, once and for good.
+        if let Some(addr) = self.fixed.clone() {
+            self.ever_resolved = true;
+            self.apply(&[addr]);
         }
         // Resolve at once (pushed addresses are not resolved); afterwards this holds when to
         // resolve next.
@@ -510,6 +519,7 @@ mod tests {
             shared: shared.clone(),
             connector: Arc::new(TcpConnector::new()),
             resolver: None,
+            fixed: None,
             inbox,
             tasks: JoinSet::new(),
             rng: FastRng::new(1),

@@ -26,8 +26,9 @@ impl StaticResolver {
                 .parse::<IpAddr>()
                 .ok()
                 .map(|ip| vec![SocketAddr::new(ip, *port)]),
-            // Only its own resolver knows what a custom target means.
-            TargetKind::Custom { .. } => None,
+            // Only its own resolver knows what a custom target means; a Unix socket is not a
+            // socket address (the worker connects to it without a resolver).
+            TargetKind::Custom { .. } | TargetKind::Unix(_) => None,
         }
     }
 }

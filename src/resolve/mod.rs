@@ -120,4 +120,6 @@ pub(crate) enum Source {
     Resolver(Arc<dyn Resolve>),
     /// A set the caller pushes ([`Push`]); nothing is resolved.
     Push(Push),
+    /// One address that needs no resolving and never changes: a `unix:` target's socket.
+    Fixed(crate::addr::EndpointAddr),
 }

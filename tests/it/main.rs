@@ -36,4 +36,5 @@ mod tls;
 mod tracing_spans;
 #[cfg(feature = "tune")]
 mod tune;
+mod unix_targets;
 mod wait_for_ready;

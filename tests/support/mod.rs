@@ -34,6 +34,8 @@ pub mod thread;
 pub mod tls;
 
 pub use server::{loopback, ServerOptions, TestServer};
+#[cfg(unix)]
+pub use server::{UnixListen, UnixServer};
 pub mod common;
 pub mod fake_h2;
 pub mod hostile;

@@ -469,18 +469,7 @@ async fn serve(
     let server = builder
         // The `:authority` is not part of a tonic request's metadata; copy it into a header
         // so that `authority?` can answer with it.
-        .layer(tower::util::MapRequestLayer::new(
-            |mut req: http::Request<tonic::body::Body>| {
-                if let Some(value) = req
-                    .uri()
-                    .authority()
-                    .and_then(|a| http::HeaderValue::from_str(a.as_str()).ok())
-                {
-                    req.headers_mut().insert(AUTHORITY_HEADER, value);
-                }
-                req
-            },
-        ))
+        .layer(tower::util::MapRequestLayer::new(copy_authority))
         // gzip both ways when the client asks; plain otherwise.
         .add_service(
             EchoServer::new(service)
@@ -506,6 +495,18 @@ async fn serve(
             }
         }
     }
+}
+
+/// Copies the request's `:authority` into [`AUTHORITY_HEADER`].
+fn copy_authority(mut req: http::Request<tonic::body::Body>) -> http::Request<tonic::body::Body> {
+    if let Some(value) = req
+        .uri()
+        .authority()
+        .and_then(|a| http::HeaderValue::from_str(a.as_str()).ok())
+    {
+        req.headers_mut().insert(AUTHORITY_HEADER, value);
+    }
+    req
 }
 
 /// A server-side TCP connection that keeps [`Stats`] open/accepted counts.
@@ -819,6 +820,146 @@ impl Health for SpecHealth {
                 Ok(Response::new(Box::pin(stream) as HealthStream))
             }
             Err(status) => Err(status),
+        }
+    }
+}
+
+/// Where a [`UnixServer`] listens.
+#[cfg(unix)]
+#[derive(Clone, Debug)]
+pub enum UnixListen {
+    /// A socket file at this path (removed before binding and when the server stops).
+    Path(std::path::PathBuf),
+    /// A name in Linux's abstract namespace (without the leading NUL).
+    #[cfg(target_os = "linux")]
+    Abstract(Vec<u8>),
+}
+
+/// A plain `echo.Echo` server (no options) on a Unix domain socket, on its own thread and
+/// runtime as [`TestServer`] is; its name (each reply's `server`) is the listen address.
+#[cfg(unix)]
+#[derive(Debug)]
+pub struct UnixServer {
+    listen: UnixListen,
+    stats: Arc<Stats>,
+    running: Option<Running>,
+}
+
+#[cfg(unix)]
+impl UnixServer {
+    /// Starts serving on `listen`, returning once it listens.
+    pub fn start(listen: UnixListen) -> io::Result<UnixServer> {
+        let mut server = UnixServer {
+            listen,
+            stats: Arc::new(Stats::new()),
+            running: None,
+        };
+        server.restart()?;
+        Ok(server)
+    }
+
+    /// Requests served (over every start).
+    pub fn requests(&self) -> u64 {
+        *self.stats.requests.borrow()
+    }
+
+    /// Hard kill: drops the runtime, closing every connection at once, and removes a
+    /// socket file, so that connecting fails until a restart. Idempotent.
+    pub fn stop(&mut self) {
+        if let Some(running) = self.running.take() {
+            let _ = running.kill.send(());
+            let _ = running.thread.join();
+        }
+        if let UnixListen::Path(path) = &self.listen {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+
+    /// Stops (if running) and listens again at the same place; counters carry on.
+    pub fn restart(&mut self) -> io::Result<()> {
+        self.stop();
+        let (kill_tx, kill_rx) = oneshot::channel::<()>();
+        let (done_tx, done_rx) = oneshot::channel::<()>();
+        let (listen, stats) = (self.listen.clone(), Arc::clone(&self.stats));
+        let (thread, ()) = super::thread::start(
+            "test-unix-server".to_owned(),
+            move |started| serve_unix(listen, stats, started, kill_rx),
+            move || {
+                let _ = done_tx.send(());
+            },
+        )?;
+        self.running = Some(Running {
+            kill: kill_tx,
+            graceful: None,
+            done: done_rx,
+            thread,
+        });
+        Ok(())
+    }
+}
+
+#[cfg(unix)]
+impl Drop for UnixServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Binds the Unix listener of `listen`.
+#[cfg(unix)]
+fn bind_unix(listen: &UnixListen) -> io::Result<tokio::net::UnixListener> {
+    match listen {
+        UnixListen::Path(path) => {
+            let _ = std::fs::remove_file(path);
+            tokio::net::UnixListener::bind(path)
+        }
+        #[cfg(target_os = "linux")]
+        UnixListen::Abstract(name) => {
+            use std::os::linux::net::SocketAddrExt;
+            let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
+            let listener = std::os::unix::net::UnixListener::bind_addr(&addr)?;
+            listener.set_nonblocking(true)?;
+            tokio::net::UnixListener::from_std(listener)
+        }
+    }
+}
+
+/// The Unix server thread's main future: bind, report, serve until killed.
+#[cfg(unix)]
+async fn serve_unix(
+    listen: UnixListen,
+    stats: Arc<Stats>,
+    started: super::thread::Started<()>,
+    kill_rx: oneshot::Receiver<()>,
+) {
+    let listener = match bind_unix(&listen) {
+        Ok(listener) => listener,
+        Err(err) => {
+            let _ = started.send(Err(err));
+            return;
+        }
+    };
+    let service = EchoService {
+        name: format!("{listen:?}"),
+        name_header: None,
+        stats,
+        unary_delay: Duration::ZERO,
+        fail_unary: false,
+    };
+    let server = tonic::transport::Server::builder()
+        .layer(tower::util::MapRequestLayer::new(copy_authority))
+        .add_service(EchoServer::new(service))
+        .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener));
+    if started.send(Ok(())).is_err() {
+        return;
+    }
+    tokio::select! {
+        biased;
+        _ = kill_rx => {}
+        result = server => {
+            if let Err(err) = result {
+                eprintln!("UnixServer {listen:?}: server error: {err}");
+            }
         }
     }
 }

@@ -1,19 +1,5 @@
-//! [`EndpointAddr`]: the address of one endpoint, the key the pool keeps endpoints by.
-//!
-//! An endpoint is a TCP socket address (what resolvers answer) or, for gRPC's `unix:` and
-//! `unix-abstract:` targets, a Unix domain socket: a path, or a name in Linux's abstract
-//! namespace. Every layer — the registry, growth, per-address settings, snapshots, events,
-//! connectors — keys endpoints by this one type, so that a Unix endpoint is an endpoint like
-//! any other.
-//!
-//! Addresses are copied freely (into events, snapshots, the picker, each connection's
-//! destination), so the Unix forms hold their path or name behind an [`Arc`]: a clone is a
-//! reference count, never an allocation.
-//!
-//! An `EndpointAddr` compares equal to a [`SocketAddr`] when it is that TCP address
-//! (`snapshot.endpoints[0].addr == socket_addr` compiles and means what it says), and
-//! displays as the target syntax writes it: `127.0.0.1:50051`, `[::1]:50051`,
-//! `unix:/run/app.sock`, `unix-abstract:name` (bytes outside printable ASCII escaped).
+//! [`EndpointAddr`]: the address of one endpoint, the key the pool keeps endpoints by (its
+//! design is on the type, which is public).
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -22,7 +8,20 @@ use std::sync::Arc;
 
 /// The address of one endpoint: a TCP socket address or a Unix domain socket.
 ///
-/// See the [module docs](self).
+/// An endpoint is a TCP socket address (what resolvers answer) or, for gRPC's `unix:` and
+/// `unix-abstract:` targets, a Unix domain socket: a path, or a name in Linux's abstract
+/// namespace. Every layer — the registry, growth, per-address settings, snapshots, events,
+/// connectors — keys endpoints by this one type, so that a Unix endpoint is an endpoint like
+/// any other.
+///
+/// Addresses are copied freely (into events, snapshots, the picker, each connection's
+/// destination), so the Unix forms hold their path or name behind an [`Arc`]: a clone is a
+/// reference count, never an allocation.
+///
+/// An `EndpointAddr` compares equal to a [`SocketAddr`] when it is that TCP address
+/// (`snapshot.endpoints[0].addr == socket_addr` compiles and means what it says), and
+/// displays as the target syntax writes it: `127.0.0.1:50051`, `[::1]:50051`,
+/// `unix:/run/app.sock`, `unix-abstract:name` (bytes outside printable ASCII escaped).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[non_exhaustive]
 pub enum EndpointAddr {

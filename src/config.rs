@@ -126,7 +126,7 @@ impl Config {
     /// How many connections `addr` gets.
     pub(crate) fn connections_for(&self, addr: &EndpointAddr) -> usize {
         self.connections_override
-            .get(&addr)
+            .get(addr)
             .copied()
             .unwrap_or(self.connections_per_endpoint)
     }

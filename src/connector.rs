@@ -56,7 +56,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::{TcpSocket, TcpStream, UnixStream};
+#[cfg(unix)]
+use tokio::net::UnixStream;
+use tokio::net::{TcpSocket, TcpStream};
 
 use crate::addr::EndpointAddr;
 use crate::BoxFuture;
@@ -188,7 +190,8 @@ impl TcpSettings {
 /// a connector of your own to reuse. TCP settings do not apply to Unix sockets.
 ///
 /// A TCP address, or an abstract name on a system without the abstract namespace, is an
-/// [`io::ErrorKind::InvalidInput`] error.
+/// [`io::ErrorKind::InvalidInput`] error. Unix systems only.
+#[cfg(unix)]
 pub async fn connect_unix(addr: &EndpointAddr) -> io::Result<UnixStream> {
     match addr {
         EndpointAddr::Unix(path) => UnixStream::connect(path).await,
@@ -221,7 +224,7 @@ async fn connect_abstract(name: std::sync::Arc<[u8]>) -> io::Result<UnixStream> 
 }
 
 /// The abstract namespace is Linux's own.
-#[cfg(not(any(target_os = "linux", target_os = "android")))]
+#[cfg(all(unix, not(any(target_os = "linux", target_os = "android"))))]
 async fn connect_abstract(_: std::sync::Arc<[u8]>) -> io::Result<UnixStream> {
     Err(io::Error::new(
         io::ErrorKind::InvalidInput,
@@ -263,7 +266,14 @@ impl Connect for TcpConnector {
         Box::pin(async move {
             match addr {
                 EndpointAddr::Tcp(addr) => Ok(Box::new(tcp.connect(addr).await?) as BoxedIo),
+                #[cfg(unix)]
                 unix => Ok(Box::new(connect_unix(&unix).await?) as BoxedIo),
+                // Target parsing refuses Unix targets off Unix systems: never reached there.
+                #[cfg(not(unix))]
+                unix => Err(io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    format!("{unix}: Unix domain sockets need a Unix system"),
+                )),
             }
         })
     }

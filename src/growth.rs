@@ -81,7 +81,7 @@ impl GrowthRequests {
     /// tells the worker).
     pub(crate) fn note(&self, addr: &EndpointAddr) -> bool {
         let mut pending = self.pending.lock();
-        if pending.contains(&addr) {
+        if pending.contains(addr) {
             return false;
         }
         pending.push(addr.clone());

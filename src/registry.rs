@@ -194,7 +194,7 @@ impl Registry {
     /// address while its calls finish).
     fn active(&self, addr: &EndpointAddr) -> Option<&EndpointEntry> {
         self.active
-            .get(&addr)
+            .get(addr)
             .and_then(|key| self.endpoints.get(key))
     }
 }
@@ -609,7 +609,7 @@ impl Shared {
 
     /// Whether `addr` has an endpoint in the address set.
     pub(crate) fn is_active(&self, addr: &EndpointAddr) -> bool {
-        self.registry.lock().active.contains_key(&addr)
+        self.registry.lock().active.contains_key(addr)
     }
 
     /// The addresses of the endpoints in the address set, in the order they were added.
@@ -655,7 +655,7 @@ impl Shared {
     pub(crate) fn set_draining(&self, addr: &EndpointAddr) {
         let mut reg = self.registry.lock();
         let reg = &mut *reg;
-        let Some(key) = reg.active.remove(&addr) else {
+        let Some(key) = reg.active.remove(addr) else {
             return;
         };
         let Some(endpoint) = reg.endpoints.get_mut(&key) else {

@@ -93,7 +93,9 @@
 //!
 //! - Addresses come from resolving the target (DNS, address lists, or a resolver of your own
 //!   that owns its scheme: [`PoolBuilder::resolver_for_scheme`]), or are pushed by a caller
-//!   with its own discovery stream ([`resolve::Push`], [`PoolBuilder::discovery`]).
+//!   with its own discovery stream ([`resolve::Push`], [`PoolBuilder::discovery`]); a
+//!   `unix:path` or `unix-abstract:name` target is one Unix domain socket, never resolved.
+//!   Endpoints are keyed by [`EndpointAddr`] (a TCP address or a Unix socket).
 //! - Subsetting ([`PoolBuilder::subset_size`]): in a large fleet each client connects to
 //!   `k` of the addresses, chosen by rendezvous hashing (gRFC A68) or, for clients that know
 //!   their index, deterministically (Google's SRE book).

@@ -324,9 +324,11 @@ async fn run_plan(plan: Plan, release: Release) {
         answers: Mutex::new(plan.answers.into()),
         delivered: delivered_tx,
     };
-    let connector = PipeConnector::new(|dst| match Behaviour::of(dst.addr) {
-        Behaviour::Refuse => Err(io::Error::from(io::ErrorKind::ConnectionRefused)),
-        behaviour => {
+    let connector = PipeConnector::new(|dst| match dst.addr.socket_addr().map(Behaviour::of) {
+        // The resolver answers socket addresses only.
+        None => Err(io::Error::from(io::ErrorKind::InvalidInput)),
+        Some(Behaviour::Refuse) => Err(io::Error::from(io::ErrorKind::ConnectionRefused)),
+        Some(behaviour) => {
             let (client, server) = tokio::io::duplex(PIPE_CAPACITY);
             if behaviour == Behaviour::Serve {
                 tokio::spawn(serve_settings(server));
@@ -394,7 +396,11 @@ fn check_endpoints(
     let snapshot = pool.snapshot();
     let mut active: HashMap<SocketAddr, usize> = HashMap::new();
     for endpoint in snapshot.endpoints.iter().filter(|e| !e.draining) {
-        let previous = active.insert(endpoint.addr, endpoint.connections.len());
+        let addr = endpoint
+            .addr
+            .socket_addr()
+            .expect("the resolver answers socket addresses only");
+        let previous = active.insert(addr, endpoint.connections.len());
         assert!(
             previous.is_none(),
             "step {step}: {} is active twice",

@@ -77,7 +77,8 @@ pub type BoxedIo = Box<dyn Io>;
 pub struct Destination {
     /// The resolved address.
     pub addr: EndpointAddr,
-    /// The host of the target (a DNS name or an IP literal): the TLS server name.
+    /// The host of the target (a DNS name or an IP literal; `localhost` for a Unix socket):
+    /// the TLS server name.
     pub host: String,
     /// Whether the target asked for TLS (`https://`).
     pub tls: bool,

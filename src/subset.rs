@@ -272,6 +272,30 @@ mod tests {
         );
     }
 
+    /// A TCP endpoint address weighs exactly what its socket address weighs (the pinned
+    /// values above hold for pools of either); Unix paths and abstract names get weights of
+    /// their own, apart from each other for the same bytes, and rendezvous ranks a mixed set
+    /// the same whatever its order.
+    #[test]
+    fn endpoint_addresses_weigh_as_their_socket_addresses() {
+        let v4: SocketAddr = "127.0.0.1:50051".parse().unwrap();
+        let v6 = SocketAddr::V6(SocketAddrV6::new(Ipv6Addr::LOCALHOST, 50051, 0, 0));
+        for seed in [0, 42, u64::MAX] {
+            assert_eq!(weight(seed, &EndpointAddr::from(v4)), weight(seed, &v4));
+            assert_eq!(weight(seed, &EndpointAddr::from(v6)), weight(seed, &v6));
+        }
+        let path = EndpointAddr::unix("/run/app.sock");
+        let name = EndpointAddr::unix_abstract("/run/app.sock");
+        assert_ne!(weight(42, &path), weight(42, &name));
+        assert_ne!(
+            weight(42, &EndpointAddr::unix("a")),
+            weight(42, &EndpointAddr::unix("a\0"))
+        );
+        let set = [path.clone(), EndpointAddr::from(v4), name.clone()];
+        let reversed: Vec<_> = set.iter().rev().cloned().collect();
+        assert_eq!(rendezvous(42, &set, 2), rendezvous(42, &reversed, 2));
+    }
+
     /// A subset is a function of the address set: order and duplicates do not change it; it
     /// holds `k` distinct addresses, or all of them when there are fewer; `k` larger than the
     /// set takes the whole set, for both algorithms.

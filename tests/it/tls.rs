@@ -48,7 +48,7 @@ fn tls_server(last: u8, name: &str, tls: tonic::transport::ServerTlsConfig) -> T
 
 /// Trusts `ca` only (not the roots a roots feature may bring), so the tests mean the same
 /// with any feature set.
-fn trusting(ca: &TestCa) -> TlsConfig {
+pub(crate) fn trusting(ca: &TestCa) -> TlsConfig {
     TlsConfig::new()
         .feature_roots(false)
         .ca_certificate(ca.pem())

@@ -238,6 +238,44 @@ async fn a_missing_socket_is_a_transient_failure_with_a_clear_error() {
     assert_eq!(status.code(), tonic::Code::Unavailable, "{status}");
 }
 
+/// TLS wraps a Unix socket as it wraps TCP, and verifies the certificate against
+/// `localhost`, the host of a Unix target: a certificate for `localhost` is trusted (and
+/// requests carry `:authority` `localhost`), one for another name is refused.
+#[cfg(feature = "tls")]
+#[tokio::test]
+async fn tls_over_a_unix_socket_verifies_localhost() {
+    use crate::support::tls::TestCa;
+    let ca = TestCa::new("unix test CA");
+    for (name, trusted) in [("localhost", true), ("elsewhere.test", false)] {
+        let dir = TempDir::new();
+        let path = dir.socket();
+        let _server = UnixServer::start_tls(
+            UnixListen::Path(path.clone()),
+            Some(ca.issue(&[name]).server_tls()),
+        )
+        .expect("TLS unix server");
+        let pool = builder(&format!("unix:{}", path.display()))
+            .tls(crate::tls::trusting(&ca))
+            .build()
+            .expect("pool");
+        if trusted {
+            wait_ready(&pool, 1).await;
+            calls_succeed(&pool).await;
+        } else {
+            let failed = pool
+                .wait_until(WAIT, |s| s.state == ConnectivityState::TransientFailure)
+                .await;
+            assert!(
+                failed,
+                "{name}: never TransientFailure: {}",
+                pool.snapshot()
+            );
+            let error = pool.snapshot().last_error.unwrap_or_default();
+            assert!(error.contains("certificate"), "{name}: {error}");
+        }
+    }
+}
+
 /// Malformed Unix targets are typed errors from `build()` that name the problem.
 #[tokio::test]
 async fn malformed_unix_targets_are_typed_errors() {

@@ -841,6 +841,7 @@ pub enum UnixListen {
 #[derive(Debug)]
 pub struct UnixServer {
     listen: UnixListen,
+    tls: Option<tonic::transport::ServerTlsConfig>,
     stats: Arc<Stats>,
     running: Option<Running>,
 }
@@ -849,8 +850,17 @@ pub struct UnixServer {
 impl UnixServer {
     /// Starts serving on `listen`, returning once it listens.
     pub fn start(listen: UnixListen) -> io::Result<UnixServer> {
+        Self::start_tls(listen, None)
+    }
+
+    /// Starts serving on `listen`, over TLS when `tls` is given.
+    pub fn start_tls(
+        listen: UnixListen,
+        tls: Option<tonic::transport::ServerTlsConfig>,
+    ) -> io::Result<UnixServer> {
         let mut server = UnixServer {
             listen,
+            tls,
             stats: Arc::new(Stats::new()),
             running: None,
         };
@@ -880,10 +890,14 @@ impl UnixServer {
         self.stop();
         let (kill_tx, kill_rx) = oneshot::channel::<()>();
         let (done_tx, done_rx) = oneshot::channel::<()>();
-        let (listen, stats) = (self.listen.clone(), Arc::clone(&self.stats));
+        let (listen, tls, stats) = (
+            self.listen.clone(),
+            self.tls.clone(),
+            Arc::clone(&self.stats),
+        );
         let (thread, ()) = super::thread::start(
             "test-unix-server".to_owned(),
-            move |started| serve_unix(listen, stats, started, kill_rx),
+            move |started| serve_unix(listen, tls, stats, started, kill_rx),
             move || {
                 let _ = done_tx.send(());
             },
@@ -928,6 +942,7 @@ fn bind_unix(listen: &UnixListen) -> io::Result<tokio::net::UnixListener> {
 #[cfg(unix)]
 async fn serve_unix(
     listen: UnixListen,
+    tls: Option<tonic::transport::ServerTlsConfig>,
     stats: Arc<Stats>,
     started: super::thread::Started<()>,
     kill_rx: oneshot::Receiver<()>,
@@ -946,7 +961,17 @@ async fn serve_unix(
         unary_delay: Duration::ZERO,
         fail_unary: false,
     };
-    let server = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = match builder.tls_config(tls) {
+            Ok(builder) => builder,
+            Err(err) => {
+                let _ = started.send(Err(io::Error::other(format!("TLS settings: {err}"))));
+                return;
+            }
+        };
+    }
+    let server = builder
         .layer(tower::util::MapRequestLayer::new(copy_authority))
         .add_service(EchoServer::new(service))
         .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener));

@@ -98,7 +98,7 @@ pub enum TargetKind {
     },
 }
 
-/// The schemes the parser knows itself (the last two only to refuse them clearly); a resolver
+/// The schemes the parser knows itself (`unix` and `unix-abstract` included); a resolver
 /// cannot register them.
 pub(crate) const BUILT_IN_SCHEMES: &[&str] = &[
     "dns",
@@ -230,7 +230,7 @@ impl Target {
     /// The canonical target string, as gRPC names a channel's target in its metrics
     /// (gRFC A66's `grpc.target`): a target written without a scheme gets gRPC's default
     /// one (`svc:50051` → `dns:///svc:50051`); a target of gRPC's own schemes (`dns:`,
-    /// `static:`, `ipv4:`, `ipv6:`) or of a registered one stays as written, its scheme in
+    /// `static:`, `ipv4:`, `ipv6:`, `unix:`, `unix-abstract:`) or of a registered one stays as written, its scheme in
     /// lower case; `http(s)://host[:port]`, tonic's form that gRPC does not know, is the DNS
     /// target it resolves as, with its port (`http://svc` → `dns:///svc:80`).
     pub fn canonical(&self) -> String {

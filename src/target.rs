@@ -230,9 +230,10 @@ impl Target {
     /// The canonical target string, as gRPC names a channel's target in its metrics
     /// (gRFC A66's `grpc.target`): a target written without a scheme gets gRPC's default
     /// one (`svc:50051` → `dns:///svc:50051`); a target of gRPC's own schemes (`dns:`,
-    /// `static:`, `ipv4:`, `ipv6:`, `unix:`, `unix-abstract:`) or of a registered one stays as written, its scheme in
-    /// lower case; `http(s)://host[:port]`, tonic's form that gRPC does not know, is the DNS
-    /// target it resolves as, with its port (`http://svc` → `dns:///svc:80`).
+    /// `static:`, `ipv4:`, `ipv6:`, `unix:`, `unix-abstract:`) or of a registered one stays
+    /// as written, its scheme in lower case; `http(s)://host[:port]`, tonic's form that gRPC
+    /// does not know, is the DNS target it resolves as, with its port (`http://svc` →
+    /// `dns:///svc:80`).
     pub fn canonical(&self) -> String {
         let is_custom = |scheme: &str| matches!(&self.kind, TargetKind::Custom { scheme: s, .. } if s.eq_ignore_ascii_case(scheme));
         match split_scheme(&self.source, &is_custom) {

@@ -65,9 +65,10 @@ use crate::target::Target;
 pub(crate) type ReadyPicker = Picker<Arc<Connection>>;
 
 /// Up to this many Ready connections, every change of the Ready set is published at once: a
-/// build then costs a few microseconds, and small pools behave exactly as if every change
-/// were published.
-pub(crate) const PUBLISH_AT_ONCE_UP_TO: usize = 256;
+/// build then costs about a microsecond, and small pools behave exactly as if every change
+/// were published. Above it, publishing every change made the start-up of 250 connections
+/// over 250 addresses cost ~30 µs more per connection (benches/RESULTS.md, section 24).
+pub(crate) const PUBLISH_AT_ONCE_UP_TO: usize = 32;
 
 /// A deferred publication waits this many times as long as the last build took, so that
 /// building pickers takes at most about a tenth of a core however fast changes come.
@@ -1246,8 +1247,8 @@ mod tests {
             .collect()
     }
 
-    /// In a pool of more Ready connections than are published at once (300 > 256), the first
-    /// Ready connection is published at once (calls wait for it), those up to 256 too, and
+    /// In a pool of more Ready connections than are published at once (300 > 32), the first
+    /// Ready connection is published at once (calls wait for it), those up to 32 too, and
     /// the rest together in one deferred publication; a connection that leaves while calls
     /// could still pick it (the health Watch's NOT_SERVING) leaves the picker at once, one
     /// already out of use waits for the next publication — and no pick hands it out.
@@ -1270,7 +1271,7 @@ mod tests {
         assert_eq!(published(), super::PUBLISH_AT_ONCE_UP_TO);
         assert_eq!(
             shared.generation() - generation,
-            256,
+            super::PUBLISH_AT_ONCE_UP_TO as u64,
             "one publication per change"
         );
         // Slept, not yielded: the deferred publication may wait on the (paused) clock, which
@@ -1284,8 +1285,8 @@ mod tests {
         .expect("the deferred publication comes");
         assert_eq!(
             shared.generation() - generation,
-            257,
-            "the other 44 in one publication"
+            super::PUBLISH_AT_ONCE_UP_TO as u64 + 1,
+            "the others in one publication"
         );
 
         // Still usable: out of the picker at once.

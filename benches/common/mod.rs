@@ -27,6 +27,21 @@ pub(crate) mod echo {
 use echo::echo_server::Echo;
 use echo::{EchoReply, EchoRequest, StreamRequest};
 
+/// The value of the environment variable `name` parsed as a `T`, `default` when it is unset,
+/// an error naming the variable when it does not parse (the benches' settings).
+pub(crate) fn env_var<T: std::str::FromStr>(
+    name: &str,
+    default: T,
+) -> Result<T, Box<dyn std::error::Error + Send + Sync>> {
+    match std::env::var(name) {
+        Ok(v) => v
+            .trim()
+            .parse()
+            .map_err(|_| format!("{name}={v:?}: bad value").into()),
+        Err(_) => Ok(default),
+    }
+}
+
 /// Median, min and max (NaN-free input assumed; empty gives zeros).
 pub(crate) fn stats(values: impl IntoIterator<Item = f64>) -> (f64, f64, f64) {
     let mut v: Vec<f64> = values.into_iter().collect();

@@ -229,15 +229,7 @@ struct Settings {
 
 impl Settings {
     fn from_env(bench: bool) -> Result<Self, BoxError> {
-        fn var<T: std::str::FromStr>(name: &str, default: T) -> Result<T, BoxError> {
-            match std::env::var(name) {
-                Ok(v) => v
-                    .trim()
-                    .parse()
-                    .map_err(|_| format!("{name}={v:?}: bad value").into()),
-                Err(_) => Ok(default),
-            }
-        }
+        use common::env_var as var;
         let (secs, warmup, rounds) = if bench { (3.0, 1.0, 5) } else { (0.3, 0.2, 1) };
         let all = if cfg!(feature = "tls") {
             "S1,S2,S3,S4,S5,S6,S2-TLS"

@@ -143,15 +143,7 @@ struct Settings {
 
 impl Settings {
     fn from_env(bench: bool) -> Result<Self, BoxError> {
-        fn var<T: std::str::FromStr>(name: &str, default: T) -> Result<T, BoxError> {
-            match std::env::var(name) {
-                Ok(v) => v
-                    .trim()
-                    .parse()
-                    .map_err(|_| format!("{name}={v:?}: bad value").into()),
-                Err(_) => Ok(default),
-            }
-        }
+        use common::env_var as var;
         let secs = |name: &str, default: f64| -> Result<Duration, BoxError> {
             Ok(Duration::try_from_secs_f64(var(name, default)?)
                 .map_err(|e| format!("{name}: {e}"))?)

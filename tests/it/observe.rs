@@ -351,8 +351,6 @@ async fn metrics_after_a_scripted_run() {
     );
 }
 
-/// Reading what the debugging recorder holds: `(name, labels, value)` of each metric.
-#[cfg(feature = "metrics")]
 /// The pool's own lifecycle metrics: connections that growth opened (`grown`), the same
 /// connections closed again once idle (`retired`), and an address that left the set
 /// (`drains`), counted exactly as often as the pool did each.
@@ -645,6 +643,8 @@ async fn a_streamed_request_counts_every_message_sent() {
     assert_eq!(sent, Some(vec![both]));
 }
 
+/// Reading what the debugging recorder holds: `(name, labels, value)` of each metric.
+#[cfg(feature = "metrics")]
 mod recorded {
     use metrics_util::debugging::DebugValue;
 

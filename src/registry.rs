@@ -627,6 +627,10 @@ impl Shared {
     /// pick first prefers its addresses in that order. Republishes the picker if the order
     /// of its Ready addresses may have changed.
     pub(crate) fn set_address_order(&self, addresses: &[EndpointAddr]) {
+        if self.config.balance != Balance::PickFirst {
+            // Only pick first reads it.
+            return;
+        }
         let mut reg = self.registry.lock();
         let rank: HashMap<EndpointAddr, usize> = addresses
             .iter()
@@ -638,7 +642,7 @@ impl Shared {
             return;
         }
         reg.rank = rank;
-        if self.config.balance == Balance::PickFirst && !self.is_shut_down() {
+        if !self.is_shut_down() {
             self.publish_picker(&mut reg);
         }
     }
@@ -1274,11 +1278,12 @@ mod tests {
             super::PUBLISH_AT_ONCE_UP_TO as u64,
             "one publication per change"
         );
-        // Slept, not yielded: the deferred publication may wait on the (paused) clock, which
-        // only moves while every task sleeps.
+        // The deferred publication wakes the pool's waiters (its version moves); the paused
+        // clock advances to its timer while this test waits.
+        let mut version = shared.subscribe_version();
         tokio::time::timeout(WAIT, async {
             while published() != 300 {
-                tokio::time::sleep(Duration::from_millis(1)).await;
+                version.changed().await.expect("the pool is alive");
             }
         })
         .await

@@ -43,7 +43,9 @@
 //! - **`recorder/alone`, `recorder/contended`** (feature `metrics`): what
 //!   `metrics-exporter-prometheus` charges for the metric operations of one call (a counter
 //!   increment and four histogram samples), on one thread and on two threads recording into
-//!   the same handles at once — the part of the metrics' cost that is the recorder's.
+//!   the same handles at once — the part of the metrics' cost that is the recorder's;
+//!   `recorder/batched-alone`, `recorder/batched-contended`: the same operations as a pool
+//!   makes them, through its per-thread batches (`src/metrics/batch.rs`).
 //! - **paired call overhead** (printed after criterion's summary): criterion measures one
 //!   mode after the other, so on a shared machine its `pool` and `channel` figures can be
 //!   minutes and a load change apart. As `benches/README.md` asks for ratios measured side by
@@ -347,6 +349,53 @@ fn bench_recorder(c: &mut Criterion) {
                     .collect();
                 per_thread.iter().sum::<Duration>() / THREADS as u32
             });
+            handle.run_upkeep();
+            took
+        });
+    });
+    // The same operations as a pool makes them: into its per-thread batches, which reach
+    // the recorder 64 at a time (`src/metrics/batch.rs`).
+    let samples = metrics::with_local_recorder(&recorder, || {
+        tonic_pool::__bench::CallSamples::new("dns:///bench:50051")
+    });
+    group.bench_function("batched-alone", |b| {
+        b.iter_custom(|iters| {
+            let began = Instant::now();
+            for i in 0..iters {
+                samples.one_call(std::hint::black_box(i));
+            }
+            samples.flush();
+            let took = began.elapsed();
+            handle.run_upkeep();
+            took
+        });
+    });
+    group.bench_function("batched-contended", |b| {
+        b.iter_custom(|iters| {
+            const THREADS: usize = 2;
+            let start = Barrier::new(THREADS + 1);
+            let took = std::thread::scope(|scope| {
+                let workers: Vec<_> = (0..THREADS)
+                    .map(|_| {
+                        let (start, samples) = (&start, &samples);
+                        scope.spawn(move || {
+                            start.wait();
+                            let began = Instant::now();
+                            for i in 0..iters {
+                                samples.one_call(std::hint::black_box(i));
+                            }
+                            began.elapsed()
+                        })
+                    })
+                    .collect();
+                start.wait();
+                let per_thread: Vec<Duration> = workers
+                    .into_iter()
+                    .map(|w| w.join().expect("recording thread panicked"))
+                    .collect();
+                per_thread.iter().sum::<Duration>() / THREADS as u32
+            });
+            samples.flush();
             handle.run_upkeep();
             took
         });

@@ -193,6 +193,8 @@ mod test_model;
 #[doc(hidden)]
 pub mod __bench {
     pub use crate::balance::{Pickable, Picker};
+    #[cfg(feature = "metrics")]
+    pub use crate::metrics::CallSamples;
 }
 
 /// Hooks for the fuzz targets in `fuzz/` (built with `--cfg fuzzing`); not an API.

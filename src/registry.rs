@@ -1008,6 +1008,9 @@ impl Shared {
     /// Every endpoint and connection: O(n). A publication of the picker that is pending is
     /// made first, so that what the snapshot shows Ready is what calls can pick.
     pub(crate) fn snapshot(&self) -> PoolSnapshot {
+        // What the snapshot counts, the metrics have seen.
+        #[cfg(feature = "metrics")]
+        self.metrics.flush();
         let mut reg = self.registry.lock();
         self.publish_if_stale(&mut reg);
         self.snapshot_of(&reg)

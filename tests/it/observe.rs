@@ -643,6 +643,73 @@ async fn a_streamed_request_counts_every_message_sent() {
     assert_eq!(sent, Some(vec![both]));
 }
 
+/// The per-call samples wait in per-thread batches (`src/metrics/batch.rs`); a pool that
+/// makes a few calls and then nothing — no snapshot, no close — still gets them to the
+/// recorder: its worker flushes within a second of the first. Before that, nothing had been
+/// recorded (checked when the calls took under half that second, which they do unless the
+/// machine stalls).
+#[cfg(feature = "metrics")]
+#[tokio::test]
+async fn a_quiet_pool_flushes_its_samples_within_a_second() {
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+
+    const CALLS: usize = 3;
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let _local = metrics::set_default_local_recorder(&recorder);
+    let server = TestServer::start(loopback(2));
+    let pool = builder(&static_target(&[&server])).build().unwrap();
+    wait_all_ready(&pool, 1).await;
+    // (durations recorded, attempts started) so far; histogram values leave the debugging
+    // recorder with each snapshot, counters stay.
+    let mut durations = 0;
+    let read = |durations: &mut usize| {
+        let mut started = 0;
+        for (key, _, _, value) in snapshotter.snapshot().into_vec() {
+            match (key.key().name(), value) {
+                ("grpc.client.attempt.duration", DebugValue::Histogram(values)) => {
+                    *durations += values.len();
+                }
+                ("grpc.client.attempt.started", DebugValue::Counter(n)) => started = n,
+                _ => {}
+            }
+        }
+        started
+    };
+
+    let first_call = Instant::now();
+    let mut client = client(&pool);
+    for i in 0..CALLS {
+        client.unary(echo(&format!("{i}"))).await.expect("call ok");
+    }
+    let started = read(&mut durations);
+    if first_call.elapsed() < Duration::from_millis(500) {
+        assert_eq!((durations, started), (0, 0), "batched, not yet recorded");
+    }
+
+    let mut started = started;
+    for _ in 0..400 {
+        if durations == CALLS {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        started = started.max(read(&mut durations));
+    }
+    assert_eq!(
+        durations, CALLS,
+        "every attempt's duration, flushed by the worker"
+    );
+    assert_eq!(
+        started, CALLS as u64,
+        "every attempt started, flushed with them"
+    );
+    assert!(
+        first_call.elapsed() >= Duration::from_secs(1),
+        "flushed by the worker's timer (a second after the first sample), not before"
+    );
+    pool.close().await.unwrap();
+}
+
 /// Reading what the debugging recorder holds: `(name, labels, value)` of each metric.
 #[cfg(feature = "metrics")]
 mod recorded {

@@ -58,14 +58,21 @@
 //! path, an acquire load, a string comparison) and carries a 2-byte id; the attempt's start
 //! and the call's are the clock read the pick already makes; the request's message bytes
 //! are counted by the attempt's body cursor as frames go out (no wrapper body), the
-//! response's as the body is read; at the attempt's end one more clock read, then one
-//! counter increment and four histogram samples (three for an attempt that is retried). The
-//! handles are registered once per method and status. What the samples cost is the
-//! recorder's: `metrics-exporter-prometheus` takes ~0.3 µs for a call's five operations on
-//! one thread, more when two threads record into the same handles at once (its samples go
-//! to shared atomic buckets); `benches/RESULTS.md` section 22b has the measurements.
-//! Connection and resolution metrics are registered when they happen (rare). Install the
-//! recorder before building the pool: handles registered before that go nowhere.
+//! response's as the body is read; at the attempt's end one more clock read. The attempt's
+//! start and end go to its thread's batch ([`batch`]: a short lock on a shard no other
+//! thread uses), and reach the recorder in runs of 64 — one counter increment per run of
+//! starts, four histogram samples per call (three for an attempt that is retried) — on the
+//! handles registered once per method and status. What the samples cost is the recorder's:
+//! `metrics-exporter-prometheus` takes ~0.3 µs for a call's five operations on one thread,
+//! and nearly twice that when two threads record into the same handles at once (its
+//! samples go to shared atomic buckets; `benches/RESULTS.md` section 22b): the batches keep
+//! those buckets on one core for a run at a time. The price is a delay: samples reach the
+//! recorder when their thread's batch fills, when the pool's worker flushes (within a
+//! second of the first sample left behind), at [`Pool::snapshot`](crate::Pool::snapshot)
+//! and at the pool's close — never later than a second, and never lost.
+//! Connection and resolution metrics are registered when they happen (rare), straight to
+//! the recorder. Install the recorder before building the pool: handles registered before
+//! that go nowhere.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -73,8 +80,12 @@ use std::sync::{Arc, OnceLock};
 use ::metrics::{Counter, Gauge, Histogram, Label, SharedString, Unit};
 use tonic::Code;
 
+use self::batch::Batches;
+
 use crate::state::{Disconnect, Outcome};
 use crate::target::Target;
+
+mod batch;
 
 /// How many distinct `grpc.method` values a pool records before it records `other`.
 pub(crate) const MAX_METHODS: usize = 100;
@@ -130,6 +141,8 @@ const STATUS_NAMES: [&str; 17] = [
 pub(crate) struct PoolMetrics {
     target: SharedString,
     methods: MethodTable,
+    /// The per-call samples on their way to the recorder (see [`batch`]).
+    samples: Batches<Sample>,
     open_connections: Gauge,
     waiting: Gauge,
     endpoints: Gauge,
@@ -150,6 +163,74 @@ impl PoolMetrics {
             endpoints_ready: ::metrics::gauge!(RR_ENDPOINTS_READY, labels),
             target,
             methods: MethodTable::new(),
+            samples: Batches::new(),
+        }
+    }
+
+    /// Hands `sample` to the recorder, in its thread's next batch.
+    #[inline]
+    fn record(&self, sample: Sample) {
+        self.samples.push(sample, |run| self.record_now(run));
+    }
+
+    /// Records a run of samples into the recorder's handles. One histogram at a time: a
+    /// recorder's bucket then takes the run's samples back to back, its cache line on this
+    /// core, instead of four buckets in turn.
+    fn record_now(&self, run: &[Sample]) {
+        // Calls of one method come in runs: one increment per run of starts.
+        let mut starts: Option<(MethodId, u64)> = None;
+        for sample in run {
+            if let Sample::Started(method) = *sample {
+                match &mut starts {
+                    Some((m, n)) if *m == method => *n += 1,
+                    _ => {
+                        if let Some((m, n)) = starts.replace((method, 1)) {
+                            self.method_metrics(m).started.increment(n);
+                        }
+                    }
+                }
+            }
+        }
+        if let Some((m, n)) = starts {
+            self.method_metrics(m).started.increment(n);
+        }
+        let ended = || {
+            run.iter().filter_map(|sample| match sample {
+                Sample::Ended(ended) => {
+                    Some((self.method_metrics(ended.method).status(ended.code), ended))
+                }
+                Sample::Started(_) => None,
+            })
+        };
+        for (status, ended) in ended() {
+            status.attempt_duration.record(seconds(ended.attempt_ns));
+        }
+        for (status, ended) in ended() {
+            status.sent.record(ended.sent as f64);
+        }
+        for (status, ended) in ended() {
+            status.rcvd.record(ended.rcvd as f64);
+        }
+        for (status, ended) in ended() {
+            if let Some(call_ns) = ended.call_ns {
+                status.call_duration.record(seconds(call_ns));
+            }
+        }
+    }
+
+    /// Sends every sample still in a batch to the recorder: at a snapshot, when the worker
+    /// comes for them, at the pool's close.
+    pub(crate) fn flush(&self) {
+        self.samples.flush_all(|run| self.record_now(run));
+    }
+
+    /// Flushes, forever, within [`batch::FLUSH_AFTER`] of any sample's arrival: what the
+    /// pool's worker runs beside its other work (it sleeps while no call records).
+    pub(crate) async fn flush_when_wanted(&self) {
+        loop {
+            self.samples.wanted().await;
+            tokio::time::sleep(batch::FLUSH_AFTER).await;
+            self.flush();
         }
     }
 
@@ -515,7 +596,7 @@ impl Attempt {
     /// The call names its method and start: `grpc.client.attempt.started`.
     #[inline]
     pub(crate) fn of_call(&mut self, metrics: &PoolMetrics, call: CallMetrics) {
-        metrics.method_metrics(call.method).started.increment(1);
+        metrics.record(Sample::Started(call.method));
         self.call = Some(call);
     }
 
@@ -544,29 +625,100 @@ impl Attempt {
             // Dropped before the call named it: never sent.
             return;
         };
-        let method = metrics.method_metrics(call.method);
         let code = match outcome {
             Outcome::Status(code) => code,
             Outcome::Retried(reason) => {
-                method.retried(reason);
+                // Rare: straight to the recorder.
+                metrics.method_metrics(call.method).retried(reason);
                 Code::Unavailable
             }
         };
-        let status = method.status(code);
-        status
-            .attempt_duration
-            .record(seconds(now.saturating_sub(picked_at)));
         let sent = match &self.sent {
             Sent::Counted(n) => *n,
             Sent::Streaming(n) => n.load(Ordering::Relaxed),
         };
-        status.sent.record(sent as f64);
-        status.rcvd.record(self.rcvd.total as f64);
-        if let Outcome::Status(_) = outcome {
-            status
-                .call_duration
-                .record(seconds(now.saturating_sub(call.started)));
-        }
+        metrics.record(Sample::Ended(Ended {
+            method: call.method,
+            code,
+            attempt_ns: now.saturating_sub(picked_at),
+            sent,
+            rcvd: self.rcvd.total,
+            call_ns: match outcome {
+                Outcome::Status(_) => Some(now.saturating_sub(call.started)),
+                Outcome::Retried(_) => None,
+            },
+        }));
+    }
+}
+
+/// A call's samples as they wait in a batch: what the recorder gets at the flush.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Sample {
+    /// `grpc.client.attempt.started`.
+    Started(MethodId),
+    /// An attempt's end: its three histograms, and the call's duration if the call ended
+    /// with it.
+    Ended(Ended),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Ended {
+    method: MethodId,
+    code: Code,
+    attempt_ns: u64,
+    sent: u64,
+    rcvd: u64,
+    call_ns: Option<u64>,
+}
+
+impl Drop for PoolMetrics {
+    /// The pool and its last call are gone: the samples still batched go to the recorder.
+    fn drop(&mut self) {
+        self.flush();
+    }
+}
+
+/// A unary call's samples as a pool makes them, through its batches: for the criterion
+/// benches (`--features bench-internals,metrics`), to weigh the batches against recording
+/// straight into the recorder.
+#[cfg(feature = "bench-internals")]
+#[derive(Debug)]
+pub struct CallSamples {
+    metrics: PoolMetrics,
+    method: MethodId,
+}
+
+#[cfg(feature = "bench-internals")]
+impl CallSamples {
+    /// A pool's metrics for `target`, with the method `/echo.Echo/Unary` registered (with
+    /// the recorder current now).
+    pub fn new(target: &str) -> Self {
+        let metrics = PoolMetrics::new(target);
+        let method = metrics.method("/echo.Echo/Unary");
+        let samples = Self { metrics, method };
+        // The status handles are registered at the first flush: now, with this recorder.
+        samples.one_call(1_000);
+        samples.flush();
+        samples
+    }
+
+    /// One unary call that took `nanos`: its start, then its end with status OK.
+    #[inline]
+    pub fn one_call(&self, nanos: u64) {
+        self.metrics.record(Sample::Started(self.method));
+        self.metrics.record(Sample::Ended(Ended {
+            method: self.method,
+            code: Code::Ok,
+            attempt_ns: nanos,
+            sent: 37,
+            rcvd: 37,
+            call_ns: Some(nanos),
+        }));
+    }
+
+    /// Sends what waits in the batches to the recorder.
+    pub fn flush(&self) {
+        self.metrics.flush();
     }
 }
 

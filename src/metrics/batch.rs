@@ -1,0 +1,189 @@
+//! Per-thread batches of a pool's per-call samples, so that the threads making calls do not
+//! share the recorder's cache lines call by call.
+//!
+//! A recorder such as `metrics-exporter-prometheus` keeps one atomic bucket per histogram
+//! and one atomic count per counter. When every call records straight into them, each
+//! sample is an atomic read-modify-write on a line the last call — likely on another core —
+//! wrote: with two threads making calls that nearly doubles what the samples cost
+//! (`benches/RESULTS.md` section 22b), and more cores make it worse. Here a call's samples go
+//! to its thread's shard (a short lock nobody else wants) and reach the recorder in runs of
+//! [`BATCH`], one thread at a time: the recorder's lines then stay in one core's cache for a
+//! whole run.
+//!
+//! Nothing waits long and nothing is lost: a shard is flushed by the thread that fills it,
+//! and whatever a quiet thread leaves behind is flushed by the pool's worker within
+//! [`FLUSH_AFTER`] of the first sample it holds (the worker waits on [`Batches::wanted`], so
+//! an idle pool never wakes for it). [`Pool::snapshot`](crate::Pool::snapshot), the pool's
+//! close and the pool's end flush everything, so the snapshot and the metrics agree.
+//!
+//! This module only stores and hands back samples; what a sample means is its parent's.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tokio::sync::Notify;
+
+/// Samples a shard holds before the thread that adds the last one flushes it.
+pub(crate) const BATCH: usize = 64;
+
+/// How long a sample may wait in a shard that is not filling up.
+pub(crate) const FLUSH_AFTER: Duration = Duration::from_secs(1);
+
+/// The most shards a pool has (threads beyond share them, correctly, under their lock).
+const MAX_SHARDS: usize = 64;
+
+/// Each thread's shard number, handed out in turn as threads first record: a runtime's
+/// worker threads, which live long, get shards of their own.
+static NEXT_THREAD: AtomicUsize = AtomicUsize::new(0);
+
+thread_local! {
+    static THREAD: usize = NEXT_THREAD.fetch_add(1, Ordering::Relaxed);
+}
+
+/// One shard on a cache line of its own, so that two threads' shards do not share one.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct Shard<T>(Mutex<Vec<T>>);
+
+/// The shards of one pool's samples.
+#[derive(Debug)]
+pub(crate) struct Batches<T> {
+    shards: Box<[Shard<T>]>,
+    /// Set by the first sample into an empty shard, cleared when the worker flushes.
+    pending: AtomicBool,
+    wake: Notify,
+}
+
+impl<T> Batches<T> {
+    /// Shards for twice the machine's parallelism (a power of two, at most [`MAX_SHARDS`]).
+    pub(crate) fn new() -> Self {
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Self::with_shards((threads * 2).next_power_of_two().min(MAX_SHARDS))
+    }
+
+    fn with_shards(n: usize) -> Self {
+        debug_assert!(n.is_power_of_two());
+        Self {
+            shards: (0..n).map(|_| Shard(Mutex::new(Vec::new()))).collect(),
+            pending: AtomicBool::new(false),
+            wake: Notify::new(),
+        }
+    }
+
+    /// Adds `sample` to this thread's shard; a full shard goes to `flush` at once, on this
+    /// thread.
+    #[inline]
+    pub(crate) fn push(&self, sample: T, flush: impl FnOnce(&mut Vec<T>)) {
+        let index = THREAD.with(|t| *t) & (self.shards.len() - 1);
+        let mut samples = self.shards[index].0.lock();
+        if samples.is_empty() {
+            if samples.capacity() == 0 {
+                samples.reserve_exact(BATCH);
+            }
+            // The first sample since this shard was last flushed: make sure the worker
+            // comes, unless it is already coming.
+            if !self.pending.load(Ordering::Relaxed) && !self.pending.swap(true, Ordering::AcqRel) {
+                self.wake.notify_one();
+            }
+        }
+        samples.push(sample);
+        if samples.len() >= BATCH {
+            flush(&mut samples);
+            samples.clear();
+        }
+    }
+
+    /// Resolves when a sample has been added since the last [`Batches::flush_all`] by the
+    /// worker (at once if one already was).
+    pub(crate) async fn wanted(&self) {
+        self.wake.notified().await;
+    }
+
+    /// Hands every shard's samples to `flush` and empties them.
+    pub(crate) fn flush_all(&self, mut flush: impl FnMut(&mut Vec<T>)) {
+        // Cleared first: a sample added while the shards are flushed calls the worker again.
+        self.pending.store(false, Ordering::Release);
+        for shard in self.shards.iter() {
+            let mut samples = shard.0.lock();
+            if !samples.is_empty() {
+                flush(&mut samples);
+                samples.clear();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::{Batches, BATCH};
+
+    /// A thread's samples reach the flush in runs of [`BATCH`], in order; `flush_all` hands
+    /// over the rest; no sample is lost or repeated, from one thread or several sharing a
+    /// shard.
+    #[test]
+    fn samples_reach_the_flush_in_batches_without_loss() {
+        let batches = Arc::new(Batches::<u32>::with_shards(2));
+        let seen = Arc::new(parking_lot::Mutex::new(Vec::new()));
+        let threads: Vec<_> = (0..4u32)
+            .map(|t| {
+                let (batches, seen) = (batches.clone(), seen.clone());
+                std::thread::spawn(move || {
+                    for i in 0..1_000u32 {
+                        batches.push(t * 10_000 + i, |run| {
+                            assert_eq!(
+                                run.len(),
+                                BATCH,
+                                "a flush on the calling thread is a full batch"
+                            );
+                            seen.lock().extend_from_slice(run);
+                        });
+                    }
+                })
+            })
+            .collect();
+        for thread in threads {
+            thread.join().expect("recording thread");
+        }
+        let flushed_while_recording = seen.lock().len();
+        assert_eq!(flushed_while_recording % BATCH, 0);
+        batches.flush_all(|rest| seen.lock().extend_from_slice(rest));
+        let mut seen = std::mem::take(&mut *seen.lock());
+        assert_eq!(seen.len(), 4_000, "every sample, once");
+        // Each thread's own samples keep their order.
+        for t in 0..4u32 {
+            let own: Vec<u32> = seen.iter().copied().filter(|s| s / 10_000 == t).collect();
+            assert!(own.windows(2).all(|w| w[0] < w[1]), "thread {t} in order");
+        }
+        seen.sort_unstable();
+        seen.dedup();
+        assert_eq!(seen.len(), 4_000);
+        // Flushed: nothing left.
+        batches.flush_all(|rest| panic!("{} samples left after a flush", rest.len()));
+    }
+
+    /// The worker is called by the first sample after a flush, not by every sample, and
+    /// again after the next flush.
+    #[tokio::test]
+    async fn the_worker_is_called_once_per_flush() {
+        let batches = Batches::<u32>::with_shards(1);
+        let wanted = || {
+            let mut wanted = std::pin::pin!(batches.wanted());
+            std::future::Future::poll(
+                wanted.as_mut(),
+                &mut std::task::Context::from_waker(std::task::Waker::noop()),
+            )
+            .is_ready()
+        };
+        assert!(!wanted(), "nothing recorded yet");
+        batches.push(1, |_| unreachable!());
+        batches.push(2, |_| unreachable!());
+        assert!(wanted(), "the first sample calls the worker");
+        assert!(!wanted(), "the second does not call it again");
+        batches.flush_all(|run| assert_eq!(run, &[1, 2]));
+        batches.push(3, |_| unreachable!());
+        assert!(wanted(), "the first sample after a flush calls it again");
+    }
+}

@@ -8,6 +8,8 @@
 //! LOAD_SCENARIOS=S1,S2 LOAD_SECS=3 LOAD_ROUNDS=3 cargo bench --bench load
 //! # the metrics' cost: the same pool with and without a recorder, in one run
 //! LOAD_SCENARIOS=S2 LOAD_MODES=channel,pool1,metrics1 LOAD_METRICS=1 cargo bench --bench load --features metrics
+//! # the same against a build without the feature: two binaries, one S2 round per invocation
+//! bash benches/metrics-cost.sh
 //! ```
 //!
 //! | variable | default | meaning |

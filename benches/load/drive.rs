@@ -12,7 +12,7 @@ use tonic_pool::{Balance, FailurePercentageEjection, OutlierDetection, Pool, Suc
 
 use crate::common::echo::echo_client::EchoClient;
 use crate::common::request;
-use crate::report::{fmt_errors, fmt_us, percentile, ScenarioReport};
+use crate::report::{append_csv, fmt_errors, fmt_us, percentile, ScenarioReport};
 use crate::server::{machine_busy, process_cpu, server_counters, BenchTls, ServerProc, TLS_NAME};
 use crate::{BoxError, Mode, Scenario, Settings};
 
@@ -71,8 +71,15 @@ pub(crate) fn run_scenario(
         })
         .collect::<Result<Vec<_>, _>>()?;
     let mut runs: Vec<Vec<RunResult>> = vec![Vec::new(); scenario.modes.len()];
-    for round in 0..settings.rounds {
-        for (i, &mode) in scenario.modes.iter().enumerate() {
+    for round in (0..settings.rounds).map(|i| settings.round(i)) {
+        // Forward or reversed (see `Settings::reversed`); `runs` stays indexed by mode, so
+        // the ratios remain paired within the round.
+        let mut order: Vec<usize> = (0..scenario.modes.len()).collect();
+        if Settings::reversed(round) {
+            order.reverse();
+        }
+        for i in order {
+            let mode = scenario.modes[i];
             let result = rt.block_on(run_mode(
                 scenario,
                 mode,
@@ -84,8 +91,8 @@ pub(crate) fn run_scenario(
                 "[{} round {}/{}] {:<10} {:>9.0} req/s  p50 {:>8}  p99 {:>8}  client {:>5.1} µs/req  \
                  errors {}  other processes {:.2} cores",
                 scenario.id,
-                round + 1,
-                settings.rounds,
+                round,
+                settings.last_round(),
                 mode.to_string(),
                 result.rps,
                 fmt_us(result.p50),
@@ -94,6 +101,9 @@ pub(crate) fn run_scenario(
                 fmt_errors(&result.errors),
                 result.other_cores,
             );
+            if let Some(csv) = &settings.csv {
+                append_csv(csv, scenario.id, mode, round, &result)?;
+            }
             runs[i].push(result);
             std::thread::sleep(SETTLE);
         }

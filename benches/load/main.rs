@@ -8,6 +8,8 @@
 //! LOAD_SCENARIOS=S1,S2 LOAD_SECS=3 LOAD_ROUNDS=3 cargo bench --bench load
 //! # the metrics' cost: the same pool with and without a recorder, in one run
 //! LOAD_SCENARIOS=S2 LOAD_MODES=channel,pool1,metrics1 LOAD_METRICS=1 cargo bench --bench load --features metrics
+//! # the same against a build without the feature: two binaries, one S2 round per invocation
+//! bash benches/metrics-cost.sh
 //! ```
 //!
 //! | variable | default | meaning |
@@ -20,6 +22,8 @@
 //! | `LOAD_MODES` | all | only these modes, by kind or kind and count, e.g. `channel,pool1` (to profile one), or a pool's policy (`least-request`, `peak-ewma`); ratios and bars need `channel` |
 //! | `LOAD_METRICS` | — | `1`: after each `pool ×N` mode, run `pool+metrics ×N`, the same pool recording its metrics into a Prometheus recorder (needs `--features metrics`); `pool ×N` then has the feature compiled in and no recorder. See `recorder.rs` |
 //! | `LOAD_POOL_SIZES` | — | replaces each scenario's `pool ×N` modes by these sizes, e.g. `1,2,4,8,16`; with three or more, the bench also writes `target/load/<scenario>-connections.svg`, req/s against connection count |
+//! | `LOAD_CSV` | — | a file to append one line per mode and round to (created with a header line if new): `scenario,mode,round,rps,client_cpu_us_per_req,server_cpu_us_per_req,other_cores,features`, where `mode` is as printed and `features` the bench's build features that change what it measures (`metrics`, `tls`, `health`, joined by `+`; `none`). `benches/metrics-cost.sh` reads it |
+//! | `LOAD_FIRST_ROUND` | 1 | the number of the first round: rounds are numbered from it in the progress lines and `LOAD_CSV`, and its parity decides the order of the modes (below). For a script that runs one round per invocation, as `benches/metrics-cost.sh` does |
 //!
 //! Run without `--bench` (as `cargo test --benches` does) it is a smoke run: one round of
 //! 0.3 s per mode, to check that the harness works, not to measure anything.
@@ -47,8 +51,12 @@
 //!   The machine is shared, so each window also records how much CPU everything else used
 //!   (busy time of `/proc/stat` minus this process and its servers), in cores: a run where
 //!   that is not near 0 was disturbed.
-//! - **Modes** alternate inside each round (A B C, A B C, …), each with fresh connections, so
-//!   every mode sees the same machine conditions. A mode's figure is the **median over the
+//! - **Modes** alternate inside each round, each with fresh connections, so every mode sees
+//!   the same machine conditions; every other round runs them in reverse (A B C, C B A,
+//!   A B C, …: odd-numbered rounds forward, even-numbered ones reversed), so that a mode's
+//!   place in the round — first after the previous round's pause, or last, after the other
+//!   modes have warmed the caches and the allocator — cannot bias a paired ratio: over two
+//!   rounds every mode has the same mean position. A mode's figure is the **median over the
 //!   rounds** (min–max alongside). The ratio is computed per round against that round's plain
 //!   `Channel`, then the median (min–max) of those ratios is reported; the bars use the same
 //!   paired ratios. The default is five short rounds rather than three long ones: a
@@ -103,6 +111,7 @@
 
 use std::error::Error;
 use std::fmt;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use tonic_pool::Balance;
@@ -225,6 +234,10 @@ struct Settings {
     pool_sizes: Option<Vec<usize>>,
     /// `LOAD_METRICS=1`: a `pool+metrics ×N` mode after each `pool ×N`.
     metrics: bool,
+    /// `LOAD_CSV`: the file every run is appended to, one line per mode and round.
+    csv: Option<PathBuf>,
+    /// `LOAD_FIRST_ROUND`: the number of the first round (1-based); see [`Settings::round`].
+    first_round: usize,
 }
 
 impl Settings {
@@ -268,6 +281,10 @@ impl Settings {
         }
         let settings = Self {
             metrics,
+            csv: std::env::var_os("LOAD_CSV")
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from),
+            first_round: var("LOAD_FIRST_ROUND", 1)?,
             pool_sizes,
             scenarios,
             modes,
@@ -277,10 +294,52 @@ impl Settings {
             client_threads: var("LOAD_CLIENT_THREADS", 2)?,
             smoke: !bench,
         };
-        if settings.rounds == 0 || settings.client_threads == 0 || settings.measure.is_zero() {
-            return Err("LOAD_ROUNDS, LOAD_CLIENT_THREADS and LOAD_SECS must be > 0".into());
+        if settings.rounds == 0
+            || settings.client_threads == 0
+            || settings.measure.is_zero()
+            || settings.first_round == 0
+        {
+            return Err(
+                "LOAD_ROUNDS, LOAD_CLIENT_THREADS, LOAD_SECS and LOAD_FIRST_ROUND must be > 0"
+                    .into(),
+            );
         }
         Ok(settings)
+    }
+
+    /// The number of the `i`-th round (from 0) of this run, as the progress lines and
+    /// `LOAD_CSV` give it: counted from `LOAD_FIRST_ROUND`.
+    fn round(&self, i: usize) -> usize {
+        self.first_round + i
+    }
+
+    /// The number of this run's last round.
+    fn last_round(&self) -> usize {
+        self.round(self.rounds - 1)
+    }
+
+    /// Whether round number `round` runs the modes in reverse: every even-numbered one, so
+    /// that over two rounds each mode has the same mean position (see the module doc).
+    fn reversed(round: usize) -> bool {
+        round.is_multiple_of(2)
+    }
+
+    /// The build features that change what the bench measures, for `LOAD_CSV`: `metrics`
+    /// (the pool's metrics compiled in), `tls`, `health`, joined by `+`; `none` without them.
+    fn features() -> String {
+        let on: Vec<&str> = [
+            ("metrics", cfg!(feature = "metrics")),
+            ("tls", cfg!(feature = "tls")),
+            ("health", cfg!(feature = "health")),
+        ]
+        .into_iter()
+        .filter_map(|(name, on)| on.then_some(name))
+        .collect();
+        if on.is_empty() {
+            "none".to_owned()
+        } else {
+            on.join("+")
+        }
     }
 }
 

@@ -2,6 +2,8 @@
 //! the bars, and the SVG plot of req/s against connection count.
 
 use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::Path;
 
 use tonic_pool::Balance;
 
@@ -377,6 +379,41 @@ fn print_bars(reports: &[ScenarioReport]) {
             }
         }
     }
+}
+
+/// The header of `LOAD_CSV`; [`append_csv`] writes one line per mode and round under it.
+const CSV_HEADER: &str = "scenario,mode,round,rps,client_cpu_us_per_req,server_cpu_us_per_req,\
+                          other_cores,features";
+
+/// Appends `result` to the `LOAD_CSV` file at `path` (its header first, if the file is new or
+/// empty). One open per line: a run that fails later keeps the rounds it finished.
+pub(crate) fn append_csv(
+    path: &Path,
+    scenario: &str,
+    mode: Mode,
+    round: usize,
+    result: &RunResult,
+) -> Result<(), BoxError> {
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| format!("LOAD_CSV={}: {e}", path.display()))?;
+    let mut line = String::new();
+    if file.metadata()?.len() == 0 {
+        line = format!("{CSV_HEADER}\n");
+    }
+    // No scenario or mode name holds a comma or a quote: the fields need no quoting.
+    line += &format!(
+        "{scenario},{mode},{round},{:.1},{:.3},{:.3},{:.3},{}\n",
+        result.rps,
+        result.client_cpu_us,
+        result.server_cpu_us,
+        result.other_cores,
+        Settings::features(),
+    );
+    file.write_all(line.as_bytes())
+        .map_err(|e| format!("LOAD_CSV={}: {e}", path.display()).into())
 }
 
 /// Nearest-rank percentile of sorted values (0 when empty).

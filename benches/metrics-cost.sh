@@ -1,0 +1,186 @@
+#!/usr/bin/env bash
+# What the `metrics` feature costs per call: S2's client CPU per request with the feature off,
+# on without a recorder, and on with a Prometheus recorder, in one run (issue 13's bar:
+# on + recorder ≤ 1.03× off, median of the per-round ratios).
+#
+# The feature is a compile-time switch, so "off" and "on" are two binaries of the load bench:
+# this script builds both, then runs them round by round, one S2 round per invocation, in
+# alternating order (round 1: off, on; round 2: on, off; …; the on binary itself runs its two
+# modes forward on odd rounds and reversed on even ones, so within a round the order is
+# off, on, on+recorder, then on+recorder, on, off). Every run appends to one CSV
+# (`LOAD_CSV`), from which the summary at the end is computed: per mode the median (min–max)
+# of client CPU per request and req/s, and the paired per-round ratios.
+#
+#   bash benches/metrics-cost.sh                       # 30 rounds: ~5 minutes, plus two builds
+#   ROUNDS=3 LOAD_SECS=1 bash benches/metrics-cost.sh  # a check that it works
+#
+# Settings (environment): ROUNDS (30), LOAD_SECS (2), LOAD_WARMUP_SECS (0.5),
+# LOAD_CLIENT_THREADS (the bench's default when unset), OUT_DIR (where the CSV and the
+# runs' logs go; default <cargo target dir>/metrics-cost/<UTC time>).
+# Exit status: non-zero if a build or a bench run fails (not when the bar does not hold).
+set -euo pipefail
+
+ROUNDS=${ROUNDS:-30}
+LOAD_SECS=${LOAD_SECS:-2}
+LOAD_WARMUP_SECS=${LOAD_WARMUP_SECS:-0.5}
+# The bar: on + recorder / off, median of the per-round client CPU ratios.
+BAR=1.03
+# A round where other processes used more than this many cores was disturbed.
+BUSY_CORES=0.2
+
+fail() {
+    echo "metrics-cost: $*" >&2
+    exit 1
+}
+
+[[ $ROUNDS =~ ^[1-9][0-9]{0,3}$ ]] || fail "ROUNDS=$ROUNDS: expected 1 to 9999"
+for v in LOAD_SECS LOAD_WARMUP_SECS; do
+    [[ ${!v} =~ ^[0-9]+(\.[0-9]+)?$ ]] || fail "$v=${!v}: expected seconds, e.g. 2 or 0.5"
+done
+if [[ -n ${LOAD_CLIENT_THREADS:-} ]]; then
+    [[ $LOAD_CLIENT_THREADS =~ ^[1-9][0-9]{0,2}$ ]] ||
+        fail "LOAD_CLIENT_THREADS=$LOAD_CLIENT_THREADS: expected 1 to 999"
+    export LOAD_CLIENT_THREADS
+fi
+export LOAD_SECS LOAD_WARMUP_SECS
+# Settings of the bench that would change what the two binaries run: the script sets its own.
+unset LOAD_POOL_SIZES LOAD_SCENARIOS LOAD_MODES LOAD_METRICS LOAD_ROUNDS LOAD_FIRST_ROUND LOAD_CSV
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+stamp=$(date -u +%Y%m%dT%H%M%SZ)
+out=${OUT_DIR:-${CARGO_TARGET_DIR:-target}/metrics-cost/$stamp}
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
+csv=$out/rounds.csv
+[[ ! -e $csv ]] || fail "$csv exists: give a new OUT_DIR"
+bin=$(mktemp -d)
+trap 'rm -rf "$bin"' EXIT
+
+# Builds the load bench with the given cargo arguments and copies its binary to $bin/$1, so
+# that the next build cannot overwrite it. The path comes from cargo's JSON messages: the
+# compiler artifact of the bench target `load`.
+build() {
+    local name=$1
+    shift
+    echo "building the load bench ($name): cargo bench --bench load${*:+ $*} --no-run" >&2
+    local json exe
+    json=$(cargo bench --bench load "$@" --no-run --message-format=json) ||
+        fail "cargo bench --bench load${*:+ $*} --no-run failed"
+    exe=$(printf '%s\n' "$json" |
+        grep '"reason":"compiler-artifact"' |
+        grep '"kind":\["bench"\]' |
+        grep '"name":"load"' |
+        sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' |
+        tail -n 1) || true
+    [[ -n $exe && -x $exe ]] || fail "no executable for the bench target load in cargo's output"
+    cp "$exe" "$bin/$name"
+}
+
+build off
+build on --features metrics
+
+# Each invocation runs at most two modes: per mode the server start, Ready connections (10 s
+# bound each), the warm-up, the window and a pause; generous, but bounded.
+limit=$(awk -v s="$LOAD_SECS" -v w="$LOAD_WARMUP_SECS" 'BEGIN { printf "%d", 60 + 3 * (s + w) }')
+
+# Runs one round of S2 with binary $1 as round $2 (odd: forward, even: reversed); the rest
+# of the arguments are the bench's settings. Its output goes to a log; on failure the log's
+# end is shown and the script stops.
+run() {
+    local name=$1 round=$2
+    shift 2
+    local log=$out/round-$round-$name.log
+    if ! env "$@" LOAD_SCENARIOS=S2 LOAD_ROUNDS=1 LOAD_FIRST_ROUND="$round" LOAD_CSV="$csv" \
+        timeout "$limit" "$bin/$name" --bench >"$log" 2>&1; then
+        tail -n 20 "$log" >&2
+        fail "round $round, feature $name: the bench failed (or ran over ${limit} s); log: $log"
+    fi
+}
+run_off() { run off "$1" LOAD_MODES=pool1 LOAD_METRICS=0; }
+run_on() { run on "$1" LOAD_MODES=pool1,metrics1 LOAD_METRICS=1; }
+
+echo "output: $out" >&2
+start=$(date +%s)
+for ((round = 1; round <= ROUNDS; round++)); do
+    if ((round % 2 == 1)); then
+        run_off "$round"
+        run_on "$round"
+    else
+        run_on "$round"
+        run_off "$round"
+    fi
+    awk -F, -v r="$round" -v total="$ROUNDS" '
+        NR > 1 && $3 == r {
+            name = $8 !~ /metrics/ ? "off" : ($2 ~ /metrics/ ? "on+recorder" : "on")
+            line = line sprintf("  %s %.1f µs/req %.0f req/s", name, $5, $4)
+            if ($7 > other) other = $7
+        }
+        END { printf "round %d/%d:%s; other processes ≤ %.2f cores\n", r, total, line, other }
+    ' "$csv" >&2
+done
+elapsed=$(($(date +%s) - start))
+
+# The summary. Modes: `off` = feature off (`pool ×1` of the build without `metrics`), `on` =
+# feature on without a recorder (`pool ×1` of the build with it), `on+recorder` =
+# `pool+metrics ×1`. Ratios are paired: per round, then their median (min–max).
+awk -F, -v bar="$BAR" -v busy="$BUSY_CORES" -v rounds="$ROUNDS" -v secs="$LOAD_SECS" \
+    -v warmup="$LOAD_WARMUP_SECS" -v elapsed="$elapsed" -v csv="$csv" '
+    function sort(a, n,    i, j, t) {
+        for (i = 2; i <= n; i++) {
+            t = a[i]
+            for (j = i - 1; j >= 1 && a[j] > t; j--) a[j + 1] = a[j]
+            a[j + 1] = t
+        }
+    }
+    # Median, min and max of a[1..n] (sorts a), as "median (min–max)" with format f.
+    function stats(a, n, f,    m) {
+        if (n == 0) return "—"
+        sort(a, n)
+        m = n % 2 ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
+        median = m
+        return sprintf(f " (" f "–" f ")", m, a[1], a[n])
+    }
+    NR == 1 { next }
+    {
+        name = $8 !~ /metrics/ ? "off" : ($2 ~ /metrics/ ? "on+recorder" : "on")
+        cpu[name, $3] = $5 + 0
+        rps[name, $3] = $4 + 0
+        seen[name, $3] = 1
+        if ($7 > busy) disturbed[$3] = 1
+        rounds_seen[$3] = 1
+    }
+    END {
+        split("off on on+recorder", names, " ")
+        printf "\nS2, pool ×1: %d round(s) × (%s s warm-up + %s s measured) per mode; the rounds took %d s; CSV: %s\n\n", \
+            rounds, warmup, secs, elapsed, csv
+        print "| mode | client CPU µs/req median (min–max) | req/s median (min–max) |"
+        print "|---|---|---|"
+        for (k = 1; k <= 3; k++) {
+            n = 0
+            for (r in rounds_seen) if ((names[k], r) in seen) { n++; c[n] = cpu[names[k], r] + 0; q[n] = rps[names[k], r] + 0 }
+            cs = stats(c, n, "%.2f"); med_cpu[names[k]] = median
+            qs = stats(q, n, "%.0f")
+            label = names[k] == "off" ? "feature off" : (names[k] == "on" ? "feature on, no recorder" : "feature on + Prometheus recorder")
+            printf "| %s | %s | %s |\n", label, cs, qs
+        }
+        print "\nPaired per-round client CPU ratios:\n"
+        print "| ratio | median of per-round ratios (min–max) | ratio of the medians | rounds |"
+        print "|---|---|---|---|"
+        split("on+recorder/off on/off on+recorder/on", pairs, " ")
+        for (k = 1; k <= 3; k++) {
+            split(pairs[k], ab, "/")
+            n = 0
+            for (r in rounds_seen)
+                if ((ab[1], r) in seen && (ab[2], r) in seen && cpu[ab[2], r] > 0) { n++; x[n] = cpu[ab[1], r] / cpu[ab[2], r] }
+            s = stats(x, n, "%.3f")
+            ratio[pairs[k]] = n ? median : ""
+            printf "| %s | %s | %.3f | %d |\n", pairs[k], s, med_cpu[ab[2]] ? med_cpu[ab[1]] / med_cpu[ab[2]] : 0, n
+        }
+        nd = 0
+        for (r in disturbed) nd++
+        printf "\nRounds where other processes used > %s cores: %d of %d\n", busy, nd, rounds
+        if (ratio["on+recorder/off"] == "") { print "Bar: no paired rounds"; exit }
+        printf "Bar: feature on + recorder / feature off, client CPU per call ≤ %s× (median of per-round ratios): %.3f× — %s\n", \
+            bar, ratio["on+recorder/off"], ratio["on+recorder/off"] <= bar ? "holds" : "does not hold"
+    }
+' "$csv"

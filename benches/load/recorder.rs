@@ -18,6 +18,9 @@ struct Switch {
 
 static SWITCH: OnceLock<&'static Switch> = OnceLock::new();
 
+/// How often the recorder's upkeep drains its samples (see [`install`]).
+const UPKEEP_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
+
 /// Installs the switched recorder (once); it starts off.
 pub(crate) fn install() -> Result<(), String> {
     if SWITCH.get().is_some() {
@@ -27,6 +30,19 @@ pub(crate) fn install() -> Result<(), String> {
         on: AtomicBool::new(false),
         inner: PrometheusBuilder::new().build_recorder(),
     }));
+    // Upkeep, as `PrometheusBuilder::install_recorder` runs it for an application: the
+    // histograms' samples are drained into their summaries. Without it the samples would
+    // pile up for the whole run and the client would not pay the draining, which an
+    // application pays. The work is per sample, whatever the interval: a short one here
+    // (the exporter's default is 5 s) so that a window of a second or two pays for its own.
+    let handle = switch.inner.handle();
+    std::thread::Builder::new()
+        .name("load-client-upkeep".into())
+        .spawn(move || loop {
+            std::thread::sleep(UPKEEP_EVERY);
+            handle.run_upkeep();
+        })
+        .map_err(|e| format!("recorder upkeep thread: {e}"))?;
     metrics::set_global_recorder(switch).map_err(|e| format!("metrics recorder: {e}"))?;
     let _ = SWITCH.set(switch);
     Ok(())

@@ -75,7 +75,8 @@ impl<T> Batches<T> {
     /// thread.
     #[inline]
     pub(crate) fn push(&self, sample: T, flush: impl FnOnce(&mut Vec<T>)) {
-        let index = THREAD.with(|t| *t) & (self.shards.len() - 1);
+        // (`try_with`: a call dropped while its thread's locals are torn down still counts.)
+        let index = THREAD.try_with(|t| *t).unwrap_or(0) & (self.shards.len() - 1);
         let mut samples = self.shards[index].0.lock();
         if samples.is_empty() {
             if samples.capacity() == 0 {

@@ -56,10 +56,15 @@ pub(crate) struct Batches<T> {
 }
 
 impl<T> Batches<T> {
-    /// Shards for twice the machine's parallelism (a power of two, at most [`MAX_SHARDS`]).
+    /// Shards for eight times the machine's parallelism (a power of two, at most
+    /// [`MAX_SHARDS`]). Threads take shard numbers in the order they first record, and every
+    /// thread that records takes one — a runtime's workers, its blocking threads, the
+    /// application's own — so two busy workers share a shard only if their numbers are a
+    /// multiple of the shard count apart: many shards (a cache line each, their buffers
+    /// allocated at first use) make that rare.
     pub(crate) fn new() -> Self {
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        Self::with_shards((threads * 2).next_power_of_two().min(MAX_SHARDS))
+        Self::with_shards((threads * 8).next_power_of_two().min(MAX_SHARDS))
     }
 
     fn with_shards(n: usize) -> Self {

@@ -42,6 +42,7 @@ mod pick;
 mod replay;
 mod retry;
 
+use std::future::Future;
 use std::sync::Arc;
 
 use http::{Request, Response};
@@ -63,12 +64,18 @@ pub(crate) use self::options::CallOptions;
 pub use self::options::WaitForReady;
 
 /// Runs a call to its response headers.
-pub(crate) async fn run(
+///
+/// Not an `async fn`: an async fn keeps its arguments twice in its future (as arguments and
+/// again as locals), and one that hands them on to another async fn keeps them once more
+/// inside that one's future — for a whole request and an in-flight guard, over a kilobyte a
+/// call. Here the call's state is built before the future, held by it once ([`Call`]), and
+/// the attempt loop borrows it.
+pub(crate) fn run(
     shared: Arc<Shared>,
     first: Option<InFlightGuard>,
     req: Request<tonic::body::Body>,
     options: CallOptions,
-) -> Result<Response<ResponseBody>, Error> {
+) -> impl Future<Output = Result<Response<ResponseBody>, Error>> + Send + 'static {
     // The call's method and start, for its metrics: the start is its first pick's clock
     // read when it picked at once (no clock read of its own).
     #[cfg(feature = "metrics")]
@@ -78,44 +85,64 @@ pub(crate) async fn run(
             .as_ref()
             .map_or_else(crate::balance::now_ns, InFlightGuard::picked_at),
     };
-    // Whether the call's last attempt holds its place on a connection: that attempt counts
-    // the call's end. A place given back while waiting for room was no attempt, and one that
-    // is retried ends no call.
-    let mut on_connection = false;
-    let send = send(
-        &shared,
+    let (parts, body) = req.into_parts();
+    let mut call = Call {
+        shared,
         first,
-        req,
-        options.wait_for_ready,
-        options.deadline,
-        &mut on_connection,
+        parts,
+        replay: Replay::new(body),
+        wait_for_ready: options.wait_for_ready,
+        deadline: options.deadline,
+        on_connection: false,
         #[cfg(feature = "metrics")]
         call_metrics,
-    );
-    let result = match options.deadline {
-        None => send.await,
-        Some(deadline) => match tokio::time::timeout_at(deadline, send).await {
-            Ok(result) => result,
-            Err(_) => Err(Error::deadline_exceeded(match shared.state() {
-                ConnectivityState::Ready => "deadline exceeded".to_owned(),
-                state => format!("deadline exceeded while waiting for a connection (pool {state})"),
-            })),
-        },
     };
-    if let (Err(error), false) = (&result, on_connection) {
-        shared.call_failed_without_connection();
-        #[cfg(feature = "metrics")]
-        if let Outcome::Status(code) = outcome_of(error) {
-            shared.metrics.call_failed_without_connection(
-                call_metrics,
-                crate::balance::now_ns(),
-                code,
-            );
+    async move {
+        let result = match call.deadline {
+            None => call.send().await,
+            Some(deadline) => match tokio::time::timeout_at(deadline, call.send()).await {
+                Ok(result) => result,
+                Err(_) => Err(Error::deadline_exceeded(match call.shared.state() {
+                    ConnectivityState::Ready => "deadline exceeded".to_owned(),
+                    state => {
+                        format!("deadline exceeded while waiting for a connection (pool {state})")
+                    }
+                })),
+            },
+        };
+        if let (Err(error), false) = (&result, call.on_connection) {
+            call.shared.call_failed_without_connection();
+            #[cfg(feature = "metrics")]
+            if let Outcome::Status(code) = outcome_of(error) {
+                call.shared.metrics.call_failed_without_connection(
+                    call.call_metrics,
+                    crate::balance::now_ns(),
+                    code,
+                );
+            }
+            #[cfg(not(feature = "metrics"))]
+            let _ = error;
         }
-        #[cfg(not(feature = "metrics"))]
-        let _ = error;
+        result
     }
-    result
+}
+
+/// One call's state, held once by its future (see [`run`]).
+struct Call {
+    shared: Arc<Shared>,
+    /// The connection picked when the call was made, if one was Ready.
+    first: Option<InFlightGuard>,
+    parts: http::request::Parts,
+    replay: Replay,
+    wait_for_ready: bool,
+    deadline: Option<Instant>,
+    /// Whether the call's last attempt holds its place on a connection: that attempt counts
+    /// the call's end. A place given back while waiting for room was no attempt, and one that
+    /// is retried ends no call.
+    on_connection: bool,
+    /// The call's method and start, for its metrics.
+    #[cfg(feature = "metrics")]
+    call_metrics: crate::metrics::CallMetrics,
 }
 
 /// The outcome an attempt that ends with `error` is counted under.
@@ -133,122 +160,132 @@ fn retry_reason(retry: Retry) -> &'static str {
     }
 }
 
-async fn send(
-    shared: &Shared,
-    mut first: Option<InFlightGuard>,
-    req: Request<tonic::body::Body>,
-    wait_for_ready: bool,
-    deadline: Option<Instant>,
-    on_connection: &mut bool,
-    #[cfg(feature = "metrics")] call_metrics: crate::metrics::CallMetrics,
-) -> Result<Response<ResponseBody>, Error> {
-    let (parts, body) = req.into_parts();
-    let mut replay = Replay::new(body);
-    let mut retries = Retries::default();
-    // A connection that refused the call: its retry goes to another one if there is one.
-    let mut avoid = None;
-    loop {
-        let guard = match first.take() {
-            Some(guard) => guard,
-            None => {
-                #[cfg(feature = "metrics")]
-                let _waiting = shared.metrics.waiting();
-                wait_for_connection(shared, wait_for_ready, avoid)
-                    .await?
-                    .start_call()
-            }
-        };
-        let mut guard = make_room(shared, guard, wait_for_ready).await?;
-        *on_connection = true;
-        #[cfg(feature = "metrics")]
-        guard.metrics.of_call(&shared.metrics, call_metrics);
-        let ready = &guard.conn;
-        let Some(sender) = ready.sender() else {
-            // The connection retired between the pick and here: nothing was sent.
-            let counted = retries.count(Retry::Unsent, None);
+impl Call {
+    /// Picks, sends, and goes again where gRPC allows, until the response headers.
+    async fn send(&mut self) -> Result<Response<ResponseBody>, Error> {
+        let Call {
+            shared,
+            first,
+            parts,
+            replay,
+            wait_for_ready,
+            deadline,
+            on_connection,
+            #[cfg(feature = "metrics")]
+            call_metrics,
+        } = self;
+        let shared: &Shared = shared;
+        let (wait_for_ready, deadline) = (*wait_for_ready, *deadline);
+        let mut retries = Retries::default();
+        // A connection that refused the call: its retry goes to another one if there is one.
+        let mut avoid = None;
+        loop {
+            let guard = match first.take() {
+                Some(guard) => guard,
+                None => {
+                    #[cfg(feature = "metrics")]
+                    let _waiting = shared.metrics.waiting();
+                    wait_for_connection(shared, wait_for_ready, avoid)
+                        .await?
+                        .start_call()
+                }
+            };
+            let mut guard = make_room(shared, guard, wait_for_ready).await?;
+            *on_connection = true;
+            #[cfg(feature = "metrics")]
+            guard.metrics.of_call(&shared.metrics, *call_metrics);
+            let ready = &guard.conn;
+            let Some(sender) = ready.sender() else {
+                // The connection retired between the pick and here: nothing was sent.
+                let counted = retries.count(Retry::Unsent, None);
+                guard.set_outcome(match &counted {
+                    Ok(()) => Outcome::Retried(retry_reason(Retry::Unsent)),
+                    Err(e) => outcome_of(e),
+                });
+                counted?;
+                *on_connection = false;
+                continue;
+            };
+            let mut cursor = Cursor::default();
+            let attempted = attempt::attempt(sender, parts, replay, &mut cursor).await;
+            #[cfg(feature = "metrics")]
+            guard
+                .metrics
+                .sent(&mut cursor.sent, matches!(&attempted, Ok((_, Some(_)))));
+            let (retry, error) = match attempted {
+                Ok((response, unfinished)) => {
+                    guard.response_arrived();
+                    // A trailers-only response has its status in its head.
+                    guard.set_status_from_head(response.status(), response.headers());
+                    replay.commit(&cursor);
+                    // A request still streaming takes the body along (the call sends nothing more).
+                    let request_body = unfinished.map(|pipe| {
+                        let replay =
+                            std::mem::replace(replay, Replay::new(tonic::body::Body::empty()));
+                        pipe.unfinished(replay, cursor).spawn(&shared.runtime)
+                    });
+                    return Ok(
+                        response.map(|body| ResponseBody::new(body, guard, request_body, deadline))
+                    );
+                }
+                Err(AttemptError::Body(status)) => {
+                    // The caller's own request stream failed: its status is the call's.
+                    guard.set_outcome(Outcome::Status(status.code()));
+                    return Err(Error::transport(status.clone(), status));
+                }
+                Err(AttemptError::Unsent(error)) => match unsent_cause(&error) {
+                    Unsent::Request => {
+                        // h2 refused this request, not the connection: fail this call only.
+                        tracing::trace!(addr = %ready.addr, conn = ready.id, %error, "request refused before sending");
+                        guard.set_outcome(Outcome::Status(tonic::Code::Internal));
+                        return Err(Error::transport(
+                            tonic::Status::internal(format!(
+                                "request could not be sent: {}",
+                                error_chain(&error)
+                            )),
+                            error,
+                        ));
+                    }
+                    Unsent::Connection(reason) => {
+                        // Nothing left this process; the connection cannot take calls any more:
+                        // out of use at once, and its slot opens a new one.
+                        ready.request_replacement(reason);
+                        (Retry::Unsent, error)
+                    }
+                },
+                Err(AttemptError::Stream(error, stream_id)) => {
+                    let never = never_processed(&error).or_else(|| {
+                        (is_broken_pipe(&error) && ready.fate.stream_unprocessed(stream_id))
+                            .then_some(Retry::NotOpened)
+                    });
+                    match never {
+                        Some(retry) if replay.can_replay() && retries.allows(retry) => {
+                            if retry == Retry::Refused {
+                                avoid = Some(ready.id);
+                            } else {
+                                // Do not wait for the slot to notice the GOAWAY.
+                                ready.mark_closing();
+                            }
+                            (retry, error)
+                        }
+                        _ => {
+                            tracing::trace!(addr = %ready.addr, conn = ready.id, %error, fate = ready.fate.bits(), "call failed on its connection");
+                            let error = transport_error(error);
+                            guard.set_outcome(outcome_of(&error));
+                            return Err(error);
+                        }
+                    }
+                }
+            };
+            tracing::trace!(addr = %ready.addr, conn = ready.id, ?retry, "transparent retry");
+            let counted = retries.count(retry, Some(error));
             guard.set_outcome(match &counted {
-                Ok(()) => Outcome::Retried(retry_reason(Retry::Unsent)),
+                Ok(()) => Outcome::Retried(retry_reason(retry)),
                 Err(e) => outcome_of(e),
             });
             counted?;
             *on_connection = false;
-            continue;
-        };
-        let mut cursor = Cursor::default();
-        let attempted = attempt::attempt(sender, &parts, &mut replay, &mut cursor).await;
-        #[cfg(feature = "metrics")]
-        guard
-            .metrics
-            .sent(&mut cursor.sent, matches!(&attempted, Ok((_, Some(_)))));
-        let (retry, error) = match attempted {
-            Ok((response, unfinished)) => {
-                guard.response_arrived();
-                // A trailers-only response has its status in its head.
-                guard.set_status_from_head(response.status(), response.headers());
-                replay.commit(&cursor);
-                let request_body =
-                    unfinished.map(|pipe| pipe.unfinished(replay, cursor).spawn(&shared.runtime));
-                return Ok(
-                    response.map(|body| ResponseBody::new(body, guard, request_body, deadline))
-                );
-            }
-            Err(AttemptError::Body(status)) => {
-                // The caller's own request stream failed: its status is the call's.
-                guard.set_outcome(Outcome::Status(status.code()));
-                return Err(Error::transport(status.clone(), status));
-            }
-            Err(AttemptError::Unsent(error)) => match unsent_cause(&error) {
-                Unsent::Request => {
-                    // h2 refused this request, not the connection: fail this call only.
-                    tracing::trace!(addr = %ready.addr, conn = ready.id, %error, "request refused before sending");
-                    guard.set_outcome(Outcome::Status(tonic::Code::Internal));
-                    return Err(Error::transport(
-                        tonic::Status::internal(format!(
-                            "request could not be sent: {}",
-                            error_chain(&error)
-                        )),
-                        error,
-                    ));
-                }
-                Unsent::Connection(reason) => {
-                    // Nothing left this process; the connection cannot take calls any more:
-                    // out of use at once, and its slot opens a new one.
-                    ready.request_replacement(reason);
-                    (Retry::Unsent, error)
-                }
-            },
-            Err(AttemptError::Stream(error, stream_id)) => {
-                let never = never_processed(&error).or_else(|| {
-                    (is_broken_pipe(&error) && ready.fate.stream_unprocessed(stream_id))
-                        .then_some(Retry::NotOpened)
-                });
-                match never {
-                    Some(retry) if replay.can_replay() && retries.allows(retry) => {
-                        if retry == Retry::Refused {
-                            avoid = Some(ready.id);
-                        } else {
-                            // Do not wait for the slot to notice the GOAWAY.
-                            ready.mark_closing();
-                        }
-                        (retry, error)
-                    }
-                    _ => {
-                        tracing::trace!(addr = %ready.addr, conn = ready.id, %error, fate = ready.fate.bits(), "call failed on its connection");
-                        let error = transport_error(error);
-                        guard.set_outcome(outcome_of(&error));
-                        return Err(error);
-                    }
-                }
-            }
-        };
-        tracing::trace!(addr = %ready.addr, conn = ready.id, ?retry, "transparent retry");
-        let counted = retries.count(retry, Some(error));
-        guard.set_outcome(match &counted {
-            Ok(()) => Outcome::Retried(retry_reason(retry)),
-            Err(e) => outcome_of(e),
-        });
-        counted?;
-        *on_connection = false;
+        }
     }
 }
 

@@ -50,6 +50,7 @@ use tokio::time::Instant;
 
 use crate::conn::InFlightGuard;
 use crate::error::{error_chain, Error};
+use crate::growth::Place as _;
 use crate::registry::Shared;
 use crate::state::{ConnectivityState, Outcome};
 
@@ -190,7 +191,13 @@ impl Call {
                         .start_call()
                 }
             };
-            let mut guard = make_room(shared, guard, wait_for_ready).await?;
+            // Most calls have room: they do not go through `make_room`'s future (which would
+        // take the guard in and hand it back out).
+        let mut guard = if guard.is_beyond_stream_limit() {
+            make_room(shared, guard, wait_for_ready).await?
+        } else {
+            guard
+        };
             *on_connection = true;
             #[cfg(feature = "metrics")]
             guard.metrics.of_call(&shared.metrics, *call_metrics);

@@ -192,12 +192,12 @@ impl Call {
                 }
             };
             // Most calls have room: they do not go through `make_room`'s future (which would
-        // take the guard in and hand it back out).
-        let mut guard = if guard.is_beyond_stream_limit() {
-            make_room(shared, guard, wait_for_ready).await?
-        } else {
-            guard
-        };
+            // take the guard in and hand it back out).
+            let mut guard = if guard.is_beyond_stream_limit() {
+                make_room(shared, guard, wait_for_ready).await?
+            } else {
+                guard
+            };
             *on_connection = true;
             #[cfg(feature = "metrics")]
             guard.metrics.of_call(&shared.metrics, *call_metrics);

@@ -315,92 +315,65 @@ fn bench_recorder(c: &mut Criterion) {
     group.throughput(Throughput::Elements(1));
     group.bench_function("alone", |b| {
         b.iter_custom(|iters| {
-            let began = Instant::now();
-            for _ in 0..iters {
-                handles.one_call();
-            }
-            let took = began.elapsed();
+            let took = time_per_thread(1, iters, |_| handles.one_call());
             handle.run_upkeep();
             took
         });
     });
     group.bench_function("contended", |b| {
         b.iter_custom(|iters| {
-            const THREADS: usize = 2;
-            let start = Barrier::new(THREADS + 1);
-            let took = std::thread::scope(|scope| {
-                let workers: Vec<_> = (0..THREADS)
-                    .map(|_| {
-                        let (start, handles) = (&start, &handles);
-                        scope.spawn(move || {
-                            start.wait();
-                            let began = Instant::now();
-                            for _ in 0..iters {
-                                handles.one_call();
-                            }
-                            began.elapsed()
-                        })
-                    })
-                    .collect();
-                start.wait();
-                let per_thread: Vec<Duration> = workers
-                    .into_iter()
-                    .map(|w| w.join().expect("recording thread panicked"))
-                    .collect();
-                per_thread.iter().sum::<Duration>() / THREADS as u32
-            });
+            let took = time_per_thread(2, iters, |_| handles.one_call());
             handle.run_upkeep();
             took
         });
     });
     // The same operations as a pool makes them: into its per-thread batches, which reach
-    // the recorder 64 at a time (`src/metrics/batch.rs`).
+    // the recorder 64 at a time (`src/metrics/batch.rs`). What a batch left at the end
+    // (fewer than 64 calls a thread) is flushed outside the timed span.
     let samples = metrics::with_local_recorder(&recorder, || {
         tonic_pool::__bench::CallSamples::new("dns:///bench:50051")
     });
-    group.bench_function("batched-alone", |b| {
-        b.iter_custom(|iters| {
-            let began = Instant::now();
-            for i in 0..iters {
-                samples.one_call(std::hint::black_box(i));
-            }
-            samples.flush();
-            let took = began.elapsed();
-            handle.run_upkeep();
-            took
-        });
-    });
-    group.bench_function("batched-contended", |b| {
-        b.iter_custom(|iters| {
-            const THREADS: usize = 2;
-            let start = Barrier::new(THREADS + 1);
-            let took = std::thread::scope(|scope| {
-                let workers: Vec<_> = (0..THREADS)
-                    .map(|_| {
-                        let (start, samples) = (&start, &samples);
-                        scope.spawn(move || {
-                            start.wait();
-                            let began = Instant::now();
-                            for i in 0..iters {
-                                samples.one_call(std::hint::black_box(i));
-                            }
-                            began.elapsed()
-                        })
-                    })
-                    .collect();
-                start.wait();
-                let per_thread: Vec<Duration> = workers
-                    .into_iter()
-                    .map(|w| w.join().expect("recording thread panicked"))
-                    .collect();
-                per_thread.iter().sum::<Duration>() / THREADS as u32
+    for (name, threads) in [("batched-alone", 1), ("batched-contended", 2)] {
+        group.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                let took = time_per_thread(threads, iters, |i| {
+                    samples.one_call(std::hint::black_box(i))
+                });
+                samples.flush();
+                handle.run_upkeep();
+                took
             });
-            samples.flush();
-            handle.run_upkeep();
-            took
         });
-    });
+    }
     group.finish();
+}
+
+/// Runs `one_call(i)` for `i` in `0..iters` on each of `threads` threads started together,
+/// and returns the mean of their times: the time per call on each thread.
+#[cfg(feature = "metrics")]
+fn time_per_thread(threads: usize, iters: u64, one_call: impl Fn(u64) + Sync) -> Duration {
+    let start = Barrier::new(threads + 1);
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                let (start, one_call) = (&start, &one_call);
+                scope.spawn(move || {
+                    start.wait();
+                    let began = Instant::now();
+                    for i in 0..iters {
+                        one_call(i);
+                    }
+                    began.elapsed()
+                })
+            })
+            .collect();
+        start.wait();
+        let per_thread: Vec<Duration> = workers
+            .into_iter()
+            .map(|w| w.join().expect("recording thread panicked"))
+            .collect();
+        per_thread.iter().sum::<Duration>() / threads as u32
+    })
 }
 
 // === call overhead ===
@@ -596,36 +569,24 @@ fn paired_call_overhead(rt: &tokio::runtime::Runtime, clients: &Clients, rounds:
         });
         let paired = |a: usize, b: usize| {
             let ratios: Vec<f64> = times[a].iter().zip(&times[b]).map(|(x, y)| x / y).collect();
-            median_min_max(ratios)
+            common::stats(ratios)
         };
         let (ratio, lo, hi) = paired(2, 1);
         print!(
             "| {tasks} | {:.2} | {:.2} | {:.2} | {ratio:.3}× ({lo:.3}–{hi:.3}) |",
-            median_min_max(times[0].clone()).0,
-            median_min_max(times[1].clone()).0,
-            median_min_max(times[2].clone()).0,
+            common::stats(times[0].iter().copied()).0,
+            common::stats(times[1].iter().copied()).0,
+            common::stats(times[2].iter().copied()).0,
         );
         if modes == 4 {
             let (ratio, lo, hi) = paired(3, 2);
             print!(
                 " {:.2} | {ratio:.3}× ({lo:.3}–{hi:.3}) |",
-                median_min_max(times[3].clone()).0
+                common::stats(times[3].iter().copied()).0
             );
         }
         println!();
     }
-}
-
-/// Median, min and max of a non-empty list.
-fn median_min_max(mut v: Vec<f64>) -> (f64, f64, f64) {
-    v.sort_by(f64::total_cmp);
-    let mid = v.len() / 2;
-    let median = if v.len() % 2 == 1 {
-        v[mid]
-    } else {
-        (v[mid - 1] + v[mid]) / 2.0
-    };
-    (median, v[0], v[v.len() - 1])
 }
 
 /// A pool like [`Clients`]' one, built after a Prometheus recorder was installed as the

@@ -53,8 +53,8 @@
 //!
 //! ## Cost
 //!
-//! Per call, the pool itself allocates nothing, takes no lock, and writes no memory another
-//! thread reads: the call finds its method in a table of write-once slots (a hash of the
+//! Per call, the pool itself allocates nothing, takes no lock another thread takes, and
+//! writes no memory another thread reads call by call: the call finds its method in a table of write-once slots (a hash of the
 //! path, an acquire load, a string comparison) and carries a 2-byte id; the attempt's start
 //! and the call's are the clock read the pick already makes; the request's message bytes
 //! are counted by the attempt's body cursor as frames go out (no wrapper body), the

@@ -645,9 +645,9 @@ async fn a_streamed_request_counts_every_message_sent() {
 
 /// The per-call samples wait in per-thread batches (`src/metrics/batch.rs`); a pool that
 /// makes a few calls and then nothing — no snapshot, no close — still gets them to the
-/// recorder: its worker flushes within a second of the first. Before that, nothing had been
-/// recorded (checked when the calls took under half that second, which they do unless the
-/// machine stalls).
+/// recorder: its worker flushes a second after the first (on tokio's clock, paused once the
+/// calls are done and moved on in steps). Before that, nothing had been recorded (checked
+/// when the calls took under half that second, which they do unless the machine stalls).
 #[cfg(feature = "metrics")]
 #[tokio::test]
 async fn a_quiet_pool_flushes_its_samples_within_a_second() {
@@ -677,24 +677,32 @@ async fn a_quiet_pool_flushes_its_samples_within_a_second() {
         started
     };
 
-    let first_call = Instant::now();
+    let first_call = tokio::time::Instant::now();
     let mut client = client(&pool);
     for i in 0..CALLS {
         client.unary(echo(&format!("{i}"))).await.expect("call ok");
     }
-    let started = read(&mut durations);
+    let mut started = read(&mut durations);
     if first_call.elapsed() < Duration::from_millis(500) {
         assert_eq!((durations, started), (0, 0), "batched, not yet recorded");
     }
 
-    let mut started = started;
-    for _ in 0..400 {
+    // Nothing more happens in the pool: stop tokio's clock and move it on in steps of 10 ms
+    // until the worker's flush timer fires, noting when the samples arrive.
+    tokio::time::pause();
+    let paused_at = tokio::time::Instant::now();
+    let step = Duration::from_millis(10);
+    let mut arrived = None;
+    for _ in 0..150 {
+        tokio::time::advance(step).await;
+        tokio::task::yield_now().await;
+        started = started.max(read(&mut durations));
         if durations == CALLS {
+            arrived = Some(tokio::time::Instant::now());
             break;
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-        started = started.max(read(&mut durations));
     }
+    tokio::time::resume();
     assert_eq!(
         durations, CALLS,
         "every attempt's duration, flushed by the worker"
@@ -703,9 +711,14 @@ async fn a_quiet_pool_flushes_its_samples_within_a_second() {
         started, CALLS as u64,
         "every attempt started, flushed with them"
     );
+    let arrived = arrived.expect("arrived");
     assert!(
-        first_call.elapsed() >= Duration::from_secs(1),
+        arrived >= first_call + Duration::from_secs(1),
         "flushed by the worker's timer (a second after the first sample), not before"
+    );
+    assert!(
+        arrived <= paused_at + Duration::from_secs(1) + step,
+        "within a second of the first sample"
     );
     pool.close().await.unwrap();
 }

@@ -11,16 +11,26 @@
 # (`LOAD_CSV`), from which the summary at the end is computed: per mode the median (min–max)
 # of client CPU per request and req/s, and the paired per-round ratios.
 #
+# Two binaries differ in more than the feature: their code lands at other addresses, and on
+# this kind of machine that alone moves CPU per call by a few per cent either way (a fixed
+# bias per pair of binaries, which more rounds cannot average out). LAYOUTS=K builds each
+# binary K times, its functions in a different order each time (LLD's --shuffle-sections,
+# seeds 1..K), and round r runs layout ((r - 1) mod K) + 1 of both: the ratios then sample
+# the layouts too, and the summary shows each layout's ratio beside the whole's.
+#
 #   bash benches/metrics-cost.sh                       # 30 rounds: ~5 minutes, plus two builds
+#   LAYOUTS=6 ROUNDS=120 LOAD_SECS=1 LOAD_WARMUP_SECS=0.3 bash benches/metrics-cost.sh
 #   ROUNDS=3 LOAD_SECS=1 bash benches/metrics-cost.sh  # a check that it works
 #
-# Settings (environment): ROUNDS (30), LOAD_SECS (2), LOAD_WARMUP_SECS (0.5),
-# LOAD_CLIENT_THREADS (the bench's default when unset), OUT_DIR (where the CSV and the
-# runs' logs go; default <cargo target dir>/metrics-cost/<UTC time>).
+# Settings (environment): ROUNDS (30), LAYOUTS (1: the linker's own order, no shuffling),
+# LOAD_SECS (2), LOAD_WARMUP_SECS (0.5), LOAD_CLIENT_THREADS (the bench's default when unset),
+# OUT_DIR (where the CSV and the runs' logs go; default <cargo target dir>/metrics-cost/<UTC
+# time>).
 # Exit status: non-zero if a build or a bench run fails (not when the bar does not hold).
 set -euo pipefail
 
 ROUNDS=${ROUNDS:-30}
+LAYOUTS=${LAYOUTS:-1}
 LOAD_SECS=${LOAD_SECS:-2}
 LOAD_WARMUP_SECS=${LOAD_WARMUP_SECS:-0.5}
 # The bar: on + recorder / off, median of the per-round client CPU ratios.
@@ -34,6 +44,7 @@ fail() {
 }
 
 [[ $ROUNDS =~ ^[1-9][0-9]{0,3}$ ]] || fail "ROUNDS=$ROUNDS: expected 1 to 9999"
+[[ $LAYOUTS =~ ^[1-9][0-9]?$ ]] || fail "LAYOUTS=$LAYOUTS: expected 1 to 99"
 for v in LOAD_SECS LOAD_WARMUP_SECS; do
     [[ ${!v} =~ ^[0-9]+(\.[0-9]+)?$ ]] || fail "$v=${!v}: expected seconds, e.g. 2 or 0.5"
 done
@@ -58,14 +69,21 @@ trap 'rm -rf "$bin"' EXIT
 
 # Builds the load bench with the given cargo arguments and copies its binary to $bin/$1, so
 # that the next build cannot overwrite it. The path comes from cargo's JSON messages: the
-# compiler artifact of the bench target `load`.
+# compiler artifact of the bench target `load`. With a seed ($2 non-empty), the bench target
+# is linked with its functions shuffled (`cargo rustc`: the flag reaches that target's link
+# only, so the dependencies are not rebuilt).
 build() {
-    local name=$1
-    shift
-    echo "building the load bench ($name): cargo bench --bench load${*:+ $*} --no-run" >&2
-    local json exe
-    json=$(cargo bench --bench load "$@" --no-run --message-format=json) ||
-        fail "cargo bench --bench load${*:+ $*} --no-run failed"
+    local name=$1 seed=$2
+    shift 2
+    local cmd json exe
+    if [[ -n $seed ]]; then
+        cmd=(cargo rustc --profile bench --bench load "$@" --message-format=json --
+            -C "link-arg=-Wl,--shuffle-sections=.text*=$seed")
+    else
+        cmd=(cargo bench --bench load "$@" --no-run --message-format=json)
+    fi
+    echo "building the load bench ($name): ${cmd[*]}" >&2
+    json=$("${cmd[@]}") || fail "${cmd[*]} failed (shuffling needs the LLD linker)"
     exe=$(printf '%s\n' "$json" |
         grep '"reason":"compiler-artifact"' |
         grep '"kind":\["bench"\]' |
@@ -76,8 +94,15 @@ build() {
     cp "$exe" "$bin/$name"
 }
 
-build off
-build on --features metrics
+if ((LAYOUTS == 1)); then
+    build off-1 ''
+    build on-1 '' --features metrics
+else
+    for ((layout = 1; layout <= LAYOUTS; layout++)); do
+        build "off-$layout" "$layout"
+        build "on-$layout" "$layout" --features metrics
+    done
+fi
 
 # Each invocation runs at most two modes: per mode the server start, Ready connections (10 s
 # bound each), the warm-up, the window and a pause; generous, but bounded.
@@ -93,11 +118,12 @@ run() {
     if ! env "$@" LOAD_SCENARIOS=S2 LOAD_ROUNDS=1 LOAD_FIRST_ROUND="$round" LOAD_CSV="$csv" \
         timeout "$limit" "$bin/$name" --bench >"$log" 2>&1; then
         tail -n 20 "$log" >&2
-        fail "round $round, feature $name: the bench failed (or ran over ${limit} s); log: $log"
+        fail "round $round, binary $name: the bench failed (or ran over ${limit} s); log: $log"
     fi
 }
-run_off() { run off "$1" LOAD_MODES=pool1 LOAD_METRICS=0; }
-run_on() { run on "$1" LOAD_MODES=pool1,metrics1 LOAD_METRICS=1; }
+# Round r's layout: ((r - 1) mod LAYOUTS) + 1.
+run_off() { run "off-$(((($1 - 1) % LAYOUTS) + 1))" "$1" LOAD_MODES=pool1 LOAD_METRICS=0; }
+run_on() { run "on-$(((($1 - 1) % LAYOUTS) + 1))" "$1" LOAD_MODES=pool1,metrics1 LOAD_METRICS=1; }
 
 echo "output: $out" >&2
 start=$(date +%s)
@@ -124,7 +150,7 @@ elapsed=$(($(date +%s) - start))
 # feature on without a recorder (`pool ×1` of the build with it), `on+recorder` =
 # `pool+metrics ×1`. Ratios are paired: per round, then their median (min–max).
 awk -F, -v bar="$BAR" -v busy="$BUSY_CORES" -v rounds="$ROUNDS" -v secs="$LOAD_SECS" \
-    -v warmup="$LOAD_WARMUP_SECS" -v elapsed="$elapsed" -v csv="$csv" '
+    -v warmup="$LOAD_WARMUP_SECS" -v elapsed="$elapsed" -v csv="$csv" -v layouts="$LAYOUTS" '
     function sort(a, n,    i, j, t) {
         for (i = 2; i <= n; i++) {
             t = a[i]
@@ -139,6 +165,30 @@ awk -F, -v bar="$BAR" -v busy="$BUSY_CORES" -v rounds="$ROUNDS" -v secs="$LOAD_S
         m = n % 2 ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
         median = m
         return sprintf(f " (" f "–" f ")", m, a[1], a[n])
+    }
+    # The 90 % bootstrap interval of the median of a[1..n] (sorted): 4 000 resamples, each
+    # drawn as counts per index, its median found by walking the counts. Sets lo and hi.
+    function bootstrap(a, n,    b, i, k, c, m1, m2, p1, p2, walked, meds) {
+        srand(13)
+        # The median of each resample is the mean of its p1-th and p2-th smallest (one element
+        # when n is odd).
+        p1 = int((n + 1) / 2)
+        p2 = int(n / 2) + 1
+        for (b = 1; b <= 4000; b++) {
+            for (i = 1; i <= n; i++) c[i] = 0
+            for (k = 1; k <= n; k++) c[int(rand() * n) + 1]++
+            walked = 0
+            m1 = m2 = ""
+            for (i = 1; i <= n && m2 == ""; i++) {
+                walked += c[i]
+                if (m1 == "" && walked >= p1) m1 = a[i]
+                if (walked >= p2) m2 = a[i]
+            }
+            meds[b] = (m1 + m2) / 2
+        }
+        sort(meds, 4000)
+        lo = meds[200]
+        hi = meds[3801]
     }
     NR == 1 { next }
     {
@@ -164,8 +214,8 @@ awk -F, -v bar="$BAR" -v busy="$BUSY_CORES" -v rounds="$ROUNDS" -v secs="$LOAD_S
             printf "| %s | %s | %s |\n", label, cs, qs
         }
         print "\nPaired per-round client CPU ratios:\n"
-        print "| ratio | median of per-round ratios (min–max) | ratio of the medians | rounds |"
-        print "|---|---|---|---|"
+        print "| ratio | median of per-round ratios (min–max) | 90 % bootstrap interval of that median | ratio of the medians | rounds |"
+        print "|---|---|---|---|---|"
         split("on+recorder/off on/off on+recorder/on", pairs, " ")
         for (k = 1; k <= 3; k++) {
             split(pairs[k], ab, "/")
@@ -174,7 +224,20 @@ awk -F, -v bar="$BAR" -v busy="$BUSY_CORES" -v rounds="$ROUNDS" -v secs="$LOAD_S
                 if ((ab[1], r) in seen && (ab[2], r) in seen && cpu[ab[2], r] > 0) { n++; x[n] = cpu[ab[1], r] / cpu[ab[2], r] }
             s = stats(x, n, "%.3f")
             ratio[pairs[k]] = n ? median : ""
-            printf "| %s | %s | %.3f | %d |\n", pairs[k], s, med_cpu[ab[2]] ? med_cpu[ab[1]] / med_cpu[ab[2]] : 0, n
+            interval = "—"
+            if (n > 1) { bootstrap(x, n); interval = sprintf("%.3f–%.3f", lo, hi) }
+            printf "| %s | %s | %s | %.3f | %d |\n", pairs[k], s, interval, med_cpu[ab[2]] ? med_cpu[ab[1]] / med_cpu[ab[2]] : 0, n
+        }
+        if (layouts > 1) {
+            printf "\nPer layout (round r runs layout ((r - 1) mod %d) + 1 of both binaries), on+recorder/off:\n\n", layouts
+            print "| layout | median of per-round ratios (min–max) | rounds |"
+            print "|---|---|---|"
+            for (l = 1; l <= layouts; l++) {
+                n = 0
+                for (r in rounds_seen)
+                    if ((r - 1) % layouts + 1 == l && ("on+recorder", r) in seen && ("off", r) in seen && cpu["off", r] > 0) { n++; x[n] = cpu["on+recorder", r] / cpu["off", r] }
+                printf "| %d | %s | %d |\n", l, stats(x, n, "%.3f"), n
+            }
         }
         nd = 0
         for (r in disturbed) nd++

@@ -192,9 +192,11 @@ impl Call {
                 }
             };
             // Most calls have room: they do not go through `make_room`'s future (which would
-            // take the guard in and hand it back out).
+            // take the guard in and hand it back out). The few that do wait anyway: theirs is
+            // boxed, so that its kilobyte (it holds the guard several times) is not part of
+            // every call's future, which is moved into a box and polled on every call.
             let mut guard = if guard.is_beyond_stream_limit() {
-                make_room(shared, guard, wait_for_ready).await?
+                Box::pin(make_room(shared, guard, wait_for_ready)).await?
             } else {
                 guard
             };

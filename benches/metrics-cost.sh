@@ -23,6 +23,8 @@
 #   ROUNDS=3 LOAD_SECS=1 bash benches/metrics-cost.sh  # a check that it works
 #
 # Settings (environment): ROUNDS (30), LAYOUTS (1: the linker's own order, no shuffling),
+# RECORDER (summary: the Prometheus exporter's default, quantile sketches; a66: Prometheus
+# histograms with gRFC A66's buckets — the load bench's LOAD_RECORDER),
 # LOAD_SECS (2), LOAD_WARMUP_SECS (0.5), LOAD_CLIENT_THREADS (the bench's default when unset),
 # OUT_DIR (where the CSV and the runs' logs go; default <cargo target dir>/metrics-cost/<UTC
 # time>).
@@ -31,6 +33,7 @@ set -euo pipefail
 
 ROUNDS=${ROUNDS:-30}
 LAYOUTS=${LAYOUTS:-1}
+RECORDER=${RECORDER:-summary}
 LOAD_SECS=${LOAD_SECS:-2}
 LOAD_WARMUP_SECS=${LOAD_WARMUP_SECS:-0.5}
 # The bar: on + recorder / off, median of the per-round client CPU ratios.
@@ -45,6 +48,7 @@ fail() {
 
 [[ $ROUNDS =~ ^[1-9][0-9]{0,3}$ ]] || fail "ROUNDS=$ROUNDS: expected 1 to 9999"
 [[ $LAYOUTS =~ ^[1-9][0-9]?$ ]] || fail "LAYOUTS=$LAYOUTS: expected 1 to 99"
+[[ $RECORDER == summary || $RECORDER == a66 ]] || fail "RECORDER=$RECORDER: expected summary or a66"
 for v in LOAD_SECS LOAD_WARMUP_SECS; do
     [[ ${!v} =~ ^[0-9]+(\.[0-9]+)?$ ]] || fail "$v=${!v}: expected seconds, e.g. 2 or 0.5"
 done
@@ -55,7 +59,7 @@ if [[ -n ${LOAD_CLIENT_THREADS:-} ]]; then
 fi
 export LOAD_SECS LOAD_WARMUP_SECS
 # Settings of the bench that would change what the two binaries run: the script sets its own.
-unset LOAD_POOL_SIZES LOAD_SCENARIOS LOAD_MODES LOAD_METRICS LOAD_ROUNDS LOAD_FIRST_ROUND LOAD_CSV
+unset LOAD_POOL_SIZES LOAD_SCENARIOS LOAD_MODES LOAD_METRICS LOAD_ROUNDS LOAD_FIRST_ROUND LOAD_CSV LOAD_RECORDER
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 stamp=$(date -u +%Y%m%dT%H%M%SZ)
@@ -123,7 +127,7 @@ run() {
 }
 # Round r's layout: ((r - 1) mod LAYOUTS) + 1.
 run_off() { run "off-$(((($1 - 1) % LAYOUTS) + 1))" "$1" LOAD_MODES=pool1 LOAD_METRICS=0; }
-run_on() { run "on-$(((($1 - 1) % LAYOUTS) + 1))" "$1" LOAD_MODES=pool1,metrics1 LOAD_METRICS=1; }
+run_on() { run "on-$(((($1 - 1) % LAYOUTS) + 1))" "$1" LOAD_MODES=pool1,metrics1 LOAD_METRICS=1 LOAD_RECORDER="$RECORDER"; }
 
 echo "output: $out" >&2
 start=$(date +%s)
@@ -150,7 +154,8 @@ elapsed=$(($(date +%s) - start))
 # feature on without a recorder (`pool ×1` of the build with it), `on+recorder` =
 # `pool+metrics ×1`. Ratios are paired: per round, then their median (min–max).
 awk -F, -v bar="$BAR" -v busy="$BUSY_CORES" -v rounds="$ROUNDS" -v secs="$LOAD_SECS" \
-    -v warmup="$LOAD_WARMUP_SECS" -v elapsed="$elapsed" -v csv="$csv" -v layouts="$LAYOUTS" '
+    -v warmup="$LOAD_WARMUP_SECS" -v elapsed="$elapsed" -v csv="$csv" -v layouts="$LAYOUTS" \
+    -v recorder="$RECORDER" '
     function sort(a, n,    i, j, t) {
         for (i = 2; i <= n; i++) {
             t = a[i]
@@ -201,8 +206,8 @@ awk -F, -v bar="$BAR" -v busy="$BUSY_CORES" -v rounds="$ROUNDS" -v secs="$LOAD_S
     }
     END {
         split("off on on+recorder", names, " ")
-        printf "\nS2, pool ×1: %d round(s) × (%s s warm-up + %s s measured) per mode; the rounds took %d s; CSV: %s\n\n", \
-            rounds, warmup, secs, elapsed, csv
+        printf "\nS2, pool ×1: %d round(s) × (%s s warm-up + %s s measured) per mode, %d layout(s), recorder histograms: %s; the rounds took %d s; CSV: %s\n\n", \
+            rounds, warmup, secs, layouts, recorder, elapsed, csv
         print "| mode | client CPU µs/req median (min–max) | req/s median (min–max) |"
         print "|---|---|---|"
         for (k = 1; k <= 3; k++) {

@@ -159,7 +159,7 @@ mod endpoint;
 mod growth;
 mod mailbox;
 #[cfg(feature = "metrics")]
-mod metrics;
+pub mod metrics;
 mod registry;
 mod worker;
 // One connection.

@@ -22,6 +22,7 @@
 //! | `LOAD_MODES` | all | only these modes, by kind or kind and count, e.g. `channel,pool1` (to profile one), or a pool's policy (`least-request`, `peak-ewma`); ratios and bars need `channel` |
 //! | `LOAD_METRICS` | — | `1`: after each `pool ×N` mode, run `pool+metrics ×N`, the same pool recording its metrics into a Prometheus recorder (needs `--features metrics`); `pool ×N` then has the feature compiled in and no recorder. See `recorder.rs` |
 //! | `LOAD_POOL_SIZES` | — | replaces each scenario's `pool ×N` modes by these sizes, e.g. `1,2,4,8,16`; with three or more, the bench also writes `target/load/<scenario>-connections.svg`, req/s against connection count |
+//! | `LOAD_RECORDER` | `summary` | with `LOAD_METRICS=1`: how the recorder keeps histograms — `summary` (the exporter's default, quantile sketches) or `a66` (Prometheus histograms with gRFC A66's buckets). See `recorder.rs` |
 //! | `LOAD_CSV` | — | a file to append one line per mode and round to (created with a header line if new): `scenario,mode,round,rps,client_cpu_us_per_req,server_cpu_us_per_req,other_cores,features`, where `mode` is as printed and `features` the bench's build features that change what it measures (`metrics`, `tls`, `health`, joined by `+`; `none`). `benches/metrics-cost.sh` reads it |
 //! | `LOAD_FIRST_ROUND` | 1 | the number of the first round: rounds are numbered from it in the progress lines and `LOAD_CSV`, and its parity decides the order of the modes (below). For a script that runs one round per invocation, as `benches/metrics-cost.sh` does |
 //!

@@ -4,12 +4,17 @@
 //! pools of the other modes, built while it is off, get no-op handles — so within one run
 //! `pool ×N` measures the feature compiled in with no recorder and `pool+metrics ×N` the same
 //! pool recording into Prometheus' registry.
+//!
+//! `LOAD_RECORDER` picks how the recorder keeps the histograms: `summary` (the exporter's
+//! default: each sample goes into a rolling quantile sketch) or `a66` (Prometheus histograms
+//! with gRFC A66's bucket bounds, `tonic_pool::metrics::LATENCY_BUCKETS` and `SIZE_BUCKETS`,
+//! as gRPC's own default views keep them).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 
 use metrics::{Counter, Gauge, Histogram, Key, KeyName, Metadata, Recorder, SharedString, Unit};
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusRecorder};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusRecorder};
 
 struct Switch {
     on: AtomicBool,
@@ -21,14 +26,31 @@ static SWITCH: OnceLock<&'static Switch> = OnceLock::new();
 /// How often the recorder's upkeep drains its samples (see [`install`]).
 const UPKEEP_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
 
-/// Installs the switched recorder (once); it starts off.
+/// Installs the switched recorder (once), its histograms as `LOAD_RECORDER` says; it starts
+/// off.
 pub(crate) fn install() -> Result<(), String> {
     if SWITCH.get().is_some() {
         return Ok(());
     }
+    let builder = match std::env::var("LOAD_RECORDER").as_deref() {
+        Err(_) | Ok("summary") => PrometheusBuilder::new(),
+        Ok("a66") => PrometheusBuilder::new()
+            .set_buckets_for_metric(
+                Matcher::Suffix("duration".into()),
+                tonic_pool::metrics::LATENCY_BUCKETS,
+            )
+            .and_then(|b| {
+                b.set_buckets_for_metric(
+                    Matcher::Suffix("message_size".into()),
+                    tonic_pool::metrics::SIZE_BUCKETS,
+                )
+            })
+            .map_err(|e| format!("recorder buckets: {e}"))?,
+        Ok(other) => return Err(format!("LOAD_RECORDER={other:?}: expected summary or a66")),
+    };
     let switch: &'static Switch = Box::leak(Box::new(Switch {
         on: AtomicBool::new(false),
-        inner: PrometheusBuilder::new().build_recorder(),
+        inner: builder.build_recorder(),
     }));
     // Upkeep, as `PrometheusBuilder::install_recorder` runs it for an application: the
     // histograms' samples are drained into their summaries. Without it the samples would

@@ -38,7 +38,7 @@
 //!
 //! `grpc.method` is the path without its leading `/` (`echo.Echo/Unary`). gRFC A66 asks that
 //! methods not known in advance be recorded as `other`: a pool cannot tell generated methods
-//! from others, so it records the first [`MAX_METHODS`] paths it sees and `other` after them.
+//! from others, so it records the first 100 paths it sees and `other` after them.
 //! Message sizes count the gRPC messages' bytes without their 5-byte prefixes.
 //!
 //! `grpc.target` is the canonical target, as gRPC writes it ([`Target::canonical`]):
@@ -59,7 +59,7 @@
 //! and the call's are the clock read the pick already makes; the request's message bytes
 //! are counted by the attempt's body cursor as frames go out (no wrapper body), the
 //! response's as the body is read; at the attempt's end one more clock read. The attempt's
-//! start and end go to its thread's batch ([`batch`]: a short lock on a shard no other
+//! start and end go to its thread's batch (module `batch`: a short lock on a shard no other
 //! thread uses), and reach the recorder in runs of 64 — one counter increment per run of
 //! starts, four histogram samples per call (three for an attempt that is retried) — on the
 //! handles registered once per method and status. What the samples cost is the recorder's:
@@ -73,6 +73,30 @@
 //! Connection and resolution metrics are registered when they happen (rare), straight to
 //! the recorder. Install the recorder before building the pool: handles registered before
 //! that go nowhere.
+
+//!
+//! ## Histogram buckets
+//!
+//! A recorder that keeps histograms in buckets needs their bounds: gRFC A66 gives the ones
+//! gRPC's own default views use, here as [`LATENCY_BUCKETS`] (seconds, for the `duration`
+//! histograms) and [`SIZE_BUCKETS`] (bytes, for the `message_size` ones). With
+//! `metrics-exporter-prometheus`:
+//!
+//! ```
+//! use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+//! use tonic_pool::metrics::{LATENCY_BUCKETS, SIZE_BUCKETS};
+//!
+//! let recorder = PrometheusBuilder::new()
+//!     .set_buckets_for_metric(Matcher::Suffix("duration".into()), LATENCY_BUCKETS)?
+//!     .set_buckets_for_metric(Matcher::Suffix("message_size".into()), SIZE_BUCKETS)?
+//!     .build_recorder(); // or `.install()?`, which also serves `/metrics`
+//! # drop(recorder);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! Prometheus histograms, unlike its summaries, add up across the processes of a service,
+//! and they cost the recorder less per sample (a bucket found by a short scan, against a
+//! sketch insert per sample for a summary).
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -89,6 +113,33 @@ mod batch;
 
 /// How many distinct `grpc.method` values a pool records before it records `other`.
 pub(crate) const MAX_METHODS: usize = 100;
+
+/// gRFC A66's bucket bounds for latency histograms, in seconds: `grpc.client.attempt.duration`
+/// and `grpc.client.call.duration` (see [the module docs](self#histogram-buckets)).
+pub const LATENCY_BUCKETS: &[f64] = &[
+    0.0, 0.00001, 0.00005, 0.0001, 0.0003, 0.0006, 0.0008, 0.001, 0.002, 0.003, 0.004, 0.005,
+    0.006, 0.008, 0.01, 0.013, 0.016, 0.02, 0.025, 0.03, 0.04, 0.05, 0.065, 0.08, 0.1, 0.13, 0.16,
+    0.2, 0.25, 0.3, 0.4, 0.5, 0.65, 0.8, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0,
+];
+
+/// gRFC A66's bucket bounds for size histograms, in bytes: the attempts'
+/// `sent_total_compressed_message_size` and `rcvd_total_compressed_message_size`.
+pub const SIZE_BUCKETS: &[f64] = &[
+    0.0,
+    1024.0,
+    2048.0,
+    4096.0,
+    16384.0,
+    65536.0,
+    262144.0,
+    1048576.0,
+    4194304.0,
+    16777216.0,
+    67108864.0,
+    268435456.0,
+    1073741824.0,
+    4294967296.0,
+];
 
 const ATTEMPT_STARTED: &str = "grpc.client.attempt.started";
 const ATTEMPT_DURATION: &str = "grpc.client.attempt.duration";
@@ -687,6 +738,7 @@ impl Drop for PoolMetrics {
 /// benches (`--features bench-internals,metrics`), to weigh the batches against recording
 /// straight into the recorder.
 #[cfg(feature = "bench-internals")]
+#[doc(hidden)]
 #[derive(Debug)]
 pub struct CallSamples {
     metrics: PoolMetrics,
@@ -916,6 +968,23 @@ mod tests {
         assert_eq!(late, MethodId::OTHER);
         assert_eq!(&*table.get(&target, late).method, "other");
         assert_eq!(table.find(&target, &path(7)), ids[7]);
+    }
+
+    /// The bucket bounds are gRFC A66's: 41 latency bounds from 0 to 100 s, 14 size bounds
+    /// from 0 to 4 GiB, each list strictly increasing (an exporter takes them as given).
+    #[test]
+    fn bucket_bounds_are_a66s() {
+        use super::{LATENCY_BUCKETS, SIZE_BUCKETS};
+        for (bounds, n, last) in [
+            (LATENCY_BUCKETS, 41, 100.0),
+            (SIZE_BUCKETS, 14, 4294967296.0),
+        ] {
+            assert_eq!(bounds.len(), n);
+            assert_eq!((bounds[0], bounds[n - 1]), (0.0, last));
+            assert!(bounds.windows(2).all(|w| w[0] < w[1]), "{bounds:?}");
+        }
+        assert_eq!(LATENCY_BUCKETS[7], 0.001, "1 ms is the 8th latency bound");
+        assert_eq!(SIZE_BUCKETS[1], 1024.0);
     }
 
     /// Message bytes are counted without their prefixes, however the frames split them.

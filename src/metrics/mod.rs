@@ -802,7 +802,16 @@ impl MessageBytes {
                 data = &data[n..];
                 continue;
             }
-            // The prefix: a compressed flag (skipped), then the big-endian length.
+            // The prefix: a compressed flag (skipped), then the big-endian length — read at
+            // once when the frame holds all of it (nearly always), else byte by byte.
+            if self.prefix_len == 0 {
+                if let Some((prefix, rest)) = data.split_first_chunk::<5>() {
+                    let [_, length @ ..] = *prefix;
+                    self.left = u32::from_be_bytes(length);
+                    data = rest;
+                    continue;
+                }
+            }
             if self.prefix_len > 0 {
                 self.left = self.left << 8 | u32::from(byte);
             }

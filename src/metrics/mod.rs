@@ -94,9 +94,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 //!
-//! Prometheus histograms, unlike its summaries, add up across the processes of a service,
-//! and they cost the recorder less per sample (a bucket found by a short scan, against a
-//! sketch insert per sample for a summary).
+//! Prometheus histograms, unlike its summaries, add up across the processes of a service.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};

@@ -102,8 +102,12 @@ if ((LAYOUTS == 1)); then
     build off-1 ''
     build on-1 '' --features metrics
 else
+    # All layouts of one build before the other's: switching the feature rebuilds some
+    # dependencies, so this switches once.
     for ((layout = 1; layout <= LAYOUTS; layout++)); do
         build "off-$layout" "$layout"
+    done
+    for ((layout = 1; layout <= LAYOUTS; layout++)); do
         build "on-$layout" "$layout" --features metrics
     done
 fi

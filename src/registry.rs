@@ -276,7 +276,7 @@ impl Shared {
             resolve_errors: AtomicU64::new(0),
             calls_without_connection: AtomicU64::new(0),
             #[cfg(feature = "metrics")]
-            metrics: Arc::new(crate::metrics::PoolMetrics::new(&target_name)),
+            metrics: crate::metrics::PoolMetrics::new(&target_name),
         }
     }
 

@@ -164,14 +164,6 @@ impl Worker {
             ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             ticks
         });
-        // The metrics' batched samples, flushed within a second when calls leave some behind.
-        let metrics_flush = async {
-            #[cfg(feature = "metrics")]
-            shared.metrics.flush_when_wanted().await;
-            #[cfg(not(feature = "metrics"))]
-            std::future::pending::<()>().await;
-        };
-        let mut metrics_flush = std::pin::pin!(metrics_flush);
         loop {
             let sleep = async {
                 match next_resolution {
@@ -239,7 +231,6 @@ impl Worker {
                         shared.evaluate_outliers(detection, now.into_std(), &mut || (rng.next_u64() % 100) as u32);
                     }
                 }
-                () = &mut metrics_flush => {}
                 _ = wait_until(&mut connect_rx, |requested| *requested), if idle => {
                     idle = false;
                     idle_timer = self.idle_timer();

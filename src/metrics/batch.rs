@@ -11,10 +11,12 @@
 //! whole run.
 //!
 //! Nothing waits long and nothing is lost: a shard is flushed by the thread that fills it,
-//! and whatever a quiet thread leaves behind is flushed by the pool's worker within
-//! [`FLUSH_AFTER`] of the first sample it holds (the worker waits on [`Batches::wanted`], so
-//! an idle pool never wakes for it). [`Pool::snapshot`](crate::Pool::snapshot), the pool's
-//! close and the pool's end flush everything, so the snapshot and the metrics agree.
+//! and the first sample into an empty shard since the last [`Batches::flush_all`] tells its
+//! caller to ask for a flush of everything within [`FLUSH_AFTER`] (the parent's
+//! `flusher`, a thread of its own: no timer is kept in the application's runtime, where a
+//! pending one would cost every park of every worker a clock read).
+//! [`Pool::snapshot`](crate::Pool::snapshot), the pool's close and the pool's end flush
+//! everything, so the snapshot and the metrics agree.
 //!
 //! This module only stores and hands back samples; what a sample means is its parent's.
 
@@ -22,7 +24,6 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use tokio::sync::Notify;
 
 /// Samples a shard holds before the thread that adds the last one flushes it.
 pub(crate) const BATCH: usize = 64;
@@ -50,9 +51,9 @@ struct Shard<T>(Mutex<Vec<T>>);
 #[derive(Debug)]
 pub(crate) struct Batches<T> {
     shards: Box<[Shard<T>]>,
-    /// Set by the first sample into an empty shard, cleared when the worker flushes.
+    /// Set by the first sample into an empty shard (whose caller then asks for a flush),
+    /// cleared by [`Batches::flush_all`].
     pending: AtomicBool,
-    wake: Notify,
 }
 
 impl<T> Batches<T> {
@@ -72,43 +73,40 @@ impl<T> Batches<T> {
         Self {
             shards: (0..n).map(|_| Shard(Mutex::new(Vec::new()))).collect(),
             pending: AtomicBool::new(false),
-            wake: Notify::new(),
         }
     }
 
     /// Adds `sample` to this thread's shard; a full shard goes to `flush` at once, on this
-    /// thread.
+    /// thread. Returns whether the caller must ask for a [`Batches::flush_all`] within
+    /// [`FLUSH_AFTER`]: true for the first sample left behind since the last one (once, not
+    /// for every sample).
     #[inline]
-    pub(crate) fn push(&self, sample: T, flush: impl FnOnce(&mut Vec<T>)) {
+    #[must_use]
+    pub(crate) fn push(&self, sample: T, flush: impl FnOnce(&mut Vec<T>)) -> bool {
         // (`try_with`: a call dropped while its thread's locals are torn down still counts.)
         let index = THREAD.try_with(|t| *t).unwrap_or(0) & (self.shards.len() - 1);
         let mut samples = self.shards[index].0.lock();
+        let mut ask = false;
         if samples.is_empty() {
             if samples.capacity() == 0 {
                 samples.reserve_exact(BATCH);
             }
-            // The first sample since this shard was last flushed: make sure the worker
-            // comes, unless it is already coming.
-            if !self.pending.load(Ordering::Relaxed) && !self.pending.swap(true, Ordering::AcqRel) {
-                self.wake.notify_one();
-            }
+            // The first sample since this shard was last flushed: a flush must come, unless
+            // one was already asked for.
+            ask =
+                !self.pending.load(Ordering::Relaxed) && !self.pending.swap(true, Ordering::AcqRel);
         }
         samples.push(sample);
         if samples.len() >= BATCH {
             flush(&mut samples);
             samples.clear();
         }
-    }
-
-    /// Resolves when a sample has been added since the last [`Batches::flush_all`] by the
-    /// worker (at once if one already was).
-    pub(crate) async fn wanted(&self) {
-        self.wake.notified().await;
+        ask
     }
 
     /// Hands every shard's samples to `flush` and empties them.
     pub(crate) fn flush_all(&self, mut flush: impl FnMut(&mut Vec<T>)) {
-        // Cleared first: a sample added while the shards are flushed calls the worker again.
+        // Cleared first: a sample added while the shards are flushed asks again.
         self.pending.store(false, Ordering::Release);
         for shard in self.shards.iter() {
             let mut samples = shard.0.lock();
@@ -138,7 +136,7 @@ mod tests {
                 let (batches, seen) = (batches.clone(), seen.clone());
                 std::thread::spawn(move || {
                     for i in 0..1_000u32 {
-                        batches.push(t * 10_000 + i, |run| {
+                        let _ = batches.push(t * 10_000 + i, |run| {
                             assert_eq!(
                                 run.len(),
                                 BATCH,
@@ -170,26 +168,20 @@ mod tests {
         batches.flush_all(|rest| panic!("{} samples left after a flush", rest.len()));
     }
 
-    /// The worker is called by the first sample after a flush, not by every sample, and
+    /// A flush is asked for by the first sample after a flush, not by every sample, and
     /// again after the next flush.
-    #[tokio::test]
-    async fn the_worker_is_called_once_per_flush() {
+    #[test]
+    fn a_flush_is_asked_for_once_per_flush() {
         let batches = Batches::<u32>::with_shards(1);
-        let wanted = || {
-            let mut wanted = std::pin::pin!(batches.wanted());
-            std::future::Future::poll(
-                wanted.as_mut(),
-                &mut std::task::Context::from_waker(std::task::Waker::noop()),
-            )
-            .is_ready()
-        };
-        assert!(!wanted(), "nothing recorded yet");
-        batches.push(1, |_| unreachable!());
-        batches.push(2, |_| unreachable!());
-        assert!(wanted(), "the first sample calls the worker");
-        assert!(!wanted(), "the second does not call it again");
+        assert!(batches.push(1, |_| unreachable!()), "the first sample asks");
+        assert!(
+            !batches.push(2, |_| unreachable!()),
+            "the second does not ask again"
+        );
         batches.flush_all(|run| assert_eq!(run, &[1, 2]));
-        batches.push(3, |_| unreachable!());
-        assert!(wanted(), "the first sample after a flush calls it again");
+        assert!(
+            batches.push(3, |_| unreachable!()),
+            "the first sample after a flush asks"
+        );
     }
 }

@@ -67,9 +67,12 @@
 //! and nearly twice that when two threads record into the same handles at once (its
 //! samples go to shared atomic buckets; `benches/RESULTS.md` section 22b): the batches keep
 //! those buckets on one core for a run at a time. The price is a delay: samples reach the
-//! recorder when their thread's batch fills, when the pool's worker flushes (within a
-//! second of the first sample left behind), at [`Pool::snapshot`](crate::Pool::snapshot)
-//! and at the pool's close — never later than a second, and never lost.
+//! recorder when their thread's batch fills, when the process's flusher thread comes
+//! (module `flusher`: within a second of the first sample left behind; a thread, not a
+//! timer in the application's runtime), at [`Pool::snapshot`](crate::Pool::snapshot) and
+//! at the pool's close — never later than a second, and never lost. The handles a sample
+//! goes to are registered by the thread that records it, so a thread-local recorder gets
+//! its samples whichever thread flushes them.
 //! Connection and resolution metrics are registered when they happen (rare), straight to
 //! the recorder. Install the recorder before building the pool: handles registered before
 //! that go nowhere.
@@ -97,7 +100,7 @@
 //! Prometheus histograms, unlike its summaries, add up across the processes of a service.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, OnceLock, Weak};
 
 use ::metrics::{Counter, Gauge, Histogram, Label, SharedString, Unit};
 use tonic::Code;
@@ -108,6 +111,7 @@ use crate::state::{Disconnect, Outcome};
 use crate::target::Target;
 
 mod batch;
+mod flusher;
 
 /// How many distinct `grpc.method` values a pool records before it records `other`.
 pub(crate) const MAX_METHODS: usize = 100;
@@ -192,6 +196,8 @@ pub(crate) struct PoolMetrics {
     methods: MethodTable,
     /// The per-call samples on their way to the recorder (see [`batch`]).
     samples: Batches<Sample>,
+    /// Itself, for the [`flusher`] to come back to.
+    me: Weak<PoolMetrics>,
     open_connections: Gauge,
     waiting: Gauge,
     endpoints: Gauge,
@@ -201,11 +207,12 @@ pub(crate) struct PoolMetrics {
 impl PoolMetrics {
     /// The metrics of the pool of `target` (as written, or already canonical): its
     /// `grpc.target` is the canonical form (see [`canonical_target`]).
-    pub(crate) fn new(target: &str) -> Self {
+    pub(crate) fn new(target: &str) -> Arc<Self> {
         describe();
         let target = SharedString::from(Arc::<str>::from(canonical_target(target)));
         let labels = vec![Label::new(TARGET, target.clone())];
-        Self {
+        Arc::new_cyclic(|me| Self {
+            me: me.clone(),
             open_connections: ::metrics::gauge!(OPEN_CONNECTIONS, labels.clone()),
             waiting: ::metrics::gauge!(WAITING, labels.clone()),
             endpoints: ::metrics::gauge!(RR_ENDPOINTS, labels.clone()),
@@ -213,13 +220,16 @@ impl PoolMetrics {
             target,
             methods: MethodTable::new(),
             samples: Batches::new(),
-        }
+        })
     }
 
-    /// Hands `sample` to the recorder, in its thread's next batch.
+    /// Hands `sample` to the recorder, in its thread's next batch; the first sample left
+    /// behind since the last flush asks the [`flusher`] to come within a second.
     #[inline]
     fn record(&self, sample: Sample) {
-        self.samples.push(sample, |run| self.record_now(run));
+        if self.samples.push(sample, |run| self.record_now(run)) {
+            flusher::ask(self.me.clone());
+        }
     }
 
     /// Records a run of samples into the recorder's handles. One histogram at a time: a
@@ -267,20 +277,10 @@ impl PoolMetrics {
         }
     }
 
-    /// Sends every sample still in a batch to the recorder: at a snapshot, when the worker
-    /// comes for them, at the pool's close.
+    /// Sends every sample still in a batch to the recorder: at a snapshot, when the
+    /// [`flusher`] comes for them, at the pool's close and end.
     pub(crate) fn flush(&self) {
         self.samples.flush_all(|run| self.record_now(run));
-    }
-
-    /// Flushes, forever, within [`batch::FLUSH_AFTER`] of any sample's arrival: what the
-    /// pool's worker runs beside its other work (it sleeps while no call records).
-    pub(crate) async fn flush_when_wanted(&self) {
-        loop {
-            self.samples.wanted().await;
-            tokio::time::sleep(batch::FLUSH_AFTER).await;
-            self.flush();
-        }
     }
 
     fn labels(&self) -> Vec<Label> {
@@ -687,6 +687,10 @@ impl Attempt {
                 Code::Unavailable
             }
         };
+        // The method's and status's handles exist before the sample is batched: registered
+        // here, on the recording thread, with the recorder this thread sees (a thread-local
+        // one included), not on whichever thread flushes. Once registered, a load.
+        let _ = metrics.method_metrics(method).status(code);
         let sent = match &self.sent {
             Sent::Counted(n) => *n,
             Sent::Streaming(n) => n.load(Ordering::Relaxed),
@@ -739,7 +743,7 @@ impl Drop for PoolMetrics {
 #[doc(hidden)]
 #[derive(Debug)]
 pub struct CallSamples {
-    metrics: PoolMetrics,
+    metrics: Arc<PoolMetrics>,
     method: MethodId,
 }
 

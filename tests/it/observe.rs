@@ -645,9 +645,13 @@ async fn a_streamed_request_counts_every_message_sent() {
 
 /// The per-call samples wait in per-thread batches (`src/metrics/batch.rs`); a pool that
 /// makes a few calls and then nothing — no snapshot, no close — still gets them to the
-/// recorder: its worker flushes a second after the first (on tokio's clock, paused once the
-/// calls are done and moved on in steps). Before that, nothing had been recorded (checked
-/// when the calls took under half that second, which they do unless the machine stalls).
+/// recorder: the process's flusher thread (`src/metrics/flusher.rs`) comes within a second
+/// of the first sample left behind (sooner if another pool of the process asked first: one
+/// round serves all). It is a thread of its own, on the real clock (tokio's paused clock does
+/// not reach it): the test waits for the samples' arrival, in 10 ms steps, at most 10 s, and
+/// checks it came well before that. The samples recorded with this thread's local recorder
+/// arrive there though another thread flushed them. (That they wait in batches until then
+/// is `batch.rs`'s unit tests' to show: here another test's round could flush them early.)
 #[cfg(feature = "metrics")]
 #[tokio::test]
 async fn a_quiet_pool_flushes_its_samples_within_a_second() {
@@ -677,48 +681,37 @@ async fn a_quiet_pool_flushes_its_samples_within_a_second() {
         started
     };
 
-    let first_call = tokio::time::Instant::now();
+    let first_call = std::time::Instant::now();
     let mut client = client(&pool);
     for i in 0..CALLS {
         client.unary(echo(&format!("{i}"))).await.expect("call ok");
     }
-    let mut started = read(&mut durations);
-    if first_call.elapsed() < Duration::from_millis(500) {
-        assert_eq!((durations, started), (0, 0), "batched, not yet recorded");
-    }
+    let mut started = 0;
 
-    // Nothing more happens in the pool: stop tokio's clock and move it on in steps of 10 ms
-    // until the worker's flush timer fires, noting when the samples arrive.
-    tokio::time::pause();
-    let paused_at = tokio::time::Instant::now();
-    let step = Duration::from_millis(10);
+    // Nothing more happens in the pool: wait for the flusher.
     let mut arrived = None;
-    for _ in 0..150 {
-        tokio::time::advance(step).await;
-        tokio::task::yield_now().await;
+    for _ in 0..1_000 {
         started = started.max(read(&mut durations));
         if durations == CALLS {
-            arrived = Some(tokio::time::Instant::now());
+            arrived = Some(std::time::Instant::now());
             break;
         }
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    tokio::time::resume();
     assert_eq!(
         durations, CALLS,
-        "every attempt's duration, flushed by the worker"
+        "every attempt's duration, flushed by the flusher thread"
     );
     assert_eq!(
         started, CALLS as u64,
         "every attempt started, flushed with them"
     );
     let arrived = arrived.expect("arrived");
+    // Within a second of the first sample; the bound leaves room for a stalled machine.
     assert!(
-        arrived >= first_call + Duration::from_secs(1),
-        "flushed by the worker's timer (a second after the first sample), not before"
-    );
-    assert!(
-        arrived <= paused_at + Duration::from_secs(1) + step,
-        "within a second of the first sample"
+        arrived <= first_call + Duration::from_secs(5),
+        "flushed within a second, not only at the end: {:?}",
+        arrived - first_call
     );
     pool.close().await.unwrap();
 }

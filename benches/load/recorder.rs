@@ -53,7 +53,7 @@ pub(crate) fn install() -> Result<(), String> {
         inner: builder.build_recorder(),
     }));
     // Upkeep, as `PrometheusBuilder::install_recorder` runs it for an application: the
-    // histograms' samples are drained into their summaries. Without it the samples would
+    // histograms' samples are drained into their summaries or buckets. Without it the samples would
     // pile up for the whole run and the client would not pay the draining, which an
     // application pays. The work is per sample, whatever the interval: a short one here
     // (the exporter's default is 5 s) so that a window of a second or two pays for its own.

@@ -14,7 +14,7 @@
 //! It holds pools weakly: a pool dropped before its flush is not kept (its own drop flushed
 //! it). If the thread cannot be started, pools flush at their snapshots, close and drop only.
 
-use std::sync::{Arc, OnceLock, Weak};
+use std::sync::{OnceLock, Weak};
 
 use parking_lot::{Condvar, Mutex};
 
@@ -62,10 +62,10 @@ impl Flusher {
             // The first ask of a round waits at most this long; later ones less.
             std::thread::sleep(FLUSH_AFTER);
             let due = std::mem::take(&mut *self.asked.lock());
+            // (A pool whose last other reference went meanwhile is dropped here, after its
+            // flush: its drop flushes again, finding nothing.)
             for pool in due.iter().filter_map(Weak::upgrade) {
                 pool.flush();
-                // (If this was the pool's last reference, its drop runs here and flushes too.)
-                drop::<Arc<PoolMetrics>>(pool);
             }
         }
     }

@@ -54,10 +54,10 @@
 //! ## Cost
 //!
 //! Per call, the pool itself allocates nothing, takes no lock another thread takes, and
-//! writes no memory another thread reads call by call: the call finds its method in a table of write-once slots (a hash of the
-//! path, an acquire load, a string comparison) and carries a 2-byte id; the attempt's start
-//! and the call's are the clock read the pick already makes; the request's message bytes
-//! are counted by the attempt's body cursor as frames go out (no wrapper body), the
+//! writes no memory another thread reads call by call: the call finds its method in a table
+//! of write-once slots (a hash of the path, an acquire load, a string comparison) and
+//! carries a 2-byte id; the attempt's start and the call's are the clock read the pick
+//! already makes; the request's message bytes are counted by the attempt's body cursor as frames go out (no wrapper body), the
 //! response's as the body is read; at the attempt's end one more clock read. The attempt's
 //! start and end go to its thread's batch (module `batch`: a short lock on a shard no other
 //! thread uses), and reach the recorder in runs of 64 — one counter increment per run of
@@ -76,7 +76,6 @@
 //! Connection and resolution metrics are registered when they happen (rare), straight to
 //! the recorder. Install the recorder before building the pool: handles registered before
 //! that go nowhere.
-
 //!
 //! ## Histogram buckets
 //!

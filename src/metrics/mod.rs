@@ -252,11 +252,23 @@ impl PoolMetrics {
         if let Some((m, n)) = starts {
             self.method_metrics(m).started.increment(n);
         }
+        // The run's ends, four passes over them; each pass looks up a status's handles once
+        // per stretch of samples of one method and status (a run is mostly one stretch).
         let ended = || {
-            run.iter().filter_map(|sample| match sample {
-                Sample::Ended(ended) => {
-                    Some((self.method_metrics(ended.method).status(ended.code), ended))
-                }
+            let mut last: Option<(MethodId, Code, &StatusMetrics)> = None;
+            run.iter().filter_map(move |sample| match sample {
+                Sample::Ended(ended) => Some(match last {
+                    Some((method, code, status))
+                        if method == ended.method && code == ended.code =>
+                    {
+                        (status, ended)
+                    }
+                    _ => {
+                        let status = self.method_metrics(ended.method).status(ended.code);
+                        last = Some((ended.method, ended.code, status));
+                        (status, ended)
+                    }
+                }),
                 Sample::Started(_) => None,
             })
         };
@@ -520,14 +532,18 @@ impl MethodTable {
 #[inline]
 fn name_hash(name: &[u8]) -> u64 {
     const K: u64 = 0x9e37_79b9_7f4a_7c15;
-    let word = |bytes: &[u8]| {
-        let mut word = [0u8; 8];
-        word[..bytes.len()].copy_from_slice(bytes);
-        u64::from_le_bytes(word)
+    let (head, tail) = match (name.first_chunk::<8>(), name.last_chunk::<8>()) {
+        (Some(head), Some(tail)) => (u64::from_le_bytes(*head), u64::from_le_bytes(*tail)),
+        // Shorter than eight bytes: all of it, both ways (no copy into a padded word, which
+        // would be a `memcpy` call).
+        _ => {
+            let word = name
+                .iter()
+                .rev()
+                .fold(0u64, |word, &byte| word << 8 | u64::from(byte));
+            (word, word)
+        }
     };
-    let n = name.len().min(8);
-    let head = word(&name[..n]);
-    let tail = word(&name[name.len() - n..]);
     let mixed = (head ^ (name.len() as u64)).wrapping_mul(K) ^ tail;
     mixed.wrapping_mul(K) >> 32
 }

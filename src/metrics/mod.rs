@@ -111,6 +111,9 @@ use crate::target::Target;
 
 mod batch;
 mod flusher;
+mod underscored;
+
+pub use self::underscored::Underscored;
 
 /// How many distinct `grpc.method` values a pool records before it records `other`.
 pub(crate) const MAX_METHODS: usize = 100;

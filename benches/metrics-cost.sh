@@ -23,8 +23,10 @@
 #   ROUNDS=3 LOAD_SECS=1 bash benches/metrics-cost.sh  # a check that it works
 #
 # Settings (environment): ROUNDS (30), LAYOUTS (1: the linker's own order, no shuffling),
-# RECORDER (summary: the Prometheus exporter's default, quantile sketches; a66: Prometheus
-# histograms with gRFC A66's buckets — the load bench's LOAD_RECORDER),
+# RECORDER (summary: the Prometheus exporter's default, quantile sketches; a66: the exporter
+# with Prometheus histograms in gRFC A66's buckets; metrics-prometheus: the metrics-prometheus
+# crate's recorder, A66's buckets counted where a sample is recorded — the load bench's
+# LOAD_RECORDER, see benches/load/recorder.rs),
 # LOAD_SECS (2), LOAD_WARMUP_SECS (0.5), LOAD_CLIENT_THREADS (the bench's default when unset),
 # OUT_DIR (where the CSV and the runs' logs go; default <cargo target dir>/metrics-cost/<UTC
 # time>).
@@ -48,7 +50,8 @@ fail() {
 
 [[ $ROUNDS =~ ^[1-9][0-9]{0,3}$ ]] || fail "ROUNDS=$ROUNDS: expected 1 to 9999"
 [[ $LAYOUTS =~ ^[1-9][0-9]?$ ]] || fail "LAYOUTS=$LAYOUTS: expected 1 to 99"
-[[ $RECORDER == summary || $RECORDER == a66 ]] || fail "RECORDER=$RECORDER: expected summary or a66"
+[[ $RECORDER == summary || $RECORDER == a66 || $RECORDER == metrics-prometheus ]] ||
+    fail "RECORDER=$RECORDER: expected summary, a66 or metrics-prometheus"
 for v in LOAD_SECS LOAD_WARMUP_SECS; do
     [[ ${!v} =~ ^[0-9]+(\.[0-9]+)?$ ]] || fail "$v=${!v}: expected seconds, e.g. 2 or 0.5"
 done
@@ -210,7 +213,7 @@ awk -F, -v bar="$BAR" -v busy="$BUSY_CORES" -v rounds="$ROUNDS" -v secs="$LOAD_S
     }
     END {
         split("off on on+recorder", names, " ")
-        printf "\nS2, pool ×1: %d round(s) × (%s s warm-up + %s s measured) per mode, %d layout(s), recorder histograms: %s; the rounds took %d s; CSV: %s\n\n", \
+        printf "\nS2, pool ×1: %d round(s) × (%s s warm-up + %s s measured) per mode, %d layout(s), recorder: %s; the rounds took %d s; CSV: %s\n\n", \
             rounds, warmup, secs, layouts, recorder, elapsed, csv
         print "| mode | client CPU µs/req median (min–max) | req/s median (min–max) |"
         print "|---|---|---|"

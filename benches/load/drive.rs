@@ -195,7 +195,8 @@ async fn run_mode(
             crate::recorder::set(true);
             let result = Box::pin(run_mode(scenario, Mode::Pool(n), settings, tls, servers)).await;
             crate::recorder::set(false);
-            result
+            // A recorder that dropped the samples would measure nothing: make sure it got them.
+            result.and_then(|r| crate::recorder::check().map(|()| r).map_err(Into::into))
         }
         #[cfg(not(feature = "metrics"))]
         Mode::PoolMetrics(_) => Err("pool+metrics needs --features metrics".into()),

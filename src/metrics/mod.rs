@@ -62,11 +62,10 @@
 //! start and end go to its thread's batch (module `batch`: a short lock on a shard no other
 //! thread uses), and reach the recorder in runs of 64 — one counter increment per run of
 //! starts, four histogram samples per call (three for an attempt that is retried) — on the
-//! handles registered once per method and status. What the samples cost is the recorder's:
-//! `metrics-exporter-prometheus` takes ~0.3 µs for a call's five operations on one thread,
-//! and nearly twice that when two threads record into the same handles at once (its
-//! samples go to shared atomic buckets; `benches/RESULTS.md` section 22b): the batches keep
-//! those buckets on one core for a run at a time. The price is a delay: samples reach the
+//! handles registered once per method and status. What the samples cost is the recorder's
+//! (see [below](#choosing-a-prometheus-recorder)); a recorder's handles are shared by the
+//! threads that record, and the batches keep their cache lines on one core for a run at a
+//! time instead of trading them call by call. The price is a delay: samples reach the
 //! recorder when their thread's batch fills, when the process's flusher thread comes
 //! (module `flusher`: within a second of the first sample left behind; a thread, not a
 //! timer in the application's runtime), at [`Pool::snapshot`](crate::Pool::snapshot) and
@@ -97,6 +96,45 @@
 //! ```
 //!
 //! Prometheus histograms, unlike its summaries, add up across the processes of a service.
+//!
+//! ## Choosing a Prometheus recorder
+//!
+//! Two recorders take the `metrics` facade's metrics to Prometheus, and with the pool's four
+//! histogram samples per call they cost very differently (S2 of the load bench: client CPU
+//! per call against a build without the feature; `benches/RESULTS.md` sections 26 and 27):
+//! - **`metrics-prometheus`**, over the `prometheus` crate, counts a sample into its bucket
+//!   where it is recorded: a few atomic adds, no clock read, nothing stored to drain later.
+//!   Its own share is too small to tell from the runs' scatter (0.99–1.00× the feature
+//!   without a recorder), so the feature costs what the pool's own recording costs: **+2 to
+//!   +4 %**.
+//! - **`metrics-exporter-prometheus`** stores each sample with a clock read and drains it into
+//!   its histogram or summary at its upkeep: **+5.5 to +7.7 %**, about half of it the
+//!   exporter's.
+//!
+//! The `prometheus` crate takes no dots in names: wrap its recorder in [`Underscored`] (without
+//! it, `metrics-prometheus` panics in debug builds and records none of these metrics in
+//! release builds). It also fixes a histogram's buckets when it is made, so register the four
+//! per-call histograms in A66's buckets before the pool records:
+//!
+//! ```
+//! use tonic_pool::metrics::{Underscored, LATENCY_BUCKETS, SIZE_BUCKETS};
+//!
+//! // Into `prometheus::default_registry()`; `.with_registry(r)` for another.
+//! let recorder = metrics_prometheus::Recorder::builder().build();
+//! for (name, buckets) in [
+//!     ("grpc_client_attempt_duration", LATENCY_BUCKETS),
+//!     ("grpc_client_call_duration", LATENCY_BUCKETS),
+//!     ("grpc_client_attempt_sent_total_compressed_message_size", SIZE_BUCKETS),
+//!     ("grpc_client_attempt_rcvd_total_compressed_message_size", SIZE_BUCKETS),
+//! ] {
+//!     let labels = ["grpc_method", "grpc_target", "grpc_status"];
+//!     let opts = prometheus::HistogramOpts::new(name, name).buckets(buckets.to_vec());
+//!     recorder.try_register_metric(prometheus::HistogramVec::new(opts, &labels)?)?;
+//! }
+//! metrics::set_global_recorder(Underscored::new(recorder))?;
+//! // Serve `prometheus::TextEncoder::new().encode_to_string(&prometheus::gather())`.
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock, Weak};

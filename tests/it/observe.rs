@@ -18,6 +18,18 @@ use tonic_pool::{CallCounts, ConnectivityState, PoolSnapshot};
 const OK: u64 = 10;
 const FAILED: u64 = 3;
 
+/// The pool of the scripted run, Ready, over its server; and the pool's target.
+async fn scripted_pool() -> (TestServer, tonic_pool::Pool, String) {
+    let server = TestServer::start(loopback(2));
+    let target = static_target(&[&server]);
+    let pool = builder(&target)
+        .connections_per_endpoint(2)
+        .build()
+        .unwrap();
+    wait_all_ready(&pool, 2).await;
+    (server, pool, target)
+}
+
 async fn scripted_run(server: &mut TestServer, pool: &tonic_pool::Pool) {
     let mut client = client(pool);
     for i in 0..OK {
@@ -59,12 +71,7 @@ async fn scripted_run(server: &mut TestServer, pool: &tonic_pool::Pool) {
 /// last call and state change.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn counters_after_a_scripted_run() {
-    let mut server = TestServer::start(loopback(2));
-    let pool = builder(&static_target(&[&server]))
-        .connections_per_endpoint(2)
-        .build()
-        .unwrap();
-    wait_all_ready(&pool, 2).await;
+    let (mut server, pool, _) = scripted_pool().await;
     let started = Instant::now();
     scripted_run(&mut server, &pool).await;
 
@@ -246,13 +253,7 @@ async fn metrics_after_a_scripted_run() {
     let snapshotter = recorder.snapshotter();
     let _local = metrics::set_default_local_recorder(&recorder);
 
-    let mut server = TestServer::start(loopback(2));
-    let target = static_target(&[&server]);
-    let pool = builder(&target)
-        .connections_per_endpoint(2)
-        .build()
-        .unwrap();
-    wait_all_ready(&pool, 2).await;
+    let (mut server, pool, target) = scripted_pool().await;
     scripted_run(&mut server, &pool).await;
     let counters = pool.snapshot().counters;
 
@@ -714,6 +715,89 @@ async fn a_quiet_pool_flushes_its_samples_within_a_second() {
         arrived - first_call
     );
     pool.close().await.unwrap();
+}
+
+/// The scripted run into the `prometheus` crate's registry through `metrics-prometheus`'s
+/// recorder wrapped in [`Underscored`](tonic_pool::metrics::Underscored), with the per-call
+/// histograms registered beforehand in gRFC A66's buckets (the setup the metrics module's
+/// docs give): every metric the run emits is accepted under its underscored name (the
+/// recorder panics on any it rejects), lands in those buckets, and the text exposition
+/// counts the calls exactly.
+#[cfg(feature = "metrics")]
+#[tokio::test]
+async fn metrics_reach_a_prometheus_crate_registry_under_underscored_names() {
+    use tonic_pool::metrics::{Underscored, LATENCY_BUCKETS, SIZE_BUCKETS};
+
+    let registry = prometheus::Registry::new();
+    let recorder = metrics_prometheus::Recorder::builder()
+        .with_registry(registry.clone())
+        .with_failure_strategy(metrics_prometheus::failure::strategy::Panic)
+        .build();
+    for (name, buckets) in [
+        ("grpc_client_attempt_duration", LATENCY_BUCKETS),
+        ("grpc_client_call_duration", LATENCY_BUCKETS),
+        (
+            "grpc_client_attempt_sent_total_compressed_message_size",
+            SIZE_BUCKETS,
+        ),
+        (
+            "grpc_client_attempt_rcvd_total_compressed_message_size",
+            SIZE_BUCKETS,
+        ),
+    ] {
+        let opts = prometheus::HistogramOpts::new(name, name).buckets(buckets.to_vec());
+        let labels = ["grpc_method", "grpc_target", "grpc_status"];
+        recorder
+            .try_register_metric(prometheus::HistogramVec::new(opts, &labels).unwrap())
+            .unwrap();
+    }
+    let recorder = Underscored::new(recorder);
+    let _local = metrics::set_default_local_recorder(&recorder);
+
+    let (mut server, pool, target) = scripted_pool().await;
+    scripted_run(&mut server, &pool).await;
+    pool.close().await.unwrap();
+
+    let text = prometheus::TextEncoder::new()
+        .encode_to_string(&registry.gather())
+        .unwrap();
+    let ok = format!("grpc_method=\"echo.Echo/Unary\",grpc_status=\"OK\",grpc_target=\"{target}\"");
+    for line in [
+        format!("grpc_client_call_duration_count{{{ok}}} {OK}"),
+        format!("grpc_client_attempt_duration_count{{{ok}}} {OK}"),
+        // A66's buckets, not the crate's defaults: 41 latency bounds, the last 100 s.
+        format!("grpc_client_call_duration_bucket{{{ok},le=\"100\"}} {OK}"),
+        format!("grpc_client_attempt_sent_total_compressed_message_size_bucket{{{ok},le=\"1024\"}} {OK}"),
+        format!("grpc_client_attempt_rcvd_total_compressed_message_size_count{{{ok}}} {OK}"),
+        format!(
+            "grpc_client_attempt_started{{grpc_method=\"echo.Echo/Unary\",grpc_target=\"{target}\"}} {}",
+            OK + FAILED + 1
+        ),
+        format!("grpc_subchannel_connection_attempts_succeeded{{grpc_target=\"{target}\"}} 4"),
+        format!(
+            "grpc_subchannel_disconnections{{grpc_disconnect_error=\"GOAWAY NO_ERROR\",grpc_target=\"{target}\"}} 2"
+        ),
+        format!(
+            "grpc_subchannel_disconnections{{grpc_disconnect_error=\"subchannel shutdown\",grpc_target=\"{target}\"}} 2"
+        ),
+        format!("grpc_subchannel_open_connections{{grpc_target=\"{target}\"}} 0"),
+        format!("grpc_resolver_resolutions{{grpc_resolver_result=\"ok\",grpc_target=\"{target}\"}} 1"),
+        format!("tonic_pool_calls_waiting{{grpc_target=\"{target}\"}} 0"),
+    ] {
+        assert!(
+            text.lines().any(|l| l == line),
+            "{line:?} not in the exposition:\n{text}"
+        );
+    }
+    let latency_bounds = text
+        .lines()
+        .filter(|l| l.starts_with(&format!("grpc_client_call_duration_bucket{{{ok},")))
+        .count();
+    assert_eq!(
+        latency_bounds,
+        LATENCY_BUCKETS.len() + 1,
+        "A66's bounds and +Inf"
+    );
 }
 
 /// Reading what the debugging recorder holds: `(name, labels, value)` of each metric.

@@ -21,6 +21,7 @@
 #   bash benches/metrics-cost.sh                       # 30 rounds: ~5 minutes, plus two builds
 #   LAYOUTS=6 ROUNDS=120 LOAD_SECS=1 LOAD_WARMUP_SECS=0.3 bash benches/metrics-cost.sh
 #   ROUNDS=3 LOAD_SECS=1 bash benches/metrics-cost.sh  # a check that it works
+#   SUMMARIZE="a/rounds.csv b/rounds.csv" bash benches/metrics-cost.sh  # runs pooled, no build
 #
 # Settings (environment): ROUNDS (30), LAYOUTS (1: the linker's own order, no shuffling),
 # RECORDER (summary: the Prometheus exporter's default, quantile sketches; a66: the exporter
@@ -30,6 +31,10 @@
 # LOAD_SECS (2), LOAD_WARMUP_SECS (0.5), LOAD_CLIENT_THREADS (the bench's default when unset),
 # OUT_DIR (where the CSV and the runs' logs go; default <cargo target dir>/metrics-cost/<UTC
 # time>).
+# SUMMARIZE (a space-separated list of CSVs of earlier runs: builds and runs nothing, prints
+# the summary of all their rounds together — each file's rounds paired within that file —
+# for runs of one setting whose single intervals are too wide to decide the bar; LAYOUTS
+# then only groups the per-layout lines).
 # Exit status: non-zero if a build or a bench run fails (not when the bar does not hold).
 set -euo pipefail
 
@@ -64,8 +69,14 @@ export LOAD_SECS LOAD_WARMUP_SECS
 # Settings of the bench that would change what the two binaries run: the script sets its own.
 unset LOAD_POOL_SIZES LOAD_SCENARIOS LOAD_MODES LOAD_METRICS LOAD_ROUNDS LOAD_FIRST_ROUND LOAD_CSV LOAD_RECORDER
 
+SUMMARIZE=${SUMMARIZE:-}
+for f in $SUMMARIZE; do
+    [[ -f $f ]] || fail "SUMMARIZE: $f is not a file"
+done
+
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 stamp=$(date -u +%Y%m%dT%H%M%SZ)
+if [[ -z $SUMMARIZE ]]; then
 out=${OUT_DIR:-${CARGO_TARGET_DIR:-target}/metrics-cost/$stamp}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
@@ -156,13 +167,21 @@ for ((round = 1; round <= ROUNDS; round++)); do
     ' "$csv" >&2
 done
 elapsed=$(($(date +%s) - start))
+fi
 
 # The summary. Modes: `off` = feature off (`pool ×1` of the build without `metrics`), `on` =
 # feature on without a recorder (`pool ×1` of the build with it), `on+recorder` =
 # `pool+metrics ×1`. Ratios are paired: per round, then their median (min–max).
-awk -F, -v bar="$BAR" -v busy="$BUSY_CORES" -v rounds="$ROUNDS" -v secs="$LOAD_SECS" \
-    -v warmup="$LOAD_WARMUP_SECS" -v elapsed="$elapsed" -v csv="$csv" -v layouts="$LAYOUTS" \
-    -v recorder="$RECORDER" '
+# With SUMMARIZE, the CSVs named there instead of this run's; a round is keyed by its file
+# and its number, so rounds pair within their own run.
+if [[ -n $SUMMARIZE ]]; then
+    read -r -a files <<<"$SUMMARIZE"
+    title="pooled from ${#files[@]} CSV(s): $SUMMARIZE"
+else
+    files=("$csv")
+    title="$ROUNDS round(s) × ($LOAD_WARMUP_SECS s warm-up + $LOAD_SECS s measured) per mode, $LAYOUTS layout(s), recorder: $RECORDER; the rounds took $elapsed s; CSV: $csv"
+fi
+awk -F, -v bar="$BAR" -v busy="$BUSY_CORES" -v title="$title" -v layouts="$LAYOUTS" '
     function sort(a, n,    i, j, t) {
         for (i = 2; i <= n; i++) {
             t = a[i]
@@ -202,19 +221,22 @@ awk -F, -v bar="$BAR" -v busy="$BUSY_CORES" -v rounds="$ROUNDS" -v secs="$LOAD_S
         lo = meds[200]
         hi = meds[3801]
     }
-    NR == 1 { next }
+    FNR == 1 { file++; next }
     {
         name = $8 !~ /metrics/ ? "off" : ($2 ~ /metrics/ ? "on+recorder" : "on")
-        cpu[name, $3] = $5 + 0
-        rps[name, $3] = $4 + 0
-        seen[name, $3] = 1
-        if ($7 > busy) disturbed[$3] = 1
-        rounds_seen[$3] = 1
+        key = file * 100000 + $3
+        number[key] = $3
+        cpu[name, key] = $5 + 0
+        rps[name, key] = $4 + 0
+        seen[name, key] = 1
+        if ($7 > busy) disturbed[key] = 1
+        rounds_seen[key] = 1
     }
     END {
         split("off on on+recorder", names, " ")
-        printf "\nS2, pool ×1: %d round(s) × (%s s warm-up + %s s measured) per mode, %d layout(s), recorder: %s; the rounds took %d s; CSV: %s\n\n", \
-            rounds, warmup, secs, layouts, recorder, elapsed, csv
+        rounds = 0
+        for (r in rounds_seen) rounds++
+        printf "\nS2, pool ×1: %s\n\n", title
         print "| mode | client CPU µs/req median (min–max) | req/s median (min–max) |"
         print "|---|---|---|"
         for (k = 1; k <= 3; k++) {
@@ -247,7 +269,7 @@ awk -F, -v bar="$BAR" -v busy="$BUSY_CORES" -v rounds="$ROUNDS" -v secs="$LOAD_S
             for (l = 1; l <= layouts; l++) {
                 n = 0
                 for (r in rounds_seen)
-                    if ((r - 1) % layouts + 1 == l && ("on+recorder", r) in seen && ("off", r) in seen && cpu["off", r] > 0) { n++; x[n] = cpu["on+recorder", r] / cpu["off", r] }
+                    if ((number[r] - 1) % layouts + 1 == l && ("on+recorder", r) in seen && ("off", r) in seen && cpu["off", r] > 0) { n++; x[n] = cpu["on+recorder", r] / cpu["off", r] }
                 printf "| %d | %s | %d |\n", l, stats(x, n, "%.3f"), n
             }
         }
@@ -258,4 +280,4 @@ awk -F, -v bar="$BAR" -v busy="$BUSY_CORES" -v rounds="$ROUNDS" -v secs="$LOAD_S
         printf "Bar: feature on + recorder / feature off, client CPU per call ≤ %s× (median of per-round ratios): %.3f× — %s\n", \
             bar, ratio["on+recorder/off"], ratio["on+recorder/off"] <= bar ? "holds" : "does not hold"
     }
-' "$csv"
+' "${files[@]}"

@@ -104,9 +104,9 @@
 //! per call against a build without the feature; `benches/RESULTS.md` sections 26 and 27):
 //! - **`metrics-prometheus`**, over the `prometheus` crate, counts a sample into its bucket
 //!   where it is recorded: a few atomic adds, no clock read, nothing stored to drain later.
-//!   Its own share is too small to tell from the runs' scatter (0.99–1.00× the feature
-//!   without a recorder), so the feature costs what the pool's own recording costs: **+2 to
-//!   +4 %**.
+//!   Its own share is small (+0.4 % over the feature without a recorder, three runs
+//!   pooled), so the feature costs about what the pool's own recording costs: **+3.4 to
+//!   +3.9 %**.
 //! - **`metrics-exporter-prometheus`** stores each sample with a clock read and drains it into
 //!   its histogram or summary at its upkeep: **+5.5 to +7.7 %**, about half of it the
 //!   exporter's.

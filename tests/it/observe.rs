@@ -649,18 +649,23 @@ async fn a_streamed_request_counts_every_message_sent() {
 /// recorder: the process's flusher thread (`src/metrics/flusher.rs`) comes within a second
 /// of the first sample left behind (sooner if another pool of the process asked first: one
 /// round serves all). It is a thread of its own, on the real clock (tokio's paused clock does
-/// not reach it): the test waits for the samples' arrival, in 10 ms steps, at most 10 s, and
-/// checks it came well before that. The samples recorded with this thread's local recorder
-/// arrive there though another thread flushed them. (That they wait in batches until then
-/// is `batch.rs`'s unit tests' to show: here another test's round could flush them early.)
+/// not reach it): the test's recorder signals every histogram sample it takes, the test
+/// waits on that signal (at most 10 s) and checks the samples came well before that. The
+/// samples recorded with this thread's local recorder arrive there though another thread
+/// flushed them. (That they wait in batches until then is `batch.rs`'s unit tests' to show:
+/// here another test's round could flush them early.)
 #[cfg(feature = "metrics")]
 #[tokio::test]
 async fn a_quiet_pool_flushes_its_samples_within_a_second() {
     use metrics_util::debugging::{DebugValue, DebuggingRecorder};
 
     const CALLS: usize = 3;
-    let recorder = DebuggingRecorder::new();
-    let snapshotter = recorder.snapshotter();
+    let recorded = std::sync::Arc::new(tokio::sync::Notify::new());
+    let recorder = signalling::Signalling {
+        inner: DebuggingRecorder::new(),
+        recorded: recorded.clone(),
+    };
+    let snapshotter = recorder.inner.snapshotter();
     let _local = metrics::set_default_local_recorder(&recorder);
     let server = TestServer::start(loopback(2));
     let pool = builder(&static_target(&[&server])).build().unwrap();
@@ -689,16 +694,18 @@ async fn a_quiet_pool_flushes_its_samples_within_a_second() {
     }
     let mut started = 0;
 
-    // Nothing more happens in the pool: wait for the flusher.
-    let mut arrived = None;
-    for _ in 0..1_000 {
-        started = started.max(read(&mut durations));
-        if durations == CALLS {
-            arrived = Some(std::time::Instant::now());
-            break;
+    // Nothing more happens in the pool: wait for the flusher's samples. (`Notify` keeps a
+    // signal given while nobody waits, so none is missed between two reads.)
+    let arrival = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            started = started.max(read(&mut durations));
+            if durations >= CALLS {
+                return std::time::Instant::now();
+            }
+            recorded.notified().await;
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    })
+    .await;
     assert_eq!(
         durations, CALLS,
         "every attempt's duration, flushed by the flusher thread"
@@ -707,7 +714,7 @@ async fn a_quiet_pool_flushes_its_samples_within_a_second() {
         started, CALLS as u64,
         "every attempt started, flushed with them"
     );
-    let arrived = arrived.expect("arrived");
+    let arrived = arrival.expect("arrived within 10 s");
     // Within a second of the first sample; the bound leaves room for a stalled machine.
     assert!(
         arrived <= first_call + Duration::from_secs(5),
@@ -715,6 +722,66 @@ async fn a_quiet_pool_flushes_its_samples_within_a_second() {
         arrived - first_call
     );
     pool.close().await.unwrap();
+}
+
+/// A recorder that tells when a histogram sample arrives, so that a test can wait for the
+/// flusher thread's samples on an event rather than by polling.
+#[cfg(feature = "metrics")]
+mod signalling {
+    use std::sync::Arc;
+
+    use metrics::{
+        Counter, Gauge, Histogram, HistogramFn, Key, KeyName, Metadata, Recorder, SharedString,
+        Unit,
+    };
+    use metrics_util::debugging::DebuggingRecorder;
+    use tokio::sync::Notify;
+
+    pub(super) struct Signalling {
+        pub(super) inner: DebuggingRecorder,
+        pub(super) recorded: Arc<Notify>,
+    }
+
+    struct SignallingHistogram {
+        inner: Histogram,
+        recorded: Arc<Notify>,
+    }
+
+    impl HistogramFn for SignallingHistogram {
+        fn record(&self, value: f64) {
+            self.inner.record(value);
+            self.recorded.notify_one();
+        }
+    }
+
+    impl Recorder for Signalling {
+        fn describe_counter(&self, key: KeyName, unit: Option<Unit>, description: SharedString) {
+            self.inner.describe_counter(key, unit, description);
+        }
+
+        fn describe_gauge(&self, key: KeyName, unit: Option<Unit>, description: SharedString) {
+            self.inner.describe_gauge(key, unit, description);
+        }
+
+        fn describe_histogram(&self, key: KeyName, unit: Option<Unit>, description: SharedString) {
+            self.inner.describe_histogram(key, unit, description);
+        }
+
+        fn register_counter(&self, key: &Key, metadata: &Metadata<'_>) -> Counter {
+            self.inner.register_counter(key, metadata)
+        }
+
+        fn register_gauge(&self, key: &Key, metadata: &Metadata<'_>) -> Gauge {
+            self.inner.register_gauge(key, metadata)
+        }
+
+        fn register_histogram(&self, key: &Key, metadata: &Metadata<'_>) -> Histogram {
+            Histogram::from_arc(Arc::new(SignallingHistogram {
+                inner: self.inner.register_histogram(key, metadata),
+                recorded: self.recorded.clone(),
+            }))
+        }
+    }
 }
 
 /// The scripted run into the `prometheus` crate's registry through `metrics-prometheus`'s

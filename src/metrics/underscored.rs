@@ -17,7 +17,7 @@ use ::metrics::{
 ///
 /// For a recorder that takes no dots, such as `metrics-prometheus`'s, whose histograms count
 /// a sample into its bucket where it is recorded (the cheapest Prometheus recorder for the
-/// pool's per-call histograms; see [the module docs](crate::metrics#cost)).
+/// pool's per-call histograms; see [the module docs](crate::metrics#choosing-a-prometheus-recorder)).
 /// `metrics-exporter-prometheus` renames by itself and needs no wrapper.
 ///
 /// Names are rewritten when a handle is registered, which the pool does once per metric and

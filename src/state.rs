@@ -554,13 +554,41 @@ pub(crate) enum Disconnect {
     Shutdown,
 }
 
-/// How an attempt ended, as its guard tells the counters.
+/// How an attempt ended, as its guard tells the counters. Two bytes: every call's in-flight
+/// guard carries one (see `InFlightGuard`'s note on its size).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Outcome {
     /// With this gRPC status.
     Status(tonic::Code),
     /// Sent again on another connection (for this reason): the caller never saw this attempt.
-    Retried(&'static str),
+    Retried(Retry),
+}
+
+/// Why a call may be sent again: it provably never reached the server's application (the
+/// call module's `retry.rs` decides when).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Retry {
+    /// h2 would not open the stream (its connection had failed or was closing).
+    Unsent,
+    /// The stream was above the last stream id of the server's GOAWAY.
+    GoAway,
+    /// The server refused the stream (`REFUSED_STREAM`), e.g. past `MAX_CONCURRENT_STREAMS`.
+    Refused,
+    /// The connection ended after a GOAWAY leaving only streams the server never processed
+    /// (see `ConnFate` in `frames.rs`).
+    NotOpened,
+}
+
+impl Retry {
+    /// Its name in traces and in the `reason` label of `tonic_pool.transparent_retries`.
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            Self::Unsent => "unsent",
+            Self::GoAway => "goaway",
+            Self::Refused => "refused",
+            Self::NotOpened => "not_opened",
+        }
+    }
 }
 
 impl Outcome {

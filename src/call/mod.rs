@@ -151,16 +151,6 @@ fn outcome_of(error: &Error) -> Outcome {
     Outcome::Status(error.status().map_or(tonic::Code::Unknown, |s| s.code()))
 }
 
-/// The label of a transparent retry's reason.
-fn retry_reason(retry: Retry) -> &'static str {
-    match retry {
-        Retry::Unsent => "unsent",
-        Retry::GoAway => "goaway",
-        Retry::Refused => "refused",
-        Retry::NotOpened => "not_opened",
-    }
-}
-
 impl Call {
     /// Picks, sends, and goes again where gRPC allows, until the response headers.
     async fn send(&mut self) -> Result<Response<ResponseBody>, Error> {
@@ -208,7 +198,7 @@ impl Call {
                 // The connection retired between the pick and here: nothing was sent.
                 let counted = retries.count(Retry::Unsent, None);
                 guard.set_outcome(match &counted {
-                    Ok(()) => Outcome::Retried(retry_reason(Retry::Unsent)),
+                    Ok(()) => Outcome::Retried(Retry::Unsent),
                     Err(e) => outcome_of(e),
                 });
                 counted?;
@@ -286,10 +276,10 @@ impl Call {
                     }
                 }
             };
-            tracing::trace!(addr = %ready.addr, conn = ready.id, ?retry, "transparent retry");
+            tracing::trace!(addr = %ready.addr, conn = ready.id, retry = retry.label(), "transparent retry");
             let counted = retries.count(retry, Some(error));
             guard.set_outcome(match &counted {
-                Ok(()) => Outcome::Retried(retry_reason(retry)),
+                Ok(()) => Outcome::Retried(retry),
                 Err(e) => outcome_of(e),
             });
             counted?;

@@ -9,19 +9,7 @@ use crate::error::Error;
 /// connection was going away) is sent again, each time on another connection.
 const MAX_UNSENT_RETRIES: usize = 5;
 
-/// Why a call may be sent again: it provably never reached the server's application.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Retry {
-    /// h2 would not open the stream (its connection had failed or was closing).
-    Unsent,
-    /// The stream was above the last stream id of the server's GOAWAY.
-    GoAway,
-    /// The server refused the stream (`REFUSED_STREAM`), e.g. past `MAX_CONCURRENT_STREAMS`.
-    Refused,
-    /// The connection ended after a GOAWAY leaving only streams the server never processed
-    /// (see `ConnFate` in `frames.rs`).
-    NotOpened,
-}
+pub(crate) use crate::state::Retry;
 
 /// The error h2 gives streams whose connection went away under them.
 pub(crate) fn is_broken_pipe(err: &h2::Error) -> bool {

@@ -220,13 +220,18 @@ impl ConnStats {
 
 /// Held by a call from the moment it picks a connection until its response body ends or is
 /// dropped (a transparent retry drops it and takes a new one).
+///
+/// Kept small (24 bytes, 72 with the `metrics` feature): it is part of every call's future
+/// and of its response body, which tonic moves several times per call (see the note on
+/// size at `ResponseBody`).
 #[derive(Debug)]
 pub(crate) struct InFlightGuard {
     /// The connection the call is on (a field, so that a call can hold it while it updates
     /// the guard's other fields).
     pub(crate) conn: Arc<Connection>,
-    /// How many calls the connection counted with this one, when it was picked.
-    place: usize,
+    /// How many calls the connection counted with this one, when it was picked (saturated:
+    /// only compared with a stream limit, itself a `u32`).
+    place: u32,
     /// Given back to pick again, not ended: wakes no call waiting for room.
     requeued: bool,
     /// How the attempt ended, once known; an attempt dropped before is counted as cancelled
@@ -306,7 +311,7 @@ impl crate::growth::Place for InFlightGuard {
 
     /// HTTP/2 would queue the call until one of the calls before it on its connection ends.
     fn is_beyond_stream_limit(&self) -> bool {
-        self.place as u64 > u64::from(self.conn.limits.max_concurrent_streams())
+        self.place > self.conn.limits.max_concurrent_streams()
     }
 
     fn requeue(mut self) {
@@ -464,7 +469,7 @@ impl Connection {
         stats
             .last_call
             .store(now.saturating_add(1), Ordering::Relaxed);
-        let place = self.in_flight.inc();
+        let place = u32::try_from(self.in_flight.inc()).unwrap_or(u32::MAX);
         stats.pool.inc();
         InFlightGuard {
             conn: Arc::clone(self),

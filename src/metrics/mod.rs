@@ -144,7 +144,7 @@ use tonic::Code;
 
 use self::batch::Batches;
 
-use crate::state::{Disconnect, Outcome};
+use crate::state::{Disconnect, Outcome, Retry};
 use crate::target::Target;
 
 mod batch;
@@ -493,6 +493,9 @@ pub(crate) struct MethodId(u16);
 impl MethodId {
     /// The methods past [`MAX_METHODS`], recorded as `other`.
     const OTHER: Self = Self(u16::MAX);
+    /// No method yet: an attempt whose call has not named it (never sent). Not a slot (the
+    /// table has [`METHOD_SLOTS`]), so never a method's id.
+    const NONE: Self = Self(u16::MAX - 1);
 }
 
 /// The per-call handles of the methods a pool has seen, found without a lock: an
@@ -640,18 +643,18 @@ impl MethodMetrics {
         })
     }
 
-    fn retried(&self, reason: &'static str) {
+    fn retried(&self, reason: Retry) {
         let index = match reason {
-            "unsent" => 0,
-            "goaway" => 1,
-            "refused" => 2,
-            _ => 3,
+            Retry::Unsent => 0,
+            Retry::GoAway => 1,
+            Retry::Refused => 2,
+            Retry::NotOpened => 3,
         };
         self.retries[index]
             .get_or_init(|| {
                 let labels = vec![
                     Label::new(TARGET, self.target.clone()),
-                    Label::new("reason", reason),
+                    Label::new("reason", reason.label()),
                 ];
                 ::metrics::counter!(RETRIES, labels)
             })
@@ -675,15 +678,29 @@ fn seconds(nanos: u64) -> f64 {
 
 /// One attempt's metrics, carried by its in-flight guard: its call (once the call names it)
 /// and the bytes of the messages it sent and received. Its start is the guard's pick time.
-#[derive(Debug, Default)]
+///
+/// 48 bytes, and it must stay small: the guard is part of the response body, which tonic
+/// moves several times on every call — see the note on its size at `ResponseBody`.
+#[derive(Debug)]
 pub(crate) struct Attempt {
-    /// The call's method, once the call names it (none: never sent).
-    method: Option<MethodId>,
-    /// The call's start (on the pool's clock), once the call names it. Apart from `method`,
-    /// not as an `Option<CallMetrics>`: that would take 24 bytes of the guard instead of 12.
+    /// The call's method, once the call names it ([`MethodId::NONE`]: never sent). A
+    /// sentinel, not an `Option`, which would take 4 bytes and push the struct to 56.
+    method: MethodId,
+    /// The call's start (on the pool's clock), once the call names it.
     call_started: u64,
     sent: Sent,
     rcvd: MessageBytes,
+}
+
+impl Default for Attempt {
+    fn default() -> Self {
+        Self {
+            method: MethodId::NONE,
+            call_started: 0,
+            sent: Sent::default(),
+            rcvd: MessageBytes::default(),
+        }
+    }
 }
 
 /// The bytes of request messages an attempt sent.
@@ -706,7 +723,7 @@ impl Attempt {
     #[inline]
     pub(crate) fn of_call(&mut self, metrics: &PoolMetrics, call: CallMetrics) {
         metrics.record(Sample::Started(call.method));
-        self.method = Some(call.method);
+        self.method = call.method;
         self.call_started = call.started;
     }
 
@@ -731,10 +748,11 @@ impl Attempt {
     /// pool's clock, `crate::balance::now_ns`) with `outcome`: its duration and sizes, and
     /// the call's duration unless the call goes on with another attempt.
     pub(crate) fn ended(&self, metrics: &PoolMetrics, picked_at: u64, now: u64, outcome: Outcome) {
-        let Some(method) = self.method else {
+        let method = self.method;
+        if method == MethodId::NONE {
             // Dropped before the call named it: never sent.
             return;
-        };
+        }
         let code = match outcome {
             Outcome::Status(code) => code,
             Outcome::Retried(reason) => {

@@ -18,8 +18,10 @@
 //! [`Pool::snapshot`](crate::Pool::snapshot), the pool's close and the pool's end flush
 //! everything, so the snapshot and the metrics agree.
 //!
-//! This module only stores and hands back samples; what a sample means is its parent's.
+//! This module only keeps the shards and decides when a batch goes; what a batch holds and
+//! what its samples mean is the parent's ([`Batch`]; a plain `Vec` is one).
 
+use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
@@ -39,24 +41,83 @@ const MAX_SHARDS: usize = 64;
 static NEXT_THREAD: AtomicUsize = AtomicUsize::new(0);
 
 thread_local! {
-    static THREAD: usize = NEXT_THREAD.fetch_add(1, Ordering::Relaxed);
+    /// This thread's number once it has recorded (`usize::MAX` before): a constant-initialized
+    /// cell without a destructor, so reading it is a plain thread-local load, with no lazy
+    /// state to check and nothing to tear down.
+    static THREAD: Cell<usize> = const { Cell::new(usize::MAX) };
+}
+
+/// This thread's number (see [`NEXT_THREAD`]).
+#[inline]
+fn thread_number() -> usize {
+    THREAD.with(|number| match number.get() {
+        usize::MAX => {
+            // (Never `usize::MAX` again: the top bit is cleared.)
+            let n = NEXT_THREAD.fetch_add(1, Ordering::Relaxed) & (usize::MAX >> 1);
+            number.set(n);
+            n
+        }
+        n => n,
+    })
+}
+
+/// What a shard holds between flushes: samples added one at a time, counted towards
+/// [`BATCH`] by [`Batch::len`].
+pub(crate) trait Batch: Default {
+    /// What is added.
+    type Sample;
+    /// Adds `sample`.
+    fn push(&mut self, sample: Self::Sample);
+    /// How full it is: it is flushed at [`BATCH`].
+    fn len(&self) -> usize;
+    /// Whether it holds nothing.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Empties it, keeping its buffers.
+    fn clear(&mut self);
+    /// Its buffers for a batch, allocated at a shard's first sample (not for every shard).
+    fn reserve(&mut self);
+}
+
+impl<T> Batch for Vec<T> {
+    type Sample = T;
+    fn push(&mut self, sample: T) {
+        Vec::push(self, sample);
+    }
+    fn len(&self) -> usize {
+        Vec::len(self)
+    }
+    fn clear(&mut self) {
+        Vec::clear(self);
+    }
+    fn reserve(&mut self) {
+        self.reserve_exact(BATCH);
+    }
 }
 
 /// One shard on a cache line of its own, so that two threads' shards do not share one.
 #[derive(Debug, Default)]
 #[repr(align(128))]
-struct Shard<T>(Mutex<Vec<T>>);
+struct Shard<B>(Mutex<ShardBatch<B>>);
+
+#[derive(Debug, Default)]
+struct ShardBatch<B> {
+    batch: B,
+    /// Whether its buffers were allocated.
+    reserved: bool,
+}
 
 /// The shards of one pool's samples.
 #[derive(Debug)]
-pub(crate) struct Batches<T> {
-    shards: Box<[Shard<T>]>,
+pub(crate) struct Batches<B> {
+    shards: Box<[Shard<B>]>,
     /// Set by the first sample into an empty shard (whose caller then asks for a flush),
     /// cleared by [`Batches::flush_all`].
     pending: AtomicBool,
 }
 
-impl<T> Batches<T> {
+impl<B: Batch> Batches<B> {
     /// Shards for eight times the machine's parallelism (a power of two, at most
     /// [`MAX_SHARDS`]). Threads take shard numbers in the order they first record, and every
     /// thread that records takes one — a runtime's workers, its blocking threads, the
@@ -71,7 +132,7 @@ impl<T> Batches<T> {
     fn with_shards(n: usize) -> Self {
         debug_assert!(n.is_power_of_two());
         Self {
-            shards: (0..n).map(|_| Shard(Mutex::new(Vec::new()))).collect(),
+            shards: (0..n).map(|_| Shard::default()).collect(),
             pending: AtomicBool::new(false),
         }
     }
@@ -82,37 +143,37 @@ impl<T> Batches<T> {
     /// for every sample).
     #[inline]
     #[must_use]
-    pub(crate) fn push(&self, sample: T, flush: impl FnOnce(&mut Vec<T>)) -> bool {
-        // (`try_with`: a call dropped while its thread's locals are torn down still counts.)
-        let index = THREAD.try_with(|t| *t).unwrap_or(0) & (self.shards.len() - 1);
-        let mut samples = self.shards[index].0.lock();
+    pub(crate) fn push(&self, sample: B::Sample, flush: impl FnOnce(&mut B)) -> bool {
+        let index = thread_number() & (self.shards.len() - 1);
+        let mut shard = self.shards[index].0.lock();
         let mut ask = false;
-        if samples.is_empty() {
-            if samples.capacity() == 0 {
-                samples.reserve_exact(BATCH);
+        if shard.batch.is_empty() {
+            if !shard.reserved {
+                shard.batch.reserve();
+                shard.reserved = true;
             }
             // The first sample since this shard was last flushed: a flush must come, unless
             // one was already asked for.
             ask =
                 !self.pending.load(Ordering::Relaxed) && !self.pending.swap(true, Ordering::AcqRel);
         }
-        samples.push(sample);
-        if samples.len() >= BATCH {
-            flush(&mut samples);
-            samples.clear();
+        shard.batch.push(sample);
+        if shard.batch.len() >= BATCH {
+            flush(&mut shard.batch);
+            shard.batch.clear();
         }
         ask
     }
 
-    /// Hands every shard's samples to `flush` and empties them.
-    pub(crate) fn flush_all(&self, mut flush: impl FnMut(&mut Vec<T>)) {
+    /// Hands every shard's batch to `flush` and empties them.
+    pub(crate) fn flush_all(&self, mut flush: impl FnMut(&mut B)) {
         // Cleared first: a sample added while the shards are flushed asks again.
         self.pending.store(false, Ordering::Release);
         for shard in self.shards.iter() {
-            let mut samples = shard.0.lock();
-            if !samples.is_empty() {
-                flush(&mut samples);
-                samples.clear();
+            let mut shard = shard.0.lock();
+            if !shard.batch.is_empty() {
+                flush(&mut shard.batch);
+                shard.batch.clear();
             }
         }
     }
@@ -129,7 +190,7 @@ mod tests {
     /// shard.
     #[test]
     fn samples_reach_the_flush_in_batches_without_loss() {
-        let batches = Arc::new(Batches::<u32>::with_shards(2));
+        let batches = Arc::new(Batches::<Vec<u32>>::with_shards(2));
         let seen = Arc::new(parking_lot::Mutex::new(Vec::new()));
         let threads: Vec<_> = (0..4u32)
             .map(|t| {
@@ -172,7 +233,7 @@ mod tests {
     /// again after the next flush.
     #[test]
     fn a_flush_is_asked_for_once_per_flush() {
-        let batches = Batches::<u32>::with_shards(1);
+        let batches = Batches::<Vec<u32>>::with_shards(1);
         assert!(batches.push(1, |_| unreachable!()), "the first sample asks");
         assert!(
             !batches.push(2, |_| unreachable!()),

@@ -142,7 +142,7 @@ use std::sync::{Arc, OnceLock, Weak};
 use ::metrics::{Counter, Gauge, Histogram, Label, SharedString, Unit};
 use tonic::Code;
 
-use self::batch::Batches;
+use self::batch::{Batch, Batches, BATCH};
 
 use crate::state::{Disconnect, Outcome, Retry};
 use crate::target::Target;
@@ -235,7 +235,7 @@ pub(crate) struct PoolMetrics {
     target: SharedString,
     methods: MethodTable,
     /// The per-call samples on their way to the recorder (see [`batch`]).
-    samples: Batches<Sample>,
+    samples: Batches<CallBatch>,
     /// Itself, for the [`flusher`] to come back to.
     me: Weak<PoolMetrics>,
     open_connections: Gauge,
@@ -272,59 +272,37 @@ impl PoolMetrics {
         }
     }
 
-    /// Records a run of samples into the recorder's handles. One histogram at a time: a
-    /// recorder's bucket then takes the run's samples back to back, its cache line on this
+    /// Records a batch into the recorder's handles: one increment per run of starts of one
+    /// method, and the ends by stretches of one method and status (a batch is mostly one
+    /// stretch), each stretch's handles looked up once and its four histograms taken one at a
+    /// time: a recorder's bucket then takes the samples back to back, its cache line on this
     /// core, instead of four buckets in turn.
-    fn record_now(&self, run: &[Sample]) {
-        // Calls of one method come in runs: one increment per run of starts.
-        let mut starts: Option<(MethodId, u64)> = None;
-        for sample in run {
-            if let Sample::Started(method) = *sample {
-                match &mut starts {
-                    Some((m, n)) if *m == method => *n += 1,
-                    _ => {
-                        if let Some((m, n)) = starts.replace((method, 1)) {
-                            self.method_metrics(m).started.increment(n);
-                        }
-                    }
-                }
+    fn record_now(&self, batch: &CallBatch) {
+        for &(method, n) in &batch.starts {
+            self.method_metrics(method).started.increment(u64::from(n));
+        }
+        let mut rest = &batch.ends[..];
+        while let Some(first) = rest.first() {
+            let len = rest
+                .iter()
+                .position(|e| e.method != first.method || e.code != first.code)
+                .unwrap_or(rest.len());
+            let (stretch, tail) = rest.split_at(len);
+            rest = tail;
+            let status = self.method_metrics(first.method).status(first.code);
+            for ended in stretch {
+                status.attempt_duration.record(seconds(ended.attempt_ns));
             }
-        }
-        if let Some((m, n)) = starts {
-            self.method_metrics(m).started.increment(n);
-        }
-        // The run's ends, four passes over them; each pass looks up a status's handles once
-        // per stretch of samples of one method and status (a run is mostly one stretch).
-        let ended = || {
-            let mut last: Option<(MethodId, Code, &StatusMetrics)> = None;
-            run.iter().filter_map(move |sample| match sample {
-                Sample::Ended(ended) => Some(match last {
-                    Some((method, code, status))
-                        if method == ended.method && code == ended.code =>
-                    {
-                        (status, ended)
-                    }
-                    _ => {
-                        let status = self.method_metrics(ended.method).status(ended.code);
-                        last = Some((ended.method, ended.code, status));
-                        (status, ended)
-                    }
-                }),
-                Sample::Started(_) => None,
-            })
-        };
-        for (status, ended) in ended() {
-            status.attempt_duration.record(seconds(ended.attempt_ns));
-        }
-        for (status, ended) in ended() {
-            status.sent.record(ended.sent as f64);
-        }
-        for (status, ended) in ended() {
-            status.rcvd.record(ended.rcvd as f64);
-        }
-        for (status, ended) in ended() {
-            if let Some(call_ns) = ended.call_ns {
-                status.call_duration.record(seconds(call_ns));
+            for ended in stretch {
+                status.sent.record(ended.sent as f64);
+            }
+            for ended in stretch {
+                status.rcvd.record(ended.rcvd as f64);
+            }
+            for ended in stretch {
+                if let Some(call_ns) = ended.call_ns {
+                    status.call_duration.record(seconds(call_ns));
+                }
             }
         }
     }
@@ -783,7 +761,7 @@ impl Attempt {
     }
 }
 
-/// A call's samples as they wait in a batch: what the recorder gets at the flush.
+/// A call's samples on their way to a batch: what the recorder gets at the flush.
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Sample {
     /// `grpc.client.attempt.started`.
@@ -791,6 +769,46 @@ enum Sample {
     /// An attempt's end: its three histograms, and the call's duration if the call ended
     /// with it.
     Ended(Ended),
+}
+
+/// One thread's samples between flushes. Starts are counted by runs of one method (a start
+/// costs an increment, not a sample); ends are kept whole.
+#[derive(Debug, Default)]
+struct CallBatch {
+    /// Runs of starts: a method and how many attempts of it started in a row.
+    starts: Vec<(MethodId, u32)>,
+    ends: Vec<Ended>,
+}
+
+impl Batch for CallBatch {
+    type Sample = Sample;
+
+    #[inline]
+    fn push(&mut self, sample: Sample) {
+        match sample {
+            Sample::Started(method) => match self.starts.last_mut() {
+                Some((last, n)) if *last == method && *n < u32::MAX => *n += 1,
+                _ => self.starts.push((method, 1)),
+            },
+            Sample::Ended(ended) => self.ends.push(ended),
+        }
+    }
+
+    /// Its runs of starts and its ends: one method's calls fill it with 63 ends and one run.
+    #[inline]
+    fn len(&self) -> usize {
+        self.starts.len() + self.ends.len()
+    }
+
+    fn clear(&mut self) {
+        self.starts.clear();
+        self.ends.clear();
+    }
+
+    fn reserve(&mut self) {
+        self.starts.reserve_exact(BATCH);
+        self.ends.reserve_exact(BATCH);
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -869,7 +887,23 @@ pub(crate) struct MessageBytes {
 }
 
 impl MessageBytes {
-    pub(crate) fn feed(&mut self, mut data: &[u8]) {
+    /// Counts the message bytes in `data`, the next bytes of the stream.
+    #[inline]
+    pub(crate) fn feed(&mut self, data: &[u8]) {
+        // The usual frame: exactly one whole message, between two messages (a unary call's).
+        if let (0, 0, Some((&[_, a, b, c, d], message))) =
+            (self.prefix_len, self.left, data.split_first_chunk::<5>())
+        {
+            if message.len() as u64 == u64::from(u32::from_be_bytes([a, b, c, d])) {
+                self.total += message.len() as u64;
+                return;
+            }
+        }
+        self.feed_any(data);
+    }
+
+    /// [`MessageBytes::feed`] for any split of the stream.
+    fn feed_any(&mut self, mut data: &[u8]) {
         while let Some((&byte, rest)) = data.split_first() {
             if self.prefix_len == 0 && self.left > 0 {
                 let n = data.len().min(self.left as usize);
@@ -1072,21 +1106,42 @@ mod tests {
         assert_eq!(SIZE_BUCKETS[1], 1024.0);
     }
 
-    /// Message bytes are counted without their prefixes, however the frames split them.
+    /// Message bytes are counted without their prefixes, however the frames split them: at
+    /// every length, one frame per message (the fast path), and frames that hold a message and
+    /// a part of the next, or a prefix that claims more than the frame has.
     #[test]
     fn message_bytes_skip_prefixes_across_splits() {
+        let messages = [&b"hello"[..], b"", b"a longer message"];
         let mut stream = Vec::new();
-        for message in [&b"hello"[..], b"", b"a longer message"] {
-            stream.push(0);
-            stream.extend_from_slice(&(message.len() as u32).to_be_bytes());
-            stream.extend_from_slice(message);
+        let mut framed = Vec::new();
+        for message in messages {
+            let mut frame = vec![0];
+            frame.extend_from_slice(&(message.len() as u32).to_be_bytes());
+            frame.extend_from_slice(message);
+            stream.extend_from_slice(&frame);
+            framed.push(frame);
         }
-        for split in 1..stream.len() {
+        let count = |chunks: &mut dyn Iterator<Item = &[u8]>| {
             let mut bytes = MessageBytes::default();
-            for chunk in stream.chunks(split) {
-                bytes.feed(chunk);
-            }
-            assert_eq!(bytes.total, 21, "split every {split} bytes");
+            chunks.for_each(|chunk| bytes.feed(chunk));
+            bytes.total
+        };
+        for split in 1..=stream.len() {
+            assert_eq!(
+                count(&mut stream.chunks(split)),
+                21,
+                "split every {split} bytes"
+            );
         }
+        assert_eq!(
+            count(&mut framed.iter().map(Vec::as_slice)),
+            21,
+            "a frame per message"
+        );
+        // A frame ending inside the second message's prefix, then the rest.
+        assert_eq!(count(&mut [&stream[..13], &stream[13..]].into_iter()), 21);
+        // A frame whose prefix says 16 bytes with 3 of them in it: counted as they come.
+        let (head, tail) = framed[2].split_at(8);
+        assert_eq!(count(&mut [head, tail].into_iter()), 16);
     }
 }

@@ -46,10 +46,12 @@ pub struct ResponseBody {
 }
 
 // Its size is a cost on every call: tonic moves a response body several times per call
-// (`tonic::body::Body::new` boxes it, the response is mapped on the way up), and x86-64
-// copies up to 128 bytes with inline moves but calls `memcpy` for more. At 168 bytes (an
-// in-flight guard of 104) the `metrics` feature once cost ~700 instructions of `memcpy` per
-// call in the client (issue 13's bar); hence the small guard and its compact `Outcome`.
+// (`tonic::body::Body::new` boxes it, the response is mapped on the way up), as does the
+// call's own future, and the larger the body the more of those moves become `memcpy` calls.
+// With the `metrics` feature the body was 168 bytes (an in-flight guard of 104), and the
+// client spent ~700 more instructions per call in `memcpy` than without the feature; at 128
+// (guard 72), ~380 (callgrind of S2's client alone: `benches/RESULTS.md` section 28). Hence
+// the small guard, its two-byte `Outcome` and the one-field deadline.
 const _: () = assert!(std::mem::size_of::<ResponseBody>() <= 128);
 
 /// A response body's deadline: its timer is armed only once the body waits or brings a second

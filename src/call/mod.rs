@@ -71,6 +71,7 @@ pub use self::options::WaitForReady;
 /// inside that one's future — for a whole request and an in-flight guard, over a kilobyte a
 /// call. Here the call's state is built before the future, held by it once ([`Call`]), and
 /// the attempt loop borrows it.
+#[inline(always)]
 pub(crate) fn run(
     shared: Arc<Shared>,
     first: Option<InFlightGuard>,

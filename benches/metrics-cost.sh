@@ -28,6 +28,11 @@
 # with Prometheus histograms in gRFC A66's buckets; metrics-prometheus: the metrics-prometheus
 # crate's recorder, A66's buckets counted where a sample is recorded — the load bench's
 # LOAD_RECORDER, see benches/load/recorder.rs),
+# CODEGEN_UNITS (unset: the bench profile's own, 16; a number builds every crate of both
+# binaries with that many codegen units, in a target directory of its own under the default
+# one unless CARGO_TARGET_DIR is set: with 16, which functions the compiler inlines into which
+# — h2's and tonic's included — changes whenever the crate's code changes, by ±0.6 % of the
+# client's instructions per call between two builds; with 1 it does not; RESULTS.md section 28),
 # LOAD_SECS (2), LOAD_WARMUP_SECS (0.5), LOAD_CLIENT_THREADS (the bench's default when unset),
 # OUT_DIR (where the CSV and the runs' logs go; default <cargo target dir>/metrics-cost/<UTC
 # time>).
@@ -69,12 +74,21 @@ export LOAD_SECS LOAD_WARMUP_SECS
 # Settings of the bench that would change what the two binaries run: the script sets its own.
 unset LOAD_POOL_SIZES LOAD_SCENARIOS LOAD_MODES LOAD_METRICS LOAD_ROUNDS LOAD_FIRST_ROUND LOAD_CSV LOAD_RECORDER
 
+if [[ -n ${CODEGEN_UNITS:-} ]]; then
+    [[ $CODEGEN_UNITS =~ ^[1-9][0-9]{0,2}$ ]] || fail "CODEGEN_UNITS=$CODEGEN_UNITS: expected 1 to 999"
+    export CARGO_PROFILE_BENCH_CODEGEN_UNITS=$CODEGEN_UNITS
+    # Its own target directory: switching back and forth would rebuild every dependency.
+    export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-target/codegen-units-$CODEGEN_UNITS}
+fi
+
 SUMMARIZE=${SUMMARIZE:-}
 for f in $SUMMARIZE; do
     [[ -f $f ]] || fail "SUMMARIZE: $f is not a file"
 done
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+# shellcheck source=benches/load-exe.sh
+source benches/load-exe.sh
 stamp=$(date -u +%Y%m%dT%H%M%SZ)
 if [[ -z $SUMMARIZE ]]; then
 out=${OUT_DIR:-${CARGO_TARGET_DIR:-target}/metrics-cost/$stamp}
@@ -102,12 +116,7 @@ build() {
     fi
     echo "building the load bench ($name): ${cmd[*]}" >&2
     json=$("${cmd[@]}") || fail "${cmd[*]} failed (shuffling needs the LLD linker)"
-    exe=$(printf '%s\n' "$json" |
-        grep '"reason":"compiler-artifact"' |
-        grep '"kind":\["bench"\]' |
-        grep '"name":"load"' |
-        sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' |
-        tail -n 1) || true
+    exe=$(printf '%s\n' "$json" | load_exe) || true
     [[ -n $exe && -x $exe ]] || fail "no executable for the bench target load in cargo's output"
     cp "$exe" "$bin/$name"
 }
@@ -179,7 +188,7 @@ if [[ -n $SUMMARIZE ]]; then
     title="pooled from ${#files[@]} CSV(s): $SUMMARIZE"
 else
     files=("$csv")
-    title="$ROUNDS round(s) × ($LOAD_WARMUP_SECS s warm-up + $LOAD_SECS s measured) per mode, $LAYOUTS layout(s), recorder: $RECORDER; the rounds took $elapsed s; CSV: $csv"
+    title="$ROUNDS round(s) × ($LOAD_WARMUP_SECS s warm-up + $LOAD_SECS s measured) per mode, $LAYOUTS layout(s), recorder: $RECORDER, codegen units: ${CODEGEN_UNITS:-default (16)}; the rounds took $elapsed s; CSV: $csv"
 fi
 awk -F, -v bar="$BAR" -v busy="$BUSY_CORES" -v title="$title" -v layouts="$LAYOUTS" '
     function sort(a, n,    i, j, t) {

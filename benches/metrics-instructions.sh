@@ -26,6 +26,8 @@
 # and the runs' logs; default <cargo target dir>/metrics-instructions/<UTC time>).
 # Needs valgrind. Exit status: non-zero if a build or a run fails.
 set -euo pipefail
+# A failure inside `$(...)` stops the script too.
+shopt -s inherit_errexit
 
 RECORDER=${RECORDER:-metrics-prometheus}
 [[ $RECORDER == summary || $RECORDER == a66 || $RECORDER == metrics-prometheus ]] || {
@@ -89,10 +91,10 @@ count() {
     ' "$1"
 }
 
-# Runs mode $2 of binary $1 for $3 s under callgrind (the rest: the bench's settings); prints
+# Runs mode $3 of binary $2 for $1 s under callgrind (the rest: the bench's settings); prints
 # "instructions calls".
 measure() {
-    local name=$1 mode=$2 secs=$3 tag=$1-$2-$3
+    local secs=$1 name=$2 mode=$3 tag=$2-$3-$1
     shift 3
     if ! env "$@" LOAD_SCENARIOS=S2 LOAD_MODES="$mode" LOAD_ROUNDS=1 LOAD_CLIENT_THREADS=1 \
         LOAD_WARMUP_SECS=0.5 LOAD_SECS="$secs" \
@@ -108,8 +110,8 @@ measure() {
 # Instructions per call of one mode: (I8 - I2) / (N8 - N2).
 per_call() {
     local a b
-    a=$(measure "$@" 2)
-    b=$(measure "$@" 8)
+    a=$(measure 2 "$@")
+    b=$(measure 8 "$@")
     awk -v a="$a" -v b="$b" 'BEGIN {
         split(a, x, " "); split(b, y, " ")
         if (y[2] <= x[2] || x[2] == 0) { print "no calls to Pool::call counted (inlined?)" > "/dev/stderr"; exit 1 }

@@ -60,9 +60,12 @@
 //! already makes; the request's message bytes are counted by the attempt's body cursor as frames go out (no wrapper body), the
 //! response's as the body is read; at the attempt's end one more clock read. The attempt's
 //! start and end go to its thread's batch (module `batch`: a short lock on a shard no other
-//! thread uses), and reach the recorder in runs of 64 — one counter increment per run of
-//! starts, four histogram samples per call (three for an attempt that is retried) — on the
-//! handles registered once per method and status. What the samples cost is the recorder's
+//! thread uses) — a start as one more in the batch's run of starts of its method, an end as
+//! a 48-byte sample — and reach the recorder 64 at a time: one counter increment per run of
+//! starts, four histogram samples per call (three for an attempt that is retried), on the
+//! handles registered once per method and status. The state a call carries for its metrics
+//! is kept small (a method id, its start, two byte counts: 48 bytes of the in-flight guard),
+//! because tonic moves a response body, which holds the guard, several times per call. What the samples cost is the recorder's
 //! (see [below](#choosing-a-prometheus-recorder)); a recorder's handles are shared by the
 //! threads that record, and the batches keep their cache lines on one core for a run at a
 //! time instead of trading them call by call. The price is a delay: samples reach the

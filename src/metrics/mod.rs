@@ -104,15 +104,16 @@
 //!
 //! Two recorders take the `metrics` facade's metrics to Prometheus, and with the pool's four
 //! histogram samples per call they cost very differently (S2 of the load bench: client CPU
-//! per call against a build without the feature; `benches/RESULTS.md` sections 26 and 27):
+//! per call against a build without the feature, and its instructions per call;
+//! `benches/RESULTS.md` sections 26–28):
 //! - **`metrics-prometheus`**, over the `prometheus` crate, counts a sample into its bucket
 //!   where it is recorded: a few atomic adds, no clock read, nothing stored to drain later.
-//!   Its own share is small (+0.4 % over the feature without a recorder, three runs
-//!   pooled), so the feature costs about what the pool's own recording costs: **+3.4 to
-//!   +3.9 %**.
+//!   Its own share is small (+0.7 % CPU over the feature without a recorder, three runs
+//!   pooled; +1.0 % in instructions): the feature costs **+3.1 to +3.2 %** (CPU with one or
+//!   two client threads, and instructions).
 //! - **`metrics-exporter-prometheus`** stores each sample with a clock read and drains it into
-//!   its histogram or summary at its upkeep: **+5.5 to +7.7 %**, about half of it the
-//!   exporter's.
+//!   its histogram or summary at its upkeep: **+5.4 %** in instructions (+5.5 to +7.7 % CPU
+//!   before the pool's own share was cut), more than half of it the exporter's.
 //!
 //! The `prometheus` crate takes no dots in names: wrap its recorder in [`Underscored`] (without
 //! it, `metrics-prometheus` panics in debug builds and records none of these metrics in

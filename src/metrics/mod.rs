@@ -108,9 +108,9 @@
 //! `benches/RESULTS.md` sections 26–28):
 //! - **`metrics-prometheus`**, over the `prometheus` crate, counts a sample into its bucket
 //!   where it is recorded: a few atomic adds, no clock read, nothing stored to drain later.
-//!   Its own share is small (+0.7 % CPU over the feature without a recorder, three runs
-//!   pooled; +1.0 % in instructions): the feature costs **+3.1 to +3.2 %** (CPU with one or
-//!   two client threads, and instructions).
+//!   Its own share is small (+0.8 % CPU over the feature without a recorder, four runs
+//!   pooled; +1.0 % in instructions): the feature costs **+3.1 %** (CPU with one or two
+//!   client threads, and instructions).
 //! - **`metrics-exporter-prometheus`** stores each sample with a clock read and drains it into
 //!   its histogram or summary at its upkeep: **+5.4 %** in instructions (+5.5 to +7.7 % CPU
 //!   before the pool's own share was cut), more than half of it the exporter's.

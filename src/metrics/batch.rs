@@ -76,7 +76,8 @@ pub(crate) trait Batch: Default {
     }
     /// Empties it, keeping its buffers.
     fn clear(&mut self);
-    /// Its buffers for a batch, allocated at a shard's first sample (not for every shard).
+    /// Makes room for a whole batch: called when it is empty, so that a shard's buffers are
+    /// allocated at its first sample (not for every shard); nothing once they are there.
     fn reserve(&mut self);
 }
 
@@ -99,14 +100,7 @@ impl<T> Batch for Vec<T> {
 /// One shard on a cache line of its own, so that two threads' shards do not share one.
 #[derive(Debug, Default)]
 #[repr(align(128))]
-struct Shard<B>(Mutex<ShardBatch<B>>);
-
-#[derive(Debug, Default)]
-struct ShardBatch<B> {
-    batch: B,
-    /// Whether its buffers were allocated.
-    reserved: bool,
-}
+struct Shard<B>(Mutex<B>);
 
 /// The shards of one pool's samples.
 #[derive(Debug)]
@@ -145,22 +139,19 @@ impl<B: Batch> Batches<B> {
     #[must_use]
     pub(crate) fn push(&self, sample: B::Sample, flush: impl FnOnce(&mut B)) -> bool {
         let index = thread_number() & (self.shards.len() - 1);
-        let mut shard = self.shards[index].0.lock();
+        let mut batch = self.shards[index].0.lock();
         let mut ask = false;
-        if shard.batch.is_empty() {
-            if !shard.reserved {
-                shard.batch.reserve();
-                shard.reserved = true;
-            }
+        if batch.is_empty() {
+            batch.reserve();
             // The first sample since this shard was last flushed: a flush must come, unless
             // one was already asked for.
             ask =
                 !self.pending.load(Ordering::Relaxed) && !self.pending.swap(true, Ordering::AcqRel);
         }
-        shard.batch.push(sample);
-        if shard.batch.len() >= BATCH {
-            flush(&mut shard.batch);
-            shard.batch.clear();
+        batch.push(sample);
+        if batch.len() >= BATCH {
+            flush(&mut batch);
+            batch.clear();
         }
         ask
     }
@@ -170,10 +161,10 @@ impl<B: Batch> Batches<B> {
         // Cleared first: a sample added while the shards are flushed asks again.
         self.pending.store(false, Ordering::Release);
         for shard in self.shards.iter() {
-            let mut shard = shard.0.lock();
-            if !shard.batch.is_empty() {
-                flush(&mut shard.batch);
-                shard.batch.clear();
+            let mut batch = shard.0.lock();
+            if !batch.is_empty() {
+                flush(&mut batch);
+                batch.clear();
             }
         }
     }

@@ -65,8 +65,9 @@
 //! starts, four histogram samples per call (three for an attempt that is retried), on the
 //! handles registered once per method and status. The state a call carries for its metrics
 //! is kept small (a method id, its start, two byte counts: 48 bytes of the in-flight guard),
-//! because tonic moves a response body, which holds the guard, several times per call. What the samples cost is the recorder's
-//! (see [below](#choosing-a-prometheus-recorder)); a recorder's handles are shared by the
+//! because tonic moves a response body, which holds the guard, several times per call.
+//! What the samples cost is the recorder's (see [below](#choosing-a-prometheus-recorder));
+//! a recorder's handles are shared by the
 //! threads that record, and the batches keep their cache lines on one core for a run at a
 //! time instead of trading them call by call. The price is a delay: samples reach the
 //! recorder when their thread's batch fills, when the process's flusher thread comes
@@ -626,13 +627,8 @@ impl MethodMetrics {
     }
 
     fn retried(&self, reason: Retry) {
-        let index = match reason {
-            Retry::Unsent => 0,
-            Retry::GoAway => 1,
-            Retry::Refused => 2,
-            Retry::NotOpened => 3,
-        };
-        self.retries[index]
+        // (One slot per `Retry` variant, in its order.)
+        self.retries[reason as usize]
             .get_or_init(|| {
                 let labels = vec![
                     Label::new(TARGET, self.target.clone()),

@@ -18,11 +18,18 @@
 //! [`Pool::snapshot`](crate::Pool::snapshot), the pool's close and the pool's end flush
 //! everything, so the snapshot and the metrics agree.
 //!
-//! This module only keeps the shards and decides when a batch goes; what a batch holds and
-//! what its samples mean is the parent's ([`Batch`]; a plain `Vec` is one).
+//! A shard also keeps counters that are added to without its lock, one atomic add each on
+//! the shard's own cache line (the parent counts its attempts' starts so: a start is then no
+//! sample, and an attempt takes the batch's lock once, at its end). The counters reach the
+//! parent at [`Batches::flush_all`] only — so within [`FLUSH_AFTER`] too — and the first count
+//! since the last flush asks for one, as the first sample into an empty shard does.
+//!
+//! This module only keeps the shards and decides when a batch goes; what its samples and
+//! counters mean is the parent's.
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use parking_lot::Mutex;
@@ -61,74 +68,61 @@ fn thread_number() -> usize {
     })
 }
 
-/// What a shard holds between flushes: samples added one at a time, counted towards
-/// [`BATCH`] by [`Batch::len`].
-pub(crate) trait Batch: Default {
-    /// What is added.
-    type Sample;
-    /// Adds `sample`.
-    fn push(&mut self, sample: Self::Sample);
-    /// How full it is: it is flushed at [`BATCH`].
-    fn len(&self) -> usize;
-    /// Whether it holds nothing.
-    fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-    /// Empties it, keeping its buffers.
-    fn clear(&mut self);
-    /// Makes room for a whole batch: called when it is empty, so that a shard's buffers are
-    /// allocated at its first sample (not for every shard); nothing once they are there.
-    fn reserve(&mut self);
-}
-
-impl<T> Batch for Vec<T> {
-    type Sample = T;
-    fn push(&mut self, sample: T) {
-        Vec::push(self, sample);
-    }
-    fn len(&self) -> usize {
-        Vec::len(self)
-    }
-    fn clear(&mut self) {
-        Vec::clear(self);
-    }
-    fn reserve(&mut self) {
-        self.reserve_exact(BATCH);
-    }
-}
-
 /// One shard on a cache line of its own, so that two threads' shards do not share one.
-#[derive(Debug, Default)]
-#[repr(align(128))]
-struct Shard<B>(Mutex<B>);
-
-/// The shards of one pool's samples.
 #[derive(Debug)]
-pub(crate) struct Batches<B> {
-    shards: Box<[Shard<B>]>,
-    /// Set by the first sample into an empty shard (whose caller then asks for a flush),
-    /// cleared by [`Batches::flush_all`].
+#[repr(align(128))]
+struct Shard<T> {
+    batch: Mutex<Vec<T>>,
+    /// Its counters, allocated at its first count (not for every shard).
+    counts: OnceLock<Box<[AtomicU64]>>,
+}
+
+impl<T> Default for Shard<T> {
+    fn default() -> Self {
+        Self {
+            batch: Mutex::new(Vec::new()),
+            counts: OnceLock::new(),
+        }
+    }
+}
+
+/// The shards of one pool's samples and counts.
+#[derive(Debug)]
+pub(crate) struct Batches<T> {
+    shards: Box<[Shard<T>]>,
+    /// How many counters a shard has.
+    counters: usize,
+    /// Set by the first sample into an empty shard or the first count since the last flush
+    /// (whose caller then asks for a flush), cleared by [`Batches::flush_all`].
     pending: AtomicBool,
 }
 
-impl<B: Batch> Batches<B> {
+impl<T> Batches<T> {
     /// Shards for eight times the machine's parallelism (a power of two, at most
     /// [`MAX_SHARDS`]). Threads take shard numbers in the order they first record, and every
     /// thread that records takes one — a runtime's workers, its blocking threads, the
     /// application's own — so two busy workers share a shard only if their numbers are a
     /// multiple of the shard count apart: many shards (a cache line each, their buffers
     /// allocated at first use) make that rare.
-    pub(crate) fn new() -> Self {
+    /// Each shard has `counters` counters (see [`Batches::count`]).
+    pub(crate) fn new(counters: usize) -> Self {
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        Self::with_shards((threads * 8).next_power_of_two().min(MAX_SHARDS))
+        Self::with_shards((threads * 8).next_power_of_two().min(MAX_SHARDS), counters)
     }
 
-    fn with_shards(n: usize) -> Self {
+    fn with_shards(n: usize, counters: usize) -> Self {
         debug_assert!(n.is_power_of_two());
         Self {
             shards: (0..n).map(|_| Shard::default()).collect(),
+            counters,
             pending: AtomicBool::new(false),
         }
+    }
+
+    /// This thread's shard.
+    #[inline]
+    fn shard(&self) -> &Shard<T> {
+        &self.shards[thread_number() & (self.shards.len() - 1)]
     }
 
     /// Adds `sample` to this thread's shard; a full shard goes to `flush` at once, on this
@@ -137,34 +131,85 @@ impl<B: Batch> Batches<B> {
     /// for every sample).
     #[inline]
     #[must_use]
-    pub(crate) fn push(&self, sample: B::Sample, flush: impl FnOnce(&mut B)) -> bool {
-        let index = thread_number() & (self.shards.len() - 1);
-        let mut batch = self.shards[index].0.lock();
+    pub(crate) fn push(&self, sample: T, flush: impl FnOnce(&[T])) -> bool {
+        let mut batch = self.shard().batch.lock();
         let mut ask = false;
         if batch.is_empty() {
-            batch.reserve();
+            // Room for a whole batch (allocated at the shard's first sample; a no-op after).
+            batch.reserve_exact(BATCH);
             // The first sample since this shard was last flushed: a flush must come, unless
             // one was already asked for.
-            ask =
-                !self.pending.load(Ordering::Relaxed) && !self.pending.swap(true, Ordering::AcqRel);
+            ask = self.ask();
         }
         batch.push(sample);
         if batch.len() >= BATCH {
-            flush(&mut batch);
+            flush(&batch);
             batch.clear();
         }
         ask
     }
 
-    /// Hands every shard's batch to `flush` and empties them.
-    pub(crate) fn flush_all(&self, mut flush: impl FnMut(&mut B)) {
-        // Cleared first: a sample added while the shards are flushed asks again.
-        self.pending.store(false, Ordering::Release);
+    /// Adds one to counter `counter` (below the `counters` given to [`Batches::new`]) of this
+    /// thread's shard, without its lock. Returns whether the caller must ask for a
+    /// [`Batches::flush_all`] within [`FLUSH_AFTER`], as [`Batches::push`] does.
+    #[inline]
+    #[must_use]
+    pub(crate) fn count(&self, counter: usize) -> bool {
+        let shard = self.shard();
+        let counts = match shard.counts.get() {
+            Some(counts) => counts,
+            None => self.allocate_counts(shard),
+        };
+        // Sequentially consistent, as are the flag's accesses here and in `flush_all`: if
+        // this add comes after `flush_all` took the counter, the load below comes after
+        // `flush_all` cleared the flag, and sees it cleared (or set again by a later ask).
+        // On x86 these are the instructions relaxed ones would be.
+        counts[counter].fetch_add(1, Ordering::SeqCst);
+        self.ask()
+    }
+
+    #[cold]
+    fn allocate_counts<'a>(&self, shard: &'a Shard<T>) -> &'a [AtomicU64] {
+        shard
+            .counts
+            .get_or_init(|| (0..self.counters).map(|_| AtomicU64::new(0)).collect())
+    }
+
+    /// Whether this caller is the one to ask for a flush: the first since the last one.
+    #[inline]
+    fn ask(&self) -> bool {
+        !self.pending.load(Ordering::SeqCst) && !self.pending.swap(true, Ordering::SeqCst)
+    }
+
+    /// Hands every shard's batch to `flush` and empties them, and every shard's non-zero
+    /// counters to `counted` (the counter and what it counted since the last flush), and
+    /// zeroes them.
+    pub(crate) fn flush_all(
+        &self,
+        mut flush: impl FnMut(&[T]),
+        mut counted: impl FnMut(usize, u64),
+    ) {
+        // Cleared first: a sample added or a count made while the shards are flushed asks
+        // again (sequentially consistent: see `count`).
+        self.pending.store(false, Ordering::SeqCst);
         for shard in self.shards.iter() {
-            let mut batch = shard.0.lock();
-            if !batch.is_empty() {
-                flush(&mut batch);
-                batch.clear();
+            {
+                let mut batch = shard.batch.lock();
+                if !batch.is_empty() {
+                    flush(&batch);
+                    batch.clear();
+                }
+            }
+            for (counter, count) in shard
+                .counts
+                .get()
+                .into_iter()
+                .flat_map(|c| c.iter().enumerate())
+            {
+                // A load first: most counters are zero, and a load does not take the line.
+                if count.load(Ordering::SeqCst) != 0 {
+                    counted(counter, count.swap(0, Ordering::SeqCst));
+                }
             }
         }
     }
@@ -181,7 +226,7 @@ mod tests {
     /// shard.
     #[test]
     fn samples_reach_the_flush_in_batches_without_loss() {
-        let batches = Arc::new(Batches::<Vec<u32>>::with_shards(2));
+        let batches = Arc::new(Batches::<u32>::with_shards(2, 0));
         let seen = Arc::new(parking_lot::Mutex::new(Vec::new()));
         let threads: Vec<_> = (0..4u32)
             .map(|t| {
@@ -205,7 +250,7 @@ mod tests {
         }
         let flushed_while_recording = seen.lock().len();
         assert_eq!(flushed_while_recording % BATCH, 0);
-        batches.flush_all(|rest| seen.lock().extend_from_slice(rest));
+        batches.flush_all(|rest| seen.lock().extend_from_slice(rest), |_, _| {});
         let mut seen = std::mem::take(&mut *seen.lock());
         assert_eq!(seen.len(), 4_000, "every sample, once");
         // Each thread's own samples keep their order.
@@ -217,23 +262,98 @@ mod tests {
         seen.dedup();
         assert_eq!(seen.len(), 4_000);
         // Flushed: nothing left.
-        batches.flush_all(|rest| panic!("{} samples left after a flush", rest.len()));
+        batches.flush_all(
+            |rest| panic!("{} samples left after a flush", rest.len()),
+            |_, _| {},
+        );
     }
 
     /// A flush is asked for by the first sample after a flush, not by every sample, and
     /// again after the next flush.
     #[test]
     fn a_flush_is_asked_for_once_per_flush() {
-        let batches = Batches::<Vec<u32>>::with_shards(1);
+        let batches = Batches::<u32>::with_shards(1, 0);
         assert!(batches.push(1, |_| unreachable!()), "the first sample asks");
         assert!(
             !batches.push(2, |_| unreachable!()),
             "the second does not ask again"
         );
-        batches.flush_all(|run| assert_eq!(run, &[1, 2]));
+        batches.flush_all(|run| assert_eq!(run, &[1, 2]), |_, _| {});
         assert!(
             batches.push(3, |_| unreachable!()),
             "the first sample after a flush asks"
         );
+    }
+
+    /// Counts made by threads sharing shards, while another thread flushes over and over,
+    /// all reach `flush_all`, each once, under their counters.
+    #[test]
+    fn counts_reach_the_flush_without_loss() {
+        let batches = Arc::new(Batches::<u32>::with_shards(2, 3));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let totals = Arc::new(parking_lot::Mutex::new([0u64; 3]));
+        let flusher = {
+            let (batches, stop, totals) = (batches.clone(), stop.clone(), totals.clone());
+            std::thread::spawn(move || {
+                // Bounded: the counting threads end long before.
+                for _ in 0..1_000_000 {
+                    batches.flush_all(|_| {}, |counter, n| totals.lock()[counter] += n);
+                    if stop.load(std::sync::atomic::Ordering::Acquire) {
+                        break;
+                    }
+                    std::thread::yield_now();
+                }
+            })
+        };
+        let threads: Vec<_> = (0..4usize)
+            .map(|t| {
+                let batches = batches.clone();
+                std::thread::spawn(move || {
+                    for i in 0..10_000usize {
+                        let _ = batches.count((t + i) % 3);
+                    }
+                })
+            })
+            .collect();
+        for thread in threads {
+            thread.join().expect("counting thread");
+        }
+        stop.store(true, std::sync::atomic::Ordering::Release);
+        flusher.join().expect("flushing thread");
+        batches.flush_all(|_| {}, |counter, n| totals.lock()[counter] += n);
+        let totals = *totals.lock();
+        assert_eq!(
+            totals.iter().sum::<u64>(),
+            40_000,
+            "every count, once: {totals:?}"
+        );
+        // Thread t counts counter (t + i) % 3: 10 000 = 3 334 + 3 333 + 3 333, turned by t.
+        let mut expected = [0u64; 3];
+        for t in 0..4usize {
+            for i in 0..10_000usize {
+                expected[(t + i) % 3] += 1;
+            }
+        }
+        assert_eq!(totals, expected);
+        batches.flush_all(
+            |_| {},
+            |counter, n| panic!("counter {counter}: {n} left after a flush"),
+        );
+    }
+
+    /// A count asks for a flush as a sample does: the first since the last flush, once.
+    #[test]
+    fn a_count_asks_for_a_flush_once_per_flush() {
+        let batches = Batches::<u32>::with_shards(1, 2);
+        assert!(batches.count(1), "the first count asks");
+        assert!(!batches.count(0), "the second does not ask again");
+        assert!(!batches.push(7, |_| unreachable!()), "nor a sample");
+        let mut counted = Vec::new();
+        batches.flush_all(
+            |run| assert_eq!(run, &[7]),
+            |counter, n| counted.push((counter, n)),
+        );
+        assert_eq!(counted, [(0, 1), (1, 1)]);
+        assert!(batches.count(0), "the first count after a flush asks");
     }
 }

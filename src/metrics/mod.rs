@@ -57,25 +57,27 @@
 //! writes no memory another thread reads call by call: the call finds its method in a table
 //! of write-once slots (a hash of the path, an acquire load, a string comparison) and
 //! carries a 2-byte id; the attempt's start and the call's are the clock read the pick
-//! already makes; the request's message bytes are counted by the attempt's body cursor as frames go out (no wrapper body), the
-//! response's as the body is read; at the attempt's end one more clock read. The attempt's
-//! start and end go to its thread's batch (module `batch`: a short lock on a shard no other
-//! thread uses) — a start as one more in the batch's run of starts of its method, an end as
-//! a 48-byte sample — and reach the recorder 64 at a time: one counter increment per run of
-//! starts, four histogram samples per call (three for an attempt that is retried), on the
+//! already makes; the request's message bytes are counted by the attempt's body cursor as
+//! frames go out (no wrapper body), the response's as the body is read; at the attempt's end
+//! one more clock read. The attempt's start and end go to its thread's shard (module `batch`:
+//! a shard no other thread uses). A start is an atomic add to its method's counter there,
+//! without a lock; the counters reach the recorder at the next flush of all the shards, one
+//! counter increment per method and shard. An end is a 48-byte sample in the shard's batch,
+//! under a short lock nobody else wants, and the batch reaches the recorder 64 ends at a
+//! time: four histogram samples per call (three for an attempt that is retried), on the
 //! handles registered once per method and status. The state a call carries for its metrics
 //! is kept small (a method id, its start, two byte counts: 48 bytes of the in-flight guard),
 //! because tonic moves a response body, which holds the guard, several times per call.
 //! What the samples cost is the recorder's (see [below](#choosing-a-prometheus-recorder));
-//! a recorder's handles are shared by the
-//! threads that record, and the batches keep their cache lines on one core for a run at a
-//! time instead of trading them call by call. The price is a delay: samples reach the
-//! recorder when their thread's batch fills, when the process's flusher thread comes
-//! (module `flusher`: within a second of the first sample left behind; a thread, not a
-//! timer in the application's runtime), at [`Pool::snapshot`](crate::Pool::snapshot) and
-//! at the pool's close — never later than a second, and never lost. The handles a sample
-//! goes to are registered by the thread that records it, so a thread-local recorder gets
-//! its samples whichever thread flushes them.
+//! a recorder's handles are shared by the threads that record, and the batches keep their
+//! cache lines on one core for a run at a time instead of trading them call by call. The
+//! price is a delay: ends reach the recorder when their thread's batch fills, and ends and
+//! starts when the process's flusher thread comes (module `flusher`: within a second of the
+//! first sample or count left behind; a thread, not a timer in the application's runtime),
+//! at [`Pool::snapshot`](crate::Pool::snapshot) and at the pool's close — never later than a
+//! second, and never lost. The handles a sample or count goes to are registered by the
+//! thread that records it, so a thread-local recorder gets its samples whichever thread
+//! flushes them.
 //! Connection and resolution metrics are registered when they happen (rare), straight to
 //! the recorder. Install the recorder before building the pool: handles registered before
 //! that go nowhere.
@@ -147,7 +149,7 @@ use std::sync::{Arc, OnceLock, Weak};
 use ::metrics::{Counter, Gauge, Histogram, Label, SharedString, Unit};
 use tonic::Code;
 
-use self::batch::{Batch, Batches, BATCH};
+use self::batch::Batches;
 
 use crate::state::{Disconnect, Outcome, Retry};
 use crate::target::Target;
@@ -240,7 +242,7 @@ pub(crate) struct PoolMetrics {
     target: SharedString,
     methods: MethodTable,
     /// The per-call samples on their way to the recorder (see [`batch`]).
-    samples: Batches<CallBatch>,
+    samples: Batches<Ended>,
     /// Itself, for the [`flusher`] to come back to.
     me: Weak<PoolMetrics>,
     open_connections: Gauge,
@@ -264,29 +266,34 @@ impl PoolMetrics {
             endpoints_ready: ::metrics::gauge!(RR_ENDPOINTS_READY, labels),
             target,
             methods: MethodTable::new(),
-            samples: Batches::new(),
+            samples: Batches::new(METHOD_COUNTERS),
         })
     }
 
-    /// Hands `sample` to the recorder, in its thread's next batch; the first sample left
-    /// behind since the last flush asks the [`flusher`] to come within a second.
+    /// Hands an attempt's end to the recorder, in its thread's next batch; the first sample
+    /// left behind since the last flush asks the [`flusher`] to come within a second.
     #[inline]
-    fn record(&self, sample: Sample) {
-        if self.samples.push(sample, |run| self.record_now(run)) {
+    fn record(&self, ended: Ended) {
+        if self.samples.push(ended, |run| self.record_now(run)) {
             flusher::ask(self.me.clone());
         }
     }
 
-    /// Records a batch into the recorder's handles: one increment per run of starts of one
-    /// method, and the ends by stretches of one method and status (a batch is mostly one
-    /// stretch), each stretch's handles looked up once and its four histograms taken one at a
-    /// time: a recorder's bucket then takes the samples back to back, its cache line on this
-    /// core, instead of four buckets in turn.
-    fn record_now(&self, batch: &CallBatch) {
-        for &(method, n) in &batch.starts {
-            self.method_metrics(method).started.increment(u64::from(n));
+    /// Counts an attempt of `method` started, in its thread's shard (an atomic add, no lock),
+    /// for the next flush of all the batches.
+    #[inline]
+    fn started(&self, method: MethodId) {
+        if self.samples.count(method.counter()) {
+            flusher::ask(self.me.clone());
         }
-        let mut rest = &batch.ends[..];
+    }
+
+    /// Records a batch of ends into the recorder's handles by stretches of one method and
+    /// status (a batch is mostly one stretch), each stretch's handles looked up once and its
+    /// four histograms taken one at a time: a recorder's bucket then takes the samples back
+    /// to back, its cache line on this core, instead of four buckets in turn.
+    fn record_now(&self, batch: &[Ended]) {
+        let mut rest = batch;
         while let Some(first) = rest.first() {
             let len = rest
                 .iter()
@@ -312,10 +319,17 @@ impl PoolMetrics {
         }
     }
 
-    /// Sends every sample still in a batch to the recorder: at a snapshot, when the
-    /// [`flusher`] comes for them, at the pool's close and end.
+    /// Sends every end still in a batch, and the starts counted, to the recorder: at a
+    /// snapshot, when the [`flusher`] comes for them, at the pool's close and end.
     pub(crate) fn flush(&self) {
-        self.samples.flush_all(|run| self.record_now(run));
+        self.samples.flush_all(
+            |run| self.record_now(run),
+            |counter, n| {
+                self.method_metrics(MethodId::of_counter(counter))
+                    .started
+                    .increment(n);
+            },
+        );
     }
 
     fn labels(&self) -> Vec<Label> {
@@ -479,7 +493,26 @@ impl MethodId {
     /// No method yet: an attempt whose call has not named it (never sent). Not a slot (the
     /// table has [`METHOD_SLOTS`]), so never a method's id.
     const NONE: Self = Self(u16::MAX - 1);
+
+    /// Its counter of started attempts in a shard (see [`METHOD_COUNTERS`]): its slot, or
+    /// the last counter for `other`.
+    #[inline]
+    fn counter(self) -> usize {
+        usize::from(self.0).min(METHOD_SLOTS)
+    }
+
+    /// The method whose counter is `counter`.
+    fn of_counter(counter: usize) -> Self {
+        match u16::try_from(counter) {
+            Ok(slot) if counter < METHOD_SLOTS => Self(slot),
+            _ => Self::OTHER,
+        }
+    }
 }
+
+/// A shard's counters of started attempts: one per method slot and one for `other` (2 KB,
+/// allocated for the shards of the threads that make calls).
+const METHOD_COUNTERS: usize = METHOD_SLOTS + 1;
 
 /// The per-call handles of the methods a pool has seen, found without a lock: an
 /// open-addressing table of slots that are written once (`OnceLock`), so that finding a known
@@ -700,7 +733,7 @@ impl Attempt {
     /// The call names its method and start: `grpc.client.attempt.started`.
     #[inline]
     pub(crate) fn of_call(&mut self, metrics: &PoolMetrics, call: CallMetrics) {
-        metrics.record(Sample::Started(call.method));
+        metrics.started(call.method);
         self.method = call.method;
         self.call_started = call.started;
     }
@@ -747,7 +780,7 @@ impl Attempt {
             Sent::Counted(n) => *n,
             Sent::Streaming(n) => n.load(Ordering::Relaxed),
         };
-        metrics.record(Sample::Ended(Ended {
+        metrics.record(Ended {
             method,
             code,
             attempt_ns: now.saturating_sub(picked_at),
@@ -757,60 +790,12 @@ impl Attempt {
                 Outcome::Status(_) => Some(now.saturating_sub(self.call_started)),
                 Outcome::Retried(_) => None,
             },
-        }));
+        });
     }
 }
 
-/// A call's samples on their way to a batch: what the recorder gets at the flush.
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum Sample {
-    /// `grpc.client.attempt.started`.
-    Started(MethodId),
-    /// An attempt's end: its three histograms, and the call's duration if the call ended
-    /// with it.
-    Ended(Ended),
-}
-
-/// One thread's samples between flushes. Starts are counted by runs of one method (a start
-/// costs an increment, not a sample); ends are kept whole.
-#[derive(Debug, Default)]
-struct CallBatch {
-    /// Runs of starts: a method and how many attempts of it started in a row.
-    starts: Vec<(MethodId, u32)>,
-    ends: Vec<Ended>,
-}
-
-impl Batch for CallBatch {
-    type Sample = Sample;
-
-    #[inline]
-    fn push(&mut self, sample: Sample) {
-        match sample {
-            Sample::Started(method) => match self.starts.last_mut() {
-                Some((last, n)) if *last == method && *n < u32::MAX => *n += 1,
-                _ => self.starts.push((method, 1)),
-            },
-            Sample::Ended(ended) => self.ends.push(ended),
-        }
-    }
-
-    /// Its runs of starts and its ends: one method's calls fill it with 63 ends and one run.
-    #[inline]
-    fn len(&self) -> usize {
-        self.starts.len() + self.ends.len()
-    }
-
-    fn clear(&mut self) {
-        self.starts.clear();
-        self.ends.clear();
-    }
-
-    fn reserve(&mut self) {
-        self.starts.reserve_exact(BATCH);
-        self.ends.reserve_exact(BATCH);
-    }
-}
-
+/// An attempt's end, on its way to the recorder: its three histograms, and the call's
+/// duration if the call ended with it (48 bytes).
 #[derive(Clone, Copy, Debug, PartialEq)]
 struct Ended {
     method: MethodId,
@@ -856,15 +841,15 @@ impl CallSamples {
     /// One unary call that took `nanos`: its start, then its end with status OK.
     #[inline]
     pub fn one_call(&self, nanos: u64) {
-        self.metrics.record(Sample::Started(self.method));
-        self.metrics.record(Sample::Ended(Ended {
+        self.metrics.started(self.method);
+        self.metrics.record(Ended {
             method: self.method,
             code: Code::Ok,
             attempt_ns: nanos,
             sent: 37,
             rcvd: 37,
             call_ns: Some(nanos),
-        }));
+        });
     }
 
     /// Sends what waits in the batches to the recorder.

@@ -724,15 +724,93 @@ async fn a_quiet_pool_flushes_its_samples_within_a_second() {
     pool.close().await.unwrap();
 }
 
-/// A recorder that tells when a histogram sample arrives, so that a test can wait for the
-/// flusher thread's samples on an event rather than by polling.
+/// An attempt that has started and not ended — a bidirectional call kept open — is counted
+/// in `grpc.client.attempt.started` within a second, with no end to bring it and no
+/// snapshot: a start is a count in its thread's shard (`src/metrics/batch.rs`), and the first
+/// count since a flush asks the process's flusher thread to come. The test waits on the
+/// recorder's signal (at most 10 s) and checks the call is still open when its start
+/// arrives.
+#[cfg(feature = "metrics")]
+#[tokio::test]
+async fn an_attempt_in_flight_is_counted_started_within_a_second() {
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+
+    let recorded = std::sync::Arc::new(tokio::sync::Notify::new());
+    let recorder = signalling::Signalling {
+        inner: DebuggingRecorder::new(),
+        recorded: recorded.clone(),
+    };
+    let snapshotter = recorder.inner.snapshotter();
+    let _local = metrics::set_default_local_recorder(&recorder);
+    let server = TestServer::start(loopback(2));
+    let pool = builder(&static_target(&[&server])).build().unwrap();
+    wait_all_ready(&pool, 1).await;
+    // Starts counted since the last read (the debugging recorder's snapshot takes them).
+    let started = || {
+        snapshotter
+            .snapshot()
+            .into_vec()
+            .into_iter()
+            .find_map(|(key, _, _, value)| {
+                let bidi = key.key().name() == "grpc.client.attempt.started"
+                    && key
+                        .key()
+                        .labels()
+                        .any(|l| l.key() == "grpc.method" && l.value() == "echo.Echo/Bidi");
+                match value {
+                    DebugValue::Counter(n) if bidi => Some(n),
+                    _ => None,
+                }
+            })
+            .unwrap_or(0)
+    };
+
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(echo("open")).await.unwrap();
+    let opened = Instant::now();
+    let mut replies = client(&pool)
+        .bidi(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .expect("response started")
+        .into_inner();
+    assert_eq!(replies.message().await.unwrap().unwrap().message, "open");
+    // The call stays open (its request stream too) while the test waits for its start.
+    let mut counted = 0;
+    let arrived = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let notified = recorded.notified();
+            counted += started();
+            if counted >= 1 {
+                return Instant::now();
+            }
+            notified.await;
+        }
+    })
+    .await
+    .expect("the start arrived within 10 s, the call still open");
+    assert!(
+        arrived <= opened + Duration::from_secs(5),
+        "counted within a second, not only at the call's end: {:?}",
+        arrived - opened
+    );
+    // Still open: it ends now, and its start is not counted twice.
+    drop(tx);
+    assert!(replies.message().await.unwrap().is_none());
+    drop(replies);
+    pool.close().await.unwrap();
+    counted += started();
+    assert_eq!(counted, 1, "one attempt, one start");
+}
+
+/// A recorder that tells when a histogram sample or a counter increment arrives, so that a
+/// test can wait for the flusher thread's samples on an event rather than by polling.
 #[cfg(feature = "metrics")]
 mod signalling {
     use std::sync::Arc;
 
     use metrics::{
-        Counter, Gauge, Histogram, HistogramFn, Key, KeyName, Metadata, Recorder, SharedString,
-        Unit,
+        Counter, CounterFn, Gauge, Histogram, HistogramFn, Key, KeyName, Metadata, Recorder,
+        SharedString, Unit,
     };
     use metrics_util::debugging::DebuggingRecorder;
     use tokio::sync::Notify;
@@ -745,6 +823,23 @@ mod signalling {
     struct SignallingHistogram {
         inner: Histogram,
         recorded: Arc<Notify>,
+    }
+
+    struct SignallingCounter {
+        inner: Counter,
+        recorded: Arc<Notify>,
+    }
+
+    impl CounterFn for SignallingCounter {
+        fn increment(&self, value: u64) {
+            self.inner.increment(value);
+            self.recorded.notify_one();
+        }
+
+        fn absolute(&self, value: u64) {
+            self.inner.absolute(value);
+            self.recorded.notify_one();
+        }
     }
 
     impl HistogramFn for SignallingHistogram {
@@ -768,7 +863,10 @@ mod signalling {
         }
 
         fn register_counter(&self, key: &Key, metadata: &Metadata<'_>) -> Counter {
-            self.inner.register_counter(key, metadata)
+            Counter::from_arc(Arc::new(SignallingCounter {
+                inner: self.inner.register_counter(key, metadata),
+                recorded: self.recorded.clone(),
+            }))
         }
 
         fn register_gauge(&self, key: &Key, metadata: &Metadata<'_>) -> Gauge {

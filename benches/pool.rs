@@ -45,7 +45,7 @@
 //!   increment and four histogram samples), on one thread and on two threads recording into
 //!   the same handles at once — the part of the metrics' cost that is the recorder's;
 //!   `recorder/batched-alone`, `recorder/batched-contended`: the same operations as a pool
-//!   makes them, through its per-thread batches (`src/metrics/batch.rs`).
+//!   makes them, through its per-thread shards (`src/metrics/batch.rs`).
 //! - **paired call overhead** (printed after criterion's summary): criterion measures one
 //!   mode after the other, so on a shared machine its `pool` and `channel` figures can be
 //!   minutes and a load change apart. As `benches/README.md` asks for ratios measured side by
@@ -327,9 +327,11 @@ fn bench_recorder(c: &mut Criterion) {
             took
         });
     });
-    // The same operations as a pool makes them: into its per-thread batches, which reach
-    // the recorder 64 at a time (`src/metrics/batch.rs`). What a batch left at the end
-    // (fewer than 64 calls a thread) is flushed outside the timed span.
+    // The same operations as a pool makes them: the start counted in its thread's shard, the
+    // end into the shard's batch, which reaches the recorder 64 at a time
+    // (`src/metrics/batch.rs`). What a batch left at the end (fewer than 64 calls a thread)
+    // and the starts counted (which reach the recorder at a flush only, one increment per
+    // method and shard, not per call) are flushed outside the timed span.
     let samples = metrics::with_local_recorder(&recorder, || {
         tonic_pool::__bench::CallSamples::new("dns:///bench:50051")
     });

@@ -20,9 +20,12 @@
 //!
 //! A shard also keeps counters that are added to without its lock, one atomic add each on
 //! the shard's own cache line (the parent counts its attempts' starts so: a start is then no
-//! sample, and an attempt takes the batch's lock once, at its end). The counters reach the
-//! parent at [`Batches::flush_all`] only — so within [`FLUSH_AFTER`] too — and the first count
-//! since the last flush asks for one, as the first sample into an empty shard does.
+//! sample, and an attempt takes the batch's lock once, at its end). A flush of a shard's batch
+//! may take the counters it wants with it ([`Counts`]: the parent takes the starts of the
+//! methods whose ends it records, so that a recorder mostly sees a start before its end);
+//! [`Batches::flush_all`] takes the rest — so they too arrive within [`FLUSH_AFTER`], for the
+//! first count since the last flush asks for one, as the first sample into an empty shard
+//! does.
 //!
 //! This module only keeps the shards and decides when a batch goes; what its samples and
 //! counters mean is the parent's.
@@ -86,6 +89,30 @@ impl<T> Default for Shard<T> {
     }
 }
 
+impl<T> Shard<T> {
+    fn counts(&self) -> Counts<'_> {
+        Counts(self.counts.get().map_or(&[], |counts| &counts[..]))
+    }
+}
+
+/// A shard's counters, as a flush of its batch gets them: it takes those it wants.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Counts<'a>(&'a [AtomicU64]);
+
+impl Counts<'_> {
+    /// What counter `counter` counted since it was last taken (0: nothing, or no such
+    /// counter), zeroing it.
+    #[inline]
+    pub(crate) fn take(self, counter: usize) -> u64 {
+        match self.0.get(counter) {
+            // Sequentially consistent: see `Batches::count`. A load first: most counters are
+            // zero, and a load does not take the line.
+            Some(count) if count.load(Ordering::SeqCst) != 0 => count.swap(0, Ordering::SeqCst),
+            _ => 0,
+        }
+    }
+}
+
 /// The shards of one pool's samples and counts.
 #[derive(Debug)]
 pub(crate) struct Batches<T> {
@@ -126,13 +153,14 @@ impl<T> Batches<T> {
     }
 
     /// Adds `sample` to this thread's shard; a full shard goes to `flush` at once, on this
-    /// thread. Returns whether the caller must ask for a [`Batches::flush_all`] within
+    /// thread, with the shard's counters. Returns whether the caller must ask for a [`Batches::flush_all`] within
     /// [`FLUSH_AFTER`]: true for the first sample left behind since the last one (once, not
     /// for every sample).
     #[inline]
     #[must_use]
-    pub(crate) fn push(&self, sample: T, flush: impl FnOnce(&[T])) -> bool {
-        let mut batch = self.shard().batch.lock();
+    pub(crate) fn push(&self, sample: T, flush: impl FnOnce(&[T], Counts<'_>)) -> bool {
+        let shard = self.shard();
+        let mut batch = shard.batch.lock();
         let mut ask = false;
         if batch.is_empty() {
             // Room for a whole batch (allocated at the shard's first sample; a no-op after).
@@ -143,7 +171,7 @@ impl<T> Batches<T> {
         }
         batch.push(sample);
         if batch.len() >= BATCH {
-            flush(&batch);
+            flush(&batch, shard.counts());
             batch.clear();
         }
         ask
@@ -181,34 +209,30 @@ impl<T> Batches<T> {
         !self.pending.load(Ordering::SeqCst) && !self.pending.swap(true, Ordering::SeqCst)
     }
 
-    /// Hands every shard's batch to `flush` and empties them, and every shard's non-zero
-    /// counters to `counted` (the counter and what it counted since the last flush), and
-    /// zeroes them.
+    /// Hands every shard's batch to `flush` with the shard's counters, and empties it; then
+    /// the shard's counters that are still not zero to `counted` (the counter and what it
+    /// counted since it was last taken), zeroing them.
     pub(crate) fn flush_all(
         &self,
-        mut flush: impl FnMut(&[T]),
+        mut flush: impl FnMut(&[T], Counts<'_>),
         mut counted: impl FnMut(usize, u64),
     ) {
         // Cleared first: a sample added or a count made while the shards are flushed asks
         // again (sequentially consistent: see `count`).
         self.pending.store(false, Ordering::SeqCst);
         for shard in self.shards.iter() {
+            let counts = shard.counts();
             {
                 let mut batch = shard.batch.lock();
                 if !batch.is_empty() {
-                    flush(&batch);
+                    flush(&batch, counts);
                     batch.clear();
                 }
             }
-            for (counter, count) in shard
-                .counts
-                .get()
-                .into_iter()
-                .flat_map(|c| c.iter().enumerate())
-            {
-                // A load first: most counters are zero, and a load does not take the line.
-                if count.load(Ordering::SeqCst) != 0 {
-                    counted(counter, count.swap(0, Ordering::SeqCst));
+            for counter in 0..counts.0.len() {
+                match counts.take(counter) {
+                    0 => {}
+                    n => counted(counter, n),
                 }
             }
         }
@@ -233,7 +257,7 @@ mod tests {
                 let (batches, seen) = (batches.clone(), seen.clone());
                 std::thread::spawn(move || {
                     for i in 0..1_000u32 {
-                        let _ = batches.push(t * 10_000 + i, |run| {
+                        let _ = batches.push(t * 10_000 + i, |run, _| {
                             assert_eq!(
                                 run.len(),
                                 BATCH,
@@ -250,7 +274,7 @@ mod tests {
         }
         let flushed_while_recording = seen.lock().len();
         assert_eq!(flushed_while_recording % BATCH, 0);
-        batches.flush_all(|rest| seen.lock().extend_from_slice(rest), |_, _| {});
+        batches.flush_all(|rest, _| seen.lock().extend_from_slice(rest), |_, _| {});
         let mut seen = std::mem::take(&mut *seen.lock());
         assert_eq!(seen.len(), 4_000, "every sample, once");
         // Each thread's own samples keep their order.
@@ -263,7 +287,7 @@ mod tests {
         assert_eq!(seen.len(), 4_000);
         // Flushed: nothing left.
         batches.flush_all(
-            |rest| panic!("{} samples left after a flush", rest.len()),
+            |rest, _| panic!("{} samples left after a flush", rest.len()),
             |_, _| {},
         );
     }
@@ -273,14 +297,17 @@ mod tests {
     #[test]
     fn a_flush_is_asked_for_once_per_flush() {
         let batches = Batches::<u32>::with_shards(1, 0);
-        assert!(batches.push(1, |_| unreachable!()), "the first sample asks");
         assert!(
-            !batches.push(2, |_| unreachable!()),
+            batches.push(1, |_, _| unreachable!()),
+            "the first sample asks"
+        );
+        assert!(
+            !batches.push(2, |_, _| unreachable!()),
             "the second does not ask again"
         );
-        batches.flush_all(|run| assert_eq!(run, &[1, 2]), |_, _| {});
+        batches.flush_all(|run, _| assert_eq!(run, &[1, 2]), |_, _| {});
         assert!(
-            batches.push(3, |_| unreachable!()),
+            batches.push(3, |_, _| unreachable!()),
             "the first sample after a flush asks"
         );
     }
@@ -297,7 +324,7 @@ mod tests {
             std::thread::spawn(move || {
                 // Bounded: the counting threads end long before.
                 for _ in 0..1_000_000 {
-                    batches.flush_all(|_| {}, |counter, n| totals.lock()[counter] += n);
+                    batches.flush_all(|_, _| {}, |counter, n| totals.lock()[counter] += n);
                     if stop.load(std::sync::atomic::Ordering::Acquire) {
                         break;
                     }
@@ -320,7 +347,7 @@ mod tests {
         }
         stop.store(true, std::sync::atomic::Ordering::Release);
         flusher.join().expect("flushing thread");
-        batches.flush_all(|_| {}, |counter, n| totals.lock()[counter] += n);
+        batches.flush_all(|_, _| {}, |counter, n| totals.lock()[counter] += n);
         let totals = *totals.lock();
         assert_eq!(
             totals.iter().sum::<u64>(),
@@ -336,7 +363,7 @@ mod tests {
         }
         assert_eq!(totals, expected);
         batches.flush_all(
-            |_| {},
+            |_, _| {},
             |counter, n| panic!("counter {counter}: {n} left after a flush"),
         );
     }
@@ -347,13 +374,48 @@ mod tests {
         let batches = Batches::<u32>::with_shards(1, 2);
         assert!(batches.count(1), "the first count asks");
         assert!(!batches.count(0), "the second does not ask again");
-        assert!(!batches.push(7, |_| unreachable!()), "nor a sample");
+        assert!(!batches.push(7, |_, _| unreachable!()), "nor a sample");
         let mut counted = Vec::new();
         batches.flush_all(
-            |run| assert_eq!(run, &[7]),
+            |run, _| assert_eq!(run, &[7]),
             |counter, n| counted.push((counter, n)),
         );
         assert_eq!(counted, [(0, 1), (1, 1)]);
         assert!(batches.count(0), "the first count after a flush asks");
+    }
+
+    /// A flush of a full batch gets its shard's counters and takes the ones it wants (the
+    /// counts so far, zeroed); `flush_all` hands over the others, and what was counted after.
+    #[test]
+    fn a_full_batch_takes_the_counters_it_wants() {
+        let batches = Batches::<u32>::with_shards(1, 3);
+        for _ in 0..5 {
+            let _ = batches.count(1);
+        }
+        let _ = batches.count(2);
+        let mut took = None;
+        for i in 0..BATCH as u32 {
+            let _ = batches.push(i, |run, counts| {
+                assert_eq!(run.len(), BATCH);
+                took = Some((
+                    counts.take(1),
+                    counts.take(1),
+                    counts.take(0),
+                    counts.take(9),
+                ));
+            });
+        }
+        assert_eq!(
+            took,
+            Some((5, 0, 0, 0)),
+            "counter 1's five, once; none of 0; no 9"
+        );
+        let _ = batches.count(1);
+        let mut counted = Vec::new();
+        batches.flush_all(
+            |_, _| unreachable!("the batch was flushed full"),
+            |counter, n| counted.push((counter, n)),
+        );
+        assert_eq!(counted, [(1, 1), (2, 1)]);
     }
 }

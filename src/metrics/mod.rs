@@ -75,9 +75,12 @@
 //! starts when the process's flusher thread comes (module `flusher`: within a second of the
 //! first sample or count left behind; a thread, not a timer in the application's runtime),
 //! at [`Pool::snapshot`](crate::Pool::snapshot) and at the pool's close — never later than a
-//! second, and never lost. The handles a sample or count goes to are registered by the
-//! thread that records it, so a thread-local recorder gets its samples whichever thread
-//! flushes them.
+//! second, and never lost. (A full batch of ends takes the starts of its methods counted in
+//! its shard, so a recorder mostly holds an attempt's start before its end; a start counted
+//! in another shard than its end — its call moved threads — may trail the end by up to a
+//! second. A snapshot flushes both.) The handles a sample or count goes to are registered
+//! by the thread that records it, so a thread-local recorder gets its samples whichever
+//! thread flushes them.
 //! Connection and resolution metrics are registered when they happen (rare), straight to
 //! the recorder. Install the recorder before building the pool: handles registered before
 //! that go nowhere.
@@ -149,7 +152,7 @@ use std::sync::{Arc, OnceLock, Weak};
 use ::metrics::{Counter, Gauge, Histogram, Label, SharedString, Unit};
 use tonic::Code;
 
-use self::batch::Batches;
+use self::batch::{Batches, Counts};
 
 use crate::state::{Disconnect, Outcome, Retry};
 use crate::target::Target;
@@ -274,7 +277,10 @@ impl PoolMetrics {
     /// left behind since the last flush asks the [`flusher`] to come within a second.
     #[inline]
     fn record(&self, ended: Ended) {
-        if self.samples.push(ended, |run| self.record_now(run)) {
+        if self
+            .samples
+            .push(ended, |run, counts| self.record_now(run, counts))
+        {
             flusher::ask(self.me.clone());
         }
     }
@@ -291,8 +297,10 @@ impl PoolMetrics {
     /// Records a batch of ends into the recorder's handles by stretches of one method and
     /// status (a batch is mostly one stretch), each stretch's handles looked up once and its
     /// four histograms taken one at a time: a recorder's bucket then takes the samples back
-    /// to back, its cache line on this core, instead of four buckets in turn.
-    fn record_now(&self, batch: &[Ended]) {
+    /// to back, its cache line on this core, instead of four buckets in turn. Each stretch's
+    /// method first takes its starts counted in the batch's shard, so that a recorder mostly
+    /// holds an attempt's start before its end.
+    fn record_now(&self, batch: &[Ended], counts: Counts<'_>) {
         let mut rest = batch;
         while let Some(first) = rest.first() {
             let len = rest
@@ -301,7 +309,12 @@ impl PoolMetrics {
                 .unwrap_or(rest.len());
             let (stretch, tail) = rest.split_at(len);
             rest = tail;
-            let status = self.method_metrics(first.method).status(first.code);
+            let method = self.method_metrics(first.method);
+            match counts.take(first.method.counter()) {
+                0 => {}
+                started => method.started.increment(started),
+            }
+            let status = method.status(first.code);
             for ended in stretch {
                 status.attempt_duration.record(seconds(ended.attempt_ns));
             }
@@ -323,7 +336,7 @@ impl PoolMetrics {
     /// snapshot, when the [`flusher`] comes for them, at the pool's close and end.
     pub(crate) fn flush(&self) {
         self.samples.flush_all(
-            |run| self.record_now(run),
+            |run, counts| self.record_now(run, counts),
             |counter, n| {
                 self.method_metrics(MethodId::of_counter(counter))
                     .started

@@ -802,6 +802,53 @@ async fn an_attempt_in_flight_is_counted_started_within_a_second() {
     assert_eq!(counted, 1, "one attempt, one start");
 }
 
+/// Starts are counted apart from ends (`src/metrics/batch.rs`), and a full batch of ends
+/// takes its methods' starts with it: after 64 calls on one thread (a batch's worth, the
+/// test's runtime has one thread), the recorder holds at least as many starts as ends, and
+/// some ends — whether the batch filled or the flusher thread came first. Afterwards the
+/// snapshot's flush brings both to 64.
+#[cfg(feature = "metrics")]
+#[tokio::test]
+async fn a_full_batch_brings_its_starts_with_its_ends() {
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+
+    const CALLS: u64 = 64;
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let _local = metrics::set_default_local_recorder(&recorder);
+    let server = TestServer::start(loopback(2));
+    let pool = builder(&static_target(&[&server])).build().unwrap();
+    wait_all_ready(&pool, 1).await;
+    // (starts, ends) the recorder took since the last read.
+    let read = || {
+        let (mut started, mut ended) = (0, 0);
+        for (key, _, _, value) in snapshotter.snapshot().into_vec() {
+            match (key.key().name(), value) {
+                ("grpc.client.attempt.started", DebugValue::Counter(n)) => started += n,
+                ("grpc.client.attempt.duration", DebugValue::Histogram(values)) => {
+                    ended += values.len() as u64;
+                }
+                _ => {}
+            }
+        }
+        (started, ended)
+    };
+    let mut client = client(&pool);
+    for i in 0..CALLS {
+        client.unary(echo(&format!("{i}"))).await.expect("call ok");
+    }
+    let (started, ended) = read();
+    assert!(ended > 0, "a full batch, or the flusher, brought ends");
+    assert!(
+        started >= ended,
+        "every end came with its start: {started} starts, {ended} ends"
+    );
+    pool.snapshot();
+    let (more_started, more_ended) = read();
+    assert_eq!((started + more_started, ended + more_ended), (CALLS, CALLS));
+    pool.close().await.unwrap();
+}
+
 /// A recorder that tells when a histogram sample or a counter increment arrives, so that a
 /// test can wait for the flusher thread's samples on an event rather than by polling.
 #[cfg(feature = "metrics")]

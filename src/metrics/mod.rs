@@ -111,12 +111,12 @@
 //! Two recorders take the `metrics` facade's metrics to Prometheus, and with the pool's four
 //! histogram samples per call they cost very differently (S2 of the load bench: client CPU
 //! per call against a build without the feature, and its instructions per call;
-//! `benches/RESULTS.md` sections 26–28):
+//! `benches/RESULTS.md` sections 26–29):
 //! - **`metrics-prometheus`**, over the `prometheus` crate, counts a sample into its bucket
 //!   where it is recorded: a few atomic adds, no clock read, nothing stored to drain later.
-//!   Its own share is small (+0.8 % CPU over the feature without a recorder, four runs
-//!   pooled; +1.0 % in instructions): the feature costs **+3.1 %** (CPU with one or two
-//!   client threads, and instructions).
+//!   Its own share is small (+0.9 % CPU over the feature without a recorder, five runs
+//!   pooled; +1.1 % in instructions): the feature costs **+2.9 %** in instructions and
+//!   +3.1 to +3.5 % in CPU (two hosts, runs pooled on each).
 //! - **`metrics-exporter-prometheus`** stores each sample with a clock read and drains it into
 //!   its histogram or summary at its upkeep: **+5.4 %** in instructions (+5.5 to +7.7 % CPU
 //!   before the pool's own share was cut), more than half of it the exporter's.

@@ -657,21 +657,16 @@ async fn a_streamed_request_counts_every_message_sent() {
 #[cfg(feature = "metrics")]
 #[tokio::test]
 async fn a_quiet_pool_flushes_its_samples_within_a_second() {
-    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+    use metrics_util::debugging::DebugValue;
 
     const CALLS: usize = 3;
-    let recorded = std::sync::Arc::new(tokio::sync::Notify::new());
-    let recorder = signalling::Signalling {
-        inner: DebuggingRecorder::new(),
-        recorded: recorded.clone(),
-    };
-    let snapshotter = recorder.inner.snapshotter();
+    let (recorder, recorded, snapshotter) = signalling::Signalling::new();
     let _local = metrics::set_default_local_recorder(&recorder);
     let server = TestServer::start(loopback(2));
     let pool = builder(&static_target(&[&server])).build().unwrap();
     wait_all_ready(&pool, 1).await;
-    // (durations recorded, attempts started) so far; histogram values leave the debugging
-    // recorder with each snapshot, counters stay.
+    // Durations recorded and attempts started since the last read: the debugging recorder's
+    // snapshot takes both.
     let mut durations = 0;
     let read = |durations: &mut usize| {
         let mut started = 0;
@@ -680,7 +675,7 @@ async fn a_quiet_pool_flushes_its_samples_within_a_second() {
                 ("grpc.client.attempt.duration", DebugValue::Histogram(values)) => {
                     *durations += values.len();
                 }
-                ("grpc.client.attempt.started", DebugValue::Counter(n)) => started = n,
+                ("grpc.client.attempt.started", DebugValue::Counter(n)) => started += n,
                 _ => {}
             }
         }
@@ -698,7 +693,7 @@ async fn a_quiet_pool_flushes_its_samples_within_a_second() {
     // signal given while nobody waits, so none is missed between two reads.)
     let arrival = tokio::time::timeout(Duration::from_secs(10), async {
         loop {
-            started = started.max(read(&mut durations));
+            started += read(&mut durations);
             if durations >= CALLS {
                 return std::time::Instant::now();
             }
@@ -733,14 +728,9 @@ async fn a_quiet_pool_flushes_its_samples_within_a_second() {
 #[cfg(feature = "metrics")]
 #[tokio::test]
 async fn an_attempt_in_flight_is_counted_started_within_a_second() {
-    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+    use metrics_util::debugging::DebugValue;
 
-    let recorded = std::sync::Arc::new(tokio::sync::Notify::new());
-    let recorder = signalling::Signalling {
-        inner: DebuggingRecorder::new(),
-        recorded: recorded.clone(),
-    };
-    let snapshotter = recorder.inner.snapshotter();
+    let (recorder, recorded, snapshotter) = signalling::Signalling::new();
     let _local = metrics::set_default_local_recorder(&recorder);
     let server = TestServer::start(loopback(2));
     let pool = builder(&static_target(&[&server])).build().unwrap();
@@ -859,12 +849,26 @@ mod signalling {
         Counter, CounterFn, Gauge, Histogram, HistogramFn, Key, KeyName, Metadata, Recorder,
         SharedString, Unit,
     };
-    use metrics_util::debugging::DebuggingRecorder;
+    use metrics_util::debugging::{DebuggingRecorder, Snapshotter};
     use tokio::sync::Notify;
 
     pub(super) struct Signalling {
-        pub(super) inner: DebuggingRecorder,
-        pub(super) recorded: Arc<Notify>,
+        inner: DebuggingRecorder,
+        recorded: Arc<Notify>,
+    }
+
+    impl Signalling {
+        /// A debugging recorder that signals, the signal, and its snapshotter.
+        pub(super) fn new() -> (Self, Arc<Notify>, Snapshotter) {
+            let recorded = Arc::new(Notify::new());
+            let inner = DebuggingRecorder::new();
+            let snapshotter = inner.snapshotter();
+            let recorder = Self {
+                inner,
+                recorded: recorded.clone(),
+            };
+            (recorder, recorded, snapshotter)
+        }
     }
 
     struct SignallingHistogram {

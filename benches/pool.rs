@@ -330,8 +330,8 @@ fn bench_recorder(c: &mut Criterion) {
     // The same operations as a pool makes them: the start counted in its thread's shard, the
     // end into the shard's batch, which reaches the recorder 64 at a time
     // (`src/metrics/batch.rs`). What a batch left at the end (fewer than 64 calls a thread)
-    // and the starts counted (which reach the recorder at a flush only, one increment per
-    // method and shard, not per call) are flushed outside the timed span.
+    // and the starts no full batch took (a full batch takes its method's starts counted in
+    // its shard: one increment per batch, not per call) are flushed outside the timed span.
     let samples = metrics::with_local_recorder(&recorder, || {
         tonic_pool::__bench::CallSamples::new("dns:///bench:50051")
     });

@@ -131,6 +131,7 @@ impl<T> Batches<T> {
     /// application's own — so two busy workers share a shard only if their numbers are a
     /// multiple of the shard count apart: many shards (a cache line each, their buffers
     /// allocated at first use) make that rare.
+    ///
     /// Each shard has `counters` counters (see [`Batches::count`]).
     pub(crate) fn new(counters: usize) -> Self {
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -153,9 +154,9 @@ impl<T> Batches<T> {
     }
 
     /// Adds `sample` to this thread's shard; a full shard goes to `flush` at once, on this
-    /// thread, with the shard's counters. Returns whether the caller must ask for a [`Batches::flush_all`] within
-    /// [`FLUSH_AFTER`]: true for the first sample left behind since the last one (once, not
-    /// for every sample).
+    /// thread, with the shard's counters. Returns whether the caller must ask for a
+    /// [`Batches::flush_all`] within [`FLUSH_AFTER`]: true for the first sample left behind
+    /// since the last one (once, not for every sample).
     #[inline]
     #[must_use]
     pub(crate) fn push(&self, sample: T, flush: impl FnOnce(&[T], Counts<'_>)) -> bool {

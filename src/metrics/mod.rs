@@ -61,8 +61,9 @@
 //! frames go out (no wrapper body), the response's as the body is read; at the attempt's end
 //! one more clock read. The attempt's start and end go to its thread's shard (module `batch`:
 //! a shard no other thread uses). A start is an atomic add to its method's counter there,
-//! without a lock; the counters reach the recorder at the next flush of all the shards, one
-//! counter increment per method and shard. An end is a 48-byte sample in the shard's batch,
+//! without a lock; the counters reach the recorder with the shard's next full batch of ends
+//! of their method, or at the next flush of all the shards: one counter increment per method
+//! and shard each time, not per call. An end is a 48-byte sample in the shard's batch,
 //! under a short lock nobody else wants, and the batch reaches the recorder 64 ends at a
 //! time: four histogram samples per call (three for an attempt that is retried), on the
 //! handles registered once per method and status. The state a call carries for its metrics

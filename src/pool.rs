@@ -47,6 +47,9 @@ pub struct Pool {
     /// This handle's copy of the picker; reloaded only when the generation moves.
     cached: Arc<ReadyPicker>,
     cached_generation: u64,
+    /// This handle's last method, for the calls' metrics.
+    #[cfg(feature = "metrics")]
+    methods: crate::metrics::MethodCache,
 }
 
 struct Inner {
@@ -87,6 +90,8 @@ impl Pool {
             }),
             cached,
             cached_generation,
+            #[cfg(feature = "metrics")]
+            methods: crate::metrics::MethodCache::default(),
         }
     }
 
@@ -428,6 +433,8 @@ impl Clone for Pool {
             inner: self.inner.clone(),
             cached: self.cached.clone(),
             cached_generation: self.cached_generation,
+            #[cfg(feature = "metrics")]
+            methods: self.methods.clone(),
         }
     }
 }
@@ -463,6 +470,8 @@ impl tower_service::Service<Request<tonic::body::Body>> for Pool {
         }
         shared.note_call();
         let options = CallOptions::from_request(&req, &shared.config);
+        #[cfg(feature = "metrics")]
+        let options = options.with_method(shared.metrics.method_of(&mut self.methods, req.uri()));
         let first = self.pick();
         ResponseFuture {
             inner: Box::pin(call::run(shared, first, req, options)),

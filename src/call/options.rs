@@ -23,6 +23,10 @@ pub struct WaitForReady(pub bool);
 pub(crate) struct CallOptions {
     pub(crate) deadline: Option<Instant>,
     pub(crate) wait_for_ready: bool,
+    /// The call's method, for its metrics (set by [`CallOptions::with_method`]; until then
+    /// `MethodId::NONE`, which records nothing).
+    #[cfg(feature = "metrics")]
+    pub(crate) method: crate::metrics::MethodId,
 }
 
 impl CallOptions {
@@ -38,7 +42,16 @@ impl CallOptions {
                 .extensions()
                 .get::<WaitForReady>()
                 .map_or(config.wait_for_ready, |w| w.0),
+            #[cfg(feature = "metrics")]
+            method: crate::metrics::MethodId::NONE,
         }
+    }
+
+    /// The options, for a call of `method`.
+    #[cfg(feature = "metrics")]
+    #[inline]
+    pub(crate) fn with_method(self, method: crate::metrics::MethodId) -> Self {
+        Self { method, ..self }
     }
 }
 

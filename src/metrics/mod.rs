@@ -363,6 +363,24 @@ impl PoolMetrics {
         self.methods.find(&self.target, path)
     }
 
+    /// The method of a request to `uri`, through a pool handle's `cache` (see
+    /// [`MethodCache`]).
+    #[inline]
+    pub(crate) fn method_of(&self, cache: &mut MethodCache, uri: &http::Uri) -> MethodId {
+        match (&cache.last, uri.path_and_query()) {
+            (Some((seen, id)), Some(path)) if same_bytes(seen.as_str(), path.as_str()) => *id,
+            _ => self.method_to_cache(cache, uri),
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn method_to_cache(&self, cache: &mut MethodCache, uri: &http::Uri) -> MethodId {
+        let id = self.method(uri.path());
+        cache.last = uri.path_and_query().map(|path| (path.clone(), id));
+        id
+    }
+
     fn method_metrics(&self, id: MethodId) -> &MethodMetrics {
         self.methods.get(&self.target, id)
     }
@@ -506,7 +524,7 @@ impl MethodId {
     const OTHER: Self = Self(u16::MAX);
     /// No method yet: an attempt whose call has not named it (never sent). Not a slot (the
     /// table has [`METHOD_SLOTS`]), so never a method's id.
-    const NONE: Self = Self(u16::MAX - 1);
+    pub(crate) const NONE: Self = Self(u16::MAX - 1);
 
     /// Its counter of started attempts in a shard (see [`METHOD_COUNTERS`]): its slot, or
     /// the last counter for `other`.
@@ -685,6 +703,27 @@ impl MethodMetrics {
             })
             .increment(1);
     }
+}
+
+/// A pool handle's last method: its request path, kept (a clone of the path's bytes, which
+/// keeps them where they are), and its id.
+///
+/// A generated client's paths are static strings (`PathAndQuery::from_static`), the same
+/// bytes at the same address on every call, so the next call of the same method finds its id
+/// by comparing two addresses and two lengths — no hash, no table, no string comparison. That
+/// comparison is exact, not a guess: the bytes the cache holds cannot be freed or changed
+/// while it holds them, so no other path can be at their address; same address and length
+/// is the same path. A path at another address (another method, or one built per request) is
+/// looked up in the pool's table as before and becomes the handle's last.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct MethodCache {
+    last: Option<(http::uri::PathAndQuery, MethodId)>,
+}
+
+/// Whether `a` and `b` are the same bytes in memory (not merely equal bytes).
+#[inline]
+fn same_bytes(a: &str, b: &str) -> bool {
+    std::ptr::eq(a.as_ptr(), b.as_ptr()) && a.len() == b.len()
 }
 
 /// What a call's attempts need to know of the call: its method and when it started
@@ -1059,7 +1098,9 @@ fn describe() {
 
 #[cfg(test)]
 mod tests {
-    use super::{MessageBytes, MethodId, MethodTable, SharedString, MAX_METHODS};
+    use super::{
+        MessageBytes, MethodCache, MethodId, MethodTable, PoolMetrics, SharedString, MAX_METHODS,
+    };
 
     /// The method table finds each method again under the id it was registered with, tells
     /// methods apart whatever their hashes (many names share their first and last eight
@@ -1086,6 +1127,47 @@ mod tests {
         assert_eq!(late, MethodId::OTHER);
         assert_eq!(&*table.get(&target, late).method, "other");
         assert_eq!(table.find(&target, &path(7)), ids[7]);
+    }
+
+    /// A handle's method cache answers what the table answers, for static paths (found again
+    /// by address), paths built per request, and paths that come and go: a path freed after
+    /// its call, whose address the next path of the same length may take, is never taken for
+    /// that next one (the cache keeps its bytes).
+    #[test]
+    fn method_cache_answers_as_the_table_does() {
+        let metrics = PoolMetrics::new("svc:50051");
+        let mut cache = MethodCache::default();
+        let uri = |path: &str| -> http::Uri { format!("http://svc{path}").parse().unwrap() };
+        let one = metrics.method("/pkg.S/One");
+        let two = metrics.method("/pkg.S/Two");
+        assert_ne!(one, two);
+
+        let static_one = http::Uri::from_static("http://svc/pkg.S/One");
+        for _ in 0..3 {
+            assert_eq!(metrics.method_of(&mut cache, &static_one), one);
+        }
+        // Same bytes elsewhere, another method, back and forth.
+        for _ in 0..3 {
+            assert_eq!(metrics.method_of(&mut cache, &uri("/pkg.S/One")), one);
+            assert_eq!(metrics.method_of(&mut cache, &uri("/pkg.S/Two")), two);
+            assert_eq!(metrics.method_of(&mut cache, &static_one), one);
+        }
+        // Paths of one length, each dropped before the next is built: the allocator may hand
+        // the next one the same address.
+        for i in 0..64 {
+            let (path, id) = if i % 2 == 0 {
+                ("/pkg.S/One", one)
+            } else {
+                ("/pkg.S/Two", two)
+            };
+            let request = uri(path);
+            assert_eq!(metrics.method_of(&mut cache, &request), id, "call {i}");
+            drop(request);
+        }
+        // A clone of the handle starts from its cache; either answers as the table does.
+        let mut copy = cache.clone();
+        assert_eq!(metrics.method_of(&mut copy, &uri("/pkg.S/Two")), two);
+        assert_eq!(metrics.method_of(&mut copy, &static_one), one);
     }
 
     /// The bucket bounds are gRFC A66's: 41 latency bounds from 0 to 100 s, 14 size bounds

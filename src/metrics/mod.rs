@@ -54,12 +54,15 @@
 //! ## Cost
 //!
 //! Per call, the pool itself allocates nothing, takes no lock another thread takes, and
-//! writes no memory another thread reads call by call: the call finds its method in a table
-//! of write-once slots (a hash of the path, an acquire load, a string comparison) and
-//! carries a 2-byte id; the attempt's start and the call's are the clock read the pick
-//! already makes; the request's message bytes are counted by the attempt's body cursor as
-//! frames go out (no wrapper body), the response's as the body is read; at the attempt's end
-//! one more clock read. The attempt's start and end go to its thread's shard (module `batch`:
+//! writes no memory another thread reads call by call: the call finds its method by the
+//! address of its path, which the pool handle compares with its last call's (a generated
+//! client's paths are static: see `MethodCache`), else in a table of write-once slots (a
+//! hash of the path, an acquire load, a string comparison), and carries a 2-byte id; the
+//! attempt's start and the call's are the clock read the pick already makes (the call's
+//! taken at its future's first poll, so that the request is still built in place); the
+//! request's message bytes are counted by the attempt's body cursor as frames go out (no
+//! wrapper body), the response's as the body is read; at the attempt's end one more clock
+//! read. The attempt's start and end go to its thread's shard (module `batch`:
 //! a shard no other thread uses). A start is an atomic add to its method's counter there,
 //! without a lock; the counters reach the recorder with the shard's next full batch of ends
 //! of their method, or at the next flush of all the shards: one counter increment per method
@@ -112,12 +115,13 @@
 //! Two recorders take the `metrics` facade's metrics to Prometheus, and with the pool's four
 //! histogram samples per call they cost very differently (S2 of the load bench: client CPU
 //! per call against a build without the feature, and its instructions per call;
-//! `benches/RESULTS.md` sections 26–29):
+//! `benches/RESULTS.md` sections 26–30):
 //! - **`metrics-prometheus`**, over the `prometheus` crate, counts a sample into its bucket
 //!   where it is recorded: a few atomic adds, no clock read, nothing stored to drain later.
-//!   Its own share is small (+0.9 % CPU over the feature without a recorder, five runs
-//!   pooled; +1.1 % in instructions): the feature costs **+2.9 %** in instructions and
-//!   +3.1 to +3.5 % in CPU (two hosts, runs pooled on each).
+//!   Its own share is small (+0.9 % in instructions over the feature without a recorder):
+//!   the feature costs **+1.8 %** in CPU (two runs pooled; +0.6 % with one codegen unit)
+//!   and +2.15 % in instructions with one codegen unit (+3.1 % in the profile's 16 units,
+//!   whose split of h2's code moves by ±0.6 % from build to build).
 //! - **`metrics-exporter-prometheus`** stores each sample with a clock read and drains it into
 //!   its histogram or summary at its upkeep: **+5.4 %** in instructions (+5.5 to +7.7 % CPU
 //!   before the pool's own share was cut), more than half of it the exporter's.

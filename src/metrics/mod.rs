@@ -380,7 +380,15 @@ impl PoolMetrics {
     #[cold]
     #[inline(never)]
     fn method_to_cache(&self, cache: &mut MethodCache, uri: &http::Uri) -> MethodId {
-        let id = self.method(uri.path());
+        let path = uri.path();
+        if let Some((seen, id)) = &cache.last {
+            if seen.path() == path {
+                // The same path built anew for this request (a client whose origin has a
+                // path of its own formats every path): the kept one stays, nothing is cloned.
+                return *id;
+            }
+        }
+        let id = self.method(path);
         cache.last = uri.path_and_query().map(|path| (path.clone(), id));
         id
     }
@@ -717,8 +725,10 @@ impl MethodMetrics {
 /// by comparing two addresses and two lengths — no hash, no table, no string comparison. That
 /// comparison is exact, not a guess: the bytes the cache holds cannot be freed or changed
 /// while it holds them, so no other path can be at their address; same address and length
-/// is the same path. A path at another address (another method, or one built per request) is
-/// looked up in the pool's table as before and becomes the handle's last.
+/// is the same path. A path at another address is compared with the last path's bytes (the
+/// same path built per request keeps the cache as it is), else looked up in the pool's table
+/// and becomes the handle's last. The cache keeps the last path's bytes alive (with a path
+/// sliced from a larger buffer, that buffer) until the handle calls another method or drops.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct MethodCache {
     last: Option<(http::uri::PathAndQuery, MethodId)>,
@@ -1168,6 +1178,11 @@ mod tests {
             assert_eq!(metrics.method_of(&mut cache, &request), id, "call {i}");
             drop(request);
         }
+        // The same path built anew is answered from the kept one, which stays.
+        assert_eq!(metrics.method_of(&mut cache, &static_one), one);
+        assert_eq!(metrics.method_of(&mut cache, &uri("/pkg.S/One")), one);
+        let kept = cache.last.as_ref().map(|(path, _)| path.as_str().as_ptr());
+        assert_eq!(kept, Some(static_one.path().as_ptr()));
         // A clone of the handle starts from its cache; either answers as the table does.
         let mut copy = cache.clone();
         assert_eq!(metrics.method_of(&mut copy, &uri("/pkg.S/Two")), two);

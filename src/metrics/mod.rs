@@ -119,9 +119,10 @@
 //! - **`metrics-prometheus`**, over the `prometheus` crate, counts a sample into its bucket
 //!   where it is recorded: a few atomic adds, no clock read, nothing stored to drain later.
 //!   Its own share is small (+0.9 % in instructions over the feature without a recorder):
-//!   the feature costs **+1.8 %** in CPU (two runs pooled; +0.6 % with one codegen unit)
-//!   and +2.15 % in instructions with one codegen unit (+3.1 % in the profile's 16 units,
-//!   whose split of h2's code moves by ±0.6 % from build to build).
+//!   the feature costs **+1.8 %** in CPU with two client threads (two runs pooled; +0.6 %
+//!   with one codegen unit; +5.3 % with one client thread) and +2.15 % in instructions
+//!   with one codegen unit (+3.1 % in the profile's 16 units, whose split of h2's code
+//!   moves by ±0.6 % from build to build).
 //! - **`metrics-exporter-prometheus`** stores each sample with a clock read and drains it into
 //!   its histogram or summary at its upkeep: **+5.4 %** in instructions (+5.5 to +7.7 % CPU
 //!   before the pool's own share was cut), more than half of it the exporter's.
